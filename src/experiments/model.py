@@ -1,0 +1,51 @@
+"""The study's classifier: backbone -> GAP -> Dropout(0.5) -> BatchNorm -> Dense(softmax)."""
+
+from __future__ import annotations
+
+import keras
+
+from experiments.backbones import PreprocessInput, build_backbone, get_spec
+
+
+def set_bn_momentum(model: keras.Model, momentum: float) -> int:
+    """Set the moving-statistics momentum of every BatchNormalization layer; return how many."""
+    count = 0
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.momentum = momentum
+            count += 1
+        elif isinstance(layer, keras.Model):
+            count += set_bn_momentum(layer, momentum)
+    return count
+
+
+def build_classifier(backbone_name: str, weights: str | None, trainable: bool, image_size: int,
+                     n_classes: int, bn_momentum: float | None = None,
+                     dropout: float = 0.5) -> keras.Model:
+    """The classifier on raw RGB inputs in [0, 255]; preprocessing is part of the model."""
+    if n_classes < 2:
+        raise ValueError(f"Need at least two classes. Received: n_classes={n_classes!r}")
+    spec = get_spec(backbone_name)
+    backbone = build_backbone(backbone_name, weights, image_size)
+    if bn_momentum is not None:
+        set_bn_momentum(backbone, bn_momentum)
+    backbone.trainable = trainable
+    inputs = keras.Input((image_size, image_size, 3), name="image")
+    x = PreprocessInput(spec.preprocess_module, name="preprocess")(inputs)
+    # A frozen backbone also keeps its BatchNorm layers in inference mode.
+    x = backbone(x, training=None if trainable else False)
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    x = keras.layers.Dropout(dropout, name="dropout")(x)
+    x = keras.layers.BatchNormalization(name="head_bn")(x)
+    outputs = keras.layers.Dense(n_classes, activation="softmax", dtype="float32",
+                                 name="predictions")(x)
+    return keras.Model(inputs, outputs, name=f"{backbone_name}_classifier")
+
+
+def compile_classifier(model: keras.Model, optimizer: keras.optimizers.Optimizer,
+                       n_classes: int) -> None:
+    """Binary cross-entropy on one-hot labels for two classes (the study), categorical above."""
+    loss = (keras.losses.BinaryCrossentropy() if n_classes == 2
+            else keras.losses.CategoricalCrossentropy())
+    model.compile(optimizer=optimizer, loss=loss,
+                  metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")])

@@ -1,0 +1,206 @@
+"""Structured-config schemas: every config group is typed, so a typo fails at composition.
+
+Hydra merges each YAML option onto the dataclass named in its defaults list (or on the field
+type of `Config`): an unknown key or a wrong type is rejected while composing. Range checks live
+in `__post_init__` and run when `run.py` converts the config with `OmegaConf.to_object`, before
+any data is read or any model is built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+def _check_fraction(key: str, value: float, *, allow_zero: bool) -> None:
+    low_ok = value >= 0 if allow_zero else value > 0
+    _require(low_ok and value < 1, f"`{key}` must be in {'[0' if allow_zero else '(0'}, 1). "
+             f"Received: {key}={value!r}")
+
+
+@dataclass
+class BackboneConfig:
+    """Which pretrained network feeds the study head (see `experiments.backbones`)."""
+
+    name: str = MISSING
+    # "imagenet", null (random init) or a path to a weights file.
+    weights: str | None = "imagenet"
+    # false freezes the backbone (BatchNorm in inference mode) and trains the head only.
+    trainable: bool = True
+    # Momentum of the backbone's BatchNorm moving statistics; null keeps the Keras default
+    # (0.99). Tiny data sets (~10 steps per epoch) want ~0.9: see shared notes/findings.md.
+    bn_momentum: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.bn_momentum is not None:
+            _require(0 < self.bn_momentum < 1, "`backbone.bn_momentum` must be in (0, 1). "
+                     f"Received: backbone.bn_momentum={self.bn_momentum!r}")
+
+
+@dataclass
+class OptimizerConfig:
+    """A Keras optimizer built with `hydra.utils.instantiate`."""
+
+    _target_: str = MISSING
+    learning_rate: float = 1e-4
+
+    def __post_init__(self) -> None:
+        _require(self.learning_rate > 0, "`optimizer.learning_rate` must be positive. "
+                 f"Received: optimizer.learning_rate={self.learning_rate!r}")
+
+
+@dataclass
+class AdamConfig(OptimizerConfig):
+    _target_: str = "keras.optimizers.Adam"
+
+
+@dataclass
+class AdamWConfig(OptimizerConfig):
+    _target_: str = "keras.optimizers.AdamW"
+    weight_decay: float = 0.004
+
+
+@dataclass
+class SGDConfig(OptimizerConfig):
+    _target_: str = "keras.optimizers.SGD"
+    momentum: float = 0.9
+    nesterov: bool = True
+
+
+@dataclass
+class NoAugmentationConfig:
+    _target_: str = "experiments.augment.NoAugmentation"
+
+
+@dataclass
+class StudyAugmentationConfig:
+    """The study's ImageDataGenerator-style augmentation, as Keras preprocessing layers."""
+
+    _target_: str = "experiments.augment.StudyAugmentation"
+    zoom: float = 0.2
+    rotation_degrees: float = 90.0
+    horizontal_flip: bool = True
+    vertical_flip: bool = True
+    fill_mode: str = "nearest"
+    seed: int = MISSING
+
+
+@dataclass
+class HistologyAugmentationConfig:
+    """Exact dihedral transforms plus mild colour jitter (tissue has no "up")."""
+
+    _target_: str = "experiments.augment.HistologyAugmentation"
+    brightness: float = 0.08
+    contrast: float = 0.1
+    hue: float = 0.02
+    seed: int = MISSING
+
+
+@dataclass
+class DataConfig:
+    """An image folder with one subfolder per class."""
+
+    root: str = MISSING
+    test_root: str | None = None
+    # null: the backbone's default input size.
+    image_size: int | None = None
+    val_fraction: float = 0.2
+    test_fraction: float = 0.2
+    # The class whose recall is `test_recall` (sensitivity); null: the last class by name.
+    positive_class: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_fraction("data.val_fraction", self.val_fraction, allow_zero=False)
+        _check_fraction("data.test_fraction", self.test_fraction, allow_zero=True)
+        if self.test_root is None:
+            _require(self.test_fraction > 0,
+                     "`data.test_fraction` must be > 0 when `data.test_root` is null. "
+                     f"Received: data.test_fraction={self.test_fraction!r}")
+        _require(self.val_fraction + self.test_fraction < 1,
+                 "`data.val_fraction` + `data.test_fraction` must leave images to train on. "
+                 f"Received: data.val_fraction={self.val_fraction!r}, "
+                 f"data.test_fraction={self.test_fraction!r}")
+        if self.image_size is not None:
+            _require(self.image_size >= 8, "`data.image_size` must be at least 8 pixels. "
+                     f"Received: data.image_size={self.image_size!r}")
+
+
+@dataclass
+class DemoDataConfig(DataConfig):
+    """The synthetic H&E-like demo set, generated into `root` on first use."""
+
+    images_per_class: int = 100
+    source_size: int = 128
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(self.images_per_class >= 10, "`data.images_per_class` must be at least 10. "
+                 f"Received: data.images_per_class={self.images_per_class!r}")
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = 50
+    batch_size: int = 16
+    seed: int = 42
+    # Keras' progress output: 0 silent, 1 progress bar, 2 one line per epoch.
+    verbose: int = 1
+
+    def __post_init__(self) -> None:
+        _require(self.epochs >= 1, f"`trainer.epochs` must be >= 1. Received: "
+                 f"trainer.epochs={self.epochs!r}")
+        _require(self.batch_size >= 1, f"`trainer.batch_size` must be >= 1. Received: "
+                 f"trainer.batch_size={self.batch_size!r}")
+        _require(self.verbose in (0, 1, 2), f"`trainer.verbose` must be 0, 1 or 2. Received: "
+                 f"trainer.verbose={self.verbose!r}")
+
+
+@dataclass
+class MlflowConfig:
+    tracking_uri: str = MISSING
+    # Where a new experiment keeps artifacts when the store is local (ignored for servers).
+    artifact_root: str = MISSING
+    experiment_name: str = "biopsy"
+    run_name: str | None = None
+
+
+@dataclass
+class PathsConfig:
+    root: str = MISSING
+    output_dir: str = MISSING
+    cache_dir: str = MISSING
+
+
+@dataclass
+class Config:
+    backbone: BackboneConfig = MISSING
+    optimizer: Any = MISSING
+    augmentation: Any = MISSING
+    # name -> Keras callback config with `_target_`; a null entry is left out.
+    callbacks: dict[str, Any] = field(default_factory=dict)
+    data: Any = MISSING
+    trainer: TrainerConfig = MISSING
+    mlflow: MlflowConfig = MISSING
+    paths: PathsConfig = MISSING
+
+
+def register_configs() -> None:
+    """Put the schemas in Hydra's ConfigStore; YAML options name them in their defaults."""
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)
+    cs.store(group="optimizer", name="adam_schema", node=AdamConfig)
+    cs.store(group="optimizer", name="adamw_schema", node=AdamWConfig)
+    cs.store(group="optimizer", name="sgd_schema", node=SGDConfig)
+    cs.store(group="augmentation", name="none_schema", node=NoAugmentationConfig)
+    cs.store(group="augmentation", name="study_schema", node=StudyAugmentationConfig)
+    cs.store(group="augmentation", name="histology_schema", node=HistologyAugmentationConfig)
+    cs.store(group="data", name="folder_schema", node=DataConfig)
+    cs.store(group="data", name="demo_schema", node=DemoDataConfig)

@@ -1,0 +1,79 @@
+"""Fitting: Keras `fit` with the configured callbacks, remembering which epoch was best.
+
+Model selection uses the validation split only: the best checkpoint is the one the
+ModelCheckpoint callback keeps on its monitored validation metric.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import tensorflow as tf
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    history: dict[str, list[float]]
+    best_epoch: int  # 1-based
+    best_value: float  # the checkpoint's monitored value at best_epoch
+    monitor: str
+    checkpoint_path: Path
+
+
+def find_checkpoint(
+    callbacks: Sequence[keras.callbacks.Callback],
+) -> keras.callbacks.ModelCheckpoint:
+    """The one ModelCheckpoint that keeps the best full model (the model we evaluate)."""
+    found = [cb for cb in callbacks if isinstance(cb, keras.callbacks.ModelCheckpoint)]
+    if len(found) != 1:
+        raise ValueError("callbacks must hold exactly one keras.callbacks.ModelCheckpoint (it "
+                         f"picks the model to evaluate). Received: {len(found)}")
+    checkpoint = found[0]
+    if not checkpoint.save_best_only or checkpoint.save_weights_only:
+        raise ValueError("The ModelCheckpoint callback must save the full best model "
+                         "(save_best_only: true, save_weights_only: false). Received: "
+                         f"save_best_only={checkpoint.save_best_only!r}, "
+                         f"save_weights_only={checkpoint.save_weights_only!r}")
+    if not checkpoint.filepath.endswith(".keras"):
+        raise ValueError("The ModelCheckpoint filepath must end in .keras. Received: "
+                         f"filepath={checkpoint.filepath!r}")
+    if not checkpoint.monitor.startswith("val_"):
+        raise ValueError("The ModelCheckpoint must monitor a validation metric (the test split "
+                         f"never selects models). Received: monitor={checkpoint.monitor!r}")
+    return checkpoint
+
+
+class BestEpoch(keras.callbacks.Callback):
+    """Records the epoch at which the ModelCheckpoint saved (must come after it in the list)."""
+
+    def __init__(self, checkpoint: keras.callbacks.ModelCheckpoint) -> None:
+        super().__init__()
+        self.checkpoint = checkpoint
+        self.best_epoch = 0
+        self.best_value = float("nan")
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        best = self.checkpoint.best
+        if best is not None and best != self.best_value:
+            self.best_epoch, self.best_value = epoch + 1, float(best)
+
+
+def train(model: keras.Model, train_data: tf.data.Dataset, val_data: tf.data.Dataset,
+          epochs: int, callbacks: Sequence[keras.callbacks.Callback],
+          loggers: Sequence[keras.callbacks.Callback] = (), verbose: int = 1) -> TrainResult:
+    """Fit, then report the history and which epoch's checkpoint is the best on validation."""
+    checkpoint = find_checkpoint(callbacks)
+    Path(checkpoint.filepath).parent.mkdir(parents=True, exist_ok=True)
+    best = BestEpoch(checkpoint)
+    history = model.fit(train_data, validation_data=val_data, epochs=epochs,
+                        callbacks=[*callbacks, best, *loggers], verbose=verbose)
+    if best.best_epoch == 0:
+        raise RuntimeError(f"ModelCheckpoint never saved a model (monitor "
+                           f"{checkpoint.monitor!r} missing or NaN in every epoch)")
+    return TrainResult(
+        history={k: [float(v) for v in vs] for k, vs in history.history.items()},
+        best_epoch=best.best_epoch, best_value=best.best_value, monitor=checkpoint.monitor,
+        checkpoint_path=Path(checkpoint.filepath))
