@@ -86,8 +86,11 @@ def resolve_image_size(name: str, image_size: int | None) -> int:
 
 
 def keras_cache_dir() -> Path:
-    """Folder where Keras looks for downloaded weights (`$KERAS_HOME/models`)."""
-    return Path(keras.config.keras_home()).expanduser() / "models"
+    """Folder where Keras looks for downloaded weights: `$KERAS_HOME/models`, as Keras read
+    KERAS_HOME when it was imported (default `~/.keras`)."""
+    from keras.src.backend.config import keras_home  # no public accessor in Keras 3
+
+    return Path(keras_home()).expanduser() / "models"
 
 
 @keras.saving.register_keras_serializable(package="experiments")

@@ -6,6 +6,7 @@ train or validation (`check_disjoint` enforces it), and is read once, after trai
 
 from __future__ import annotations
 
+import csv
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -115,6 +116,18 @@ def check_disjoint(splits: Splits) -> None:
             if key in seen:
                 raise ValueError(f"{file} is in both the {seen[key]} and the {name} split")
             seen[key] = name
+
+
+def write_split_table(splits: Splits, path: Path) -> Path:
+    """file, split, label for every image: which image was used for what, for auditing."""
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["file", "split", "label"])
+        for name in ("train", "val", "test"):
+            split = getattr(splits, name)
+            for file, label in zip(split.files, split.labels, strict=True):
+                writer.writerow([file, name, splits.class_names[label]])
+    return path
 
 
 def load_image(path: str, image_size: int) -> np.ndarray:

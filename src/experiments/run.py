@@ -130,6 +130,7 @@ def run(cfg: DictConfig) -> float:
                               f"best_{result.monitor}": result.best_value})
         report = evaluate.write_report(predictions, splits.class_names, positive,
                                        result.history, result.best_epoch, output_dir / "report")
+        report.append(data_lib.write_split_table(splits, output_dir / "report" / "splits.csv"))
         for path in report:
             tracking.log_artifact(path)
         tracking.log_artifact(result.checkpoint_path, "checkpoints")

@@ -69,7 +69,8 @@ def train(model: keras.Model, train_data: tf.data.Dataset, val_data: tf.data.Dat
     Path(checkpoint.filepath).parent.mkdir(parents=True, exist_ok=True)
     best = BestEpoch(checkpoint)
     history = model.fit(train_data, validation_data=val_data, epochs=epochs,
-                        callbacks=[*callbacks, best, *loggers], verbose=verbose)
+                        callbacks=[*callbacks, best, *loggers], verbose=verbose,
+                        shuffle=False)  # the tf.data pipeline shuffles
     if best.best_epoch == 0:
         raise RuntimeError(f"ModelCheckpoint never saved a model (monitor "
                            f"{checkpoint.monitor!r} missing or NaN in every epoch)")

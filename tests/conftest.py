@@ -1,0 +1,87 @@
+"""Shared fixtures: compose the real configs from conf/ and shrink them for fast tests."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+from PIL import Image
+
+from experiments.run import CONFIG_DIR
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_TRAIN = REPO_ROOT.parent / "shared" / "data" / "biopsy-seed" / "train"
+
+# A small, fast run: the tiny CNN from scratch at 32 px on a small demo set.
+SMALL = [
+    "backbone=simplecnn",
+    "backbone.weights=null",
+    "backbone.bn_momentum=0.9",
+    "data=demo",
+    "data.image_size=32",
+    "data.images_per_class=20",
+    "data.source_size=48",
+    "trainer.epochs=2",
+    "trainer.batch_size=8",
+    "trainer.verbose=0",
+    "optimizer.learning_rate=1e-3",
+]
+
+
+def compose_config(tmp_path: Path, overrides: Sequence[str] = ()) -> DictConfig:
+    """The real config, with every path under tmp_path (store, outputs, cache)."""
+    paths = [f"paths.root={tmp_path}", f"paths.output_dir={tmp_path / 'out'}"]
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(config_name="config", overrides=[*paths, *overrides])
+
+
+@pytest.fixture
+def make_config(tmp_path: Path) -> Callable[..., DictConfig]:
+    def make(*overrides: str, small: bool = True) -> DictConfig:
+        return compose_config(tmp_path, [*(SMALL if small else []), *overrides])
+    return make
+
+
+@pytest.fixture(autouse=True)
+def _fresh_keras_session():
+    keras.backend.clear_session()
+    yield
+    keras.backend.clear_session()
+
+
+def run_cli(args: Sequence[str], cwd: Path, timeout: int = 600,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`python -m experiments.run ARGS` in a real subprocess, as a user runs it."""
+    full_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "experiments.run", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+def write_image(path: Path, mode: str = "RGB", size: int = 40, seed: int = 0) -> Path:
+    """A random image in any PIL mode and format (by extension)."""
+    rng = np.random.default_rng(seed)
+    channels = {"L": 1, "RGB": 3, "RGBA": 4}[mode]
+    pixels = rng.integers(0, 256, (size, size, channels), dtype=np.uint8)
+    image = Image.fromarray(pixels[..., 0] if channels == 1 else pixels)
+    assert image.mode == mode
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+    return path
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    """Two classes of 12 small RGB JPEGs each."""
+    root = tmp_path / "images"
+    for label, offset in (("benign", 0), ("malignant", 100)):
+        for i in range(12):
+            write_image(root / label / f"{label}_{i}.jpg", seed=offset + i)
+    return root

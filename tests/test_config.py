@@ -1,0 +1,186 @@
+"""Every config group option composes and builds; mistakes fail at composition."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+from omegaconf.errors import (
+    ConfigAttributeError,
+    ConfigKeyError,
+    MissingMandatoryValue,
+    ValidationError,
+)
+
+from experiments.backbones import BACKBONES, get_spec, resolve_image_size
+from experiments.model import build_classifier
+from experiments.run import CONFIG_DIR, instantiate_callbacks
+from experiments.schema import Config, DemoDataConfig
+
+from .conftest import compose_config
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (Path(CONFIG_DIR) / group).glob("*.yaml"))
+
+
+def test_required_groups_and_options_exist():
+    assert {"densenet201", "resnet50", "densenet121", "efficientnetv2b0", "mobilenetv3large",
+            "convnexttiny", "xception"} <= set(options("backbone"))
+    assert set(options("backbone")) == set(BACKBONES)
+    assert options("optimizer") == ["adam", "adamw", "sgd"]
+    assert options("augmentation") == ["histology", "none", "study"]
+    assert options("callbacks") == ["default", "early_stopping"]
+    assert options("data") == ["demo", "folder"]
+    assert {"quickstart", "study_densenet201", "study_resnet50"} <= set(options("experiment"))
+
+
+def test_defaults_are_the_study(tmp_path):
+    cfg = compose_config(tmp_path, ["data.root=/somewhere"])
+    settings = OmegaConf.to_object(cfg)
+    assert isinstance(settings, Config)
+    assert settings.backbone.name == "densenet201"
+    assert settings.backbone.weights == "imagenet"
+    assert settings.backbone.trainable is True
+    assert cfg.optimizer._target_ == "keras.optimizers.Adam"
+    assert settings.optimizer.learning_rate == pytest.approx(1e-4)
+    assert cfg.augmentation._target_.endswith("StudyAugmentation")
+    assert settings.trainer.epochs == 50
+    assert settings.mlflow.tracking_uri == f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    assert settings.mlflow.artifact_root == f"{tmp_path}/mlruns/artifacts"
+    reduce_lr = cfg.callbacks.reduce_lr
+    assert (reduce_lr.monitor, reduce_lr.factor, reduce_lr.patience, reduce_lr.min_lr) == (
+        "val_accuracy", 0.2, 10, 1e-7)
+    checkpoint = cfg.callbacks.model_checkpoint
+    assert checkpoint.monitor == "val_accuracy" and checkpoint.save_best_only
+    assert checkpoint.filepath == f"{tmp_path / 'out'}/checkpoints/best.keras"
+
+
+@pytest.mark.parametrize("name", ["study_densenet201", "study_resnet50"])
+def test_study_presets(tmp_path, name):
+    cfg = compose_config(tmp_path, [f"experiment={name}", "data.root=/x"])
+    settings = OmegaConf.to_object(cfg)
+    assert settings.backbone.name == name.removeprefix("study_")
+    assert settings.data.image_size == 224
+    assert settings.trainer.batch_size == 2 and settings.trainer.epochs == 50
+    assert cfg.optimizer._target_ == "keras.optimizers.Adam"
+    assert settings.optimizer.learning_rate == pytest.approx(1e-4)
+    assert cfg.augmentation._target_.endswith("StudyAugmentation")
+    assert set(cfg.callbacks) == {"model_checkpoint", "reduce_lr"}
+
+
+def test_quickstart_is_offline(tmp_path):
+    settings = OmegaConf.to_object(compose_config(tmp_path, ["experiment=quickstart"]))
+    assert settings.backbone.weights is None
+    assert isinstance(settings.data, DemoDataConfig)
+    assert settings.data.root.startswith(str(tmp_path))
+
+
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+def test_every_backbone_builds_and_predicts(name):
+    size = max(get_spec(name).min_size, 32) if name != "xception" else 71
+    model = build_classifier(name, None, True, resolve_image_size(name, size), 2)
+    out = model.predict(np.random.default_rng(0).uniform(0, 255, (2, size, size, 3)), verbose=0)
+    assert out.shape == (2, 2)
+    np.testing.assert_allclose(out.sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_frozen_backbone_trains_head_only():
+    model = build_classifier("simplecnn", None, False, 32, 2)
+    trainable = {w.path.split("/")[0] for w in model.trainable_weights}
+    assert trainable == {"head_bn", "predictions"}
+
+
+@pytest.mark.parametrize("name", options("optimizer"))
+def test_every_optimizer_instantiates(tmp_path, name):
+    cfg = compose_config(tmp_path, [f"optimizer={name}", "data.root=/x"])
+    optimizer = hydra.utils.instantiate(cfg.optimizer, _convert_="all")
+    assert isinstance(optimizer, keras.optimizers.Optimizer)
+    assert float(optimizer.learning_rate) == pytest.approx(cfg.optimizer.learning_rate)
+
+
+@pytest.mark.parametrize("name", options("augmentation"))
+def test_every_augmentation_keeps_shape_dtype_range(tmp_path, name):
+    cfg = compose_config(tmp_path, [f"augmentation={name}", "data.root=/x"])
+    augment = hydra.utils.instantiate(cfg.augmentation, _convert_="all")
+    batch = tf.random.uniform((4, 32, 32, 3), 0, 255, seed=1)
+    ds = tf.data.Dataset.from_tensors(batch).map(augment)  # as the training pipeline runs it
+    out = next(iter(ds))
+    assert out.shape == batch.shape and out.dtype == tf.float32
+    assert float(tf.reduce_min(out)) >= 0.0 and float(tf.reduce_max(out)) <= 255.0 + 1e-3
+    if name != "none":
+        assert not np.allclose(out.numpy(), batch.numpy())
+
+
+@pytest.mark.parametrize("name", options("callbacks"))
+def test_every_callbacks_option_instantiates(tmp_path, name):
+    cfg = compose_config(tmp_path, [f"callbacks={name}", "data.root=/x"])
+    callbacks = instantiate_callbacks(cfg.callbacks)
+    kinds = {type(cb).__name__ for cb in callbacks}
+    assert {"ModelCheckpoint", "ReduceLROnPlateau"} <= kinds
+    assert ("EarlyStopping" in kinds) == (name == "early_stopping")
+
+
+def test_callback_added_from_the_command_line(tmp_path):
+    cfg = compose_config(tmp_path, ["data.root=/x", "~callbacks.reduce_lr",
+                                    "+callbacks.csv._target_=keras.callbacks.CSVLogger",
+                                    f"+callbacks.csv.filename={tmp_path / 'log.csv'}"])
+    kinds = [type(cb).__name__ for cb in instantiate_callbacks(cfg.callbacks)]
+    assert kinds == ["ModelCheckpoint", "CSVLogger"]
+
+
+@pytest.mark.parametrize("name", options("data"))
+def test_every_data_option_composes(tmp_path, name):
+    cfg = compose_config(tmp_path, [f"data={name}", "data.root=/x"])
+    assert OmegaConf.to_object(cfg).data.root == "/x"
+
+
+def test_typo_in_key_fails_at_composition(tmp_path):
+    with pytest.raises(ConfigCompositionException, match="epocs"):
+        compose_config(tmp_path, ["trainer.epocs=3"])
+
+
+def test_wrong_type_fails_at_composition(tmp_path):
+    with pytest.raises(ConfigCompositionException) as info:
+        compose_config(tmp_path, ["trainer.epochs=ten"])
+    assert isinstance(info.value.__cause__, ValidationError)
+    assert "ten" in str(info.value.__cause__) and "epochs" in str(info.value.__cause__)
+
+
+def test_unknown_key_in_optimizer_option_fails(tmp_path):
+    """Adam has no momentum: its schema refuses the key."""
+    with pytest.raises(ConfigCompositionException) as info:
+        compose_config(tmp_path, ["optimizer=adam", "optimizer.momentum=0.9"])
+    assert isinstance(info.value.__cause__, (ConfigKeyError, ConfigAttributeError))
+    assert "momentum" in str(info.value.__cause__) and "AdamConfig" in str(info.value.__cause__)
+
+
+def test_missing_data_root_names_the_key(tmp_path):
+    cfg = compose_config(tmp_path)
+    with pytest.raises(MissingMandatoryValue, match="data.root"):
+        OmegaConf.to_object(cfg)
+
+
+@pytest.mark.parametrize(("override", "key"), [
+    ("optimizer.learning_rate=-0.1", "optimizer.learning_rate"),
+    ("trainer.batch_size=0", "trainer.batch_size"),
+    ("trainer.epochs=0", "trainer.epochs"),
+    ("data.test_fraction=0.6", "data.val_fraction"),
+    ("data.val_fraction=1.5", "data.val_fraction"),
+])
+def test_out_of_range_values_name_key_and_value(tmp_path, override, key):
+    cfg = compose_config(tmp_path, ["data.root=/x", override])
+    with pytest.raises(ValueError, match=key) as info:
+        OmegaConf.to_object(cfg)
+    assert override.split("=")[1] in str(info.value)
+
+
+def test_unknown_backbone_lists_known_ones():
+    with pytest.raises(ValueError, match="densenet201.*resnet50.*Received: backbone.name='vgg'"):
+        get_spec("vgg")

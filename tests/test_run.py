@@ -1,0 +1,153 @@
+"""End to end: the real CLI, a real SQLite MLflow store, real images through the real pipeline."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
+
+from experiments.run import run
+from experiments.tracking import flatten
+
+from .conftest import SHARED_TRAIN, SMALL, compose_config, run_cli
+
+EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy", "lr")
+TEST_METRICS = ("test_accuracy", "test_precision", "test_recall", "test_specificity", "test_f1",
+                "test_roc_auc", "test_loss")
+FIGURES = ("loss_curve.png", "accuracy_curve.png", "confusion_matrix.png", "roc_curve.png")
+
+
+def client_for(root: Path) -> MlflowClient:
+    return MlflowClient(tracking_uri=f"sqlite:///{root}/mlruns/mlflow.db")
+
+
+def all_runs(client: MlflowClient, experiment: str) -> list:
+    exp = client.get_experiment_by_name(experiment)
+    assert exp is not None, f"no experiment {experiment!r}"
+    return client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
+
+
+def artifact_files(client: MlflowClient, run_id: str, path: str | None = None) -> set[str]:
+    files: set[str] = set()
+    for item in client.list_artifacts(run_id, path):
+        files |= artifact_files(client, run_id, item.path) if item.is_dir else {item.path}
+    return files
+
+
+def read_csv(client: MlflowClient, run_id: str, path: str, dst: Path) -> list[dict[str, str]]:
+    local = client.download_artifacts(run_id, path, str(dst))
+    with open(local, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_end_to_end_run_logs_the_whole_contract(tmp_path):
+    result = run_cli([*SMALL, f"paths.root={tmp_path}", "mlflow.experiment_name=e2e"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = client_for(tmp_path)
+    (run_info,) = all_runs(client, "e2e")
+    run_id = run_info.info.run_id
+    assert run_info.info.status == "FINISHED"
+    assert f"MLflow run {run_id}" in result.stdout
+    assert "test_accuracy" in result.stdout and "mlflow ui --backend-store-uri" in result.stdout
+
+    # Outputs and store stay under paths.root, with absolute artifact paths.
+    (out_dir,) = (tmp_path / "outputs" / "runs").glob("*/*")
+    assert (out_dir / "checkpoints" / "best.keras").is_file()
+    assert run_info.info.artifact_uri.startswith(str(tmp_path / "mlruns" / "artifacts")) or \
+        run_info.info.artifact_uri.startswith(f"file://{tmp_path}/mlruns/artifacts")
+
+    # params: the whole composed config, flattened.
+    composed = compose_config(tmp_path, [*SMALL, "mlflow.experiment_name=e2e"])
+    expected = flatten(OmegaConf.to_container(composed, resolve=True))
+    params = run_info.data.params
+    missing = {k for k in expected if not k.startswith("paths.") and k not in params}
+    assert not missing
+    assert params["backbone.name"] == "simplecnn"
+    assert float(params["optimizer.learning_rate"]) == pytest.approx(1e-3)
+
+    # Per-epoch metrics, one value per epoch, steps 1..2.
+    for name in EPOCH_METRICS:
+        history = client.get_metric_history(run_id, name)
+        assert sorted(m.step for m in history) == [1, 2], name
+    lrs = [m.value for m in client.get_metric_history(run_id, "lr")]
+    assert lrs == pytest.approx([1e-3, 1e-3])
+    metrics = run_info.data.metrics
+    for name in TEST_METRICS:
+        assert 0.0 <= metrics[name] <= (1.0 if name != "test_loss" else 100.0), name
+    assert metrics["best_epoch"] in (1, 2)
+
+    tags = run_info.data.tags
+    assert tags["backbone"] == "simplecnn"
+    assert (tags["n_train"], tags["n_val"], tags["n_test"]) == ("24", "8", "8")
+    assert tags["class_counts_test"] == "benign=4,malignant=4"
+    assert len(tags["git_commit"].removesuffix("-dirty")) == 40
+
+    artifacts = artifact_files(client, run_id)
+    assert {"checkpoints/best.keras", ".hydra/config.yaml", ".hydra/overrides.yaml",
+            "test_predictions.csv", "splits.csv", *FIGURES} <= artifacts
+
+    predictions = read_csv(client, run_id, "test_predictions.csv", tmp_path / "dl")
+    assert len(predictions) == 8
+    assert {"file", "label", "p_malignant", "p_benign", "predicted"} <= set(predictions[0])
+    splits = read_csv(client, run_id, "splits.csv", tmp_path / "dl")
+    used_for_training = {r["file"] for r in splits if r["split"] in ("train", "val")}
+    assert len(used_for_training) == 32
+    assert not used_for_training & {r["file"] for r in predictions}
+
+
+def test_multirun_gives_one_run_per_job_tagged_with_the_sweep(tmp_path):
+    result = run_cli(["-m", *SMALL, "trainer.epochs=1", f"paths.root={tmp_path}",
+                      "mlflow.experiment_name=sweep", "trainer.seed=1,2"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = all_runs(client_for(tmp_path), "sweep")
+    assert len(runs) == 2
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    assert {r.data.params["trainer.seed"] for r in runs} == {"1", "2"}
+    (sweep_dir,) = (tmp_path / "outputs" / "multirun").glob("*/*")
+    assert {r.data.tags["sweep"] for r in runs} == {str(sweep_dir)}
+    for job in ("0", "1"):
+        assert (sweep_dir / job / "checkpoints" / "best.keras").is_file()
+
+
+def test_failing_job_ends_failed_and_leaves_no_active_run(tmp_path, make_config):
+    """A callback that fails once training starts (CSVLogger into a missing folder)."""
+    broken = make_config("mlflow.experiment_name=fail", "trainer.epochs=1",
+                         "+callbacks.csv._target_=keras.callbacks.CSVLogger",
+                         f"+callbacks.csv.filename={tmp_path / 'missing' / 'dir' / 'log.csv'}")
+    with pytest.raises(FileNotFoundError):
+        run(broken)
+    assert mlflow.active_run() is None
+    run(make_config("mlflow.experiment_name=fail", "trainer.epochs=1"))
+    assert mlflow.active_run() is None
+    failed, finished = all_runs(client_for(tmp_path), "fail")
+    assert failed.info.status == "FAILED"
+    assert "FileNotFoundError" in failed.data.tags["error"]
+    assert finished.info.status == "FINISHED"
+
+
+def test_quickstart_learns_the_demo(tmp_path):
+    """The README's first command: well above chance on the synthetic demo."""
+    result = run_cli(["experiment=quickstart", f"paths.root={tmp_path}", "trainer.verbose=2"],
+                     tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (finished,) = all_runs(client_for(tmp_path), "quickstart")
+    assert finished.data.metrics["test_accuracy"] >= 0.85
+    assert finished.data.metrics["test_roc_auc"] >= 0.9
+
+
+@pytest.mark.skipif(not SHARED_TRAIN.is_dir(), reason="../shared/data/biopsy-seed absent")
+def test_real_biopsy_images_train_one_epoch(tmp_path):
+    cfg = compose_config(tmp_path, [
+        "backbone=resnet50", "backbone.weights=null", f"data.root={SHARED_TRAIN}",
+        "data.image_size=64", "trainer.epochs=1", "trainer.batch_size=16", "trainer.verbose=0",
+        "mlflow.experiment_name=real"])
+    run(cfg)
+    (finished,) = all_runs(client_for(tmp_path), "real")
+    tags = finished.data.tags
+    assert (tags["n_train"], tags["n_val"], tags["n_test"]) == ("120", "40", "40")
+    assert finished.data.metrics["test_accuracy"] >= 0.0
+    assert len(finished.data.metrics) >= len(TEST_METRICS)
