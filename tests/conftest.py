@@ -20,20 +20,20 @@ from experiments.run import CONFIG_DIR
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_TRAIN = REPO_ROOT.parent / "shared" / "data" / "biopsy-seed" / "train"
 
-# A small, fast run: the tiny CNN from scratch at 32 px on a small demo set.
-SMALL = [
+# A small, fast run: the tiny CNN from scratch at 32 px, on a small demo set unless a test
+# brings its own folder.
+SMALL_TRAINING = [
     "backbone=simplecnn",
     "backbone.weights=null",
     "backbone.bn_momentum=0.9",
-    "data=demo",
     "data.image_size=32",
-    "data.images_per_class=20",
-    "data.source_size=48",
     "trainer.epochs=2",
     "trainer.batch_size=8",
     "trainer.verbose=0",
     "optimizer.learning_rate=1e-3",
 ]
+SMALL_DEMO = ["data=demo", "data.images_per_class=20", "data.source_size=48"]
+SMALL = [*SMALL_DEMO, *SMALL_TRAINING]
 
 
 def compose_config(tmp_path: Path, overrides: Sequence[str] = ()) -> DictConfig:
@@ -45,8 +45,10 @@ def compose_config(tmp_path: Path, overrides: Sequence[str] = ()) -> DictConfig:
 
 @pytest.fixture
 def make_config(tmp_path: Path) -> Callable[..., DictConfig]:
-    def make(*overrides: str, small: bool = True) -> DictConfig:
-        return compose_config(tmp_path, [*(SMALL if small else []), *overrides])
+    def make(*overrides: str) -> DictConfig:
+        """SMALL plus overrides; `data=folder` in overrides replaces the demo set."""
+        small = SMALL_TRAINING if "data=folder" in overrides else SMALL
+        return compose_config(tmp_path, [*small, *overrides])
     return make
 
 

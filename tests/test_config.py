@@ -171,7 +171,7 @@ def test_missing_data_root_names_the_key(tmp_path):
     ("optimizer.learning_rate=-0.1", "optimizer.learning_rate"),
     ("trainer.batch_size=0", "trainer.batch_size"),
     ("trainer.epochs=0", "trainer.epochs"),
-    ("data.test_fraction=0.6", "data.val_fraction"),
+    ("data.test_fraction=0.85", "data.val_fraction"),
     ("data.val_fraction=1.5", "data.val_fraction"),
 ])
 def test_out_of_range_values_name_key_and_value(tmp_path, override, key):

@@ -141,8 +141,9 @@ def test_quickstart_learns_the_demo(tmp_path):
 
 @pytest.mark.skipif(not SHARED_TRAIN.is_dir(), reason="../shared/data/biopsy-seed absent")
 def test_real_biopsy_images_train_one_epoch(tmp_path):
+    """The study's 200 JPEGs through the real pipeline (the small CNN keeps it fast)."""
     cfg = compose_config(tmp_path, [
-        "backbone=resnet50", "backbone.weights=null", f"data.root={SHARED_TRAIN}",
+        "backbone=simplecnn", "backbone.weights=null", f"data.root={SHARED_TRAIN}",
         "data.image_size=64", "trainer.epochs=1", "trainer.batch_size=16", "trainer.verbose=0",
         "mlflow.experiment_name=real"])
     run(cfg)

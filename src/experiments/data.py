@@ -10,7 +10,7 @@ import csv
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,14 +19,16 @@ from PIL import Image, UnidentifiedImageError
 from sklearn.model_selection import train_test_split
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
+ON_INVALID = ("error", "skip")
 
 
 @dataclass(frozen=True)
 class Split:
-    """Files and integer labels (indices into `class_names`) of one split."""
+    """Files, integer labels (indices into `class_names`) and decoded uint8 images of a split."""
 
     files: tuple[str, ...]
     labels: tuple[int, ...]
+    images: np.ndarray = field(compare=False, repr=False)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -34,6 +36,11 @@ class Split:
     def class_counts(self, class_names: Sequence[str]) -> dict[str, int]:
         counts = np.bincount(np.asarray(self.labels, dtype=int), minlength=len(class_names))
         return {name: int(n) for name, n in zip(class_names, counts, strict=True)}
+
+    def subset(self, indices: Sequence[int]) -> Split:
+        index = np.asarray(indices, dtype=int)
+        return Split(tuple(self.files[i] for i in index), tuple(self.labels[i] for i in index),
+                     self.images[index])
 
 
 @dataclass(frozen=True)
@@ -47,12 +54,23 @@ class Splits:
         return {"train": len(self.train), "val": len(self.val), "test": len(self.test)}
 
 
+@dataclass(frozen=True)
+class Invalid:
+    """A file left out of (or stopping) a run, and why."""
+
+    file: str
+    reason: str
+
+
 def _is_hidden(path: Path) -> bool:
     return path.name.startswith(".")
 
 
 def scan_folder(root: str | Path) -> tuple[tuple[str, ...], list[str], list[int]]:
-    """Class names (sorted subfolder names), files and labels of an image folder."""
+    """Class names (sorted subfolder names), files and labels of an image folder.
+
+    Files are listed by extension; hidden files (`.DS_Store`, `._x`) are ignored silently.
+    """
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"Data folder does not exist: {root} (set data.root)")
@@ -65,7 +83,7 @@ def scan_folder(root: str | Path) -> tuple[tuple[str, ...], list[str], list[int]
     for label, class_dir in enumerate(class_dirs):
         found = sorted(
             str(p) for p in class_dir.rglob("*")
-            if p.is_file() and not _is_hidden(p) and p.suffix.lower() in IMAGE_EXTENSIONS
+            if not _is_hidden(p) and p.suffix.lower() in IMAGE_EXTENSIONS and not p.is_dir()
         )
         if not found:
             raise ValueError(f"Class folder {class_dir} holds no images "
@@ -75,34 +93,102 @@ def scan_folder(root: str | Path) -> tuple[tuple[str, ...], list[str], list[int]
     return tuple(p.name for p in class_dirs), files, labels
 
 
-def _split_off(files: list[str], labels: list[int], fraction: float,
-               seed: int) -> tuple[list[str], list[int], list[str], list[int]]:
-    """Stratified, seeded split: (rest, part) where part holds `fraction` of the images."""
-    rest_f, part_f, rest_l, part_l = train_test_split(
-        files, labels, test_size=fraction, stratify=labels, random_state=seed)
-    return rest_f, rest_l, part_f, part_l
+def load_image(path: str, image_size: int, allow_upscale: bool = True) -> np.ndarray:
+    """Decode any supported image to RGB uint8 (grayscale, palette and RGBA converted) and
+    resize it to (image_size, image_size). Raises ValueError naming the file and the reason."""
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            if not allow_upscale and min(width, height) < image_size:
+                raise ValueError(f"{width}x{height} px is smaller than data.image_size="
+                                 f"{image_size} (lower data.image_size, or set "
+                                 "data.allow_upscale=true)")
+            image.draft("RGB", (image_size, image_size))  # fast JPEG downscale while decoding
+            rgb = image.convert("RGB")
+            if rgb.size != (image_size, image_size):
+                rgb = rgb.resize((image_size, image_size), Image.Resampling.BILINEAR)
+            return np.asarray(rgb, dtype=np.uint8)
+    except Image.DecompressionBombError as error:
+        raise ValueError(f"{path}: larger than Pillow's decompression-bomb limit "
+                         f"(Image.MAX_IMAGE_PIXELS={Image.MAX_IMAGE_PIXELS}): {error}") from error
+    except UnidentifiedImageError as error:
+        raise ValueError(f"{path}: not a readable image file") from error
+    except OSError as error:  # truncated data, unreadable path, zero bytes
+        raise ValueError(f"{path}: cannot read image ({error})") from error
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from error
 
 
-def make_splits(root: str | Path, test_root: str | Path | None, val_fraction: float,
-                test_fraction: float, seed: int) -> Splits:
-    """Train/val/test splits: test from `test_root` when given, else a stratified part of root.
+def load_images(files: Sequence[str], image_size: int, allow_upscale: bool = True,
+                workers: int | None = None) -> tuple[np.ndarray, list[Invalid]]:
+    """Decode and resize every file once, in threads (PIL releases the GIL while decoding).
 
-    Fractions are of all images under `root`; the split depends only on the files and the seed.
+    Returns the images of the readable files, in order, and every unreadable file with why.
     """
+    out = np.empty((len(files), image_size, image_size, 3), dtype=np.uint8)
+    problems: dict[int, str] = {}
+
+    def load(index: int) -> None:
+        try:
+            out[index] = load_image(files[index], image_size, allow_upscale)
+        except ValueError as error:
+            problems[index] = str(error).removeprefix(f"{files[index]}: ")
+
+    with ThreadPoolExecutor(max_workers=workers or min(8, (os.cpu_count() or 1) + 2)) as pool:
+        list(pool.map(load, range(len(files))))
+    keep = [i for i in range(len(files)) if i not in problems]
+    invalid = [Invalid(files[i], problems[i]) for i in sorted(problems)]
+    return out[keep], invalid
+
+
+def read_folder(root: str | Path, image_size: int, on_invalid: str = "error",
+                allow_upscale: bool = True) -> tuple[tuple[str, ...], Split, list[Invalid]]:
+    """Scan and decode a class folder; every file is checked before any training starts.
+
+    on_invalid="error" raises one error listing every bad file and why; "skip" leaves them out
+    and returns them. A class left without valid images is an error either way.
+    """
+    if on_invalid not in ON_INVALID:
+        raise ValueError(f"data.on_invalid must be one of {ON_INVALID}. "
+                         f"Received: data.on_invalid={on_invalid!r}")
     class_names, files, labels = scan_folder(root)
-    if test_root is not None:
-        test_classes, test_files, test_labels = scan_folder(test_root)
-        if test_classes != class_names:
-            raise ValueError(f"data.test_root classes {list(test_classes)} differ from "
-                             f"data.root classes {list(class_names)}")
-        pool_f, pool_l = files, labels
-        val_share = val_fraction
-    else:
-        pool_f, pool_l, test_files, test_labels = _split_off(files, labels, test_fraction, seed)
-        val_share = val_fraction / (1.0 - test_fraction)
-    train_f, train_l, val_f, val_l = _split_off(pool_f, pool_l, val_share, seed)
-    splits = Splits(class_names, Split(tuple(train_f), tuple(train_l)),
-                    Split(tuple(val_f), tuple(val_l)), Split(tuple(test_files), tuple(test_labels)))
+    images, invalid = load_images(files, image_size, allow_upscale)
+    if invalid and on_invalid == "error":
+        listing = "\n  ".join(f"{bad.file}: {bad.reason}" for bad in invalid)
+        raise ValueError(f"{len(invalid)} invalid image file(s) under {root} (fix or remove "
+                         f"them, or set data.on_invalid=skip):\n  {listing}")
+    bad = {item.file for item in invalid}
+    kept = [i for i, file in enumerate(files) if file not in bad]
+    split = Split(tuple(files[i] for i in kept), tuple(labels[i] for i in kept), images)
+    counts = split.class_counts(class_names)
+    empty = [name for name, n in counts.items() if n == 0]
+    if empty:
+        raise ValueError(f"No valid images left in class folder(s) {empty} under {root}")
+    return class_names, split, invalid
+
+
+def _split_off(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
+    """Stratified, seeded split: (rest, part) where part holds `fraction` of the images."""
+    indices = np.arange(len(split))
+    try:
+        rest, part = train_test_split(indices, test_size=fraction, stratify=split.labels,
+                                      random_state=seed)
+    except ValueError as error:
+        raise ValueError(f"Cannot make a stratified split of {len(split)} images with fraction "
+                         f"{fraction:.3f}: {error} (add images or change data.val_fraction / "
+                         "data.test_fraction)") from error
+    return split.subset(sorted(rest)), split.subset(sorted(part))
+
+
+def make_splits(class_names: tuple[str, ...], pool: Split, test: Split | None,
+                val_fraction: float, test_fraction: float, seed: int) -> Splits:
+    """Train/val/test: test is `test` when given (data.test_root), else a stratified part of
+    pool. Fractions are of all images in pool; the split depends only on the files and seed."""
+    if test is None:
+        pool, test = _split_off(pool, test_fraction, seed)
+        val_fraction = val_fraction / (1.0 - test_fraction)
+    train, val = _split_off(pool, val_fraction, seed)
+    splits = Splits(class_names, train, val, test)
     check_disjoint(splits)
     return splits
 
@@ -130,39 +216,12 @@ def write_split_table(splits: Splits, path: Path) -> Path:
     return path
 
 
-def load_image(path: str, image_size: int) -> np.ndarray:
-    """Decode any supported image to RGB uint8 (grayscale, palette and RGBA converted) and
-    resize it to (image_size, image_size)."""
-    try:
-        with Image.open(path) as image:
-            image.draft("RGB", (image_size, image_size))  # fast JPEG downscale while decoding
-            rgb = image.convert("RGB")
-            if rgb.size != (image_size, image_size):
-                rgb = rgb.resize((image_size, image_size), Image.Resampling.BILINEAR)
-            return np.asarray(rgb, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
-        raise ValueError(f"{path}: cannot read image ({error})") from error
-
-
-def load_images(files: Sequence[str], image_size: int, workers: int | None = None) -> np.ndarray:
-    """Decode and resize every file once (in threads: PIL releases the GIL while decoding).
-
-    All bad files are reported in one error, so a user fixes the folder in one pass.
-    """
-    out = np.empty((len(files), image_size, image_size, 3), dtype=np.uint8)
-    errors: list[str] = []
-
-    def load(index: int) -> None:
-        try:
-            out[index] = load_image(files[index], image_size)
-        except ValueError as error:
-            errors.append(str(error))
-
-    with ThreadPoolExecutor(max_workers=workers or min(8, (os.cpu_count() or 1) + 2)) as pool:
-        list(pool.map(load, range(len(files))))
-    if errors:
-        raise ValueError(f"{len(errors)} unreadable image(s):\n  " + "\n  ".join(sorted(errors)))
-    return out
+def write_invalid_table(invalid: Sequence[Invalid], path: Path) -> Path:
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["file", "reason"])
+        writer.writerows((item.file, item.reason) for item in invalid)
+    return path
 
 
 def one_hot(labels: Sequence[int], n_classes: int) -> np.ndarray:

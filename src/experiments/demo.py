@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -105,15 +106,22 @@ def ensure_demo_dataset(root: str | Path, images_per_class: int, size: int, seed
     if root.exists() and not marker.is_file():
         raise FileExistsError(f"{root} exists and is not a demo set (no {_MARKER}); "
                               "point data.root of data=demo at a new folder")
-    staging = root.with_name(root.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    # Build in a private folder, then rename: concurrent jobs never see a half-written set.
+    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
     rng = np.random.default_rng(seed)
     for label in CLASSES:
-        (staging / label).mkdir(parents=True)
+        (staging / label).mkdir()
         for index in range(images_per_class):
             image = make_image(label, size, rng)
             Image.fromarray(image).save(staging / label / f"{label}_{index:04d}.jpg", quality=92)
     (staging / _MARKER).write_text(json.dumps(spec))
-    shutil.rmtree(root, ignore_errors=True)
-    staging.rename(root)
+    if marker.is_file():  # an outdated set of ours: replace it
+        shutil.rmtree(root)
+    try:
+        staging.rename(root)
+    except OSError:  # another process finished the same set first
+        shutil.rmtree(staging)
+        if not (marker.is_file() and json.loads(marker.read_text()) == spec):
+            raise
     return root

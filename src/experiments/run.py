@@ -8,8 +8,11 @@ fails before the MLflow run opens and before the first epoch.
 
 from __future__ import annotations
 
+import functools
 import logging
+import signal
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,10 +28,11 @@ from experiments import evaluate, tracking
 from experiments.backbones import resolve_image_size
 from experiments.demo import ensure_demo_dataset
 from experiments.model import build_classifier, compile_classifier
-from experiments.schema import Config, DemoDataConfig, register_configs
-from experiments.train import find_checkpoint, train
+from experiments.schema import Config, DataConfig, DemoDataConfig, register_configs, typed_config
+from experiments.train import TrainResult, find_checkpoint, train
 
 log = logging.getLogger(__name__)
+BACKUP_DIR = "backup"  # per-epoch training state under the run's output dir
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 register_configs()
 
@@ -38,7 +42,7 @@ class Prepared:
     """Everything a run needs, built and checked before the MLflow run opens."""
 
     splits: data_lib.Splits
-    images: dict[str, Any]  # split name -> uint8 array
+    skipped: list[data_lib.Invalid]  # bad files left out (data.on_invalid=skip)
     image_size: int
     model: keras.Model
     callbacks: list[keras.callbacks.Callback]
@@ -64,11 +68,8 @@ def prepare(cfg: DictConfig, settings: Config) -> Prepared:
     if isinstance(data_cfg, DemoDataConfig):
         ensure_demo_dataset(data_cfg.root, data_cfg.images_per_class, data_cfg.source_size)
     image_size = resolve_image_size(settings.backbone.name, data_cfg.image_size)
-    splits = data_lib.make_splits(data_cfg.root, data_cfg.test_root, data_cfg.val_fraction,
-                                  data_cfg.test_fraction, trainer.seed)
+    splits, skipped = read_splits(data_cfg, image_size, trainer.seed)
     evaluate.positive_index(splits.class_names, data_cfg.positive_class)  # fail early
-    images = {name: data_lib.load_images(getattr(splits, name).files, image_size)
-              for name in ("train", "val", "test")}
     callbacks = instantiate_callbacks(cfg.callbacks)
     find_checkpoint(callbacks)
     keras.utils.set_random_seed(trainer.seed)
@@ -78,7 +79,28 @@ def prepare(cfg: DictConfig, settings: Config) -> Prepared:
     compile_classifier(model, hydra.utils.instantiate(cfg.optimizer, _convert_="all"),
                        len(splits.class_names))
     augment = hydra.utils.instantiate(cfg.augmentation, _convert_="all")
-    return Prepared(splits, images, image_size, model, callbacks, augment)
+    return Prepared(splits, skipped, image_size, model, callbacks, augment)
+
+
+def read_splits(data_cfg: DataConfig, image_size: int,
+                seed: int) -> tuple[data_lib.Splits, list[data_lib.Invalid]]:
+    """Check and decode every image of data.root (and data.test_root), then split."""
+    read = functools.partial(data_lib.read_folder, image_size=image_size,
+                             on_invalid=data_cfg.on_invalid, allow_upscale=data_cfg.allow_upscale)
+    class_names, pool, skipped = read(data_cfg.root)
+    test = None
+    if data_cfg.test_root is not None:
+        test_classes, test, test_skipped = read(data_cfg.test_root)
+        if test_classes != class_names:
+            raise ValueError(f"data.test_root classes {list(test_classes)} differ from "
+                             f"data.root classes {list(class_names)}")
+        skipped += test_skipped
+    if skipped:
+        log.warning("Skipping %d invalid image file(s) (data.on_invalid=skip):\n  %s",
+                    len(skipped), "\n  ".join(f"{s.file}: {s.reason}" for s in skipped))
+    splits = data_lib.make_splits(class_names, pool, test, data_cfg.val_fraction,
+                                  data_cfg.test_fraction, seed)
+    return splits, skipped
 
 
 def run_tags(settings: Config, prepared: Prepared) -> dict[str, str]:
@@ -100,43 +122,138 @@ def run_tags(settings: Config, prepared: Prepared) -> dict[str, str]:
     return tags
 
 
-def run(cfg: DictConfig) -> float:
-    """One experiment; returns the best epoch's monitored validation metric (for sweepers)."""
+# Overrides a resumed run may take: they change where or how loudly it runs, not what it is.
+RESUME_OVERRIDABLE = ("resume", "mlflow.tracking_uri", "trainer.verbose")
+
+
+def restore_config(cfg: DictConfig, overrides: Sequence[str]) -> tuple[DictConfig, str]:
+    """The interrupted run's own resolved config (and its status), with `resume` set.
+
+    An override that would change the experiment (its value differs from the run's) is
+    refused; repeating the original command with `resume=<id>` added is fine.
+    """
+    run_id = cfg.resume
+    tracking.check_server(cfg.mlflow.tracking_uri)
+    status, text = tracking.load_run_config(cfg.mlflow.tracking_uri, run_id)
+    stored = typed_config(OmegaConf.to_container(OmegaConf.create(text)))
+    refused = []
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key in RESUME_OVERRIDABLE or key.startswith("hydra."):
+            OmegaConf.update(stored, key, OmegaConf.select(cfg, key), merge=False)
+        elif _changes_experiment(cfg, stored, key):
+            refused.append(override)
+    if refused:
+        raise ValueError(f"resume={run_id} restores that run's own config; refusing overrides "
+                         f"that would change the experiment: {refused}. Allowed: "
+                         f"{', '.join(RESUME_OVERRIDABLE)}")
+    return stored, status
+
+
+def _experiment_defining(cfg: DictConfig) -> dict:
+    """The resolved config without the keys a resumed run may change or that name folders."""
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    for key in (*RESUME_OVERRIDABLE, "paths.output_dir"):
+        parent, _, leaf = key.rpartition(".")
+        (plain[parent] if parent else plain).pop(leaf, None)
+    return plain
+
+
+def _changes_experiment(composed: DictConfig, stored: DictConfig, key: str) -> bool:
+    absent = object()
+    ours = OmegaConf.select(composed, key, default=absent)
+    theirs = OmegaConf.select(stored, key, default=absent)
+    if ours is absent and theirs is absent:  # a global group such as experiment=...
+        aligned = composed.copy()  # compare everything, in the stored run's output folder
+        OmegaConf.update(aligned, "paths.output_dir", stored.paths.output_dir)
+        return _experiment_defining(aligned) != _experiment_defining(stored)
+    return ours != theirs
+
+
+def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> float:
+    """One experiment, new or resumed (`resume=<run id>`); returns the best epoch's monitored
+    validation metric (for sweepers)."""
+    status = None
+    if cfg.resume is not None:
+        cfg, status = restore_config(cfg, overrides)
     settings: Config = OmegaConf.to_object(cfg)
-    params = tracking.flatten(OmegaConf.to_container(cfg, resolve=True))
-    prepared = prepare(cfg, settings)
-    trainer, ml = settings.trainer, settings.mlflow
+    tracking.check_server(settings.mlflow.tracking_uri)
     output_dir = Path(settings.paths.output_dir)
+    if settings.resume is not None:
+        check_resumable(settings.resume, status, output_dir)
+    prepared = prepare(cfg, settings)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    ml = settings.mlflow
     experiment_id = tracking.ensure_experiment(ml.tracking_uri, ml.experiment_name,
                                                ml.artifact_root)
-    splits, images = prepared.splits, prepared.images
-    n_classes = len(splits.class_names)
-    with tracking.open_run(experiment_id, ml.run_name, run_tags(settings, prepared)) as run_id:
-        print(f"MLflow run {run_id} (experiment {ml.experiment_name!r}, store {ml.tracking_uri})")
-        tracking.log_params(params)
-        train_ds = data_lib.training_dataset(images["train"], splits.train.labels, n_classes,
-                                             trainer.batch_size, prepared.augment, trainer.seed)
-        val_ds = data_lib.evaluation_dataset(images["val"], splits.val.labels, n_classes,
-                                             trainer.batch_size)
-        result = train(prepared.model, train_ds, val_ds, trainer.epochs, prepared.callbacks,
-                       [tracking.MlflowEpochLogger()], trainer.verbose)
-        best_model = evaluate.load_checkpoint(result.checkpoint_path)
-        test_ds = data_lib.evaluation_dataset(images["test"], None, n_classes, trainer.batch_size)
-        predictions = evaluate.predict(best_model, test_ds, splits.test.files,
-                                       splits.test.labels)
-        positive = evaluate.positive_index(splits.class_names, settings.data.positive_class)
-        test_metrics = evaluate.classification_metrics(predictions, positive)
-        tracking.log_metrics({**test_metrics, "best_epoch": result.best_epoch,
-                              f"best_{result.monitor}": result.best_value})
-        report = evaluate.write_report(predictions, splits.class_names, positive,
-                                       result.history, result.best_epoch, output_dir / "report")
-        report.append(data_lib.write_split_table(splits, output_dir / "report" / "splits.csv"))
-        for path in report:
-            tracking.log_artifact(path)
-        tracking.log_artifact(result.checkpoint_path, "checkpoints")
-        log_config_files(cfg, output_dir)
+    tags = run_tags(settings, prepared)
+    with tracking.open_run(experiment_id, ml.run_name, tags, settings.resume) as run_id:
+        print(f"MLflow run {run_id} (experiment {ml.experiment_name!r})\n"
+              f"If interrupted, continue it with: python -m experiments.run resume={run_id} "
+              f"mlflow.tracking_uri={ml.tracking_uri}", flush=True)
+        if settings.resume is None:
+            log_run_start(cfg, prepared, output_dir)
+        result = fit(settings, prepared, output_dir, run_id)
+        test_metrics = evaluate_and_log(settings, prepared, result, output_dir, run_id)
     print_summary(run_id, test_metrics, result.best_epoch, ml.tracking_uri)
     return result.best_value
+
+
+def check_resumable(run_id: str, status: str | None, output_dir: Path) -> None:
+    if status == "FINISHED":
+        raise ValueError(f"MLflow run {run_id} already FINISHED; nothing to resume")
+    if not (output_dir / BACKUP_DIR).is_dir():
+        raise FileNotFoundError(f"Cannot resume run {run_id}: its training state "
+                                f"{output_dir / BACKUP_DIR} is gone")
+
+
+def log_run_start(cfg: DictConfig, prepared: Prepared, output_dir: Path) -> None:
+    """What a run records before its first epoch: config (for resume), params, skipped files."""
+    tracking.log_text(OmegaConf.to_yaml(cfg, resolve=True), tracking.RESOLVED_CONFIG)
+    log_config_files(cfg, output_dir)
+    params = tracking.flatten(OmegaConf.to_container(cfg, resolve=True))
+    tracking.log_params({**params, "n_skipped": len(prepared.skipped)})
+    if prepared.skipped:
+        tracking.log_artifact(data_lib.write_invalid_table(
+            prepared.skipped, output_dir / "skipped_files.csv"))
+
+
+def fit(settings: Config, prepared: Prepared, output_dir: Path, run_id: str) -> TrainResult:
+    trainer, splits = settings.trainer, prepared.splits
+    n_classes = len(splits.class_names)
+    train_ds = data_lib.training_dataset(splits.train.images, splits.train.labels, n_classes,
+                                         trainer.batch_size, prepared.augment, trainer.seed)
+    val_ds = data_lib.evaluation_dataset(splits.val.images, splits.val.labels, n_classes,
+                                         trainer.batch_size)
+    history = None
+    if settings.resume is not None:
+        history = tracking.metric_histories(run_id, tracking.MlflowEpochLogger.LOGGED)
+    logger = tracking.MlflowEpochLogger(history["loss"] if history else ())
+    return train(prepared.model, train_ds, val_ds, trainer.epochs, prepared.callbacks,
+                 output_dir / BACKUP_DIR, [logger], history, trainer.verbose)
+
+
+def evaluate_and_log(settings: Config, prepared: Prepared, result: TrainResult,
+                     output_dir: Path, run_id: str) -> dict[str, float]:
+    """Evaluate the best checkpoint on the test split, once; log metrics, figures, tables."""
+    splits, batch_size = prepared.splits, settings.trainer.batch_size
+    best_model = evaluate.load_checkpoint(result.checkpoint_path)
+    test_ds = data_lib.evaluation_dataset(splits.test.images, None, len(splits.class_names),
+                                          batch_size)
+    predictions = evaluate.predict(best_model, test_ds, splits.test.files, splits.test.labels)
+    positive = evaluate.positive_index(splits.class_names, settings.data.positive_class)
+    test_metrics = evaluate.classification_metrics(predictions, positive)
+    tracking.log_metrics({**test_metrics, "best_epoch": result.best_epoch,
+                          f"best_{result.monitor}": result.best_value})
+    history = {name: [v for _, v in sorted(steps.items())] for name, steps in
+               tracking.metric_histories(run_id, tracking.MlflowEpochLogger.METRICS).items()}
+    report = evaluate.write_report(predictions, splits.class_names, positive, history,
+                                   result.best_epoch, output_dir / "report")
+    report.append(data_lib.write_split_table(splits, output_dir / "report" / "splits.csv"))
+    for path in report:
+        tracking.log_artifact(path)
+    tracking.log_artifact(result.checkpoint_path, "checkpoints")
+    return test_metrics
 
 
 def log_config_files(cfg: DictConfig, output_dir: Path) -> None:
@@ -160,9 +277,14 @@ def print_summary(run_id: str, test_metrics: dict[str, float], best_epoch: int,
     print(f"Open the MLflow UI: {tracking.ui_command(tracking_uri)}")
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)  # unwinds `with` blocks: the MLflow run ends KILLED
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def main(cfg: DictConfig) -> float:
-    return run(cfg)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    return run(cfg, list(HydraConfig.get().overrides.task))
 
 
 if __name__ == "__main__":

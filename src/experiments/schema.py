@@ -8,11 +8,11 @@ any data is read or any model is built.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 
 def _require(condition: bool, message: str) -> None:
@@ -40,6 +40,9 @@ class BackboneConfig:
     bn_momentum: float | None = None
 
     def __post_init__(self) -> None:
+        from experiments.backbones import get_spec  # lists the known names when unknown
+
+        get_spec(self.name)
         if self.bn_momentum is not None:
             _require(0 < self.bn_momentum < 1, "`backbone.bn_momentum` must be in (0, 1). "
                      f"Received: backbone.bn_momentum={self.bn_momentum!r}")
@@ -116,6 +119,10 @@ class DataConfig:
     test_fraction: float = 0.2
     # The class whose recall is `test_recall` (sensitivity); null: the last class by name.
     positive_class: str | None = None
+    # Bad image files: "error" stops before training listing them all; "skip" leaves them out.
+    on_invalid: str = "error"
+    # Images smaller than image_size are invalid unless upscaling is allowed.
+    allow_upscale: bool = False
 
     def __post_init__(self) -> None:
         _check_fraction("data.val_fraction", self.val_fraction, allow_zero=False)
@@ -128,6 +135,8 @@ class DataConfig:
                  "`data.val_fraction` + `data.test_fraction` must leave images to train on. "
                  f"Received: data.val_fraction={self.val_fraction!r}, "
                  f"data.test_fraction={self.test_fraction!r}")
+        _require(self.on_invalid in ("error", "skip"), "`data.on_invalid` must be 'error' or "
+                 f"'skip'. Received: data.on_invalid={self.on_invalid!r}")
         if self.image_size is not None:
             _require(self.image_size >= 8, "`data.image_size` must be at least 8 pixels. "
                      f"Received: data.image_size={self.image_size!r}")
@@ -190,17 +199,40 @@ class Config:
     trainer: TrainerConfig = MISSING
     mlflow: MlflowConfig = MISSING
     paths: PathsConfig = MISSING
+    # An MLflow run id to continue after an interruption (its own config is restored).
+    resume: str | None = None
+
+
+# Groups whose options have schemas of their own (named in each option's defaults list).
+GROUP_SCHEMAS: dict[str, dict[str, type]] = {
+    "optimizer": {"adam_schema": AdamConfig, "adamw_schema": AdamWConfig,
+                  "sgd_schema": SGDConfig},
+    "augmentation": {"none_schema": NoAugmentationConfig,
+                     "study_schema": StudyAugmentationConfig,
+                     "histology_schema": HistologyAugmentationConfig},
+    "data": {"folder_schema": DataConfig, "demo_schema": DemoDataConfig},
+}
 
 
 def register_configs() -> None:
     """Put the schemas in Hydra's ConfigStore; YAML options name them in their defaults."""
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
-    cs.store(group="optimizer", name="adam_schema", node=AdamConfig)
-    cs.store(group="optimizer", name="adamw_schema", node=AdamWConfig)
-    cs.store(group="optimizer", name="sgd_schema", node=SGDConfig)
-    cs.store(group="augmentation", name="none_schema", node=NoAugmentationConfig)
-    cs.store(group="augmentation", name="study_schema", node=StudyAugmentationConfig)
-    cs.store(group="augmentation", name="histology_schema", node=HistologyAugmentationConfig)
-    cs.store(group="data", name="folder_schema", node=DataConfig)
-    cs.store(group="data", name="demo_schema", node=DemoDataConfig)
+    for group, schemas in GROUP_SCHEMAS.items():
+        for name, schema in schemas.items():
+            cs.store(group=group, name=name, node=schema)
+
+
+def typed_config(plain: dict[str, Any]) -> DictConfig:
+    """Re-type a saved, resolved config (e.g. a run's resolved_config.yaml): the root onto
+    `Config`, each group with several schemas onto the one whose fields are its keys."""
+    cfg = OmegaConf.merge(OmegaConf.structured(Config),
+                          {k: v for k, v in plain.items() if k not in GROUP_SCHEMAS})
+    for group, schemas in GROUP_SCHEMAS.items():
+        keys = set(plain.get(group) or {})
+        matches = [s for s in schemas.values() if {f.name for f in fields(s)} == keys]
+        if len(matches) != 1:
+            raise ValueError(f"Saved config group {group!r} matches no schema. Received keys: "
+                             f"{sorted(keys)}")
+        cfg[group] = OmegaConf.merge(OmegaConf.structured(matches[0]), plain[group])
+    return cfg

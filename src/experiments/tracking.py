@@ -6,17 +6,23 @@ recorded) and never leaves an active run behind for the next job of a multirun.
 
 from __future__ import annotations
 
+import fcntl
 import re
 import subprocess
+import tempfile
 import time
 import traceback
-from collections.abc import Iterator, Mapping
+import urllib.error
+import urllib.request
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import keras
 import mlflow
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
 
 LOCAL_SCHEMES = ("sqlite:", "file:", "postgresql", "mysql", "mssql")
 
@@ -26,6 +32,26 @@ def is_local_store(tracking_uri: str) -> bool:
     return tracking_uri.startswith(LOCAL_SCHEMES) or "://" not in tracking_uri
 
 
+def check_server(tracking_uri: str, timeout_s: float = 5.0) -> None:
+    """Fail fast when an HTTP tracking server does not answer (MLflow itself would retry for
+    minutes, or worse, only after training)."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return
+    url = tracking_uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+            if response.status == 200:
+                return
+            problem = f"HTTP {response.status}"
+    except (urllib.error.URLError, OSError) as error:
+        problem = str(getattr(error, "reason", error))
+    raise ConnectionError(
+        f"MLflow tracking server {tracking_uri} did not answer ({url}: {problem}). Start it "
+        "(e.g. `mlflow server --backend-store-uri sqlite:///$PWD/mlruns/mlflow.db --host "
+        "127.0.0.1 --port 5000`) or use the local store by leaving mlflow.tracking_uri at its "
+        "default.")
+
+
 def ensure_experiment(tracking_uri: str, experiment_name: str, artifact_root: str) -> str:
     """Point MLflow at the store and return the experiment id, creating it if needed.
 
@@ -33,32 +59,87 @@ def ensure_experiment(tracking_uri: str, experiment_name: str, artifact_root: st
     (MLflow's default is relative to the current directory, which scatters artifacts).
     """
     mlflow.set_tracking_uri(tracking_uri)
-    if tracking_uri.startswith("sqlite:///"):
-        Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    experiment = mlflow.get_experiment_by_name(experiment_name)
-    if experiment is not None:
-        return experiment.experiment_id
-    location = None
-    if is_local_store(tracking_uri):
-        folder = re.sub(r"[^A-Za-z0-9._-]+", "_", experiment_name)
-        location = str(Path(artifact_root).expanduser().resolve() / folder)
-    return mlflow.create_experiment(experiment_name, artifact_location=location)
+    with _store_setup_lock(tracking_uri):
+        experiment = mlflow.get_experiment_by_name(experiment_name)
+        if experiment is not None:
+            return experiment.experiment_id
+        location = None
+        if is_local_store(tracking_uri):
+            folder = re.sub(r"[^A-Za-z0-9._-]+", "_", experiment_name)
+            location = str(Path(artifact_root).expanduser().resolve() / folder)
+        return mlflow.create_experiment(experiment_name, artifact_location=location)
 
 
 @contextmanager
-def open_run(experiment_id: str, run_name: str | None,
-             tags: Mapping[str, str]) -> Iterator[str]:
-    """A run that ends FINISHED, or FAILED with the error as a tag and an artifact."""
+def _store_setup_lock(tracking_uri: str) -> Iterator[None]:
+    """Serialise creating a SQLite store and its experiments across processes: two jobs that
+    start together on a fresh store would otherwise race through MLflow's schema migration."""
+    if not tracking_uri.startswith("sqlite:///"):
+        yield
+        return
+    database = Path(tracking_uri.removeprefix("sqlite:///"))
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with open(database.with_name(database.name + ".lock"), "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextmanager
+def open_run(experiment_id: str | None, run_name: str | None, tags: Mapping[str, str],
+             run_id: str | None = None) -> Iterator[str]:
+    """A new run (or the existing `run_id`, resumed) that ends FINISHED; KILLED when
+    interrupted (SIGTERM, Ctrl-C); FAILED with the error as tag `error` and `error.txt`."""
     active = mlflow.active_run()
     if active is not None:
         raise RuntimeError(f"MLflow run {active.info.run_id} is still active; refusing to nest")
-    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=dict(tags)) as run:
+    with mlflow.start_run(run_id=run_id, experiment_id=None if run_id else experiment_id,
+                          run_name=None if run_id else run_name,
+                          tags=None if run_id else dict(tags)) as run:
         try:
             yield run.info.run_id
+        except (KeyboardInterrupt, SystemExit) as error:
+            mlflow.set_tag("interrupted", f"{type(error).__name__}: {error}")
+            mlflow.end_run("KILLED")
+            raise
         except BaseException as error:
             mlflow.set_tag("error", f"{type(error).__name__}: {error}"[:5000])
             mlflow.log_text("".join(traceback.format_exception(error)), "error.txt")
             raise
+
+
+RESOLVED_CONFIG = "resolved_config.yaml"
+
+
+def log_text(text: str, artifact_file: str) -> None:
+    mlflow.log_text(text, artifact_file)
+
+
+def load_run_config(tracking_uri: str, run_id: str) -> tuple[str, str]:
+    """(status, resolved config YAML) of an existing run, for `resume=<run id>`."""
+    client = MlflowClient(tracking_uri)
+    try:
+        status = client.get_run(run_id).info.status
+    except MlflowException as error:
+        raise ValueError(f"No MLflow run {run_id!r} in store {tracking_uri} (add "
+                         "mlflow.tracking_uri=... when the run lives in another store)") from error
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            path = client.download_artifacts(run_id, RESOLVED_CONFIG, folder)
+        except (MlflowException, OSError) as error:
+            raise ValueError(f"MLflow run {run_id} has no {RESOLVED_CONFIG}; it was not "
+                             "started by this framework and cannot be resumed") from error
+        return status, Path(path).read_text()
+
+
+def metric_histories(run_id: str, names: Iterable[str]) -> dict[str, dict[int, float]]:
+    """name -> {step: value} of the active store's run (the last value logged per step)."""
+    client = MlflowClient()
+    return {name: {m.step: m.value for m in sorted(client.get_metric_history(run_id, name),
+                                                   key=lambda m: m.timestamp)}
+            for name in names}
 
 
 def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -123,9 +204,12 @@ class MlflowEpochLogger(keras.callbacks.Callback):
     """
 
     METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
+    LOGGED = (*METRICS, "lr", "epoch_seconds")
 
-    def __init__(self) -> None:
+    def __init__(self, logged_steps: Iterable[int] = ()) -> None:
+        """logged_steps: epochs already in the run (a resumed run logs each epoch once)."""
         super().__init__()
+        self._logged_steps = set(logged_steps)
         self._lr = float("nan")
         self._started = 0.0
 
@@ -134,6 +218,8 @@ class MlflowEpochLogger(keras.callbacks.Callback):
         self._started = time.perf_counter()
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if epoch + 1 in self._logged_steps:
+            return
         logs = logs or {}
         metrics = {name: logs[name] for name in self.METRICS if name in logs}
         metrics["lr"] = self._lr

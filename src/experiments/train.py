@@ -61,16 +61,69 @@ class BestEpoch(keras.callbacks.Callback):
             self.best_epoch, self.best_value = epoch + 1, float(best)
 
 
+def _higher_is_better(callback: keras.callbacks.Callback) -> bool:
+    mode = getattr(callback, "mode", "auto")
+    if mode == "auto":
+        return any(word in callback.monitor for word in ("acc", "auc", "precision", "recall"))
+    return mode == "max"
+
+
+class RestoreState(keras.callbacks.Callback):
+    """On a resumed fit, gives the monitoring callbacks (ModelCheckpoint, ReduceLROnPlateau,
+    EarlyStopping) and BestEpoch the `best` and `wait` they had when the run was interrupted,
+    from the logged per-epoch history, so a resumed run never overwrites a better checkpoint.
+
+    Runs at the first epoch of the fit, after BackupAndRestore has chosen where to restart.
+    """
+
+    def __init__(self, callbacks: Sequence[keras.callbacks.Callback], best_epoch: BestEpoch,
+                 history: dict[str, dict[int, float]]) -> None:
+        super().__init__()
+        self.callbacks = list(callbacks)
+        self.best_epoch = best_epoch
+        self.history = history
+        self._done = False
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        if self._done:
+            return
+        self._done = True
+        for callback in self.callbacks:
+            monitor = getattr(callback, "monitor", None)
+            values = self.history.get(monitor, {}) if monitor else {}
+            past = [(step, values[step]) for step in sorted(values) if step <= epoch]
+            if not past:
+                continue
+            sign = 1.0 if _higher_is_better(callback) else -1.0
+            best_step, best = max(past, key=lambda item: (sign * item[1], -item[0]))
+            callback.best = best
+            if hasattr(callback, "wait"):
+                wait = epoch - best_step
+                patience = getattr(callback, "patience", 0)
+                is_lr = isinstance(callback, keras.callbacks.ReduceLROnPlateau)
+                callback.wait = wait % patience if is_lr and patience else wait
+            if callback is self.best_epoch.checkpoint:
+                self.best_epoch.best_epoch, self.best_epoch.best_value = best_step, float(best)
+
+
 def train(model: keras.Model, train_data: tf.data.Dataset, val_data: tf.data.Dataset,
-          epochs: int, callbacks: Sequence[keras.callbacks.Callback],
-          loggers: Sequence[keras.callbacks.Callback] = (), verbose: int = 1) -> TrainResult:
-    """Fit, then report the history and which epoch's checkpoint is the best on validation."""
+          epochs: int, callbacks: Sequence[keras.callbacks.Callback], backup_dir: Path,
+          loggers: Sequence[keras.callbacks.Callback] = (),
+          resume_history: dict[str, dict[int, float]] | None = None,
+          verbose: int = 1) -> TrainResult:
+    """Fit, then report which epoch's checkpoint is the best on validation.
+
+    State is backed up to `backup_dir` after every epoch (after the loggers ran, so an epoch is
+    logged at most once); a fit started again on the same folder continues where it stopped.
+    """
     checkpoint = find_checkpoint(callbacks)
     Path(checkpoint.filepath).parent.mkdir(parents=True, exist_ok=True)
     best = BestEpoch(checkpoint)
+    restore = [RestoreState(callbacks, best, resume_history)] if resume_history else []
+    backup = keras.callbacks.BackupAndRestore(str(backup_dir))
     history = model.fit(train_data, validation_data=val_data, epochs=epochs,
-                        callbacks=[*callbacks, best, *loggers], verbose=verbose,
-                        shuffle=False)  # the tf.data pipeline shuffles
+                        callbacks=[*restore, *callbacks, best, *loggers, backup],
+                        verbose=verbose, shuffle=False)  # the tf.data pipeline shuffles
     if best.best_epoch == 0:
         raise RuntimeError(f"ModelCheckpoint never saved a model (monitor "
                            f"{checkpoint.monitor!r} missing or NaN in every epoch)")

@@ -1,0 +1,119 @@
+"""Interrupted runs resume, failures are recorded, the tracking store never loses a run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from experiments.run import run
+
+from .conftest import SMALL, run_cli
+from .test_run import all_runs, client_for
+
+EPOCHS = 5
+
+
+def start_cli(args: list[str], cwd: Path) -> subprocess.Popen[str]:
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "experiments.run", *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def kill_after_epoch(process: subprocess.Popen[str], epoch: int, sig: int) -> str:
+    """Read the run's output until epoch `epoch + 1` starts, then send `sig`."""
+    seen = []
+    deadline = time.monotonic() + 300
+    for line in process.stdout:
+        seen.append(line)
+        if f"Epoch {epoch + 1}/{EPOCHS}" in line:
+            process.send_signal(sig)
+            break
+        assert time.monotonic() < deadline, "".join(seen[-20:])
+    process.communicate(timeout=120)
+    return "".join(seen)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_killed_run_resumes_into_the_same_run_with_each_epoch_once(tmp_path, sig):
+    args = [*SMALL, f"trainer.epochs={EPOCHS}", "trainer.verbose=2", "data.images_per_class=40",
+            f"paths.root={tmp_path}", "mlflow.experiment_name=resume"]
+    output = kill_after_epoch(start_cli(args, tmp_path), 2, sig)
+    client = client_for(tmp_path)
+    (interrupted,) = all_runs(client, "resume")
+    run_id = interrupted.info.run_id
+    assert f"resume={run_id}" in output
+    assert interrupted.info.status == ("KILLED" if sig == signal.SIGTERM else "RUNNING")
+    steps_before = sorted(m.step for m in client.get_metric_history(run_id, "loss"))
+    assert steps_before[:2] == [1, 2] and len(steps_before) <= 3
+
+    # Same command line plus resume=<id>: allowed (nothing changes the experiment).
+    result = run_cli([*args, "trainer.verbose=0", f"resume={run_id}"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (resumed,) = all_runs(client, "resume")
+    assert resumed.info.run_id == run_id and resumed.info.status == "FINISHED"
+    for name in ("loss", "accuracy", "val_loss", "val_accuracy", "lr"):
+        steps = [m.step for m in client.get_metric_history(run_id, name)]
+        assert sorted(steps) == list(range(1, EPOCHS + 1)), name
+    assert "test_accuracy" in resumed.data.metrics
+    assert 1 <= resumed.data.metrics["best_epoch"] <= EPOCHS
+    val = {m.step: m.value for m in client.get_metric_history(run_id, "val_accuracy")}
+    assert resumed.data.metrics["best_val_accuracy"] == max(val.values())
+
+
+def test_resume_refuses_overrides_that_change_the_experiment(tmp_path, make_config):
+    cfg = make_config("trainer.epochs=1", "mlflow.experiment_name=refuse")
+    run(cfg)
+    (finished,) = all_runs(client_for(tmp_path), "refuse")
+    run_id = finished.info.run_id
+    changed = make_config(f"resume={run_id}", "trainer.epochs=7")
+    with pytest.raises(ValueError, match=r"refusing overrides.*trainer.epochs=7"):
+        run(changed, overrides=[f"resume={run_id}", "trainer.epochs=7"])
+    same = make_config(f"resume={run_id}")
+    with pytest.raises(ValueError, match="already FINISHED"):
+        run(same, overrides=[f"resume={run_id}"])
+    with pytest.raises(ValueError, match="No MLflow run 'nope'"):
+        run(make_config("resume=nope"), overrides=["resume=nope"])
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_unreachable_tracking_server_fails_before_training(tmp_path, make_config):
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    started = time.monotonic()
+    with pytest.raises(ConnectionError, match="did not answer") as info:
+        run(make_config(f"mlflow.tracking_uri={uri}"))
+    assert uri in str(info.value) and "local store" in str(info.value)
+    assert time.monotonic() - started < 60
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_two_processes_share_one_sqlite_store(tmp_path):
+    args = [*SMALL, "trainer.epochs=3", f"paths.root={tmp_path}", "mlflow.experiment_name=par"]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    procs = [subprocess.Popen([sys.executable, "-m", "experiments.run", *args,
+                               f"trainer.seed={seed}", f"mlflow.run_name=seed{seed}"],
+                              cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for seed in (1, 2)]
+    for proc in procs:
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-3000:]
+    client = client_for(tmp_path)
+    runs = all_runs(client, "par")
+    assert sorted(r.info.run_name for r in runs) == ["seed1", "seed2"]
+    for finished in runs:
+        assert finished.info.status == "FINISHED"
+        assert finished.data.params["trainer.seed"] == finished.info.run_name[-1]
+        for name in ("loss", "val_accuracy", "lr"):
+            steps = sorted(m.step for m in client.get_metric_history(finished.info.run_id, name))
+            assert steps == [1, 2, 3]
