@@ -9,6 +9,7 @@ fails before the MLflow run opens and before the first epoch.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import signal
 import tempfile
@@ -19,6 +20,7 @@ from typing import Any
 
 import hydra
 import keras
+import numpy as np
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
@@ -106,7 +108,10 @@ def read_splits(data_cfg: DataConfig, image_size: int,
 def run_tags(settings: Config, prepared: Prepared) -> dict[str, str]:
     splits = prepared.splits
     tags = {
+        **tracking.parent_run_tags(),
         "backbone": settings.backbone.name,
+        "positive_class": splits.class_names[
+            evaluate.positive_index(splits.class_names, settings.data.positive_class)],
         "image_size": str(prepared.image_size),
         "classes": ",".join(splits.class_names),
         **{f"n_{name}": str(n) for name, n in splits.sizes().items()},
@@ -212,7 +217,14 @@ def log_run_start(cfg: DictConfig, prepared: Prepared, output_dir: Path) -> None
     tracking.log_text(OmegaConf.to_yaml(cfg, resolve=True), tracking.RESOLVED_CONFIG)
     log_config_files(cfg, output_dir)
     params = tracking.flatten(OmegaConf.to_container(cfg, resolve=True))
+    if HydraConfig.initialized():  # which option each group took, e.g. choice.augmentation
+        params.update({f"choice.{group}": str(option) for group, option
+                       in HydraConfig.get().runtime.choices.items()
+                       if not group.startswith("hydra")})
     tracking.log_params({**params, "n_skipped": len(prepared.skipped)})
+    model = prepared.model
+    tracking.log_metrics({"n_parameters": model.count_params(), "n_trainable_parameters":
+                          sum(int(np.prod(w.shape)) for w in model.trainable_weights)})
     if prepared.skipped:
         tracking.log_artifact(data_lib.write_invalid_table(
             prepared.skipped, output_dir / "skipped_files.csv"))
@@ -252,8 +264,27 @@ def evaluate_and_log(settings: Config, prepared: Prepared, result: TrainResult,
     report.append(data_lib.write_split_table(splits, output_dir / "report" / "splits.csv"))
     for path in report:
         tracking.log_artifact(path)
+    info = model_info(settings, prepared)
+    info_path = result.checkpoint_path.with_name(tracking.MODEL_INFO)
+    info_path.write_text(json.dumps(info, indent=2))
     tracking.log_artifact(result.checkpoint_path, "checkpoints")
+    tracking.log_artifact(info_path, "checkpoints")
+    model_uri = tracking.log_model(best_model, info)
+    tracking.set_tags({"model_uri": model_uri, "checkpoint_monitor": result.monitor,
+                       "checkpoint_mode": "max" if result.higher_is_better else "min"})
+    if settings.mlflow.register_as and not tracking.parent_run_tags():  # sweeps: best job only
+        version = tracking.register_model(model_uri, settings.mlflow.register_as)
+        print(f"Registered models:/{settings.mlflow.register_as}/{version}")
     return test_metrics
+
+
+def model_info(settings: Config, prepared: Prepared) -> dict[str, Any]:
+    """What `experiments.predict` needs besides the model file (preprocessing is inside it)."""
+    class_names = prepared.splits.class_names
+    return {"class_names": list(class_names), "image_size": prepared.image_size,
+            "backbone": settings.backbone.name,
+            "positive_class": class_names[evaluate.positive_index(
+                class_names, settings.data.positive_class)]}
 
 
 def log_config_files(cfg: DictConfig, output_dir: Path) -> None:

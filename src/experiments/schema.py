@@ -179,6 +179,9 @@ class MlflowConfig:
     artifact_root: str = MISSING
     experiment_name: str = "biopsy"
     run_name: str | None = None
+    # Register the run's model (in a sweep: the best job's, by the checkpoint's validation
+    # metric) in the MLflow model registry under this name; null: do not register.
+    register_as: str | None = None
 
 
 @dataclass

@@ -7,6 +7,7 @@ recorded) and never leaves an active run behind for the next job of a multirun.
 from __future__ import annotations
 
 import fcntl
+import os
 import re
 import subprocess
 import tempfile
@@ -21,10 +22,19 @@ from typing import Any
 
 import keras
 import mlflow
+import mlflow.keras
+import numpy as np
+import tensorflow as tf
 from mlflow.exceptions import MlflowException
+from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
 LOCAL_SCHEMES = ("sqlite:", "file:", "postgresql", "mysql", "mssql")
+
+
+def default_store_uri(root: str | Path | None = None) -> str:
+    """The SQLite store the runs launched from `root` (default: here) write to."""
+    return f"sqlite:///{Path(root or Path.cwd()).resolve() / 'mlruns' / 'mlflow.db'}"
 
 
 def is_local_store(tracking_uri: str) -> bool:
@@ -172,6 +182,35 @@ def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
 
 def log_artifacts(folder: str | Path, artifact_path: str | None = None) -> None:
     mlflow.log_artifacts(str(folder), artifact_path=artifact_path)
+
+
+PARENT_RUN_ENV = "EXPERIMENTS_PARENT_RUN_ID"  # set by the sweep callback for its jobs
+MODEL_INFO = "model_info.json"
+
+
+def parent_run_tags() -> dict[str, str]:
+    """Tag that makes this run a child of the sweep's parent run, inside a sweep."""
+    parent = os.environ.get(PARENT_RUN_ENV)
+    return {"mlflow.parentRunId": parent} if parent else {}
+
+
+def log_model(model: keras.Model, info: Mapping[str, Any]) -> str:
+    """Log `model` as an MLflow Keras model (signature: raw RGB batch -> class probabilities,
+    metadata: `info`, e.g. class names and image size); return the model URI."""
+    size = info["image_size"]
+    example = np.zeros((1, size, size, 3), dtype=np.float32)
+    signature = infer_signature(example, np.zeros((1, len(info["class_names"])), np.float32))
+    logged = mlflow.keras.log_model(
+        model, name="model", signature=signature, metadata=dict(info),
+        # Stated, not inferred: inference re-imports the model in a subprocess (~8 s).
+        pip_requirements=[f"keras=={keras.__version__}", f"tensorflow=={tf.__version__}",
+                          f"mlflow=={mlflow.__version__}"])
+    return logged.model_uri
+
+
+def register_model(model_uri: str, name: str) -> str:
+    """Register a logged model under `name`; return the new version."""
+    return mlflow.register_model(model_uri, name).version
 
 
 def git_commit(folder: str | Path) -> str | None:

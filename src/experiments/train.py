@@ -20,6 +20,7 @@ class TrainResult:
     best_epoch: int  # 1-based
     best_value: float  # the checkpoint's monitored value at best_epoch
     monitor: str
+    higher_is_better: bool  # the monitor's direction
     checkpoint_path: Path
 
 
@@ -130,4 +131,4 @@ def train(model: keras.Model, train_data: tf.data.Dataset, val_data: tf.data.Dat
     return TrainResult(
         history={k: [float(v) for v in vs] for k, vs in history.history.items()},
         best_epoch=best.best_epoch, best_value=best.best_value, monitor=checkpoint.monitor,
-        checkpoint_path=Path(checkpoint.filepath))
+        higher_is_better=_higher_is_better(checkpoint), checkpoint_path=Path(checkpoint.filepath))
