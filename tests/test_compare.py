@@ -1,0 +1,181 @@
+"""Sweeps as one MLflow picture, the comparison report, predict, and a real tracking server."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from experiments import predict
+from experiments.run import run
+from experiments.sweep import group_by_keys, swept_keys
+
+from .conftest import SHARED_TRAIN, SMALL, run_cli, write_image
+from .test_run import all_runs, artifact_files, client_for
+
+REPORT = {"comparison/comparison.md", "comparison/comparison.csv", "comparison/roc_curves.png",
+          "comparison/val_accuracy_curves.png", "comparison/lr_schedules.png"}
+UNLABELED = SHARED_TRAIN.parent / "unlabeled"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on 127.0.0.1 with a SQLite backend; always stopped."""
+    root = tmp_path_factory.mktemp("server")
+    port = free_port()
+    log = open(root / "server.log", "w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
+         f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("mlflow server did not start:\n" +
+                                   (root / "server.log").read_text()[-3000:])
+            time.sleep(0.5)
+        yield uri
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        log.close()
+
+
+def children_of(client: MlflowClient, parent_id: str, experiment_id: str) -> list:
+    return client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'")
+
+
+def the_parent(client: MlflowClient, experiment: str):
+    exp = client.get_experiment_by_name(experiment)
+    parents = client.search_runs([exp.experiment_id], "tags.sweep_parent = 'true'")
+    assert len(parents) == 1
+    return parents[0], exp.experiment_id
+
+
+def test_sweep_against_a_tracking_server(tmp_path, mlflow_server):
+    """Two jobs logged over HTTP: one parent with the report, two children, one model
+    registered; then predict from the registry."""
+    result = run_cli(["-m", *SMALL, "trainer.epochs=1", f"paths.root={tmp_path}",
+                      f"mlflow.tracking_uri={mlflow_server}", "mlflow.experiment_name=server",
+                      "mlflow.register_as=biopsy-best", "trainer.seed=1,2"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = MlflowClient(mlflow_server)
+    parent, experiment_id = the_parent(client, "server")
+    assert parent.info.status == "FINISHED"
+    assert "trainer.seed=1,2" in parent.data.tags["sweep_overrides"]
+    assert REPORT | {"multirun.yaml"} <= artifact_files(client, parent.info.run_id)
+    children = children_of(client, parent.info.run_id, experiment_id)
+    assert sorted(c.data.params["trainer.seed"] for c in children) == ["1", "2"]
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert [m.step for m in client.get_metric_history(child.info.run_id, "val_loss")] == [1]
+        assert {"checkpoints/best.keras", "checkpoints/model_info.json", "roc_curve.png",
+                "test_predictions.csv"} <= artifact_files(client, child.info.run_id)
+    assert parent.data.tags["registered_model"] == "models:/biopsy-best/1"
+    assert not (tmp_path / "mlruns").exists()  # nothing written to the local store
+
+    loaded = predict.load_model("models:/biopsy-best/1", mlflow_server)
+    assert loaded.class_names == ("benign", "malignant") and loaded.image_size == 32
+
+
+def test_sweep_with_a_launcher_in_other_processes_and_compare(tmp_path):
+    """joblib runs the jobs in worker processes: the parent id travels in the environment."""
+    result = run_cli(["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *SMALL,
+                      "trainer.epochs=1", f"paths.root={tmp_path}",
+                      "mlflow.experiment_name=joblib", "augmentation=none,study"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = client_for(tmp_path)
+    parent, experiment_id = the_parent(client, "joblib")
+    children = children_of(client, parent.info.run_id, experiment_id)
+    assert sorted(c.data.params["choice.augmentation"] for c in children) == ["none", "study"]
+    assert len({c.data.tags["sweep"] for c in children}) == 1
+    assert REPORT <= artifact_files(client, parent.info.run_id)
+    (sweep_dir,) = (tmp_path / "outputs" / "multirun").glob("*/*")
+    table = (sweep_dir / "comparison" / "comparison.md").read_text()
+    assert "choice.augmentation=none" in table and "choice.augmentation=study" in table
+
+    out = tmp_path / "report"
+    cli = subprocess.run([sys.executable, "-m", "experiments.compare", "--experiment", "joblib",
+                          "--parent", parent.info.run_id, "--group-by", "trainer.seed",
+                          "--output", str(out)], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300)
+    assert cli.returncode == 0, cli.stderr[-3000:]
+    assert "| trainer.seed=42 | 2 |" in cli.stdout  # both jobs, pooled: n = 2
+    assert {p.name for p in out.iterdir()} == {Path(f).name for f in REPORT}
+    rows = (out / "comparison.csv").read_text().splitlines()
+    assert rows[0].startswith("group,n_runs,test_accuracy_mean,test_accuracy_std")
+    assert len(rows) == 2
+
+
+def test_group_by_keys_follow_the_sweep():
+    swept = swept_keys(["backbone=a,b", "trainer.seed=1,2", "trainer.epochs=3",
+                        "augmentation=none,study"])
+    assert swept == ["backbone", "trainer.seed", "augmentation"]
+    params = {"backbone.name": "a", "choice.augmentation": "none", "trainer.seed": "1"}
+    assert group_by_keys(swept, params) == ["backbone.name", "choice.augmentation"]
+
+
+def test_predict_writes_a_row_per_image_and_reports_bad_files(tmp_path, make_config):
+    run(make_config("trainer.epochs=1", "mlflow.experiment_name=predict"))
+    (finished,) = all_runs(client_for(tmp_path), "predict")
+    inputs = tmp_path / "to_predict"
+    for i in range(5):
+        write_image(inputs / "sub" / f"img{i}.png", size=40, seed=i)
+    (inputs / "broken.jpg").write_bytes(b"not a jpeg")
+    output = tmp_path / "pred.csv"
+    cli = subprocess.run([sys.executable, "-m", "experiments.predict",
+                          f"model={finished.info.run_id}", f"input={inputs}",
+                          f"output={output}"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300)
+    assert cli.returncode == 0, cli.stderr[-3000:]
+    lines = output.read_text().splitlines()
+    assert lines[0] == "file,p_benign,p_malignant,predicted,error"
+    assert len(lines) == 7
+    broken = next(line for line in lines if "broken.jpg" in line)
+    assert "not a readable image" in broken
+    good = [line.split(",") for line in lines[1:] if "broken" not in line]
+    for row in good:
+        assert abs(float(row[1]) + float(row[2]) - 1) < 1e-4 and row[3] in ("benign",
+                                                                            "malignant")
+    # The checkpoint file itself, with model_info.json beside it, gives the same numbers.
+    loaded = predict.load_model(str(tmp_path / "out" / "checkpoints" / "best.keras"), None)
+    again = tmp_path / "again.csv"
+    predict.predict_files(loaded, predict.list_inputs(inputs), again)
+    assert again.read_text() == output.read_text()
+
+
+@pytest.mark.skipif(not UNLABELED.is_dir(), reason="../shared/data/biopsy-seed absent")
+def test_predict_on_the_unlabeled_biopsies(tmp_path, make_config):
+    run(make_config("trainer.epochs=1", "mlflow.experiment_name=unlabeled"))
+    model = tmp_path / "out" / "checkpoints" / "best.keras"
+    output = tmp_path / "unlabeled.csv"
+    predict.main([f"model={model}", f"input={UNLABELED}", f"output={output}"])
+    lines = output.read_text().splitlines()
+    assert len(lines) == 101 and all(line.endswith(",") for line in lines[1:])  # no errors
