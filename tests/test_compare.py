@@ -80,8 +80,9 @@ def the_parent(client: MlflowClient, experiment: str):
 
 
 def test_sweep_against_a_tracking_server(tmp_path, mlflow_server):
-    """Two jobs logged over HTTP: one parent with the report, two children, one model
-    registered; then predict from the registry."""
+    """A 2-job multirun (default launcher, one process) logged over HTTP: one parent with the
+    report, one child run per job tagged with the sweep, one model registered; then the
+    registered model loads for prediction."""
     result = run_cli(["-m", *SMALL, "trainer.epochs=1", f"paths.root={tmp_path}",
                       f"mlflow.tracking_uri={mlflow_server}", "mlflow.experiment_name=server",
                       "mlflow.register_as=biopsy-best", "trainer.seed=1,2"], tmp_path)
@@ -93,11 +94,16 @@ def test_sweep_against_a_tracking_server(tmp_path, mlflow_server):
     assert REPORT | {"multirun.yaml"} <= artifact_files(client, parent.info.run_id)
     children = children_of(client, parent.info.run_id, experiment_id)
     assert sorted(c.data.params["trainer.seed"] for c in children) == ["1", "2"]
+    (sweep_dir,) = (tmp_path / "outputs" / "multirun").glob("*/*")  # <date>/<time>
+    assert parent.data.tags["sweep"] == str(sweep_dir)
     for child in children:
         assert child.info.status == "FINISHED"
+        assert child.data.tags["sweep"] == str(sweep_dir)
         assert [m.step for m in client.get_metric_history(child.info.run_id, "val_loss")] == [1]
         assert {"checkpoints/best.keras", "checkpoints/model_info.json", "roc_curve.png",
                 "test_predictions.csv"} <= artifact_files(client, child.info.run_id)
+    for job in ("0", "1"):
+        assert (sweep_dir / job / "checkpoints" / "best.keras").is_file()
     assert parent.data.tags["registered_model"] == "models:/biopsy-best/1"
     assert not (tmp_path / "mlruns").exists()  # nothing written to the local store
 

@@ -99,20 +99,6 @@ def test_end_to_end_run_logs_the_whole_contract(tmp_path):
     assert not used_for_training & {r["file"] for r in predictions}
 
 
-def test_multirun_gives_one_run_per_job_tagged_with_the_sweep(tmp_path):
-    result = run_cli(["-m", *SMALL, "trainer.epochs=1", f"paths.root={tmp_path}",
-                      "mlflow.experiment_name=sweep", "trainer.seed=1,2"], tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    runs = all_runs(client_for(tmp_path), "sweep")
-    assert len(runs) == 2
-    assert {r.info.status for r in runs} == {"FINISHED"}
-    assert {r.data.params["trainer.seed"] for r in runs} == {"1", "2"}
-    (sweep_dir,) = (tmp_path / "outputs" / "multirun").glob("*/*")
-    assert {r.data.tags["sweep"] for r in runs} == {str(sweep_dir)}
-    for job in ("0", "1"):
-        assert (sweep_dir / job / "checkpoints" / "best.keras").is_file()
-
-
 def test_failing_job_ends_failed_and_leaves_no_active_run(tmp_path, make_config):
     """A callback that fails once training starts (CSVLogger into a missing folder)."""
     broken = make_config("mlflow.experiment_name=fail", "trainer.epochs=1",

@@ -31,7 +31,8 @@ def build_classifier(backbone_name: str, weights: str | None, trainable: bool, i
         set_bn_momentum(backbone, bn_momentum)
     backbone.trainable = trainable
     inputs = keras.Input((image_size, image_size, 3), name="image")
-    x = PreprocessInput(spec.preprocess_module, name="preprocess")(inputs)
+    # Preprocessing (mean/std arithmetic on 0-255 values) stays float32 under mixed precision.
+    x = PreprocessInput(spec.preprocess_module, name="preprocess", dtype="float32")(inputs)
     # A frozen backbone also keeps its BatchNorm layers in inference mode.
     x = backbone(x, training=None if trainable else False)
     x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
@@ -43,9 +44,10 @@ def build_classifier(backbone_name: str, weights: str | None, trainable: bool, i
 
 
 def compile_classifier(model: keras.Model, optimizer: keras.optimizers.Optimizer,
-                       n_classes: int) -> None:
-    """Binary cross-entropy on one-hot labels for two classes (the study), categorical above."""
+                       n_classes: int, jit_compile: bool = False) -> None:
+    """Binary cross-entropy on one-hot labels for two classes (the study), categorical above.
+    Under mixed_float16 Keras wraps the optimizer in a LossScaleOptimizer itself."""
     loss = (keras.losses.BinaryCrossentropy() if n_classes == 2
             else keras.losses.CategoricalCrossentropy())
-    model.compile(optimizer=optimizer, loss=loss,
+    model.compile(optimizer=optimizer, loss=loss, jit_compile=jit_compile,
                   metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")])

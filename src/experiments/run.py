@@ -26,12 +26,18 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from experiments import data as data_lib
-from experiments import evaluate, tracking
+from experiments import evaluate, resume, tracking
 from experiments.backbones import resolve_image_size
 from experiments.demo import ensure_demo_dataset
 from experiments.model import build_classifier, compile_classifier
-from experiments.schema import Config, DataConfig, DemoDataConfig, register_configs, typed_config
-from experiments.train import TrainResult, find_checkpoint, train
+from experiments.schema import Config, DataConfig, DemoDataConfig, register_configs
+from experiments.train import (
+    TrainResult,
+    find_checkpoint,
+    resolve_precision,
+    set_precision,
+    train,
+)
 
 log = logging.getLogger(__name__)
 BACKUP_DIR = "backup"  # per-epoch training state under the run's output dir
@@ -44,8 +50,10 @@ class Prepared:
     """Everything a run needs, built and checked before the MLflow run opens."""
 
     splits: data_lib.Splits
+    positive: int  # index of the class whose recall is the sensitivity
     skipped: list[data_lib.Invalid]  # bad files left out (data.on_invalid=skip)
     image_size: int
+    precision: str  # the Keras dtype policy in force
     model: keras.Model
     callbacks: list[keras.callbacks.Callback]
     augment: Any
@@ -71,17 +79,19 @@ def prepare(cfg: DictConfig, settings: Config) -> Prepared:
         ensure_demo_dataset(data_cfg.root, data_cfg.images_per_class, data_cfg.source_size)
     image_size = resolve_image_size(settings.backbone.name, data_cfg.image_size)
     splits, skipped = read_splits(data_cfg, image_size, trainer.seed)
-    evaluate.positive_index(splits.class_names, data_cfg.positive_class)  # fail early
+    positive = evaluate.positive_index(splits.class_names, data_cfg.positive_class)
     callbacks = instantiate_callbacks(cfg.callbacks)
     find_checkpoint(callbacks)
     keras.utils.set_random_seed(trainer.seed)
+    precision = resolve_precision(trainer.precision)
+    set_precision(precision)
     backbone = settings.backbone
     model = build_classifier(backbone.name, backbone.weights, backbone.trainable, image_size,
                              len(splits.class_names), backbone.bn_momentum)
     compile_classifier(model, hydra.utils.instantiate(cfg.optimizer, _convert_="all"),
-                       len(splits.class_names))
+                       len(splits.class_names), trainer.jit_compile)
     augment = hydra.utils.instantiate(cfg.augmentation, _convert_="all")
-    return Prepared(splits, skipped, image_size, model, callbacks, augment)
+    return Prepared(splits, positive, skipped, image_size, precision, model, callbacks, augment)
 
 
 def read_splits(data_cfg: DataConfig, image_size: int,
@@ -110,9 +120,9 @@ def run_tags(settings: Config, prepared: Prepared) -> dict[str, str]:
     tags = {
         **tracking.parent_run_tags(),
         "backbone": settings.backbone.name,
-        "positive_class": splits.class_names[
-            evaluate.positive_index(splits.class_names, settings.data.positive_class)],
+        "positive_class": splits.class_names[prepared.positive],
         "image_size": str(prepared.image_size),
+        "precision": prepared.precision,
         "classes": ",".join(splits.class_names),
         **{f"n_{name}": str(n) for name, n in splits.sizes().items()},
     }
@@ -127,65 +137,14 @@ def run_tags(settings: Config, prepared: Prepared) -> dict[str, str]:
     return tags
 
 
-# Overrides a resumed run may take: they change where or how loudly it runs, not what it is.
-RESUME_OVERRIDABLE = ("resume", "mlflow.tracking_uri", "trainer.verbose")
-
-
-def restore_config(cfg: DictConfig, overrides: Sequence[str]) -> tuple[DictConfig, str]:
-    """The interrupted run's own resolved config (and its status), with `resume` set.
-
-    An override that would change the experiment (its value differs from the run's) is
-    refused; repeating the original command with `resume=<id>` added is fine.
-    """
-    run_id = cfg.resume
-    tracking.check_server(cfg.mlflow.tracking_uri)
-    status, text = tracking.load_run_config(cfg.mlflow.tracking_uri, run_id)
-    stored = typed_config(OmegaConf.to_container(OmegaConf.create(text)))
-    refused = []
-    for override in overrides:
-        key = override.split("=", 1)[0].lstrip("+~")
-        if key in RESUME_OVERRIDABLE or key.startswith("hydra."):
-            OmegaConf.update(stored, key, OmegaConf.select(cfg, key), merge=False)
-        elif _changes_experiment(cfg, stored, key):
-            refused.append(override)
-    if refused:
-        raise ValueError(f"resume={run_id} restores that run's own config; refusing overrides "
-                         f"that would change the experiment: {refused}. Allowed: "
-                         f"{', '.join(RESUME_OVERRIDABLE)}")
-    return stored, status
-
-
-def _experiment_defining(cfg: DictConfig) -> dict:
-    """The resolved config without the keys a resumed run may change or that name folders."""
-    plain = OmegaConf.to_container(cfg, resolve=True)
-    for key in (*RESUME_OVERRIDABLE, "paths.output_dir"):
-        parent, _, leaf = key.rpartition(".")
-        (plain[parent] if parent else plain).pop(leaf, None)
-    return plain
-
-
-def _changes_experiment(composed: DictConfig, stored: DictConfig, key: str) -> bool:
-    absent = object()
-    ours = OmegaConf.select(composed, key, default=absent)
-    theirs = OmegaConf.select(stored, key, default=absent)
-    if ours is absent and theirs is absent:  # a global group such as experiment=...
-        aligned = composed.copy()  # compare everything, in the stored run's output folder
-        OmegaConf.update(aligned, "paths.output_dir", stored.paths.output_dir)
-        return _experiment_defining(aligned) != _experiment_defining(stored)
-    return ours != theirs
-
-
 def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> float:
     """One experiment, new or resumed (`resume=<run id>`); returns the best epoch's monitored
     validation metric (for sweepers)."""
-    status = None
     if cfg.resume is not None:
-        cfg, status = restore_config(cfg, overrides)
+        cfg = resume.restore_config(cfg, overrides, BACKUP_DIR)
     settings: Config = OmegaConf.to_object(cfg)
     tracking.check_server(settings.mlflow.tracking_uri)
     output_dir = Path(settings.paths.output_dir)
-    if settings.resume is not None:
-        check_resumable(settings.resume, status, output_dir)
     prepared = prepare(cfg, settings)
     output_dir.mkdir(parents=True, exist_ok=True)
     ml = settings.mlflow
@@ -202,14 +161,6 @@ def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> float:
         test_metrics = evaluate_and_log(settings, prepared, result, output_dir, run_id)
     print_summary(run_id, test_metrics, result.best_epoch, ml.tracking_uri)
     return result.best_value
-
-
-def check_resumable(run_id: str, status: str | None, output_dir: Path) -> None:
-    if status == "FINISHED":
-        raise ValueError(f"MLflow run {run_id} already FINISHED; nothing to resume")
-    if not (output_dir / BACKUP_DIR).is_dir():
-        raise FileNotFoundError(f"Cannot resume run {run_id}: its training state "
-                                f"{output_dir / BACKUP_DIR} is gone")
 
 
 def log_run_start(cfg: DictConfig, prepared: Prepared, output_dir: Path) -> None:
@@ -253,7 +204,7 @@ def evaluate_and_log(settings: Config, prepared: Prepared, result: TrainResult,
     test_ds = data_lib.evaluation_dataset(splits.test.images, None, len(splits.class_names),
                                           batch_size)
     predictions = evaluate.predict(best_model, test_ds, splits.test.files, splits.test.labels)
-    positive = evaluate.positive_index(splits.class_names, settings.data.positive_class)
+    positive = prepared.positive
     test_metrics = evaluate.classification_metrics(predictions, positive)
     tracking.log_metrics({**test_metrics, "best_epoch": result.best_epoch,
                           f"best_{result.monitor}": result.best_value})
@@ -283,8 +234,7 @@ def model_info(settings: Config, prepared: Prepared) -> dict[str, Any]:
     class_names = prepared.splits.class_names
     return {"class_names": list(class_names), "image_size": prepared.image_size,
             "backbone": settings.backbone.name,
-            "positive_class": class_names[evaluate.positive_index(
-                class_names, settings.data.positive_class)]}
+            "positive_class": class_names[prepared.positive]}
 
 
 def log_config_files(cfg: DictConfig, output_dir: Path) -> None:

@@ -1,0 +1,44 @@
+"""Precision policies and model selection bookkeeping."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+from experiments.model import build_classifier, compile_classifier
+from experiments.train import BF16_CPU_FLAGS, cpu_flags, resolve_precision, set_precision
+
+
+@pytest.fixture(autouse=True)
+def _float32_afterwards():
+    yield
+    set_precision("float32")
+
+
+def test_explicit_precision_is_kept_and_auto_follows_the_hardware():
+    for name in ("float32", "mixed_bfloat16", "mixed_float16"):
+        assert resolve_precision(name) == name
+    expected = "mixed_bfloat16" if BF16_CPU_FLAGS & cpu_flags() else "float32"
+    assert resolve_precision("auto") == expected  # no GPU on the CI machines
+
+
+@pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
+def test_mixed_precision_trains_and_outputs_finite_float32(policy):
+    set_precision(policy)
+    model = build_classifier("simplecnn", None, True, 32, 2, bn_momentum=0.9)
+    compile_classifier(model, keras.optimizers.Adam(1e-3), 2)
+    if policy == "mixed_float16":
+        assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 255, (8, 32, 32, 3)).astype("float32")
+    y = np.eye(2, dtype="float32")[rng.integers(0, 2, 8)]
+    history = model.fit(x, y, epochs=2, batch_size=4, verbose=0)
+    assert all(np.isfinite(history.history["loss"]))
+    out = model.predict(x, verbose=0)
+    assert out.dtype == np.float32 and np.isfinite(out).all()
+    np.testing.assert_allclose(out.sum(axis=1), 1.0, rtol=1e-3)
+    assert model.get_layer("preprocess").compute_dtype == "float32"
+    assert model.get_layer("predictions").compute_dtype == "float32"
+    assert model.get_layer("simplecnn").get_layer("block1_conv1").compute_dtype == \
+        policy.removeprefix("mixed_")
