@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 CLASSES = ("benign", "malignant")
-_VERSION = 1
+_VERSION = 2
 _MARKER = "demo.json"
 
 _STROMA = np.array([236.0, 170.0, 200.0])  # eosin pink
@@ -59,40 +59,55 @@ def _background(size: int, rng: np.random.Generator) -> np.ndarray:
     return np.clip(shade + noise * 6 + rng.normal(0, 4, (size, size, 3)), 0, 255)
 
 
+def _gland(canvas: np.ndarray, rng: np.random.Generator, nucleus_scale: float) -> None:
+    """A pale lumen ringed by regular nuclei."""
+    size = canvas.shape[0]
+    cy, cx = rng.uniform(0.2, 0.8, 2) * size
+    radius = rng.uniform(0.14, 0.22) * size
+    _blob(canvas, cy, cx, radius * 0.8, radius * 0.8, 0.0, _LUMEN, rng, 0.0)
+    n = int(2 * np.pi * radius / (size * 0.045))
+    for k in range(n):
+        angle = 2 * np.pi * k / n + rng.normal(0, 0.05)
+        ny, nx = cy + radius * np.sin(angle), cx + radius * np.cos(angle)
+        nr = size * rng.uniform(0.014, 0.018) * nucleus_scale
+        _blob(canvas, ny, nx, nr, nr * 1.3, angle, _NUCLEUS, rng, 0.0)
+
+
+def _scattered_nuclei(canvas: np.ndarray, rng: np.random.Generator, count: int,
+                      radius: tuple[float, float], colour: np.ndarray, jagged: float) -> None:
+    size = canvas.shape[0]
+    for _ in range(count):
+        ny, nx = rng.uniform(0, size, 2)
+        nr = size * rng.uniform(*radius)
+        _blob(canvas, ny, nx, nr, nr * rng.uniform(0.7, 1.8), rng.uniform(0, np.pi),
+              colour * rng.uniform(0.85, 1.15), rng, jagged)
+
+
 def _benign(size: int, rng: np.random.Generator) -> np.ndarray:
     canvas = _background(size, rng)
-    for _ in range(rng.integers(2, 4)):
-        cy, cx = rng.uniform(0.2, 0.8, 2) * size
-        radius = rng.uniform(0.14, 0.22) * size
-        _blob(canvas, cy, cx, radius * 0.8, radius * 0.8, 0.0, _LUMEN, rng, 0.0)
-        n = int(2 * np.pi * radius / (size * 0.045))
-        for k in range(n):
-            angle = 2 * np.pi * k / n + rng.normal(0, 0.05)
-            ny, nx = cy + radius * np.sin(angle), cx + radius * np.cos(angle)
-            nr = size * rng.uniform(0.014, 0.018)
-            _blob(canvas, ny, nx, nr, nr * 1.3, angle, _NUCLEUS, rng, 0.0)
-    for _ in range(rng.integers(4, 9)):  # sparse stromal nuclei
-        ny, nx = rng.uniform(0, size, 2)
-        nr = size * rng.uniform(0.010, 0.014)
-        _blob(canvas, ny, nx, nr, nr * 2.0, rng.uniform(0, np.pi), _NUCLEUS, rng, 0.0)
+    for _ in range(rng.integers(1, 4)):
+        _gland(canvas, rng, 1.0)
+    _scattered_nuclei(canvas, rng, int(rng.integers(4, 9)), (0.010, 0.014), _NUCLEUS, 0.0)
+    if rng.random() < 0.35:  # reactive stroma: a crowd of larger nuclei, the hard cases
+        _scattered_nuclei(canvas, rng, int(rng.integers(8, 20)), (0.016, 0.03), _NUCLEUS, 0.1)
     return canvas
 
 
 def _malignant(size: int, rng: np.random.Generator) -> np.ndarray:
     canvas = _background(size, rng)
-    for _ in range(rng.integers(28, 45)):
-        ny, nx = rng.uniform(0, size, 2)
-        nr = size * rng.uniform(0.025, 0.05)
-        colour = _DARK_NUCLEUS * rng.uniform(0.8, 1.15)
-        _blob(canvas, ny, nx, nr, nr * rng.uniform(0.7, 1.5), rng.uniform(0, np.pi),
-              colour, rng, jagged=0.25)
+    if rng.random() < 0.35:  # a residual gland among the tumour cells
+        _gland(canvas, rng, 1.3)
+    _scattered_nuclei(canvas, rng, int(rng.integers(16, 42)), (0.02, 0.045), _DARK_NUCLEUS,
+                      0.25)
     return canvas
 
 
 def make_image(label: str, size: int, rng: np.random.Generator) -> np.ndarray:
-    """One synthetic RGB uint8 tile of `label` ("benign" or "malignant")."""
+    """One synthetic RGB uint8 tile of `label` ("benign" or "malignant"), with a per-slide
+    stain variation (a random per-channel gain) shared by both classes."""
     painter = {"benign": _benign, "malignant": _malignant}[label]
-    return np.clip(painter(size, rng), 0, 255).astype(np.uint8)
+    stain = rng.uniform(0.88, 1.08, 3)
+    return np.clip(painter(size, rng) * stain, 0, 255).astype(np.uint8)
 
 
 def ensure_demo_dataset(root: str | Path, images_per_class: int, size: int, seed: int = 0) -> Path:
