@@ -85,3 +85,13 @@ def test_bn_momentum_reaches_every_backbone_batchnorm():
                if isinstance(layer, keras.layers.BatchNormalization)}
     assert momenta == {0.9}
     assert set_bn_momentum(backbone, 0.8) == 8
+
+
+def test_loading_keeps_keras_safe_mode_on(tmp_path):
+    """A .keras file with a Lambda layer (arbitrary code) is refused, not executed."""
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, keras.layers.Lambda(lambda x: x * 2)(inputs))
+    path = tmp_path / "lambda.keras"
+    model.save(path)
+    with pytest.raises(ValueError, match="safe_mode"):
+        load_checkpoint(path)
