@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,18 +17,12 @@ from experiments import predict
 from experiments.run import run
 from experiments.sweep import group_by_keys, swept_keys
 
-from .conftest import SHARED_TRAIN, SMALL, run_cli, write_image
+from .conftest import SHARED_TRAIN, SMALL, free_port, run_cli, write_image
 from .test_run import all_runs, artifact_files, client_for
 
 REPORT = {"comparison/comparison.md", "comparison/comparison.csv", "comparison/roc_curves.png",
           "comparison/val_accuracy_curves.png", "comparison/lr_schedules.png"}
 UNLABELED = SHARED_TRAIN.parent / "unlabeled"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ import pytest
 
 from experiments.run import run
 
-from .conftest import SMALL, run_cli
+from .conftest import SMALL, free_port, run_cli
 from .test_run import all_runs, client_for
 
 EPOCHS = 5
@@ -80,12 +79,6 @@ def test_resume_refuses_overrides_that_change_the_experiment(tmp_path, make_conf
         run(same, overrides=[f"resume={run_id}"])
     with pytest.raises(ValueError, match="No MLflow run 'nope'"):
         run(make_config("resume=nope"), overrides=["resume=nope"])
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_unreachable_tracking_server_fails_before_training(tmp_path, make_config):

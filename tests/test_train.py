@@ -42,3 +42,31 @@ def test_mixed_precision_trains_and_outputs_finite_float32(policy):
     assert model.get_layer("predictions").compute_dtype == "float32"
     assert model.get_layer("simplecnn").get_layer("block1_conv1").compute_dtype == \
         policy.removeprefix("mixed_")
+
+
+@pytest.mark.parametrize("accumulate", [1, 3])
+def test_gradient_accumulation_applies_updates_every_n_batches(tmp_path, accumulate):
+    from experiments.run import instantiate_optimizer
+
+    from .conftest import compose_config
+
+    cfg = compose_config(tmp_path, ["data.root=/x", f"trainer.accumulate={accumulate}"])
+    optimizer = instantiate_optimizer(cfg.optimizer, cfg.trainer.accumulate)
+    assert optimizer.gradient_accumulation_steps == (accumulate if accumulate > 1 else None)
+    model = build_classifier("simplecnn", None, True, 16, 2)
+    compile_classifier(model, optimizer, 2)
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 255, (12, 16, 16, 3)).astype("float32")
+    y = np.eye(2, dtype="float32")[rng.integers(0, 2, 12)]
+    kernel = model.get_layer("predictions").kernel
+    changed = []
+
+    class WatchKernel(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            self.before = kernel.numpy().copy()
+
+        def on_train_batch_end(self, batch, logs=None):
+            changed.append(not np.array_equal(self.before, kernel.numpy()))
+
+    model.fit(x, y, batch_size=2, epochs=1, verbose=0, shuffle=False, callbacks=[WatchKernel()])
+    assert changed == [(i + 1) % accumulate == 0 for i in range(6)]  # 6 batches

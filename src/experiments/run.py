@@ -73,6 +73,13 @@ def instantiate_callbacks(callbacks_cfg: DictConfig) -> list[keras.callbacks.Cal
             for node in callbacks_cfg.values() if node is not None]
 
 
+def instantiate_optimizer(optimizer_cfg: DictConfig,
+                          accumulate: int) -> keras.optimizers.Optimizer:
+    """The configured Keras optimizer, accumulating gradients over `accumulate` batches."""
+    extra = {"gradient_accumulation_steps": accumulate} if accumulate > 1 else {}
+    return hydra.utils.instantiate(optimizer_cfg, _convert_="all", **extra)
+
+
 def prepare(cfg: DictConfig, settings: Config) -> Prepared:
     data_cfg, trainer = settings.data, settings.trainer
     if isinstance(data_cfg, DemoDataConfig):
@@ -88,7 +95,7 @@ def prepare(cfg: DictConfig, settings: Config) -> Prepared:
     backbone = settings.backbone
     model = build_classifier(backbone.name, backbone.weights, backbone.trainable, image_size,
                              len(splits.class_names), backbone.bn_momentum)
-    compile_classifier(model, hydra.utils.instantiate(cfg.optimizer, _convert_="all"),
+    compile_classifier(model, instantiate_optimizer(cfg.optimizer, trainer.accumulate),
                        len(splits.class_names), trainer.jit_compile)
     augment = hydra.utils.instantiate(cfg.augmentation, _convert_="all")
     return Prepared(splits, positive, skipped, image_size, precision, model, callbacks, augment)

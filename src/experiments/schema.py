@@ -169,6 +169,9 @@ class TrainerConfig:
     precision: str = "auto"
     # XLA compilation: measured 0.5x on CPU, so off by default.
     jit_compile: bool = False
+    # Gradient accumulation: apply the optimizer every N batches, so batch_size x accumulate
+    # is the effective batch at the memory of batch_size (e.g. the study's 2 as 1 x 2).
+    accumulate: int = 1
 
     def __post_init__(self) -> None:
         _require(self.epochs >= 1, f"`trainer.epochs` must be >= 1. Received: "
@@ -177,6 +180,8 @@ class TrainerConfig:
                  f"trainer.batch_size={self.batch_size!r}")
         _require(self.verbose in (0, 1, 2), f"`trainer.verbose` must be 0, 1 or 2. Received: "
                  f"trainer.verbose={self.verbose!r}")
+        _require(self.accumulate >= 1, f"`trainer.accumulate` must be >= 1. Received: "
+                 f"trainer.accumulate={self.accumulate!r}")
         _require(self.precision in PRECISIONS, f"`trainer.precision` must be one of "
                  f"{PRECISIONS}. Received: trainer.precision={self.precision!r}")
 
