@@ -222,6 +222,13 @@ def evaluate_and_log(settings: Config, prepared: Prepared, result: TrainResult,
     report.append(data_lib.write_split_table(splits, output_dir / "report" / "splits.csv"))
     for path in report:
         tracking.log_artifact(path)
+    log_best_model(settings, prepared, result, best_model)
+    return test_metrics
+
+
+def log_best_model(settings: Config, prepared: Prepared, result: TrainResult,
+                   best_model: keras.Model) -> None:
+    """The best checkpoint with model_info.json, as an MLflow model, registered if asked."""
     info = model_info(settings, prepared)
     info_path = result.checkpoint_path.with_name(tracking.MODEL_INFO)
     info_path.write_text(json.dumps(info, indent=2))
@@ -233,7 +240,6 @@ def evaluate_and_log(settings: Config, prepared: Prepared, result: TrainResult,
     if settings.mlflow.register_as and not tracking.parent_run_tags():  # sweeps: best job only
         version = tracking.register_model(model_uri, settings.mlflow.register_as)
         print(f"Registered models:/{settings.mlflow.register_as}/{version}")
-    return test_metrics
 
 
 def model_info(settings: Config, prepared: Prepared) -> dict[str, Any]:
