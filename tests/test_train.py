@@ -26,12 +26,12 @@ def test_explicit_precision_is_kept_and_auto_follows_the_hardware():
 @pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
 def test_mixed_precision_trains_and_outputs_finite_float32(policy):
     set_precision(policy)
-    model = build_classifier("simplecnn", None, True, 32, 2, bn_momentum=0.9)
+    model = build_classifier("simplecnn", None, True, 16, 2, bn_momentum=0.9)
     compile_classifier(model, keras.optimizers.Adam(1e-3), 2)
     if policy == "mixed_float16":
         assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
     rng = np.random.default_rng(0)
-    x = rng.uniform(0, 255, (8, 32, 32, 3)).astype("float32")
+    x = rng.uniform(0, 255, (8, 16, 16, 3)).astype("float32")
     y = np.eye(2, dtype="float32")[rng.integers(0, 2, 8)]
     history = model.fit(x, y, epochs=2, batch_size=4, verbose=0)
     assert all(np.isfinite(history.history["loss"]))
