@@ -62,10 +62,25 @@ def _fresh_keras_session():
 
 def run_cli(args: Sequence[str], cwd: Path, timeout: int = 600,
             env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """`python -m experiments.run ARGS` in a real subprocess, as a user runs it."""
-    full_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "experiments.run", *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=timeout, env=full_env)
+    """`python -m experiments.run ARGS` in a real subprocess, as a user runs it, to the end."""
+    process = start_cli(args, cwd, env)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()  # as subprocess.run does: never leave a job behind
+        process.communicate()
+        raise
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def start_cli(args: Sequence[str], cwd: Path, env: dict[str, str] | None = None,
+              merge_output: bool = False) -> subprocess.Popen[str]:
+    """Start `python -m experiments.run ARGS` (output unbuffered, so it can be followed)."""
+    full_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1",
+                **(env or {})}
+    return subprocess.Popen([sys.executable, "-m", "experiments.run", *args], cwd=cwd,
+                            env=full_env, stdout=subprocess.PIPE, text=True,
+                            stderr=subprocess.STDOUT if merge_output else subprocess.PIPE)
 
 
 def free_port() -> int:

@@ -2,27 +2,18 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from experiments.run import run
 
-from .conftest import SMALL, free_port, run_cli
+from .conftest import SMALL, free_port, run_cli, start_cli
 from .test_run import all_runs, client_for
 
 EPOCHS = 4
-
-
-def start_cli(args: list[str], cwd: Path) -> subprocess.Popen[str]:
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "experiments.run", *args], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def kill_after_epoch(process: subprocess.Popen[str], epoch: int, sig: int) -> str:
@@ -43,7 +34,7 @@ def kill_after_epoch(process: subprocess.Popen[str], epoch: int, sig: int) -> st
 def test_killed_run_resumes_into_the_same_run_with_each_epoch_once(tmp_path, sig):
     args = [*SMALL, f"trainer.epochs={EPOCHS}", "trainer.verbose=2", "data.images_per_class=30",
             f"paths.root={tmp_path}", "mlflow.experiment_name=resume"]
-    output = kill_after_epoch(start_cli(args, tmp_path), 2, sig)
+    output = kill_after_epoch(start_cli(args, tmp_path, merge_output=True), 2, sig)
     client = client_for(tmp_path)
     (interrupted,) = all_runs(client, "resume")
     run_id = interrupted.info.run_id
@@ -93,11 +84,8 @@ def test_unreachable_tracking_server_fails_before_training(tmp_path, make_config
 
 def test_two_processes_share_one_sqlite_store(tmp_path):
     args = [*SMALL, "trainer.epochs=2", f"paths.root={tmp_path}", "mlflow.experiment_name=par"]
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    procs = [subprocess.Popen([sys.executable, "-m", "experiments.run", *args,
-                               f"trainer.seed={seed}", f"mlflow.run_name=seed{seed}"],
-                              cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for seed in (1, 2)]
+    procs = [start_cli([*args, f"trainer.seed={seed}", f"mlflow.run_name=seed{seed}"], tmp_path)
+             for seed in (1, 2)]
     for proc in procs:
         _, err = proc.communicate(timeout=600)
         assert proc.returncode == 0, err[-3000:]
