@@ -35,7 +35,8 @@ def test_required_groups_and_options_exist():
             "convnexttiny", "xception"} <= set(options("backbone"))
     assert set(options("backbone")) == set(BACKBONES)
     assert options("optimizer") == ["adam", "adamw", "sgd"]
-    assert options("augmentation") == ["histology", "none", "study"]
+    assert options("augmentation") == ["dihedral", "hed", "histology", "histology_strong", "none",
+                                       "randaugment", "study"]
     assert options("callbacks") == ["default", "early_stopping"]
     assert options("data") == ["demo", "folder"]
     assert {"quickstart", "study_densenet201", "study_resnet50"} <= set(options("experiment"))
@@ -116,6 +117,8 @@ def test_every_augmentation_keeps_shape_dtype_range(tmp_path, name):
     assert float(tf.reduce_min(out)) >= 0.0 and float(tf.reduce_max(out)) <= 255.0 + 1e-3
     if name != "none":
         assert not np.allclose(out.numpy(), batch.numpy())
+    # Inference: a no-op.
+    np.testing.assert_array_equal(augment(batch, training=False).numpy(), batch.numpy())
 
 
 @pytest.mark.parametrize("name", options("callbacks"))

@@ -1,20 +1,30 @@
 """Training-time augmentation, applied to batches inside the tf.data pipeline.
 
 Each augmenter maps a float32 batch of RGB pixels in [0, 255] with shape (n, h, w, 3) to a batch of
-the same shape, dtype and range. Only the training pipeline calls them; validation, test and
-prediction images are never augmented.
+the same shape, dtype and range. Only the training pipeline calls them (`training=True`);
+with `training=False` they return their input unchanged, so validation, test and prediction
+images are never augmented.
 """
 
 from __future__ import annotations
 
+import math
+
 import keras
+import numpy as np
 import tensorflow as tf
 
 FILL_MODES = ("reflect", "wrap", "constant", "nearest")
 
+# Ruifrok & Johnston's stain vectors (rows: hematoxylin, eosin, DAB in optical density),
+# the matrix scikit-image's `rgb2hed` inverts.
+RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
+RGB_FROM_HED = RGB_FROM_HED / np.linalg.norm(RGB_FROM_HED, axis=1, keepdims=True)
+HED_FROM_RGB = np.linalg.inv(RGB_FROM_HED)
+
 
 class NoAugmentation:
-    def __call__(self, images: tf.Tensor) -> tf.Tensor:
+    def __call__(self, images: tf.Tensor, training: bool = True) -> tf.Tensor:
         return images
 
 
@@ -46,45 +56,175 @@ class StudyAugmentation:
                                                   seed=seed + 2))
         self._layers = layers
 
-    def __call__(self, images: tf.Tensor) -> tf.Tensor:
+    def __call__(self, images: tf.Tensor, training: bool = True) -> tf.Tensor:
+        if not training:
+            return images
         for layer in self._layers:
             images = layer(images, training=True)
         return images
 
 
-class HistologyAugmentation:
-    """The 8 dihedral views (exact 90-degree rotations and flips) plus mild colour jitter.
+def _check_range(key: str, value: float, low: float, high: float, *,
+                 high_inclusive: bool = False) -> None:
+    ok = low <= value <= high if high_inclusive else low <= value < high
+    if not ok:
+        bracket = "]" if high_inclusive else ")"
+        raise ValueError(f"`augmentation.{key}` must be in [{low}, {high}{bracket}. "
+                         f"Received: {key}={value!r}")
 
-    Random draws are stateless and keyed on a per-batch seed, so runs repeat exactly.
+
+class TissueAugmentation:
+    """Augmentations that suit H&E tissue, each off at its neutral value, applied in order:
+    random resized crop -> dihedral view -> HED stain jitter -> brightness/contrast/
+    saturation/hue jitter -> gaussian blur -> RandAugment.
+
+    Every random draw is per image, stateless and keyed on a per-batch seed drawn from one
+    seeded generator, so a run repeats exactly (RandAugment: Keras' seeded layer, which picks
+    its operations per batch).
     """
 
-    def __init__(self, brightness: float, contrast: float, hue: float, seed: int) -> None:
-        for key, value, high in (("brightness", brightness, 1.0), ("contrast", contrast, 1.0),
-                                 ("hue", hue, 0.5)):
-            if not 0 <= value < high:
-                raise ValueError(f"`augmentation.{key}` must be in [0, {high}). "
-                                 f"Received: {key}={value!r}")
-        self.brightness = brightness
-        self.contrast = contrast
-        self.hue = hue
+    def __init__(self, seed: int, dihedral: bool = False, crop_scale: float = 1.0,
+                 hed_sigma: float = 0.0, hed_bias: float = 0.0, brightness: float = 0.0,
+                 contrast: float = 0.0, saturation: float = 0.0, hue: float = 0.0,
+                 blur_sigma: float = 0.0, blur_probability: float = 0.5,
+                 randaugment_ops: int = 0, randaugment_magnitude: float = 0.5) -> None:
+        _check_range("crop_scale", crop_scale, 0.05, 1.0, high_inclusive=True)
+        _check_range("hed_sigma", hed_sigma, 0.0, 1.0)
+        _check_range("hed_bias", hed_bias, 0.0, 1.0)
+        _check_range("brightness", brightness, 0.0, 1.0)
+        _check_range("contrast", contrast, 0.0, 1.0)
+        _check_range("saturation", saturation, 0.0, 1.0)
+        _check_range("hue", hue, 0.0, 0.5)
+        _check_range("blur_sigma", blur_sigma, 0.0, 10.0)
+        _check_range("blur_probability", blur_probability, 0.0, 1.0, high_inclusive=True)
+        _check_range("randaugment_ops", randaugment_ops, 0, 10, high_inclusive=True)
+        _check_range("randaugment_magnitude", randaugment_magnitude, 0.0, 1.0,
+                     high_inclusive=True)
+        self.dihedral = dihedral
+        self.crop_scale = crop_scale
+        self.hed_sigma, self.hed_bias = hed_sigma, hed_bias
+        self.brightness, self.contrast = brightness, contrast
+        self.saturation, self.hue = saturation, hue
+        self.blur_sigma, self.blur_probability = blur_sigma, blur_probability
         self._seeds = tf.random.Generator.from_seed(seed)
+        self._randaugment = (keras.layers.RandAugment(
+            value_range=(0, 255), num_ops=randaugment_ops, factor=randaugment_magnitude,
+            seed=seed) if randaugment_ops else None)
 
-    def __call__(self, images: tf.Tensor) -> tf.Tensor:
-        seeds = self._seeds.make_seeds(tf.shape(images)[0])
-        return tf.map_fn(self._augment_one, (images, tf.transpose(seeds)),
-                         fn_output_signature=tf.float32)
+    def __call__(self, images: tf.Tensor, training: bool = True) -> tf.Tensor:
+        if not training:
+            return images
+        images = tf.convert_to_tensor(images, tf.float32)
+        seed = self._seeds.make_seeds(1)[:, 0]
+        n = tf.shape(images)[0]
+        if self.crop_scale < 1.0:
+            images = random_resized_crop(images, self.crop_scale, seed + 1)
+        if self.dihedral:
+            images = random_dihedral(images, tf.random.stateless_uniform(
+                [n], seed + 2, 0, 8, dtype=tf.int32))
+        if self.hed_sigma or self.hed_bias:
+            images = hed_jitter(images, self.hed_sigma, self.hed_bias, seed + 3)
+        if self.brightness or self.contrast or self.saturation or self.hue:
+            images = color_jitter(images, self.brightness, self.contrast, self.saturation,
+                                  self.hue, seed + 4)
+        if self.blur_sigma and self.blur_probability:
+            images = random_blur(images, self.blur_sigma, self.blur_probability, seed + 5)
+        if self._randaugment is not None:
+            images = self._randaugment(images, training=True)
+        return tf.clip_by_value(images, 0.0, 255.0)
 
-    def _augment_one(self, item: tuple[tf.Tensor, tf.Tensor]) -> tf.Tensor:
-        image, seed = item
-        image = image / 255.0
-        k = tf.random.stateless_uniform([], seed, 0, 4, dtype=tf.int32)
-        image = tf.image.rot90(image, k)
-        image = tf.image.stateless_random_flip_left_right(image, seed + 1)
-        if self.brightness:
-            image = tf.image.stateless_random_brightness(image, self.brightness, seed + 2)
-        if self.contrast:
-            image = tf.image.stateless_random_contrast(image, 1 - self.contrast,
-                                                       1 + self.contrast, seed + 3)
-        if self.hue:
-            image = tf.image.stateless_random_hue(image, self.hue, seed + 4)
-        return tf.clip_by_value(image, 0.0, 1.0) * 255.0
+
+def _uniform(n: tf.Tensor, seed: tf.Tensor, low: float, high: float) -> tf.Tensor:
+    return tf.random.stateless_uniform([n], seed, low, high)
+
+
+def dihedral_view(images: tf.Tensor, view: int) -> tf.Tensor:
+    """One of the 8 dihedral views of a batch: rotate by view % 4 x 90 degrees, then flip
+    left-right when view >= 4 (view 0 is the identity)."""
+    images = tf.image.rot90(images, view % 4)
+    return images[:, :, ::-1, :] if view >= 4 else images
+
+
+def random_dihedral(images: tf.Tensor, views: tf.Tensor) -> tf.Tensor:
+    """Each image in its own dihedral view (`views`: (n,) ints in [0, 8)); square images."""
+    rotated = tf.stack([tf.image.rot90(images, k) for k in range(4)], axis=1)
+    images = tf.gather(rotated, views % 4, batch_dims=1)
+    flip = tf.reshape(views >= 4, [-1, 1, 1, 1])
+    return tf.where(flip, images[:, :, ::-1, :], images)
+
+
+def hed_jitter(images: tf.Tensor, sigma: float, bias: float, seed: tf.Tensor) -> tf.Tensor:
+    """Tellez et al. 2019: in HED optical-density space, x -> x * U(1-sigma, 1+sigma) +
+    U(-bias, bias) per image and stain channel, then back to RGB."""
+    n = tf.shape(images)[0]
+    scale = tf.random.stateless_uniform([n, 1, 1, 3], seed, 1 - sigma, 1 + sigma)
+    shift = tf.random.stateless_uniform([n, 1, 1, 3], seed + 1, -bias, bias)
+    density = -tf.math.log((images + 1.0) / 256.0)  # optical density, >= 0
+    stains = tf.einsum("nhwc,cs->nhws", density, tf.constant(HED_FROM_RGB, tf.float32))
+    stains = stains * scale + shift
+    density = tf.einsum("nhws,sc->nhwc", stains, tf.constant(RGB_FROM_HED, tf.float32))
+    return tf.clip_by_value(256.0 * tf.exp(-density) - 1.0, 0.0, 255.0)
+
+
+def color_jitter(images: tf.Tensor, brightness: float, contrast: float, saturation: float,
+                 hue: float, seed: tf.Tensor) -> tf.Tensor:
+    """Per-image brightness shift, contrast and saturation factors, hue rotation."""
+    n = tf.shape(images)[0]
+    x = images / 255.0
+    if brightness:
+        x = x + tf.reshape(_uniform(n, seed, -brightness, brightness), [-1, 1, 1, 1])
+    if contrast:
+        factor = tf.reshape(_uniform(n, seed + 1, 1 - contrast, 1 + contrast), [-1, 1, 1, 1])
+        mean = tf.reduce_mean(x, axis=[1, 2, 3], keepdims=True)
+        x = (x - mean) * factor + mean
+    if saturation or hue:
+        hsv = tf.image.rgb_to_hsv(tf.clip_by_value(x, 0.0, 1.0))
+        h, s, v = tf.unstack(hsv, axis=-1)
+        if hue:
+            h = tf.math.floormod(h + tf.reshape(_uniform(n, seed + 2, -hue, hue), [-1, 1, 1]),
+                                 1.0)
+        if saturation:
+            s = s * tf.reshape(_uniform(n, seed + 3, 1 - saturation, 1 + saturation),
+                               [-1, 1, 1])
+        x = tf.image.hsv_to_rgb(tf.stack([h, tf.clip_by_value(s, 0.0, 1.0), v], axis=-1))
+    return tf.clip_by_value(x, 0.0, 1.0) * 255.0
+
+
+def random_resized_crop(images: tf.Tensor, min_scale: float, seed: tf.Tensor) -> tf.Tensor:
+    """A crop of U(min_scale, 1) of the area, aspect ratio in [3/4, 4/3] (log-uniform), at a
+    random position, resized back to the input size."""
+    n, height, width = tf.shape(images)[0], tf.shape(images)[1], tf.shape(images)[2]
+    area = _uniform(n, seed, min_scale, 1.0)
+    ratio = tf.exp(_uniform(n, seed + 1, math.log(3 / 4), math.log(4 / 3)))
+    h = tf.minimum(tf.sqrt(area / ratio), 1.0)
+    w = tf.minimum(tf.sqrt(area * ratio), 1.0)
+    top = _uniform(n, seed + 2, 0.0, 1.0) * (1.0 - h)
+    left = _uniform(n, seed + 3, 0.0, 1.0) * (1.0 - w)
+    boxes = tf.stack([top, left, top + h, left + w], axis=1)
+    return tf.image.crop_and_resize(images, boxes, tf.range(n), tf.stack([height, width]))
+
+
+def random_blur(images: tf.Tensor, max_sigma: float, probability: float,
+                seed: tf.Tensor) -> tf.Tensor:
+    """Gaussian blur with sigma ~ U(0.1, max_sigma) on a `probability` share of the images
+    (the others pass unchanged), as one depthwise convolution over the whole batch."""
+    n = tf.shape(images)[0]
+    radius = max(1, math.ceil(3 * max_sigma))
+    sigma = _uniform(n, seed, 0.1, max_sigma)
+    blurred = _uniform(n, seed + 1, 0.0, 1.0) < probability
+    offsets = tf.range(-radius, radius + 1, dtype=tf.float32)
+    kernel = tf.exp(-0.5 * tf.square(offsets[None, :] / sigma[:, None]))
+    identity = tf.cast(tf.equal(offsets, 0.0), tf.float32)[None, :]
+    kernel = tf.where(blurred[:, None], kernel / tf.reduce_sum(kernel, 1, keepdims=True),
+                      identity)  # (n, k)
+    # Images as channels of one image: (1, h, w, n*3), one 1-D kernel per channel.
+    shape = tf.shape(images)
+    stacked = tf.reshape(tf.transpose(images, [1, 2, 0, 3]), [1, shape[1], shape[2], -1])
+    per_channel = tf.repeat(kernel, 3, axis=0)  # (n*3, k)
+    size = 2 * radius + 1
+    padded = tf.pad(stacked, [[0, 0], [radius, radius], [radius, radius], [0, 0]], "REFLECT")
+    x = tf.nn.depthwise_conv2d(padded, tf.reshape(tf.transpose(per_channel), [size, 1, -1, 1]),
+                               [1, 1, 1, 1], "VALID")
+    x = tf.nn.depthwise_conv2d(x, tf.reshape(tf.transpose(per_channel), [1, size, -1, 1]),
+                               [1, 1, 1, 1], "VALID")
+    return tf.transpose(tf.reshape(x, [shape[1], shape[2], shape[0], 3]), [2, 0, 1, 3])

@@ -99,14 +99,32 @@ class StudyAugmentationConfig:
 
 
 @dataclass
-class HistologyAugmentationConfig:
-    """Exact dihedral transforms plus mild colour jitter (tissue has no "up")."""
+class TissueAugmentationConfig:
+    """H&E-suited augmentations (see `experiments.augment.TissueAugmentation`); each is off at
+    its neutral value, so options compose by overriding fields:
+    `augmentation=hed augmentation.blur_sigma=1.0`."""
 
-    _target_: str = "experiments.augment.HistologyAugmentation"
-    brightness: float = 0.08
-    contrast: float = 0.1
-    hue: float = 0.02
+    _target_: str = "experiments.augment.TissueAugmentation"
     seed: int = MISSING
+    # The 8 exact 90-degree rotations and flips (tissue has no "up").
+    dihedral: bool = False
+    # Random resized crop of at least this share of the area (1.0: off).
+    crop_scale: float = 1.0
+    # HED stain jitter (Tellez et al. 2019): factor U(1-sigma, 1+sigma), shift U(-bias, bias).
+    hed_sigma: float = 0.0
+    hed_bias: float = 0.0
+    # Colour jitter: brightness shift on [0, 1] pixels, contrast/saturation factor spread,
+    # hue rotation (fraction of the hue circle).
+    brightness: float = 0.0
+    contrast: float = 0.0
+    saturation: float = 0.0
+    hue: float = 0.0
+    # Gaussian blur with sigma ~ U(0.1, blur_sigma) on a blur_probability share of images.
+    blur_sigma: float = 0.0
+    blur_probability: float = 0.5
+    # Keras RandAugment: operations per batch (0: off) and their strength in [0, 1].
+    randaugment_ops: int = 0
+    randaugment_magnitude: float = 0.5
 
 
 @dataclass
@@ -226,7 +244,7 @@ GROUP_SCHEMAS: dict[str, dict[str, type]] = {
                   "sgd_schema": SGDConfig},
     "augmentation": {"none_schema": NoAugmentationConfig,
                      "study_schema": StudyAugmentationConfig,
-                     "histology_schema": HistologyAugmentationConfig},
+                     "tissue_schema": TissueAugmentationConfig},
     "data": {"folder_schema": DataConfig, "demo_schema": DemoDataConfig},
 }
 
