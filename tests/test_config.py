@@ -176,6 +176,9 @@ def test_missing_data_root_names_the_key(tmp_path):
     ("trainer.epochs=0", "trainer.epochs"),
     ("data.test_fraction=0.85", "data.val_fraction"),
     ("data.val_fraction=1.5", "data.val_fraction"),
+    ("eval.tta=rotate", "eval.tta"),
+    ("eval.threshold=median", "eval.threshold"),
+    ("eval.bootstrap_resamples=10", "eval.bootstrap_resamples"),
 ])
 def test_out_of_range_values_name_key_and_value(tmp_path, override, key):
     cfg = compose_config(tmp_path, ["data.root=/x", override])

@@ -79,6 +79,15 @@ def test_end_to_end_run_logs_the_whole_contract(tmp_path):
     for name in TEST_METRICS:
         assert 0.0 <= metrics[name] <= (1.0 if name != "test_loss" else 100.0), name
     assert metrics["best_epoch"] in (1, 2)
+    # Reported like a paper: TTA, bootstrap intervals, operating point, calibration.
+    for prefix in ("test_", "test_tta_", "test_op_"):
+        for name in ("accuracy", "roc_auc", "sensitivity", "specificity"):
+            point, low, high = (metrics[f"{prefix}{name}{end}"] for end in ("", "_ci_low",
+                                                                             "_ci_high"))
+            assert 0.0 <= low <= point <= high <= 1.0, (prefix, name)
+    assert metrics["test_sensitivity"] == pytest.approx(metrics["test_recall"])
+    assert 0.0 <= metrics["val_threshold"] <= 1.0
+    assert metrics["temperature"] > 0 and 0.0 <= metrics["test_ece_calibrated"] <= 1.0
 
     tags = run_info.data.tags
     assert tags["backbone"] == "simplecnn"
@@ -88,11 +97,14 @@ def test_end_to_end_run_logs_the_whole_contract(tmp_path):
 
     artifacts = artifact_files(client, run_id)
     assert {"checkpoints/best.keras", ".hydra/config.yaml", ".hydra/overrides.yaml",
-            "test_predictions.csv", "splits.csv", *FIGURES} <= artifacts
+            "test_predictions.csv", "splits.csv", "reliability_diagram.png", *FIGURES} <= artifacts
+    gradcams = {a for a in artifacts if a.startswith("gradcam/") and a.endswith(".png")}
+    assert len(gradcams) == 8  # eval.gradcam_images: every test image here
 
     predictions = read_csv(client, run_id, "test_predictions.csv", tmp_path / "dl")
     assert len(predictions) == 8
-    assert {"file", "label", "p_malignant", "p_benign", "predicted"} <= set(predictions[0])
+    assert {"file", "label", "p_malignant", "p_benign", "predicted", "final_p_malignant",
+            "decision_at_threshold"} <= set(predictions[0])
     splits = read_csv(client, run_id, "splits.csv", tmp_path / "dl")
     used_for_training = {r["file"] for r in splits if r["split"] in ("train", "val")}
     assert len(used_for_training) == 32

@@ -1,10 +1,12 @@
-"""Test-split evaluation: predictions, metrics (scikit-learn) and figures (matplotlib)."""
+"""Test-split evaluation: predictions (plain and test-time augmented), metrics
+(scikit-learn) with bootstrap intervals, the operating point and calibration chosen on
+validation, figures (matplotlib) and Grad-CAM overlays."""
 
 from __future__ import annotations
 
 import csv
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import keras
@@ -14,6 +16,13 @@ matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn import metrics as skm  # noqa: E402
+
+from experiments import gradcam, stats  # noqa: E402
+from experiments.augment import dihedral_view  # noqa: E402
+from experiments.data import Split, Splits, evaluation_dataset  # noqa: E402
+from experiments.schema import EvalConfig as EvalSettings  # noqa: E402
+
+TTA_MODES = ("none", "dihedral")
 
 
 @dataclass(frozen=True)
@@ -45,8 +54,9 @@ def positive_index(class_names: Sequence[str], positive_class: str | None) -> in
     return list(class_names).index(positive_class)
 
 
-def classification_metrics(pred: Predictions, positive: int) -> dict[str, float]:
-    """test_* metrics. Two classes: precision/recall/F1 of the positive class, specificity =
+def classification_metrics(pred: Predictions, positive: int,
+                           prefix: str = "test_") -> dict[str, float]:
+    """<prefix>* metrics. Two classes: precision/recall/F1 of the positive class, specificity =
     recall of the other, ROC-AUC of p(positive). More classes: macro averages, one-vs-rest AUC."""
     y, p = pred.labels, pred.probabilities
     n_classes = p.shape[1]
@@ -77,17 +87,33 @@ def classification_metrics(pred: Predictions, positive: int) -> dict[str, float]
         }
     out["accuracy"] = skm.accuracy_score(y, y_hat)
     out["loss"] = loss
-    return {f"test_{k}": float(v) for k, v in out.items()}
+    return {f"{prefix}{k}": float(v) for k, v in out.items()}
 
 
-def write_predictions(pred: Predictions, class_names: Sequence[str], path: Path) -> Path:
-    """One row per test image: file, label, predicted, p_<class> for every class."""
+def write_predictions(pred: Predictions, class_names: Sequence[str], path: Path,
+                      final: Predictions | None = None, threshold: float | None = None,
+                      positive: int = 1) -> Path:
+    """One row per test image: file, label, predicted, p_<class> for every class; with `final`
+    (after TTA/temperature) also final_p_<class> and, given a threshold, the decision at it."""
+    header = ["file", "label", "predicted", *[f"p_{c}" for c in class_names]]
+    if final is not None:
+        header += [f"final_p_{c}" for c in class_names]
+        if threshold is not None:
+            header.append("decision_at_threshold")
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["file", "label", "predicted", *[f"p_{c}" for c in class_names]])
-        for file, label, probs in zip(pred.files, pred.labels, pred.probabilities, strict=True):
-            writer.writerow([file, class_names[label], class_names[int(probs.argmax())],
-                             *[f"{v:.6f}" for v in probs]])
+        writer.writerow(header)
+        for i, (file, label, probs) in enumerate(
+                zip(pred.files, pred.labels, pred.probabilities, strict=True)):
+            row = [file, class_names[label], class_names[int(probs.argmax())],
+                   *[f"{v:.6f}" for v in probs]]
+            if final is not None:
+                row += [f"{v:.6f}" for v in final.probabilities[i]]
+                if threshold is not None:
+                    other = 1 - positive
+                    row.append(class_names[positive if final.probabilities[i, positive]
+                                           >= threshold else other])
+            writer.writerow(row)
     return path
 
 
@@ -134,12 +160,134 @@ def plot_roc_curve(pred: Predictions, class_names: Sequence[str], positive: int,
 
 def write_report(pred: Predictions, class_names: Sequence[str], positive: int,
                  history: dict[str, list[float]], best_epoch: int, folder: Path) -> list[Path]:
-    """Predictions table and the four figures, written into `folder`."""
+    """The four figures of the plain test predictions, written into `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
     return [
-        write_predictions(pred, class_names, folder / "test_predictions.csv"),
         plot_curve(history, "loss", best_epoch, folder / "loss_curve.png"),
         plot_curve(history, "accuracy", best_epoch, folder / "accuracy_curve.png"),
         plot_confusion_matrix(pred, class_names, folder / "confusion_matrix.png"),
         plot_roc_curve(pred, class_names, positive, folder / "roc_curve.png"),
     ]
+
+
+def predict_probabilities(model: keras.Model, images: np.ndarray, batch_size: int,
+                          tta: str = "none") -> np.ndarray:
+    """p(class) for uint8 images; tta="dihedral" averages over the 8 dihedral views."""
+    if tta not in TTA_MODES:
+        raise ValueError(f"`eval.tta` must be one of {TTA_MODES}. Received: eval.tta={tta!r}")
+    if len(images) == 0:
+        return np.empty((0, int(model.output_shape[-1])))
+    views = [0] if tta == "none" else range(8)
+    total = None
+    for view in views:
+        ds = evaluation_dataset(images, None, 0, batch_size)
+        if view:
+            ds = ds.map(lambda x, v=view: dihedral_view(x, v))
+        probs = np.asarray(model.predict(ds, verbose=0), dtype=np.float64)
+        total = probs if total is None else total + probs
+    return total / len(views)
+
+
+def predict_split(model: keras.Model, split: Split, batch_size: int, tta: str) -> Predictions:
+    return Predictions(split.files, np.asarray(split.labels, dtype=int),
+                       predict_probabilities(model, split.images, batch_size, tta))
+
+
+@dataclass
+class Evaluation:
+    """What the test evaluation produced: metrics to log, files to log, and the final test
+    predictions (after TTA and temperature) with their decisions at the chosen threshold."""
+
+    metrics: dict[str, float]
+    plain: Predictions  # test, no TTA, no temperature
+    test: Predictions
+    val: Predictions
+    threshold: float | None  # on p(positive); None for more than two classes
+    files: list[Path] = field(default_factory=list)
+
+
+def interval_metrics(pred: Predictions, positive: int, settings: EvalSettings, prefix: str,
+                     threshold: float = 0.5) -> dict[str, float]:
+    """Point estimates and bootstrap interval bounds: <prefix><metric>, _ci_low, _ci_high."""
+    intervals = stats.bootstrap_intervals(pred.labels, pred.probabilities, positive, threshold,
+                                          settings.bootstrap_resamples, settings.confidence,
+                                          settings.seed)
+    out = {}
+    for name, (point, low, high) in intervals.items():
+        out.update({f"{prefix}{name}": point, f"{prefix}{name}_ci_low": low,
+                    f"{prefix}{name}_ci_high": high})
+    return out
+
+
+def evaluate_model(model: keras.Model, splits: Splits, positive: int, settings: EvalSettings,
+                   batch_size: int, folder: Path) -> Evaluation:
+    """Evaluate on the test split once, with everything chosen on validation first.
+
+    Logs test_* (plain), test_tta_* (dihedral TTA), bootstrap intervals for both; then, on
+    the final predictions (TTA when on): temperature fitted on validation, ECE before/after,
+    the threshold chosen on validation and test sensitivity/specificity at it (test_op_*).
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    class_names = list(splits.class_names)
+    plain = predict_split(model, splits.test, batch_size, "none")
+    metrics = {**classification_metrics(plain, positive, "test_"),
+               **interval_metrics(plain, positive, settings, "test_")}
+    test = plain
+    if settings.tta != "none":
+        test = predict_split(model, splits.test, batch_size, settings.tta)
+        metrics.update(classification_metrics(test, positive, "test_tta_"))
+        metrics.update(interval_metrics(test, positive, settings, "test_tta_"))
+    val = predict_split(model, splits.val, batch_size, settings.tta)
+    test, val, calibration_files = calibrate(test, val, settings, metrics, folder)
+    threshold = None
+    if len(class_names) == 2:
+        val_truth = (val.labels == positive).astype(int)
+        threshold = stats.choose_threshold(val_truth, val.probabilities[:, positive],
+                                           settings.threshold, settings.fixed_threshold,
+                                           settings.target_sensitivity)
+        metrics["val_threshold"] = threshold
+        metrics.update(interval_metrics(test, positive, settings, "test_op_", threshold))
+    files = [write_predictions(plain, class_names, folder / "test_predictions.csv",
+                               final=test, threshold=threshold, positive=positive),
+             *calibration_files]
+    if settings.gradcam_images:
+        files += gradcam.save_overlays(model, splits.test.images, list(splits.test.files),
+                                       plain.labels, plain.probabilities, class_names,
+                                       settings.gradcam_images, folder / "gradcam")
+    return Evaluation(metrics, plain, test, val, threshold, files)
+
+
+def calibrate(test: Predictions, val: Predictions, settings: EvalSettings,
+              metrics: dict[str, float], folder: Path
+              ) -> tuple[Predictions, Predictions, list[Path]]:
+    """ECE before and after temperature scaling (fitted on validation) and the reliability
+    diagram; returns test and validation predictions with the temperature applied."""
+    before = stats.reliability_bins(test.labels, test.probabilities, settings.calibration_bins)
+    metrics["test_ece"] = before.ece
+    curves = {"as trained": before}
+    if settings.temperature_scaling:
+        temperature = stats.fit_temperature(val.labels, val.probabilities)
+        test = Predictions(test.files, test.labels,
+                           stats.apply_temperature(test.probabilities, temperature))
+        val = Predictions(val.files, val.labels,
+                          stats.apply_temperature(val.probabilities, temperature))
+        after = stats.reliability_bins(test.labels, test.probabilities,
+                                       settings.calibration_bins)
+        metrics.update({"temperature": temperature, "test_ece_calibrated": after.ece,
+                        "test_loss_calibrated": stats.negative_log_likelihood(
+                            test.labels, test.probabilities)})
+        curves[f"temperature {temperature:.2f}"] = after
+    return test, val, [plot_reliability(curves, folder / "reliability_diagram.png")]
+
+
+def plot_reliability(curves: dict[str, stats.ReliabilityBins], path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="perfect calibration")
+    for name, bins in curves.items():
+        filled = bins.count > 0
+        ax.plot(bins.confidence[filled], bins.accuracy[filled], marker="o",
+                label=f"{name} (ECE {bins.ece:.3f})")
+    ax.set(xlabel="confidence (top class)", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1.02),
+           title="test reliability diagram")
+    ax.legend(fontsize=8)
+    return _save(fig, path)

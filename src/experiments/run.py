@@ -206,22 +206,22 @@ def fit(settings: Config, prepared: Prepared, output_dir: Path, run_id: str) -> 
 def evaluate_and_log(settings: Config, prepared: Prepared, result: TrainResult,
                      output_dir: Path, run_id: str) -> dict[str, float]:
     """Evaluate the best checkpoint on the test split, once; log metrics, figures, tables."""
-    splits, batch_size = prepared.splits, settings.trainer.batch_size
+    splits = prepared.splits
     best_model = evaluate.load_checkpoint(result.checkpoint_path)
-    test_ds = data_lib.evaluation_dataset(splits.test.images, None, len(splits.class_names),
-                                          batch_size)
-    predictions = evaluate.predict(best_model, test_ds, splits.test.files, splits.test.labels)
-    positive = prepared.positive
-    test_metrics = evaluate.classification_metrics(predictions, positive)
+    folder = output_dir / "report"
+    evaluation = evaluate.evaluate_model(best_model, splits, prepared.positive, settings.eval,
+                                         settings.trainer.batch_size, folder)
+    test_metrics = evaluation.metrics
     tracking.log_metrics({**test_metrics, "best_epoch": result.best_epoch,
                           f"best_{result.monitor}": result.best_value})
     history = {name: [v for _, v in sorted(steps.items())] for name, steps in
                tracking.metric_histories(run_id, tracking.MlflowEpochLogger.METRICS).items()}
-    report = evaluate.write_report(predictions, splits.class_names, positive, history,
-                                   result.best_epoch, output_dir / "report")
-    report.append(data_lib.write_split_table(splits, output_dir / "report" / "splits.csv"))
-    for path in report:
-        tracking.log_artifact(path)
+    report = evaluate.write_report(evaluation.plain, splits.class_names, prepared.positive, history,
+                                   result.best_epoch, folder)
+    report.append(data_lib.write_split_table(splits, folder / "splits.csv"))
+    for path in [*evaluation.files, *report]:  # report/gradcam/x.png -> gradcam/x.png
+        subfolder = path.parent.relative_to(folder).as_posix()
+        tracking.log_artifact(path, None if subfolder == "." else subfolder)
     log_best_model(settings, prepared, result, best_model)
     return test_metrics
 

@@ -205,6 +205,47 @@ class TrainerConfig:
 
 
 @dataclass
+class EvalConfig:
+    """How the test split is evaluated (see `experiments.evaluate.evaluate_model`)."""
+
+    # Test-time augmentation: "dihedral" averages the 8 rotations/flips ("none": off);
+    # metrics are logged both without (test_*) and with it (test_tta_*).
+    tta: str = "dihedral"
+    # Operating point, chosen on validation: "fixed" (fixed_threshold), "youden" (max
+    # sensitivity + specificity) or "target_sensitivity" (highest threshold reaching it).
+    threshold: str = "youden"
+    fixed_threshold: float = 0.5
+    target_sensitivity: float = 0.95
+    # Fit a softmax temperature on validation (calibration; does not change the ranking).
+    temperature_scaling: bool = True
+    bootstrap_resamples: int = 2000
+    confidence: float = 0.95
+    calibration_bins: int = 10
+    # Grad-CAM overlays of this many test images (0: none), correct and wrong, both classes.
+    gradcam_images: int = 8
+    seed: int = MISSING
+
+    def __post_init__(self) -> None:
+        from experiments.stats import THRESHOLD_METHODS
+
+        _require(self.tta in ("none", "dihedral"), "`eval.tta` must be 'none' or 'dihedral'. "
+                 f"Received: eval.tta={self.tta!r}")
+        _require(self.threshold in THRESHOLD_METHODS, f"`eval.threshold` must be one of "
+                 f"{THRESHOLD_METHODS}. Received: eval.threshold={self.threshold!r}")
+        _check_fraction("eval.fixed_threshold", self.fixed_threshold, allow_zero=True)
+        _require(0 < self.target_sensitivity <= 1, "`eval.target_sensitivity` must be in "
+                 f"(0, 1]. Received: eval.target_sensitivity={self.target_sensitivity!r}")
+        _require(self.bootstrap_resamples >= 100, "`eval.bootstrap_resamples` must be at "
+                 f"least 100. Received: eval.bootstrap_resamples={self.bootstrap_resamples!r}")
+        _require(0.5 <= self.confidence < 1, "`eval.confidence` must be in [0.5, 1). "
+                 f"Received: eval.confidence={self.confidence!r}")
+        _require(self.calibration_bins >= 2, "`eval.calibration_bins` must be at least 2. "
+                 f"Received: eval.calibration_bins={self.calibration_bins!r}")
+        _require(self.gradcam_images >= 0, "`eval.gradcam_images` must be >= 0. "
+                 f"Received: eval.gradcam_images={self.gradcam_images!r}")
+
+
+@dataclass
 class MlflowConfig:
     tracking_uri: str = MISSING
     # Where a new experiment keeps artifacts when the store is local (ignored for servers).
@@ -232,6 +273,7 @@ class Config:
     callbacks: dict[str, Any] = field(default_factory=dict)
     data: Any = MISSING
     trainer: TrainerConfig = MISSING
+    eval: EvalConfig = MISSING
     mlflow: MlflowConfig = MISSING
     paths: PathsConfig = MISSING
     # An MLflow run id to continue after an interruption (its own config is restored).

@@ -1,0 +1,116 @@
+"""Grad-CAM (Selvaraju et al. 2017): where in the image the evidence for a class lies.
+
+Works on any classifier this framework builds (and any Keras model that is a chain of layers):
+the feature map is the output of the last layer whose output is 4-D (n, h, w, c), i.e. the
+backbone's last convolutional stage, found by walking the model, not by a layer name.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+
+def _chain(model: keras.Model) -> list[keras.layers.Layer]:
+    """The model's layers after its input, in order (a chain for every classifier here;
+    `gradcam` checks that running them in turn reproduces the model's output)."""
+    return [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
+
+
+def last_feature_layer(model: keras.Model, image_size: int) -> keras.layers.Layer:
+    """The last layer of the chain whose output is a spatial (4-D) feature map."""
+    found = None
+    shape: tuple = (None, image_size, image_size, 3)
+    for layer in _chain(model):
+        shape = layer.compute_output_shape(shape)
+        if len(shape) == 4 and layer.name != "preprocess":
+            found = layer
+    if found is None:
+        raise ValueError(f"Model {model.name!r} has no layer with a 4-D output for Grad-CAM")
+    return found
+
+
+def gradcam(model: keras.Model, images: np.ndarray,
+            class_indices: np.ndarray | None = None) -> np.ndarray:
+    """(n, h, w) heatmaps in [0, 1] at the images' size, for `class_indices` (default: the
+    predicted class of each image). `images` are raw RGB in [0, 255], as the model takes them.
+    """
+    images = tf.convert_to_tensor(images, tf.float32)
+    height, width = int(images.shape[1]), int(images.shape[2])
+    target = last_feature_layer(model, height)
+    x = images
+    with tf.GradientTape() as tape:
+        features = None
+        for layer in _chain(model):
+            x = layer(x, training=False)
+            if layer is target:
+                features = x
+                tape.watch(features)
+        probabilities = tf.cast(x, tf.float32)
+        if class_indices is None:
+            class_indices = np.argmax(probabilities.numpy(), axis=1)
+        picked = tf.gather(probabilities, tf.constant(class_indices), batch_dims=1)
+    expected = model(images, training=False)
+    if not np.allclose(probabilities.numpy(), tf.cast(expected, tf.float32).numpy(), atol=1e-4):
+        raise ValueError(f"Grad-CAM needs a model whose layers form a chain; {model.name!r} "
+                         "does not")
+    grads = tf.cast(tape.gradient(picked, features), tf.float32)
+    features = tf.cast(features, tf.float32)
+    weights = tf.reduce_mean(grads, axis=[1, 2], keepdims=True)  # (n, 1, 1, c)
+    cam = tf.nn.relu(tf.reduce_sum(weights * features, axis=-1, keepdims=True))
+    cam = tf.image.resize(cam, (height, width), method="bilinear")[..., 0]
+    peak = tf.reduce_max(cam, axis=[1, 2], keepdims=True)
+    return (cam / tf.maximum(peak, 1e-12)).numpy()
+
+
+def pick_examples(labels: np.ndarray, predicted: np.ndarray, count: int,
+                  seed: int = 0) -> list[int]:
+    """Up to `count` indices spread over (true class, correct/wrong) cells, so both classes
+    and the model's mistakes are shown; cells are filled in turn."""
+    rng = np.random.default_rng(seed)
+    cells = []
+    for label in np.unique(labels):
+        for correct in (False, True):
+            members = np.flatnonzero((labels == label) & ((predicted == labels) == correct))
+            cells.append(list(rng.permutation(members)))
+    chosen: list[int] = []
+    while len(chosen) < count and any(cells):
+        for cell in cells:
+            if cell and len(chosen) < count:
+                chosen.append(int(cell.pop(0)))
+    return sorted(chosen)
+
+
+def save_overlays(model: keras.Model, images: np.ndarray, files: list[str], labels: np.ndarray,
+                  probabilities: np.ndarray, class_names: list[str], count: int,
+                  folder: Path) -> list[Path]:
+    """One PNG per chosen image: the image and its Grad-CAM for the predicted class."""
+    import matplotlib.pyplot as plt  # evaluate.py set the Agg backend
+
+    predicted = probabilities.argmax(axis=1)
+    chosen = pick_examples(labels, predicted, count)
+    if not chosen:
+        return []
+    heatmaps = gradcam(model, images[chosen], predicted[chosen])
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for heatmap, i in zip(heatmaps, chosen, strict=True):
+        verdict = "correct" if predicted[i] == labels[i] else "wrong"
+        fig, axes = plt.subplots(1, 2, figsize=(6, 3.2))
+        axes[0].imshow(images[i].astype(np.uint8))
+        axes[1].imshow(images[i].astype(np.uint8))
+        axes[1].imshow(heatmap, cmap="jet", alpha=0.45, vmin=0, vmax=1)
+        for ax in axes:
+            ax.axis("off")
+        fig.suptitle(f"{Path(files[i]).name}\ntrue {class_names[labels[i]]}, predicted "
+                     f"{class_names[predicted[i]]} (p={probabilities[i, predicted[i]]:.2f}, "
+                     f"{verdict})", fontsize=8)
+        path = folder / f"{i:04d}_{class_names[labels[i]]}_{verdict}.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+    return paths

@@ -1,0 +1,154 @@
+"""Statistics for reporting like a paper: bootstrap confidence intervals, the operating point
+chosen on validation, calibration (ECE, temperature scaling). Pure numpy/scipy/scikit-learn.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import optimize, stats
+from sklearn import metrics as skm
+
+THRESHOLD_METHODS = ("fixed", "youden", "target_sensitivity")
+
+
+def _binary_scores(truth: np.ndarray, score: np.ndarray,
+                   threshold: float) -> dict[str, np.ndarray]:
+    """Accuracy, sensitivity, specificity and ROC-AUC of each row of (resamples, n) arrays
+    (`truth` 0/1, `score` = p(positive)); AUC by the Mann-Whitney rank formula."""
+    guess = score >= threshold
+    positives = truth.sum(axis=1)
+    negatives = truth.shape[1] - positives
+    ranks = stats.rankdata(score, axis=1)
+    auc = ((ranks * truth).sum(axis=1) - positives * (positives + 1) / 2) / (
+        positives * negatives)
+    return {
+        "accuracy": (guess == truth.astype(bool)).mean(axis=1),
+        "roc_auc": auc,
+        "sensitivity": (guess & (truth == 1)).sum(axis=1) / positives,
+        "specificity": (~guess & (truth == 0)).sum(axis=1) / negatives,
+    }
+
+
+def stratified_resamples(labels: np.ndarray, n_resamples: int, seed: int) -> np.ndarray:
+    """(n_resamples, n) indices: each resample draws every class's images with replacement
+    from that class, so class counts (and the meaning of sensitivity) stay fixed."""
+    rng = np.random.default_rng(seed)
+    columns = []
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        columns.append(rng.choice(members, size=(n_resamples, members.size), replace=True))
+    return np.concatenate(columns, axis=1)
+
+
+def bootstrap_intervals(labels: np.ndarray, probabilities: np.ndarray, positive: int,
+                        threshold: float = 0.5, n_resamples: int = 2000,
+                        confidence: float = 0.95, seed: int = 0
+                        ) -> dict[str, tuple[float, float, float]]:
+    """metric -> (point estimate, low, high), percentile bootstrap over stratified resamples.
+
+    Two classes: accuracy, roc_auc, sensitivity, specificity of p(positive) >= threshold.
+    More classes: accuracy of the argmax only.
+    """
+    if n_resamples < 100:
+        raise ValueError(f"`eval.bootstrap_resamples` must be at least 100. "
+                         f"Received: n_resamples={n_resamples!r}")
+    if not 0.5 <= confidence < 1:
+        raise ValueError(f"`eval.confidence` must be in [0.5, 1). "
+                         f"Received: confidence={confidence!r}")
+    labels = np.asarray(labels, dtype=int)
+    index = stratified_resamples(labels, n_resamples, seed)
+    if probabilities.shape[1] == 2:
+        truth = (labels == positive).astype(int)
+        score = probabilities[:, positive]
+        point = {k: float(v[0]) for k, v in
+                 _binary_scores(truth[None], score[None], threshold).items()}
+        samples = _binary_scores(truth[index], score[index], threshold)
+    else:
+        correct = probabilities.argmax(axis=1) == labels
+        point = {"accuracy": float(correct.mean())}
+        samples = {"accuracy": correct[index].mean(axis=1)}
+    tail = (1 - confidence) / 2 * 100
+    return {name: (point[name], *map(float, np.nanpercentile(values, [tail, 100 - tail])))
+            for name, values in samples.items()}
+
+
+def choose_threshold(labels: np.ndarray, score: np.ndarray, method: str,
+                     fixed: float = 0.5, target_sensitivity: float = 0.95) -> float:
+    """The decision threshold on p(positive), chosen on validation: `fixed`, Youden's J
+    (max sensitivity + specificity - 1) or the highest threshold reaching the target
+    sensitivity. `labels` are 1 for the positive class, 0 otherwise."""
+    if method not in THRESHOLD_METHODS:
+        raise ValueError(f"`eval.threshold` must be one of {THRESHOLD_METHODS}. "
+                         f"Received: eval.threshold={method!r}")
+    if method == "fixed":
+        return float(fixed)
+    if len(np.unique(labels)) < 2:
+        raise ValueError("Choosing a threshold needs both classes in the validation split")
+    fpr, tpr, thresholds = skm.roc_curve(labels, score)
+    thresholds = np.minimum(thresholds, 1.0)  # the first is +inf ("nothing positive")
+    if method == "youden":
+        return float(thresholds[int(np.argmax(tpr - fpr))])
+    return float(thresholds[int(np.argmax(tpr >= target_sensitivity))])
+
+
+def rates_at_threshold(labels: np.ndarray, score: np.ndarray,
+                       threshold: float) -> dict[str, float]:
+    """Sensitivity, specificity and accuracy of score >= threshold (labels 1 = positive)."""
+    guess = score >= threshold
+    truth = labels.astype(bool)
+    return {
+        "sensitivity": float((guess & truth).sum() / max(truth.sum(), 1)),
+        "specificity": float((~guess & ~truth).sum() / max((~truth).sum(), 1)),
+        "accuracy": float((guess == truth).mean()),
+    }
+
+
+@dataclass(frozen=True)
+class ReliabilityBins:
+    """Top-label confidence histogram: per bin its mean confidence, accuracy and count."""
+
+    confidence: np.ndarray
+    accuracy: np.ndarray
+    count: np.ndarray
+
+    @property
+    def ece(self) -> float:
+        """Expected calibration error: count-weighted |accuracy - confidence| over bins."""
+        filled = self.count > 0
+        weights = self.count[filled] / self.count.sum()
+        return float(np.sum(weights * np.abs(self.accuracy[filled] - self.confidence[filled])))
+
+
+def reliability_bins(labels: np.ndarray, probabilities: np.ndarray,
+                     n_bins: int = 10) -> ReliabilityBins:
+    confidence = probabilities.max(axis=1)
+    correct = probabilities.argmax(axis=1) == labels
+    bins = np.minimum((confidence * n_bins).astype(int), n_bins - 1)
+    count = np.bincount(bins, minlength=n_bins)
+    safe = np.maximum(count, 1)
+    return ReliabilityBins(np.bincount(bins, confidence, n_bins) / safe,
+                           np.bincount(bins, correct.astype(float), n_bins) / safe, count)
+
+
+def apply_temperature(probabilities: np.ndarray, temperature: float) -> np.ndarray:
+    """softmax(log p / T): T > 1 softens over-confident predictions, ranking unchanged."""
+    logits = np.log(np.clip(probabilities, 1e-12, 1.0)) / temperature
+    logits -= logits.max(axis=1, keepdims=True)
+    scaled = np.exp(logits)
+    return scaled / scaled.sum(axis=1, keepdims=True)
+
+
+def negative_log_likelihood(labels: np.ndarray, probabilities: np.ndarray) -> float:
+    picked = probabilities[np.arange(len(labels)), labels]
+    return float(-np.mean(np.log(np.clip(picked, 1e-12, 1.0))))
+
+
+def fit_temperature(labels: np.ndarray, probabilities: np.ndarray) -> float:
+    """The temperature minimising the negative log-likelihood (fit on validation only)."""
+    result = optimize.minimize_scalar(
+        lambda log_t: negative_log_likelihood(
+            labels, apply_temperature(probabilities, float(np.exp(log_t)))),
+        bounds=(np.log(0.05), np.log(20.0)), method="bounded")
+    return float(np.exp(result.x))
