@@ -118,3 +118,59 @@ def test_demo_set_is_deterministic_and_reused(tmp_path):
 def test_demo_refuses_to_overwrite_a_user_folder(image_folder):
     with pytest.raises(FileExistsError, match="not a demo set"):
         ensure_demo_dataset(image_folder, 10, 48)
+
+
+def synthetic_pool(per_class: int = 25, patients_per_class: int = 0) -> data_lib.Split:
+    """An in-memory pool: file names carry a patient id when patients_per_class > 0."""
+    files, labels = [], []
+    for label, name in enumerate(("benign", "malignant")):
+        for i in range(per_class):
+            patient = f"P{label}{i % patients_per_class:02d}_" if patients_per_class else ""
+            files.append(f"/data/{name}/{patient}{name}_{i:03d}.jpg")
+            labels.append(label)
+    images = np.zeros((len(files), 4, 4, 3), dtype=np.uint8)
+    return data_lib.Split(tuple(files), tuple(labels), images)
+
+
+def test_cv_folds_are_disjoint_stratified_and_seeded():
+    pool = synthetic_pool(25)
+    folds = data_lib.make_folds(("benign", "malignant"), pool, 5, 0.2, seed=1)
+    assert len(folds) == 5
+    tested = [f for splits in folds for f in splits.test.files]
+    assert sorted(tested) == sorted(pool.files)  # every image tested exactly once
+    for splits in folds:
+        assert splits.test.class_counts(splits.class_names) == {"benign": 5, "malignant": 5}
+        assert not set(splits.test.files) & set(splits.train.files + splits.val.files)
+        assert len(splits.val) == 10 and len(splits.train) == 30  # val: 0.2 of all images
+        counts = splits.val.class_counts(splits.class_names)
+        assert counts["benign"] == counts["malignant"]
+    again = data_lib.make_folds(("benign", "malignant"), pool, 5, 0.2, seed=1)
+    assert [s.test.files for s in again] == [s.test.files for s in folds]
+    other = data_lib.make_folds(("benign", "malignant"), pool, 5, 0.2, seed=2)
+    assert [s.test.files for s in other] != [s.test.files for s in folds]
+
+
+def test_groups_never_straddle_a_split():
+    """Patients (from the file name) stay whole in train/val/test and in every CV fold."""
+    pool = synthetic_pool(40, patients_per_class=8).with_groups(r"^(P\d+)_")
+    assert pool.groups[0] == "P000" and len(set(pool.groups)) == 16
+    names = ("benign", "malignant")
+    for splits in [data_lib.make_splits(names, pool, None, 0.2, 0.2, seed=0),
+                   *data_lib.make_folds(names, pool, 4, 0.2, seed=0)]:
+        sides = [set(getattr(splits, name).groups) for name in ("train", "val", "test")]
+        assert all(sides) and not (sides[0] & sides[1] or sides[0] & sides[2]
+                                   or sides[1] & sides[2])
+        for name in ("train", "val", "test"):  # both classes on every side
+            assert min(getattr(splits, name).class_counts(names).values()) > 0
+    mixed = data_lib.Splits(names, pool.subset([0, 1]), pool.subset([8]), pool.subset([16]))
+    with pytest.raises(ValueError, match="Group 'P000'"):
+        data_lib.check_disjoint(mixed)
+
+
+def test_group_pattern_errors_name_the_file_or_the_pattern():
+    pool = synthetic_pool(5)
+    with pytest.raises(ValueError, match=r"benign_000.jpg: file name does not match "
+                                         r"data.group_pattern='\^\(P\\\\d\+\)_'"):
+        pool.with_groups(r"^(P\d+)_")
+    with pytest.raises(ValueError, match="not a valid regular expression"):
+        pool.with_groups("(unclosed")

@@ -42,7 +42,8 @@ class Group:
 def find_runs(client: MlflowClient, experiment_name: str, parent_run_id: str | None = None,
               filter_string: str = "") -> list[Run]:
     """Finished training runs (those with test metrics) of an experiment, optionally only the
-    children of one sweep's parent run and matching an MLflow filter string."""
+    children of one parent run (a sweep's jobs, a cross-validation's folds) and matching an
+    MLflow filter string."""
     experiment = client.get_experiment_by_name(experiment_name)
     if experiment is None:
         raise ValueError(f"No MLflow experiment named {experiment_name!r} in "
@@ -54,7 +55,9 @@ def find_runs(client: MlflowClient, experiment_name: str, parent_run_id: str | N
         clauses.append(filter_string)
     runs = client.search_runs([experiment.experiment_id], " and ".join(clauses),
                               order_by=["attributes.start_time ASC"], max_results=5000)
-    return [run for run in runs if "test_accuracy" in run.data.metrics]
+    # Without a parent, a cross-validation counts once (its parent), not once per fold too.
+    return [run for run in runs if "test_accuracy" in run.data.metrics
+            and (parent_run_id or "cv_fold" not in run.data.tags)]
 
 
 def group_runs(runs: Sequence[Run], group_by: Sequence[str]) -> list[Group]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 from PIL import Image, UnidentifiedImageError
-from sklearn.model_selection import train_test_split
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train_test_split
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
 ON_INVALID = ("error", "skip")
@@ -24,11 +25,13 @@ ON_INVALID = ("error", "skip")
 
 @dataclass(frozen=True)
 class Split:
-    """Files, integer labels (indices into `class_names`) and decoded uint8 images of a split."""
+    """Files, integer labels (indices into `class_names`) and decoded uint8 images of a split;
+    with `data.group_pattern`, each file's group (patient or slide id)."""
 
     files: tuple[str, ...]
     labels: tuple[int, ...]
     images: np.ndarray = field(compare=False, repr=False)
+    groups: tuple[str, ...] | None = None
 
     def __len__(self) -> int:
         return len(self.files)
@@ -39,8 +42,30 @@ class Split:
 
     def subset(self, indices: Sequence[int]) -> Split:
         index = np.asarray(indices, dtype=int)
+        groups = None if self.groups is None else tuple(self.groups[i] for i in index)
         return Split(tuple(self.files[i] for i in index), tuple(self.labels[i] for i in index),
-                     self.images[index])
+                     self.images[index], groups)
+
+    def with_groups(self, pattern: str) -> Split:
+        return Split(self.files, self.labels, self.images, group_ids(self.files, pattern))
+
+
+def group_ids(files: Sequence[str], pattern: str) -> tuple[str, ...]:
+    """Each file's group from a regex searched in its file name: the first capture group if
+    the pattern has one, else the whole match (e.g. `^(P\\d+)_` -> patient "P12")."""
+    try:
+        compiled = re.compile(pattern)
+    except re.error as error:
+        raise ValueError(f"`data.group_pattern` is not a valid regular expression ({error}). "
+                         f"Received: data.group_pattern={pattern!r}") from error
+    groups = []
+    for file in files:
+        match = compiled.search(Path(file).name)
+        if match is None:
+            raise ValueError(f"{file}: file name does not match data.group_pattern="
+                             f"{pattern!r} (every image needs a group)")
+        groups.append(match.group(1) if compiled.groups else match.group(0))
+    return tuple(groups)
 
 
 @dataclass(frozen=True)
@@ -168,11 +193,18 @@ def read_folder(root: str | Path, image_size: int, on_invalid: str = "error",
 
 
 def _split_off(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
-    """Stratified, seeded split: (rest, part) where part holds `fraction` of the images."""
+    """Stratified, seeded split: (rest, part) where part holds `fraction` of the images; with
+    groups, whole groups go to one side (one fold of a StratifiedGroupKFold, so `fraction` is
+    approximate)."""
     indices = np.arange(len(split))
     try:
-        rest, part = train_test_split(indices, test_size=fraction, stratify=split.labels,
-                                      random_state=seed)
+        if split.groups is None:
+            rest, part = train_test_split(indices, test_size=fraction, stratify=split.labels,
+                                          random_state=seed)
+        else:
+            n_splits = max(2, round(1 / fraction))
+            folds = StratifiedGroupKFold(n_splits, shuffle=True, random_state=seed)
+            rest, part = next(folds.split(indices, split.labels, split.groups))
     except ValueError as error:
         raise ValueError(f"Cannot make a stratified split of {len(split)} images with fraction "
                          f"{fraction:.3f}: {error} (add images or change data.val_fraction / "
@@ -193,26 +225,63 @@ def make_splits(class_names: tuple[str, ...], pool: Split, test: Split | None,
     return splits
 
 
+def make_folds(class_names: tuple[str, ...], pool: Split, folds: int, val_fraction: float,
+               seed: int) -> list[Splits]:
+    """Stratified K-fold cross-validation: fold k tests on the k-th part and trains/validates
+    on the rest (validation `val_fraction` of all images, carved from the rest). Whole groups
+    stay together when the pool has groups. Seeded; every image is tested exactly once."""
+    relative_val = val_fraction / (1.0 - 1.0 / folds)
+    if not 0 < relative_val < 1:
+        raise ValueError(f"`data.val_fraction` leaves no training images with cv.folds={folds}. "
+                         f"Received: data.val_fraction={val_fraction!r}")
+    indices = np.arange(len(pool))
+    if pool.groups is None:
+        splitter = StratifiedKFold(folds, shuffle=True, random_state=seed)
+        parts = splitter.split(indices, pool.labels)
+    else:
+        splitter = StratifiedGroupKFold(folds, shuffle=True, random_state=seed)
+        parts = splitter.split(indices, pool.labels, pool.groups)
+    try:
+        parts = list(parts)
+    except ValueError as error:
+        raise ValueError(f"Cannot make {folds} stratified folds of {len(pool)} images: {error} "
+                         "(lower cv.folds or add images)") from error
+    out = []
+    for rest_index, test_index in parts:
+        train, val = _split_off(pool.subset(rest_index), relative_val, seed)
+        splits = Splits(class_names, train, val, pool.subset(test_index))
+        check_disjoint(splits)
+        out.append(splits)
+    return out
+
+
 def check_disjoint(splits: Splits) -> None:
-    """Raise if any image (by resolved path) sits in more than one split."""
+    """Raise if any image (by resolved path), or any group, sits in more than one split."""
     seen: dict[str, str] = {}
+    seen_groups: dict[str, str] = {}
     for name in ("train", "val", "test"):
-        for file in getattr(splits, name).files:
+        split = getattr(splits, name)
+        for file in split.files:
             key = os.path.realpath(file)
             if key in seen:
                 raise ValueError(f"{file} is in both the {seen[key]} and the {name} split")
             seen[key] = name
+        for group in set(split.groups or ()):
+            if seen_groups.setdefault(group, name) != name:
+                raise ValueError(f"Group {group!r} (data.group_pattern) is in both the "
+                                 f"{seen_groups[group]} and the {name} split")
 
 
 def write_split_table(splits: Splits, path: Path) -> Path:
     """file, split, label for every image: which image was used for what, for auditing."""
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["file", "split", "label"])
+        writer.writerow(["file", "split", "label", "group"])
         for name in ("train", "val", "test"):
             split = getattr(splits, name)
-            for file, label in zip(split.files, split.labels, strict=True):
-                writer.writerow([file, name, splits.class_names[label]])
+            groups = split.groups or ("",) * len(split)
+            for file, label, group in zip(split.files, split.labels, groups, strict=True):
+                writer.writerow([file, name, splits.class_names[label], group])
     return path
 
 

@@ -200,6 +200,7 @@ class Evaluation:
 
     metrics: dict[str, float]
     plain: Predictions  # test, no TTA, no temperature
+    tta: Predictions | None  # test with TTA, no temperature (None: eval.tta=none)
     test: Predictions
     val: Predictions
     threshold: float | None  # on p(positive); None for more than two classes
@@ -232,11 +233,12 @@ def evaluate_model(model: keras.Model, splits: Splits, positive: int, settings: 
     plain = predict_split(model, splits.test, batch_size, "none")
     metrics = {**classification_metrics(plain, positive, "test_"),
                **interval_metrics(plain, positive, settings, "test_")}
-    test = plain
+    tta = None
     if settings.tta != "none":
-        test = predict_split(model, splits.test, batch_size, settings.tta)
-        metrics.update(classification_metrics(test, positive, "test_tta_"))
-        metrics.update(interval_metrics(test, positive, settings, "test_tta_"))
+        tta = predict_split(model, splits.test, batch_size, settings.tta)
+        metrics.update(classification_metrics(tta, positive, "test_tta_"))
+        metrics.update(interval_metrics(tta, positive, settings, "test_tta_"))
+    test = plain if tta is None else tta
     val = predict_split(model, splits.val, batch_size, settings.tta)
     test, val, calibration_files = calibrate(test, val, settings, metrics, folder)
     threshold = None
@@ -254,7 +256,7 @@ def evaluate_model(model: keras.Model, splits: Splits, positive: int, settings: 
         files += gradcam.save_overlays(model, splits.test.images, list(splits.test.files),
                                        plain.labels, plain.probabilities, class_names,
                                        settings.gradcam_images, folder / "gradcam")
-    return Evaluation(metrics, plain, test, val, threshold, files)
+    return Evaluation(metrics, plain, tta, test, val, threshold, files)
 
 
 def calibrate(test: Predictions, val: Predictions, settings: EvalSettings,

@@ -25,12 +25,12 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from experiments import crossval, evaluate, resume, tracking
 from experiments import data as data_lib
-from experiments import evaluate, resume, tracking
 from experiments.backbones import resolve_image_size
 from experiments.demo import ensure_demo_dataset
 from experiments.model import build_classifier, compile_classifier
-from experiments.schema import Config, DataConfig, DemoDataConfig, register_configs
+from experiments.schema import Config, DemoDataConfig, register_configs
 from experiments.train import (
     TrainResult,
     find_checkpoint,
@@ -80,30 +80,52 @@ def instantiate_optimizer(optimizer_cfg: DictConfig,
     return hydra.utils.instantiate(optimizer_cfg, _convert_="all", **extra)
 
 
+@dataclass(frozen=True)
+class LoadedData:
+    """Every image of data.root (and data.test_root), decoded and checked, not yet split."""
+
+    class_names: tuple[str, ...]
+    pool: data_lib.Split
+    test: data_lib.Split | None  # data.test_root
+    skipped: list[data_lib.Invalid]
+    image_size: int
+
+
 def prepare(cfg: DictConfig, settings: Config) -> Prepared:
-    data_cfg, trainer = settings.data, settings.trainer
-    if isinstance(data_cfg, DemoDataConfig):
-        ensure_demo_dataset(data_cfg.root, data_cfg.images_per_class, data_cfg.source_size)
-    image_size = resolve_image_size(settings.backbone.name, data_cfg.image_size)
-    splits, skipped = read_splits(data_cfg, image_size, trainer.seed)
-    positive = evaluate.positive_index(splits.class_names, data_cfg.positive_class)
+    loaded = load_data(settings)
+    data_cfg = settings.data
+    splits = data_lib.make_splits(loaded.class_names, loaded.pool, loaded.test,
+                                  data_cfg.val_fraction, data_cfg.test_fraction,
+                                  settings.trainer.seed)
+    return build(cfg, settings, loaded, splits)
+
+
+def build(cfg: DictConfig, settings: Config, loaded: LoadedData,
+          splits: data_lib.Splits) -> Prepared:
+    """Model, callbacks and augmentation for one training on `splits`, seeded."""
+    trainer = settings.trainer
+    positive = evaluate.positive_index(splits.class_names, settings.data.positive_class)
     callbacks = instantiate_callbacks(cfg.callbacks)
     find_checkpoint(callbacks)
     keras.utils.set_random_seed(trainer.seed)
     precision = resolve_precision(trainer.precision)
     set_precision(precision)
     backbone = settings.backbone
-    model = build_classifier(backbone.name, backbone.weights, backbone.trainable, image_size,
-                             len(splits.class_names), backbone.bn_momentum)
+    model = build_classifier(backbone.name, backbone.weights, backbone.trainable,
+                             loaded.image_size, len(splits.class_names), backbone.bn_momentum)
     compile_classifier(model, instantiate_optimizer(cfg.optimizer, trainer.accumulate),
                        len(splits.class_names), trainer.jit_compile)
     augment = hydra.utils.instantiate(cfg.augmentation, _convert_="all")
-    return Prepared(splits, positive, skipped, image_size, precision, model, callbacks, augment)
+    return Prepared(splits, positive, loaded.skipped, loaded.image_size, precision, model,
+                    callbacks, augment)
 
 
-def read_splits(data_cfg: DataConfig, image_size: int,
-                seed: int) -> tuple[data_lib.Splits, list[data_lib.Invalid]]:
-    """Check and decode every image of data.root (and data.test_root), then split."""
+def load_data(settings: Config) -> LoadedData:
+    """Check and decode every image of data.root (and data.test_root); groups when asked."""
+    data_cfg = settings.data
+    if isinstance(data_cfg, DemoDataConfig):
+        ensure_demo_dataset(data_cfg.root, data_cfg.images_per_class, data_cfg.source_size)
+    image_size = resolve_image_size(settings.backbone.name, data_cfg.image_size)
     read = functools.partial(data_lib.read_folder, image_size=image_size,
                              on_invalid=data_cfg.on_invalid, allow_upscale=data_cfg.allow_upscale)
     class_names, pool, skipped = read(data_cfg.root)
@@ -117,25 +139,21 @@ def read_splits(data_cfg: DataConfig, image_size: int,
     if skipped:
         log.warning("Skipping %d invalid image file(s) (data.on_invalid=skip):\n  %s",
                     len(skipped), "\n  ".join(f"{s.file}: {s.reason}" for s in skipped))
-    splits = data_lib.make_splits(class_names, pool, test, data_cfg.val_fraction,
-                                  data_cfg.test_fraction, seed)
-    return splits, skipped
+    if data_cfg.group_pattern is not None:
+        pool = pool.with_groups(data_cfg.group_pattern)
+        test = test.with_groups(data_cfg.group_pattern) if test is not None else None
+    return LoadedData(class_names, pool, test, skipped, image_size)
 
 
-def run_tags(settings: Config, prepared: Prepared) -> dict[str, str]:
-    splits = prepared.splits
+def common_tags(settings: Config, class_names: Sequence[str], positive: int,
+                image_size: int) -> dict[str, str]:
     tags = {
         **tracking.parent_run_tags(),
         "backbone": settings.backbone.name,
-        "positive_class": splits.class_names[prepared.positive],
-        "image_size": str(prepared.image_size),
-        "precision": prepared.precision,
-        "classes": ",".join(splits.class_names),
-        **{f"n_{name}": str(n) for name, n in splits.sizes().items()},
+        "positive_class": class_names[positive],
+        "image_size": str(image_size),
+        "classes": ",".join(class_names),
     }
-    for name in ("train", "val", "test"):
-        counts = getattr(splits, name).class_counts(splits.class_names)
-        tags[f"class_counts_{name}"] = ",".join(f"{c}={n}" for c, n in counts.items())
     commit = tracking.git_commit(Path(__file__).parent)
     if commit:
         tags["git_commit"] = commit
@@ -144,30 +162,121 @@ def run_tags(settings: Config, prepared: Prepared) -> dict[str, str]:
     return tags
 
 
+def run_tags(settings: Config, prepared: Prepared) -> dict[str, str]:
+    splits = prepared.splits
+    tags = {**common_tags(settings, splits.class_names, prepared.positive, prepared.image_size),
+            "precision": prepared.precision,
+            **{f"n_{name}": str(n) for name, n in splits.sizes().items()}}
+    for name in ("train", "val", "test"):
+        counts = getattr(splits, name).class_counts(splits.class_names)
+        tags[f"class_counts_{name}"] = ",".join(f"{c}={n}" for c, n in counts.items())
+    return tags
+
+
 def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> float:
-    """One experiment, new or resumed (`resume=<run id>`); returns the best epoch's monitored
-    validation metric (for sweepers)."""
+    """One experiment, new or resumed (`resume=<run id>`), or a cross-validation
+    (`cv.folds=K`); returns the best epoch's monitored validation metric (mean over folds),
+    for sweepers."""
     if cfg.resume is not None:
         cfg = resume.restore_config(cfg, overrides, BACKUP_DIR)
     settings: Config = OmegaConf.to_object(cfg)
     tracking.check_server(settings.mlflow.tracking_uri)
+    if settings.cv.folds > 1:
+        return run_cross_validation(cfg, settings)
     output_dir = Path(settings.paths.output_dir)
     prepared = prepare(cfg, settings)
     output_dir.mkdir(parents=True, exist_ok=True)
     ml = settings.mlflow
     experiment_id = tracking.ensure_experiment(ml.tracking_uri, ml.experiment_name,
                                                ml.artifact_root)
-    tags = run_tags(settings, prepared)
-    with tracking.open_run(experiment_id, ml.run_name, tags, settings.resume) as run_id:
+    with tracking.open_run(experiment_id, ml.run_name, run_tags(settings, prepared),
+                           settings.resume) as run_id:
         print(f"MLflow run {run_id} (experiment {ml.experiment_name!r})\n"
               f"If interrupted, continue it with: python -m experiments.run resume={run_id} "
               f"mlflow.tracking_uri={ml.tracking_uri}", flush=True)
-        if settings.resume is None:
-            log_run_start(cfg, prepared, output_dir)
-        result = fit(settings, prepared, output_dir, run_id)
-        test_metrics = evaluate_and_log(settings, prepared, result, output_dir, run_id)
-    print_summary(run_id, test_metrics, result.best_epoch, ml.tracking_uri)
+        result, evaluation = train_and_evaluate(cfg, settings, prepared, output_dir, run_id)
+    print_summary(run_id, evaluation.metrics, result.best_epoch, ml.tracking_uri)
     return result.best_value
+
+
+def train_and_evaluate(cfg: DictConfig, settings: Config, prepared: Prepared,
+                       output_dir: Path, run_id: str
+                       ) -> tuple[TrainResult, evaluate.Evaluation]:
+    """Inside the active run: log the start, fit, evaluate the best checkpoint, log it."""
+    if settings.resume is None:
+        log_run_start(cfg, prepared, output_dir)
+    result = fit(settings, prepared, output_dir, run_id)
+    return result, evaluate_and_log(settings, prepared, result, output_dir, run_id)
+
+
+def run_cross_validation(cfg: DictConfig, settings: Config) -> float:
+    """cv.folds=K: one parent run; each fold a child run that trains on K-1 parts (validation
+    carved from them) and is tested on the remaining part; the parent gets the pooled
+    out-of-fold predictions, their metrics with intervals, and the folds' mean +- std."""
+    folds_n, ml = settings.cv.folds, settings.mlflow
+    if settings.resume is not None:
+        raise ValueError("resume is not supported for cross-validation (cv.folds > 1); start "
+                         f"it again. Received: resume={settings.resume!r}")
+    if ml.register_as is not None:
+        raise ValueError("A cross-validation trains one model per fold: register a model from "
+                         "a single run instead (cv.folds=1). Received: mlflow.register_as="
+                         f"{ml.register_as!r}")
+    loaded = load_data(settings)
+    if loaded.test is not None:
+        raise ValueError("Cross-validation tests on data.root's own folds; set "
+                         "data.test_root=null or cv.folds=1. Received: data.test_root="
+                         f"{settings.data.test_root!r}")
+    fold_splits = data_lib.make_folds(loaded.class_names, loaded.pool, folds_n,
+                                      settings.data.val_fraction, settings.trainer.seed)
+    output_dir = Path(settings.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    experiment_id = tracking.ensure_experiment(ml.tracking_uri, ml.experiment_name,
+                                               ml.artifact_root)
+    positive = evaluate.positive_index(loaded.class_names, settings.data.positive_class)
+    tags = {**common_tags(settings, loaded.class_names, positive, loaded.image_size),
+            "cv_folds": str(folds_n), "n_images": str(len(loaded.pool))}
+    run_name = f"{ml.run_name or settings.backbone.name} cv{folds_n}"
+    folds: list[crossval.Fold] = []
+    with tracking.created_run(experiment_id, run_name, tags) as parent_id:
+        print(f"MLflow parent run {parent_id}: {folds_n}-fold cross-validation "
+              f"(experiment {ml.experiment_name!r})", flush=True)
+        for number, splits in enumerate(fold_splits, start=1):
+            prepared = build(cfg, settings, loaded, splits)
+            fold_tags = {**run_tags(settings, prepared), "mlflow.parentRunId": parent_id,
+                         "cv_parent": parent_id, "cv_fold": str(number)}
+            fold_dir = output_dir / f"fold_{number}"
+            with tracking.open_run(experiment_id, f"{run_name} fold {number}",
+                                   fold_tags) as run_id:
+                print(f"Fold {number}/{folds_n}: MLflow run {run_id}", flush=True)
+                result, evaluation = train_and_evaluate(cfg, settings, prepared, fold_dir,
+                                                        run_id)
+            folds.append(crossval.Fold(number, evaluation, result.best_epoch,
+                                       result.best_value))
+        with tracking.open_run(None, None, {}, parent_id):
+            metrics = log_cross_validation(cfg, settings, loaded, positive, folds, output_dir)
+    print_summary(parent_id, metrics, None, ml.tracking_uri)
+    return float(np.mean([fold.best_value for fold in folds]))
+
+
+def log_cross_validation(cfg: DictConfig, settings: Config, loaded: LoadedData, positive: int,
+                         folds: list[crossval.Fold], output_dir: Path) -> dict[str, float]:
+    """The parent run's config, pooled metrics, out-of-fold predictions and figures."""
+    tracking.log_text(OmegaConf.to_yaml(cfg, resolve=True), tracking.RESOLVED_CONFIG)
+    log_config_files(cfg, output_dir)
+    tracking.log_params(tracking.flatten(OmegaConf.to_container(cfg, resolve=True)))
+    metrics = crossval.pooled_metrics(folds, positive, settings.eval)
+    tracking.log_metrics(metrics)
+    folder = output_dir / "report"
+    folder.mkdir(parents=True, exist_ok=True)
+    class_names = loaded.class_names
+    plain = crossval.pooled_plain(folds)
+    paths = [crossval.write_oof_predictions(folds, class_names, positive,
+                                            folder / "test_predictions.csv"),
+             evaluate.plot_confusion_matrix(plain, class_names, folder / "confusion_matrix.png"),
+             evaluate.plot_roc_curve(plain, class_names, positive, folder / "roc_curve.png")]
+    for path in paths:
+        tracking.log_artifact(path)
+    return metrics
 
 
 def log_run_start(cfg: DictConfig, prepared: Prepared, output_dir: Path) -> None:
@@ -204,7 +313,7 @@ def fit(settings: Config, prepared: Prepared, output_dir: Path, run_id: str) -> 
 
 
 def evaluate_and_log(settings: Config, prepared: Prepared, result: TrainResult,
-                     output_dir: Path, run_id: str) -> dict[str, float]:
+                     output_dir: Path, run_id: str) -> evaluate.Evaluation:
     """Evaluate the best checkpoint on the test split, once; log metrics, figures, tables."""
     splits = prepared.splits
     best_model = evaluate.load_checkpoint(result.checkpoint_path)
@@ -223,7 +332,7 @@ def evaluate_and_log(settings: Config, prepared: Prepared, result: TrainResult,
         subfolder = path.parent.relative_to(folder).as_posix()
         tracking.log_artifact(path, None if subfolder == "." else subfolder)
     log_best_model(settings, prepared, result, best_model)
-    return test_metrics
+    return evaluation
 
 
 def log_best_model(settings: Config, prepared: Prepared, result: TrainResult,
@@ -262,12 +371,30 @@ def log_config_files(cfg: DictConfig, output_dir: Path) -> None:
         tracking.log_artifact(path, ".hydra")
 
 
-def print_summary(run_id: str, test_metrics: dict[str, float], best_epoch: int,
+SUMMARY_METRICS = ("accuracy", "roc_auc", "sensitivity", "specificity", "f1", "loss")
+
+
+def print_summary(run_id: str, metrics: dict[str, float], best_epoch: int | None,
                   tracking_uri: str) -> None:
-    print(f"\nRun {run_id} finished. Best epoch (on validation): {best_epoch}")
-    print("Test split (used once, after training):")
-    for name, value in test_metrics.items():
-        print(f"  {name:<18} {value:.4f}")
+    """The headline test metrics with their intervals; every metric is in MLflow."""
+    if best_epoch is None:
+        print(f"\nCross-validation {run_id} finished. Pooled out-of-fold test predictions:")
+    else:
+        print(f"\nRun {run_id} finished. Best epoch (on validation): {best_epoch}")
+        print("Test split (used once, after training):")
+    for prefix, title in (("test_", "plain"), ("test_tta_", "with TTA"),
+                          ("test_op_", "at the validation threshold")):
+        shown = [name for name in SUMMARY_METRICS if f"{prefix}{name}" in metrics]
+        if not shown:
+            continue
+        print(f"  {title}:")
+        for name in shown:
+            value = metrics[f"{prefix}{name}"]
+            low, high = (metrics.get(f"{prefix}{name}_ci_{end}") for end in ("low", "high"))
+            interval = f"  [{low:.3f}, {high:.3f}]" if low is not None else ""
+            print(f"    {prefix}{name:<14} {value:.4f}{interval}")
+    if "val_threshold" in metrics:
+        print(f"  threshold on p(positive), chosen on validation: {metrics['val_threshold']:.4f}")
     print(f"Open the MLflow UI: {tracking.ui_command(tracking_uri)}")
 
 

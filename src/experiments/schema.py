@@ -143,6 +143,9 @@ class DataConfig:
     on_invalid: str = "error"
     # Images smaller than image_size are invalid unless upscaling is allowed.
     allow_upscale: bool = False
+    # A regex searched in each file name giving its group (patient, slide): the first capture
+    # group, else the whole match. Whole groups stay on one side of every split. null: none.
+    group_pattern: str | None = None
 
     def __post_init__(self) -> None:
         _check_fraction("data.val_fraction", self.val_fraction, allow_zero=False)
@@ -246,6 +249,17 @@ class EvalConfig:
 
 
 @dataclass
+class CVConfig:
+    """Stratified K-fold cross-validation over data.root (1: one train/val/test split)."""
+
+    folds: int = 1
+
+    def __post_init__(self) -> None:
+        _require(self.folds >= 1, "`cv.folds` must be >= 1. "
+                 f"Received: cv.folds={self.folds!r}")
+
+
+@dataclass
 class MlflowConfig:
     tracking_uri: str = MISSING
     # Where a new experiment keeps artifacts when the store is local (ignored for servers).
@@ -274,6 +288,7 @@ class Config:
     data: Any = MISSING
     trainer: TrainerConfig = MISSING
     eval: EvalConfig = MISSING
+    cv: CVConfig = field(default_factory=CVConfig)
     mlflow: MlflowConfig = MISSING
     paths: PathsConfig = MISSING
     # An MLflow run id to continue after an interruption (its own config is restored).

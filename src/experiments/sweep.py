@@ -98,7 +98,11 @@ class MlflowSweep(Callback):
         def score(run) -> float:
             value = run.data.metrics[f"best_{run.data.tags['checkpoint_monitor']}"]
             return value if run.data.tags["checkpoint_mode"] == "max" else -value
-        best = max(runs, key=score)
+        candidates = [run for run in runs if "model_uri" in run.data.tags]
+        if not candidates:
+            print("No job logged a single model (cross-validations do not); nothing registered")
+            return
+        best = max(candidates, key=score)
         version = tracking.register_model(best.data.tags["model_uri"], name)
         self.client.set_tag(self.parent_id, "registered_model", f"models:/{name}/{version}")
         print(f"Registered the best job ({best.info.run_id}) as models:/{name}/{version}")

@@ -120,6 +120,26 @@ def open_run(experiment_id: str | None, run_name: str | None, tags: Mapping[str,
             raise
 
 
+@contextmanager
+def created_run(experiment_id: str, run_name: str | None, tags: Mapping[str, str]
+                ) -> Iterator[str]:
+    """A run created but not made active, so that child runs can be opened meanwhile (a
+    cross-validation's parent). The block finishes it by resuming it with `open_run(...,
+    run_id)`; if the block raises, the run ends FAILED (KILLED when interrupted)."""
+    client = MlflowClient()
+    run_id = client.create_run(experiment_id, run_name=run_name, tags=dict(tags)).info.run_id
+    try:
+        yield run_id
+    except (KeyboardInterrupt, SystemExit):
+        client.set_terminated(run_id, "KILLED")
+        raise
+    except BaseException as error:
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_tag(run_id, "error", f"{type(error).__name__}: {error}"[:5000])
+            client.set_terminated(run_id, "FAILED")
+        raise
+
+
 RESOLVED_CONFIG = "resolved_config.yaml"
 
 
