@@ -48,7 +48,7 @@ def test_defaults_are_the_study(tmp_path):
     assert isinstance(settings, Config)
     assert settings.backbone.name == "densenet201"
     assert settings.backbone.weights == "imagenet"
-    assert settings.backbone.trainable is True
+    assert settings.finetune.strategy == "full"
     assert cfg.optimizer._target_ == "keras.optimizers.Adam"
     assert settings.optimizer.learning_rate == pytest.approx(1e-4)
     assert cfg.augmentation._target_.endswith("StudyAugmentation")

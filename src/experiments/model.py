@@ -44,10 +44,11 @@ def build_classifier(backbone_name: str, weights: str | None, trainable: bool, i
 
 
 def compile_classifier(model: keras.Model, optimizer: keras.optimizers.Optimizer,
-                       n_classes: int, jit_compile: bool = False) -> None:
+                       n_classes: int, jit_compile: bool = False,
+                       label_smoothing: float = 0.0) -> None:
     """Binary cross-entropy on one-hot labels for two classes (the study), categorical above.
     Under mixed_float16 Keras wraps the optimizer in a LossScaleOptimizer itself."""
-    loss = (keras.losses.BinaryCrossentropy() if n_classes == 2
-            else keras.losses.CategoricalCrossentropy())
+    loss = (keras.losses.BinaryCrossentropy(label_smoothing=label_smoothing) if n_classes == 2
+            else keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing))
     model.compile(optimizer=optimizer, loss=loss, jit_compile=jit_compile,
                   metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")])

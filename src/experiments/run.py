@@ -25,7 +25,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from experiments import crossval, evaluate, resume, tracking
+from experiments import crossval, evaluate, finetune, resume, tracking
 from experiments import data as data_lib
 from experiments.backbones import resolve_image_size
 from experiments.demo import ensure_demo_dataset
@@ -57,6 +57,7 @@ class Prepared:
     model: keras.Model
     callbacks: list[keras.callbacks.Callback]
     augment: Any
+    second_stage: finetune.SecondStage | None  # finetune.strategy=two_stage
 
 
 def sweep_dir() -> str | None:
@@ -73,11 +74,15 @@ def instantiate_callbacks(callbacks_cfg: DictConfig) -> list[keras.callbacks.Cal
             for node in callbacks_cfg.values() if node is not None]
 
 
-def instantiate_optimizer(optimizer_cfg: DictConfig,
-                          accumulate: int) -> keras.optimizers.Optimizer:
-    """The configured Keras optimizer, accumulating gradients over `accumulate` batches."""
-    extra = {"gradient_accumulation_steps": accumulate} if accumulate > 1 else {}
-    return hydra.utils.instantiate(optimizer_cfg, _convert_="all", **extra)
+def instantiate_optimizer(optimizer_cfg: DictConfig, accumulate: int,
+                          learning_rate: Any = None) -> keras.optimizers.Optimizer:
+    """The configured Keras optimizer, accumulating gradients over `accumulate` batches, with
+    `learning_rate` (a value or a schedule) instead of the configured one when given."""
+    extra: dict[str, Any] = {"gradient_accumulation_steps": accumulate} if accumulate > 1 else {}
+    if learning_rate is not None:
+        extra["learning_rate"] = learning_rate
+    # A partial, so a schedule object can replace the (typed, float) configured rate.
+    return hydra.utils.instantiate(optimizer_cfg, _convert_="all", _partial_=True)(**extra)
 
 
 @dataclass(frozen=True)
@@ -103,21 +108,48 @@ def prepare(cfg: DictConfig, settings: Config) -> Prepared:
 def build(cfg: DictConfig, settings: Config, loaded: LoadedData,
           splits: data_lib.Splits) -> Prepared:
     """Model, callbacks and augmentation for one training on `splits`, seeded."""
-    trainer = settings.trainer
+    trainer, plan = settings.trainer, settings.finetune
     positive = evaluate.positive_index(splits.class_names, settings.data.positive_class)
     callbacks = instantiate_callbacks(cfg.callbacks)
     find_checkpoint(callbacks)
+    check_schedule(trainer.lr_schedule, callbacks)
     keras.utils.set_random_seed(trainer.seed)
     precision = resolve_precision(trainer.precision)
     set_precision(precision)
     backbone = settings.backbone
-    model = build_classifier(backbone.name, backbone.weights, backbone.trainable,
-                             loaded.image_size, len(splits.class_names), backbone.bn_momentum)
-    compile_classifier(model, instantiate_optimizer(cfg.optimizer, trainer.accumulate),
-                       len(splits.class_names), trainer.jit_compile)
+    n_classes = len(splits.class_names)
+    model = build_classifier(backbone.name, backbone.weights, plan.strategy == "full",
+                             loaded.image_size, n_classes, backbone.bn_momentum)
+    steps = finetune.steps_per_epoch(len(splits.train), trainer.batch_size, trainer.accumulate)
+    base_lr = settings.optimizer.learning_rate
+
+    def compile_stage(model: keras.Model, lr: float, epochs: int) -> None:
+        schedule = finetune.learning_rate(lr, trainer.lr_schedule, epochs, steps,
+                                          trainer.warmup_epochs)
+        compile_classifier(model, instantiate_optimizer(cfg.optimizer, trainer.accumulate,
+                                                        schedule),
+                           n_classes, trainer.jit_compile, trainer.label_smoothing)
+
+    second_stage = None
+    if plan.strategy == "two_stage":
+        head_epochs = min(plan.head_epochs, trainer.epochs)
+        compile_stage(model, base_lr, head_epochs)
+        second_stage = finetune.SecondStage(
+            head_epochs, plan.unfreeze_layers,
+            lambda m: compile_stage(m, base_lr * plan.lr_factor, trainer.epochs - head_epochs))
+    else:
+        compile_stage(model, base_lr, trainer.epochs)
     augment = hydra.utils.instantiate(cfg.augmentation, _convert_="all")
     return Prepared(splits, positive, loaded.skipped, loaded.image_size, precision, model,
-                    callbacks, augment)
+                    callbacks, augment, second_stage)
+
+
+def check_schedule(schedule: str, callbacks: Sequence[keras.callbacks.Callback]) -> None:
+    """A scheduled learning rate cannot also be lowered by ReduceLROnPlateau."""
+    if schedule != "constant" and any(isinstance(cb, keras.callbacks.ReduceLROnPlateau)
+                                      for cb in callbacks):
+        raise ValueError(f"trainer.lr_schedule={schedule!r} sets the learning rate itself; "
+                         "remove ReduceLROnPlateau with `~callbacks.reduce_lr`")
 
 
 def load_data(settings: Config) -> LoadedData:
@@ -181,6 +213,9 @@ def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> float:
         cfg = resume.restore_config(cfg, overrides, BACKUP_DIR)
     settings: Config = OmegaConf.to_object(cfg)
     tracking.check_server(settings.mlflow.tracking_uri)
+    if settings.resume is not None and settings.finetune.strategy == "two_stage":
+        raise ValueError("resume is not supported for finetune.strategy=two_stage; start the "
+                         f"run again. Received: resume={settings.resume!r}")
     if settings.cv.folds > 1:
         return run_cross_validation(cfg, settings)
     output_dir = Path(settings.paths.output_dir)
@@ -309,7 +344,8 @@ def fit(settings: Config, prepared: Prepared, output_dir: Path, run_id: str) -> 
         history = tracking.metric_histories(run_id, tracking.MlflowEpochLogger.LOGGED)
     logger = tracking.MlflowEpochLogger(history["loss"] if history else ())
     return train(prepared.model, train_ds, val_ds, trainer.epochs, prepared.callbacks,
-                 output_dir / BACKUP_DIR, [logger], history, trainer.verbose)
+                 output_dir / BACKUP_DIR, [logger], history, trainer.verbose,
+                 prepared.second_stage)
 
 
 def evaluate_and_log(settings: Config, prepared: Prepared, result: TrainResult,

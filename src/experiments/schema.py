@@ -35,8 +35,6 @@ class BackboneConfig:
     name: str = MISSING
     # "imagenet", null (random init) or a path to a weights file.
     weights: str | None = "imagenet"
-    # false freezes the backbone (BatchNorm in inference mode) and trains the head only.
-    trainable: bool = True
     # Momentum of the backbone's BatchNorm moving statistics; null keeps the Keras default
     # (0.99). Tiny data sets (~10 steps per epoch) want ~0.9: see shared notes/findings.md.
     bn_momentum: float | None = None
@@ -128,6 +126,33 @@ class TissueAugmentationConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """How much of the backbone trains, and when (see `experiments.finetune`)."""
+
+    # full (the study) | frozen (head only) | two_stage (head first, then the backbone).
+    strategy: str = "full"
+    # two_stage: epochs of head-only training before the backbone joins.
+    head_epochs: int = 5
+    # two_stage: how many of the backbone's top weight layers join (null: all but BatchNorm).
+    unfreeze_layers: int | None = None
+    # two_stage: the second stage's learning rate is optimizer.learning_rate x lr_factor.
+    lr_factor: float = 0.1
+
+    def __post_init__(self) -> None:
+        from experiments.finetune import STRATEGIES
+
+        _require(self.strategy in STRATEGIES, f"`finetune.strategy` must be one of "
+                 f"{STRATEGIES}. Received: finetune.strategy={self.strategy!r}")
+        _require(self.head_epochs >= 1, "`finetune.head_epochs` must be >= 1. "
+                 f"Received: finetune.head_epochs={self.head_epochs!r}")
+        _require(self.unfreeze_layers is None or self.unfreeze_layers >= 1,
+                 "`finetune.unfreeze_layers` must be >= 1 or null. "
+                 f"Received: finetune.unfreeze_layers={self.unfreeze_layers!r}")
+        _require(0 < self.lr_factor <= 1, "`finetune.lr_factor` must be in (0, 1]. "
+                 f"Received: finetune.lr_factor={self.lr_factor!r}")
+
+
+@dataclass
 class DataConfig:
     """An image folder with one subfolder per class."""
 
@@ -193,8 +218,21 @@ class TrainerConfig:
     # Gradient accumulation: apply the optimizer every N batches, so batch_size x accumulate
     # is the effective batch at the memory of batch_size (e.g. the study's 2 as 1 x 2).
     accumulate: int = 1
+    # constant (ReduceLROnPlateau may lower it) or warmup_cosine (linear warm-up over
+    # warmup_epochs, then cosine decay to 0; remove ReduceLROnPlateau: ~callbacks.reduce_lr).
+    lr_schedule: str = "constant"
+    warmup_epochs: int = 3
+    # Label smoothing of the cross-entropy (0: none).
+    label_smoothing: float = 0.0
 
     def __post_init__(self) -> None:
+        from experiments.finetune import SCHEDULES
+
+        _require(self.lr_schedule in SCHEDULES, f"`trainer.lr_schedule` must be one of "
+                 f"{SCHEDULES}. Received: trainer.lr_schedule={self.lr_schedule!r}")
+        _require(self.warmup_epochs >= 0, "`trainer.warmup_epochs` must be >= 0. "
+                 f"Received: trainer.warmup_epochs={self.warmup_epochs!r}")
+        _check_fraction("trainer.label_smoothing", self.label_smoothing, allow_zero=True)
         _require(self.epochs >= 1, f"`trainer.epochs` must be >= 1. Received: "
                  f"trainer.epochs={self.epochs!r}")
         _require(self.batch_size >= 1, f"`trainer.batch_size` must be >= 1. Received: "
@@ -287,6 +325,7 @@ class Config:
     callbacks: dict[str, Any] = field(default_factory=dict)
     data: Any = MISSING
     trainer: TrainerConfig = MISSING
+    finetune: FinetuneConfig = MISSING
     eval: EvalConfig = MISSING
     cv: CVConfig = field(default_factory=CVConfig)
     mlflow: MlflowConfig = MISSING

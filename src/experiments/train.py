@@ -6,12 +6,15 @@ ModelCheckpoint callback keeps on its monitored validation metric.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import keras
 import tensorflow as tf
+
+from experiments.finetune import SecondStage
 
 BF16_CPU_FLAGS = {"amx_bf16", "avx512_bf16"}
 
@@ -144,7 +147,7 @@ def train(model: keras.Model, train_data: tf.data.Dataset, val_data: tf.data.Dat
           epochs: int, callbacks: Sequence[keras.callbacks.Callback], backup_dir: Path,
           loggers: Sequence[keras.callbacks.Callback] = (),
           resume_history: dict[str, dict[int, float]] | None = None,
-          verbose: int = 1) -> TrainResult:
+          verbose: int = 1, second_stage: SecondStage | None = None) -> TrainResult:
     """Fit, then report which epoch's checkpoint is the best on validation.
 
     State is backed up to `backup_dir` after every epoch (after the loggers ran, so an epoch is
@@ -155,13 +158,20 @@ def train(model: keras.Model, train_data: tf.data.Dataset, val_data: tf.data.Dat
     best = BestEpoch(checkpoint)
     restore = [RestoreState(callbacks, best, resume_history)] if resume_history else []
     backup = keras.callbacks.BackupAndRestore(str(backup_dir))
-    history = model.fit(train_data, validation_data=val_data, epochs=epochs,
-                        callbacks=[*restore, *callbacks, best, *loggers, backup],
-                        verbose=verbose, shuffle=False)  # the tf.data pipeline shuffles
+    fit = functools.partial(model.fit, train_data, validation_data=val_data,
+                            callbacks=[*restore, *callbacks, best, *loggers, backup],
+                            verbose=verbose, shuffle=False)  # the tf.data pipeline shuffles
+    if second_stage is None or second_stage.start_epoch >= epochs:
+        history = fit(epochs=epochs).history
+    else:  # the same callbacks carry on, so the best checkpoint is the best of both stages
+        history = fit(epochs=second_stage.start_epoch).history
+        second_stage(model)
+        later = fit(epochs=epochs, initial_epoch=second_stage.start_epoch).history
+        history = {key: [*values, *later.get(key, [])] for key, values in history.items()}
     if best.best_epoch == 0:
         raise RuntimeError(f"ModelCheckpoint never saved a model (monitor "
                            f"{checkpoint.monitor!r} missing or NaN in every epoch)")
     return TrainResult(
-        history={k: [float(v) for v in vs] for k, vs in history.history.items()},
+        history={k: [float(v) for v in vs] for k, vs in history.items()},
         best_epoch=best.best_epoch, best_value=best.best_value, monitor=checkpoint.monitor,
         higher_is_better=_higher_is_better(checkpoint), checkpoint_path=Path(checkpoint.filepath))
