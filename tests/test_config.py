@@ -39,7 +39,10 @@ def test_required_groups_and_options_exist():
                                        "randaugment", "study"]
     assert options("callbacks") == ["default", "early_stopping"]
     assert options("data") == ["demo", "folder"]
-    assert {"quickstart", "study_densenet201", "study_resnet50"} <= set(options("experiment"))
+    assert options("finetune") == ["frozen", "full", "two_stage"]
+    assert options("eval") == ["default"]
+    assert {"quickstart", "study_densenet201", "study_resnet50", "histology_cpu"} <= set(
+        options("experiment"))
 
 
 def test_defaults_are_the_study(tmp_path):
@@ -74,6 +77,14 @@ def test_study_presets(tmp_path, name):
     assert settings.optimizer.learning_rate == pytest.approx(1e-4)
     assert cfg.augmentation._target_.endswith("StudyAugmentation")
     assert set(cfg.callbacks) == {"model_checkpoint", "reduce_lr"}
+
+
+def test_histology_cpu_preset_selects_on_validation_loss_without_imagenet(tmp_path):
+    cfg = compose_config(tmp_path, ["experiment=histology_cpu", "data.root=/x"])
+    settings = OmegaConf.to_object(cfg)
+    assert settings.backbone.weights is None and settings.backbone.bn_momentum == 0.9
+    assert {cb.monitor for cb in instantiate_callbacks(cfg.callbacks)} == {"val_loss"}
+    assert settings.eval.tta == "dihedral"
 
 
 def test_quickstart_is_offline(tmp_path):
@@ -138,6 +149,12 @@ def test_callback_added_from_the_command_line(tmp_path):
     assert kinds == ["ModelCheckpoint", "CSVLogger"]
 
 
+@pytest.mark.parametrize("name", options("finetune"))
+def test_every_finetune_option_composes(tmp_path, name):
+    cfg = compose_config(tmp_path, [f"finetune={name}", "data.root=/x"])
+    assert OmegaConf.to_object(cfg).finetune.strategy == name
+
+
 @pytest.mark.parametrize("name", options("data"))
 def test_every_data_option_composes(tmp_path, name):
     cfg = compose_config(tmp_path, [f"data={name}", "data.root=/x"])
@@ -179,6 +196,10 @@ def test_missing_data_root_names_the_key(tmp_path):
     ("eval.tta=rotate", "eval.tta"),
     ("eval.threshold=median", "eval.threshold"),
     ("eval.bootstrap_resamples=10", "eval.bootstrap_resamples"),
+    ("finetune.strategy=partial", "finetune.strategy"),
+    ("trainer.lr_schedule=cosine", "trainer.lr_schedule"),
+    ("data.stain_normalization=vahadane", "data.stain_normalization"),
+    ("cv.folds=0", "cv.folds"),
 ])
 def test_out_of_range_values_name_key_and_value(tmp_path, override, key):
     cfg = compose_config(tmp_path, ["data.root=/x", override])

@@ -8,6 +8,7 @@ fails before the MLflow run opens and before the first epoch.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -25,7 +26,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from experiments import crossval, evaluate, finetune, resume, tracking
+from experiments import crossval, evaluate, finetune, resume, stain, tracking
 from experiments import data as data_lib
 from experiments.backbones import resolve_image_size
 from experiments.demo import ensure_demo_dataset
@@ -58,6 +59,7 @@ class Prepared:
     callbacks: list[keras.callbacks.Callback]
     augment: Any
     second_stage: finetune.SecondStage | None  # finetune.strategy=two_stage
+    stain: stain.StainNormalization | None  # data.stain_normalization, fitted on train
 
 
 def sweep_dir() -> str | None:
@@ -107,8 +109,10 @@ def prepare(cfg: DictConfig, settings: Config) -> Prepared:
 
 def build(cfg: DictConfig, settings: Config, loaded: LoadedData,
           splits: data_lib.Splits) -> Prepared:
-    """Model, callbacks and augmentation for one training on `splits`, seeded."""
+    """Model, callbacks and augmentation for one training on `splits`, seeded; stain
+    normalisation fitted on the training split and applied to every split's images."""
     trainer, plan = settings.trainer, settings.finetune
+    splits, stain_layer = normalize_stains(settings.data.stain_normalization, splits)
     positive = evaluate.positive_index(splits.class_names, settings.data.positive_class)
     callbacks = instantiate_callbacks(cfg.callbacks)
     find_checkpoint(callbacks)
@@ -141,7 +145,18 @@ def build(cfg: DictConfig, settings: Config, loaded: LoadedData,
         compile_stage(model, base_lr, trainer.epochs)
     augment = hydra.utils.instantiate(cfg.augmentation, _convert_="all")
     return Prepared(splits, positive, loaded.skipped, loaded.image_size, precision, model,
-                    callbacks, augment, second_stage)
+                    callbacks, augment, second_stage, stain_layer)
+
+
+def normalize_stains(method: str | None, splits: data_lib.Splits
+                     ) -> tuple[data_lib.Splits, stain.StainNormalization | None]:
+    """Fit the normaliser on the training images only; normalise train, val and test."""
+    if method is None:
+        return splits, None
+    layer = stain.fit(method, splits.train.images)
+    normalized = {name: dataclasses.replace(getattr(splits, name), images=stain.apply(
+        layer, getattr(splits, name).images)) for name in ("train", "val", "test")}
+    return dataclasses.replace(splits, **normalized), layer
 
 
 def check_schedule(schedule: str, callbacks: Sequence[keras.callbacks.Callback]) -> None:
@@ -373,7 +388,12 @@ def evaluate_and_log(settings: Config, prepared: Prepared, result: TrainResult,
 
 def log_best_model(settings: Config, prepared: Prepared, result: TrainResult,
                    best_model: keras.Model) -> None:
-    """The best checkpoint with model_info.json, as an MLflow model, registered if asked."""
+    """The best checkpoint with model_info.json, as an MLflow model, registered if asked.
+    With stain normalisation the logged model takes raw images: the fitted normaliser is
+    put in front of the checkpoint (and the checkpoint file rewritten with it)."""
+    if prepared.stain is not None:
+        best_model = with_stain_normalization(best_model, prepared.stain, prepared.image_size)
+        best_model.save(result.checkpoint_path)
     info = model_info(settings, prepared)
     info_path = result.checkpoint_path.with_name(tracking.MODEL_INFO)
     info_path.write_text(json.dumps(info, indent=2))
@@ -385,6 +405,14 @@ def log_best_model(settings: Config, prepared: Prepared, result: TrainResult,
     if settings.mlflow.register_as and not tracking.parent_run_tags():  # sweeps: best job only
         version = tracking.register_model(model_uri, settings.mlflow.register_as)
         print(f"Registered models:/{settings.mlflow.register_as}/{version}")
+
+
+def with_stain_normalization(model: keras.Model, layer: stain.StainNormalization,
+                             image_size: int) -> keras.Model:
+    """raw RGB -> fitted stain normalisation -> the trained classifier."""
+    inputs = keras.Input((image_size, image_size, 3), name="image")
+    normalized = stain.StainNormalization.from_config(layer.get_config())(inputs)
+    return keras.Model(inputs, model(normalized), name=model.name)
 
 
 def model_info(settings: Config, prepared: Prepared) -> dict[str, Any]:

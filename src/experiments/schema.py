@@ -171,6 +171,8 @@ class DataConfig:
     # A regex searched in each file name giving its group (patient, slide): the first capture
     # group, else the whole match. Whole groups stay on one side of every split. null: none.
     group_pattern: str | None = None
+    # Stain normalisation fitted on the training images only: null, "reinhard" or "macenko".
+    stain_normalization: str | None = None
 
     def __post_init__(self) -> None:
         _check_fraction("data.val_fraction", self.val_fraction, allow_zero=False)
@@ -183,6 +185,9 @@ class DataConfig:
                  "`data.val_fraction` + `data.test_fraction` must leave images to train on. "
                  f"Received: data.val_fraction={self.val_fraction!r}, "
                  f"data.test_fraction={self.test_fraction!r}")
+        _require(self.stain_normalization in (None, "reinhard", "macenko"),
+                 "`data.stain_normalization` must be null, 'reinhard' or 'macenko'. "
+                 f"Received: data.stain_normalization={self.stain_normalization!r}")
         _require(self.on_invalid in ("error", "skip"), "`data.on_invalid` must be 'error' or "
                  f"'skip'. Received: data.on_invalid={self.on_invalid!r}")
         if self.image_size is not None:
