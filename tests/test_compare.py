@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -155,14 +156,18 @@ def test_predict_writes_a_row_per_image_and_reports_bad_files(tmp_path, make_con
                          timeout=300)
     assert cli.returncode == 0, cli.stderr[-3000:]
     lines = output.read_text().splitlines()
-    assert lines[0] == "file,p_benign,p_malignant,predicted,error"
+    assert lines[0] == "file,p_benign,p_malignant,predicted,decision,error"
     assert len(lines) == 7
     broken = next(line for line in lines if "broken.jpg" in line)
     assert "not a readable image" in broken
     good = [line.split(",") for line in lines[1:] if "broken" not in line]
+    info = json.loads((tmp_path / "out" / "checkpoints" / "model_info.json").read_text())
+    assert info["tta"] == "dihedral" and info["temperature"] > 0
     for row in good:
         assert abs(float(row[1]) + float(row[2]) - 1) < 1e-4 and row[3] in ("benign",
                                                                             "malignant")
+        # The decision is taken at the threshold chosen on validation.
+        assert row[4] == ("malignant" if float(row[2]) >= info["threshold"] else "benign")
     # The checkpoint file itself, with model_info.json beside it, gives the same numbers.
     loaded = predict.load_model(str(tmp_path / "out" / "checkpoints" / "best.keras"), None)
     again = tmp_path / "again.csv"

@@ -3,13 +3,17 @@
 model: an MLflow run id (its best checkpoint), a registered or logged model URI
 (`models:/name/version`, `models:/m-...`, `runs:/<id>/model`), or a `.keras` file (class names
 from the `model_info.json` beside it). input: an image file or a folder (searched
-recursively). Writes one row per image: file, p_<class> for each class, predicted class, error.
-Unreadable files get an error and no prediction instead of stopping the job.
+recursively). Writes one row per image: file, p_<class> for each class, predicted class (the
+most probable), decision (at the decision threshold chosen on validation, for two classes), and
+error. Probabilities use the run's test-time augmentation and temperature (from model_info.json;
+`tta=none` turns TTA off). Unreadable files get an error and no prediction instead of stopping
+the job.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import re
 import sys
@@ -23,11 +27,12 @@ import numpy as np
 
 from experiments import backbones  # noqa: F401  (registers PreprocessInput for loading)
 from experiments.data import IMAGE_EXTENSIONS, load_image
-from experiments.evaluate import load_checkpoint
+from experiments.evaluate import load_checkpoint, predict_probabilities
+from experiments.stats import apply_temperature
 from experiments.tracking import MODEL_INFO, default_store_uri
 
 OPTIONS = {"model": None, "input": None, "output": "predictions.csv", "batch_size": "32",
-           "tracking_uri": None}
+           "tracking_uri": None, "tta": "auto"}
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
@@ -36,6 +41,10 @@ class LoadedModel:
     model: keras.Model
     class_names: tuple[str, ...]
     image_size: int
+    tta: str = "none"
+    temperature: float = 1.0
+    threshold: float | None = None  # on p(positive_class)
+    positive_class: str | None = None
 
 
 def _info_from_model(model: keras.Model, info: dict | None, source: str) -> LoadedModel:
@@ -47,7 +56,9 @@ def _info_from_model(model: keras.Model, info: dict | None, source: str) -> Load
     if int(info["image_size"]) != size:
         raise ValueError(f"{source}: model input {size} px but {MODEL_INFO} says "
                          f"{info['image_size']}")
-    return LoadedModel(model, tuple(info["class_names"]), size)
+    return LoadedModel(model, tuple(info["class_names"]), size, info.get("tta", "none"),
+                       float(info.get("temperature") or 1.0), info.get("threshold"),
+                       info.get("positive_class"))
 
 
 def load_model(spec: str, tracking_uri: str | None) -> LoadedModel:
@@ -96,10 +107,13 @@ def predict_files(loaded: LoadedModel, files: Sequence[Path], output: Path,
     """Write predictions for `files` to `output` (CSV); return how many files failed."""
     output.parent.mkdir(parents=True, exist_ok=True)
     progress = keras.utils.Progbar(len(files), unit_name="image")
+    names = loaded.class_names
+    decide = loaded.threshold is not None and len(names) == 2
+    positive = names.index(loaded.positive_class) if decide else 0
     failed = 0
     with output.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["file", *[f"p_{c}" for c in loaded.class_names], "predicted", "error"])
+        writer.writerow(["file", *[f"p_{c}" for c in names], "predicted", "decision", "error"])
         for start in range(0, len(files), batch_size):
             batch = files[start:start + batch_size]
             images, ok, errors = [], [], {}
@@ -109,17 +123,23 @@ def predict_files(loaded: LoadedModel, files: Sequence[Path], output: Path,
                     ok.append(file)
                 except ValueError as error:
                     errors[file] = str(error).removeprefix(f"{file}: ")
-            probs = (loaded.model.predict(np.stack(images).astype(np.float32), verbose=0)
-                     if images else np.empty((0, len(loaded.class_names))))
+            probs = np.empty((0, len(names)))
+            if images:
+                probs = apply_temperature(predict_probabilities(
+                    loaded.model, np.stack(images), batch_size, loaded.tta), loaded.temperature)
             by_file = dict(zip(ok, probs, strict=True))
             for file in batch:
                 if file in errors:
                     failed += 1
-                    writer.writerow([file, *[""] * len(loaded.class_names), "", errors[file]])
-                else:
-                    p = by_file[file]
-                    writer.writerow([file, *[f"{v:.6f}" for v in p],
-                                     loaded.class_names[int(np.argmax(p))], ""])
+                    writer.writerow([file, *[""] * len(names), "", "", errors[file]])
+                    continue
+                p = by_file[file]
+                decision = ""
+                if decide:
+                    decision = names[positive if p[positive] >= loaded.threshold
+                                     else 1 - positive]
+                writer.writerow([file, *[f"{v:.6f}" for v in p], names[int(np.argmax(p))],
+                                 decision, ""])
             progress.add(len(batch))
     return failed
 
@@ -133,6 +153,9 @@ def parse_args(argv: Sequence[str]) -> dict[str, str]:
             raise SystemExit(f"Unknown argument {arg!r}; use key=value with keys "
                              f"{', '.join(OPTIONS)}.\n{__doc__}")
         values[key] = value
+    if values["tta"] not in ("auto", "none", "dihedral"):
+        raise SystemExit(f"tta must be auto (as the run evaluated), none or dihedral. "
+                         f"Received: tta={values['tta']!r}")
     for key in ("model", "input"):
         if not values[key]:
             raise SystemExit(f"Missing {key}=...\n{__doc__}")
@@ -142,6 +165,8 @@ def parse_args(argv: Sequence[str]) -> dict[str, str]:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     loaded = load_model(args["model"], args["tracking_uri"])
+    if args["tta"] != "auto":
+        loaded = dataclasses.replace(loaded, tta=args["tta"])
     files = list_inputs(args["input"])
     output = Path(args["output"])
     failed = predict_files(loaded, files, output, int(args["batch_size"]))

@@ -382,19 +382,19 @@ def evaluate_and_log(settings: Config, prepared: Prepared, result: TrainResult,
     for path in [*evaluation.files, *report]:  # report/gradcam/x.png -> gradcam/x.png
         subfolder = path.parent.relative_to(folder).as_posix()
         tracking.log_artifact(path, None if subfolder == "." else subfolder)
-    log_best_model(settings, prepared, result, best_model)
+    log_best_model(settings, prepared, result, best_model, evaluation)
     return evaluation
 
 
 def log_best_model(settings: Config, prepared: Prepared, result: TrainResult,
-                   best_model: keras.Model) -> None:
+                   best_model: keras.Model, evaluation: evaluate.Evaluation) -> None:
     """The best checkpoint with model_info.json, as an MLflow model, registered if asked.
     With stain normalisation the logged model takes raw images: the fitted normaliser is
     put in front of the checkpoint (and the checkpoint file rewritten with it)."""
     if prepared.stain is not None:
         best_model = with_stain_normalization(best_model, prepared.stain, prepared.image_size)
         best_model.save(result.checkpoint_path)
-    info = model_info(settings, prepared)
+    info = model_info(settings, prepared, evaluation)
     info_path = result.checkpoint_path.with_name(tracking.MODEL_INFO)
     info_path.write_text(json.dumps(info, indent=2))
     tracking.log_artifact(result.checkpoint_path, "checkpoints")
@@ -415,12 +415,18 @@ def with_stain_normalization(model: keras.Model, layer: stain.StainNormalization
     return keras.Model(inputs, model(normalized), name=model.name)
 
 
-def model_info(settings: Config, prepared: Prepared) -> dict[str, Any]:
-    """What `experiments.predict` needs besides the model file (preprocessing is inside it)."""
+def model_info(settings: Config, prepared: Prepared,
+               evaluation: evaluate.Evaluation) -> dict[str, Any]:
+    """What `experiments.predict` needs besides the model file (preprocessing and stain
+    normalisation are inside it): classes, input size, and the evaluation's choices made on
+    validation (TTA, temperature, decision threshold on p(positive class))."""
     class_names = prepared.splits.class_names
     return {"class_names": list(class_names), "image_size": prepared.image_size,
             "backbone": settings.backbone.name,
-            "positive_class": class_names[prepared.positive]}
+            "positive_class": class_names[prepared.positive],
+            "tta": settings.eval.tta,
+            "temperature": evaluation.metrics.get("temperature", 1.0),
+            "threshold": evaluation.threshold}
 
 
 def log_config_files(cfg: DictConfig, output_dir: Path) -> None:
