@@ -145,6 +145,12 @@ def dihedral_view(images: tf.Tensor, view: int) -> tf.Tensor:
     return images[:, :, ::-1, :] if view >= 4 else images
 
 
+def dihedral_view_tensor(images: tf.Tensor, view: tf.Tensor) -> tf.Tensor:
+    """`dihedral_view` for a view given as a tensor (inside tf.data)."""
+    images = tf.image.rot90(images, view % 4)
+    return tf.cond(view >= 4, lambda: images[:, :, ::-1, :], lambda: images)
+
+
 def random_dihedral(images: tf.Tensor, views: tf.Tensor) -> tf.Tensor:
     """Each image in its own dihedral view (`views`: (n,) ints in [0, 8)); square images."""
     rotated = tf.stack([tf.image.rot90(images, k) for k in range(4)], axis=1)

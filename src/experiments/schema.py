@@ -22,6 +22,17 @@ def _require(condition: bool, message: str) -> None:
         raise ValueError(message)
 
 
+def _check_choice(key: str, value: object, choices: tuple) -> None:
+    _require(value in choices, f"`{key}` must be one of {choices}. Received: {key}={value!r}")
+
+
+def _check_at_least(key: str, value: float | None, low: float, *,
+                    allow_none: bool = False) -> None:
+    ok = (allow_none and value is None) or (value is not None and value >= low)
+    _require(ok, f"`{key}` must be >= {low}{' or null' if allow_none else ''}. "
+             f"Received: {key}={value!r}")
+
+
 def _check_fraction(key: str, value: float, *, allow_zero: bool) -> None:
     low_ok = value >= 0 if allow_zero else value > 0
     _require(low_ok and value < 1, f"`{key}` must be in {'[0' if allow_zero else '(0'}, 1). "
@@ -141,13 +152,9 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         from experiments.finetune import STRATEGIES
 
-        _require(self.strategy in STRATEGIES, f"`finetune.strategy` must be one of "
-                 f"{STRATEGIES}. Received: finetune.strategy={self.strategy!r}")
-        _require(self.head_epochs >= 1, "`finetune.head_epochs` must be >= 1. "
-                 f"Received: finetune.head_epochs={self.head_epochs!r}")
-        _require(self.unfreeze_layers is None or self.unfreeze_layers >= 1,
-                 "`finetune.unfreeze_layers` must be >= 1 or null. "
-                 f"Received: finetune.unfreeze_layers={self.unfreeze_layers!r}")
+        _check_choice("finetune.strategy", self.strategy, STRATEGIES)
+        _check_at_least("finetune.head_epochs", self.head_epochs, 1)
+        _check_at_least("finetune.unfreeze_layers", self.unfreeze_layers, 1, allow_none=True)
         _require(0 < self.lr_factor <= 1, "`finetune.lr_factor` must be in (0, 1]. "
                  f"Received: finetune.lr_factor={self.lr_factor!r}")
 
@@ -185,9 +192,8 @@ class DataConfig:
                  "`data.val_fraction` + `data.test_fraction` must leave images to train on. "
                  f"Received: data.val_fraction={self.val_fraction!r}, "
                  f"data.test_fraction={self.test_fraction!r}")
-        _require(self.stain_normalization in (None, "reinhard", "macenko"),
-                 "`data.stain_normalization` must be null, 'reinhard' or 'macenko'. "
-                 f"Received: data.stain_normalization={self.stain_normalization!r}")
+        _check_choice("data.stain_normalization", self.stain_normalization,
+                      (None, "reinhard", "macenko"))
         _require(self.on_invalid in ("error", "skip"), "`data.on_invalid` must be 'error' or "
                  f"'skip'. Received: data.on_invalid={self.on_invalid!r}")
         if self.image_size is not None:
@@ -233,10 +239,8 @@ class TrainerConfig:
     def __post_init__(self) -> None:
         from experiments.finetune import SCHEDULES
 
-        _require(self.lr_schedule in SCHEDULES, f"`trainer.lr_schedule` must be one of "
-                 f"{SCHEDULES}. Received: trainer.lr_schedule={self.lr_schedule!r}")
-        _require(self.warmup_epochs >= 0, "`trainer.warmup_epochs` must be >= 0. "
-                 f"Received: trainer.warmup_epochs={self.warmup_epochs!r}")
+        _check_choice("trainer.lr_schedule", self.lr_schedule, SCHEDULES)
+        _check_at_least("trainer.warmup_epochs", self.warmup_epochs, 0)
         _check_fraction("trainer.label_smoothing", self.label_smoothing, allow_zero=True)
         _require(self.epochs >= 1, f"`trainer.epochs` must be >= 1. Received: "
                  f"trainer.epochs={self.epochs!r}")
@@ -274,21 +278,16 @@ class EvalConfig:
     def __post_init__(self) -> None:
         from experiments.stats import THRESHOLD_METHODS
 
-        _require(self.tta in ("none", "dihedral"), "`eval.tta` must be 'none' or 'dihedral'. "
-                 f"Received: eval.tta={self.tta!r}")
-        _require(self.threshold in THRESHOLD_METHODS, f"`eval.threshold` must be one of "
-                 f"{THRESHOLD_METHODS}. Received: eval.threshold={self.threshold!r}")
+        _check_choice("eval.tta", self.tta, ("none", "dihedral"))
+        _check_choice("eval.threshold", self.threshold, THRESHOLD_METHODS)
         _check_fraction("eval.fixed_threshold", self.fixed_threshold, allow_zero=True)
         _require(0 < self.target_sensitivity <= 1, "`eval.target_sensitivity` must be in "
                  f"(0, 1]. Received: eval.target_sensitivity={self.target_sensitivity!r}")
-        _require(self.bootstrap_resamples >= 100, "`eval.bootstrap_resamples` must be at "
-                 f"least 100. Received: eval.bootstrap_resamples={self.bootstrap_resamples!r}")
+        _check_at_least("eval.bootstrap_resamples", self.bootstrap_resamples, 100)
         _require(0.5 <= self.confidence < 1, "`eval.confidence` must be in [0.5, 1). "
                  f"Received: eval.confidence={self.confidence!r}")
-        _require(self.calibration_bins >= 2, "`eval.calibration_bins` must be at least 2. "
-                 f"Received: eval.calibration_bins={self.calibration_bins!r}")
-        _require(self.gradcam_images >= 0, "`eval.gradcam_images` must be >= 0. "
-                 f"Received: eval.gradcam_images={self.gradcam_images!r}")
+        _check_at_least("eval.calibration_bins", self.calibration_bins, 2)
+        _check_at_least("eval.gradcam_images", self.gradcam_images, 0)
 
 
 @dataclass
@@ -298,8 +297,7 @@ class CVConfig:
     folds: int = 1
 
     def __post_init__(self) -> None:
-        _require(self.folds >= 1, "`cv.folds` must be >= 1. "
-                 f"Received: cv.folds={self.folds!r}")
+        _check_at_least("cv.folds", self.folds, 1)
 
 
 @dataclass
