@@ -32,6 +32,8 @@ SMALL_TRAINING = [
     "trainer.batch_size=8",
     "trainer.verbose=0",
     "optimizer.learning_rate=1e-3",
+    "eval.gradcam_images=0",  # the end-to-end contract test turns these back on
+    "eval.bootstrap_resamples=200",
 ]
 SMALL_DEMO = ["data=demo", "data.images_per_class=20", "data.source_size=48"]
 SMALL = [*SMALL_DEMO, *SMALL_TRAINING]

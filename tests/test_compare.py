@@ -105,6 +105,7 @@ def test_sweep_against_a_tracking_server(tmp_path, mlflow_server):
     assert loaded.class_names == ("benign", "malignant") and loaded.image_size == 32
 
 
+@pytest.mark.slow  # the default run keeps the in-process sweep against a real server
 def test_sweep_with_a_launcher_in_other_processes_and_compare(tmp_path):
     """joblib runs the jobs in worker processes: the parent id travels in the environment."""
     result = run_cli(["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *SMALL,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from mlflow.tracking import MlflowClient
 
-from experiments.compare import find_runs
+from experiments.compare import find_runs, write_report
 from experiments.run import run
 
 from .test_run import all_runs, artifact_files, client_for, read_csv
@@ -54,8 +54,10 @@ def test_cross_validation_pools_out_of_fold_predictions(tmp_path, make_config):
     assert {"confusion_matrix.png", "roc_curve.png"} <= artifact_files(client,
                                                                         parent.info.run_id)
     # Comparisons count the cross-validation once, not once per fold as well.
-    assert [r.info.run_id for r in find_runs(MlflowClient(client.tracking_uri), "cv")] == [
-        parent.info.run_id]
+    found = find_runs(MlflowClient(client.tracking_uri), "cv")
+    assert [r.info.run_id for r in found] == [parent.info.run_id]
+    report = write_report(client, found, [], tmp_path / "comparison")
+    assert f"{metrics['test_accuracy']:.3f}" in report
 
 
 def test_cross_validation_refuses_what_it_cannot_do(make_config, image_folder):

@@ -30,7 +30,8 @@ def kill_after_epoch(process: subprocess.Popen[str], epoch: int, sig: int) -> st
     return "".join(seen)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+@pytest.mark.parametrize("sig", [pytest.param(signal.SIGKILL, marks=pytest.mark.slow),
+                                 signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
 def test_killed_run_resumes_into_the_same_run_with_each_epoch_once(tmp_path, sig):
     args = [*SMALL, f"trainer.epochs={EPOCHS}", "trainer.verbose=2", "data.images_per_class=30",
             f"paths.root={tmp_path}", "mlflow.experiment_name=resume"]

@@ -45,7 +45,9 @@ def read_csv(client: MlflowClient, run_id: str, path: str, dst: Path) -> list[di
 
 
 def test_end_to_end_run_logs_the_whole_contract(tmp_path):
-    result = run_cli([*SMALL, f"paths.root={tmp_path}", "mlflow.experiment_name=e2e"], tmp_path)
+    full_eval = ["eval.gradcam_images=8", "eval.bootstrap_resamples=2000"]
+    result = run_cli([*SMALL, *full_eval, f"paths.root={tmp_path}",
+                      "mlflow.experiment_name=e2e"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     client = client_for(tmp_path)
     (run_info,) = all_runs(client, "e2e")
@@ -61,7 +63,7 @@ def test_end_to_end_run_logs_the_whole_contract(tmp_path):
         run_info.info.artifact_uri.startswith(f"file://{tmp_path}/mlruns/artifacts")
 
     # params: the whole composed config, flattened.
-    composed = compose_config(tmp_path, [*SMALL, "mlflow.experiment_name=e2e"])
+    composed = compose_config(tmp_path, [*SMALL, *full_eval, "mlflow.experiment_name=e2e"])
     expected = flatten(OmegaConf.to_container(composed, resolve=True))
     params = run_info.data.params
     missing = {k for k in expected if not k.startswith("paths.") and k not in params}

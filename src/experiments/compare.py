@@ -169,7 +169,8 @@ def plot_history(client: MlflowClient, groups: Sequence[Group], metric: str, pat
     if log_scale:
         ax.set_yscale("log")
     ax.set(xlabel="epoch", ylabel=metric, title=f"{metric} per epoch (mean, min-max band)")
-    ax.legend(fontsize=8)
+    if ax.lines:  # runs without per-epoch curves (cross-validation parents) draw none
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
