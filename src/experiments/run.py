@@ -111,7 +111,7 @@ def build(cfg: DictConfig, settings: Config, loaded: LoadedData,
           splits: data_lib.Splits) -> Prepared:
     """Model, callbacks and augmentation for one training on `splits`, seeded; stain
     normalisation fitted on the training split and applied to every split's images."""
-    trainer, plan = settings.trainer, settings.finetune
+    trainer = settings.trainer
     splits, stain_layer = normalize_stains(settings.data.stain_normalization, splits)
     positive = evaluate.positive_index(splits.class_names, settings.data.positive_class)
     callbacks = instantiate_callbacks(cfg.callbacks)
@@ -122,9 +122,21 @@ def build(cfg: DictConfig, settings: Config, loaded: LoadedData,
     set_precision(precision)
     backbone = settings.backbone
     n_classes = len(splits.class_names)
-    model = build_classifier(backbone.name, backbone.weights, plan.strategy == "full",
+    model = build_classifier(backbone.name, backbone.weights,
+                             settings.finetune.strategy == "full",
                              loaded.image_size, n_classes, backbone.bn_momentum)
-    steps = finetune.steps_per_epoch(len(splits.train), trainer.batch_size, trainer.accumulate)
+    second_stage = compile_for_strategy(cfg, settings, model, n_classes, len(splits.train))
+    augment = hydra.utils.instantiate(cfg.augmentation, _convert_="all")
+    return Prepared(splits, positive, loaded.skipped, loaded.image_size, precision, model,
+                    callbacks, augment, second_stage, stain_layer)
+
+
+def compile_for_strategy(cfg: DictConfig, settings: Config, model: keras.Model,
+                         n_classes: int, n_train: int) -> finetune.SecondStage | None:
+    """Compile for the first (or only) stage; for two_stage, return the switch to the second
+    (unfreeze, then recompile at learning_rate x lr_factor for the remaining epochs)."""
+    trainer, plan = settings.trainer, settings.finetune
+    steps = finetune.steps_per_epoch(n_train, trainer.batch_size, trainer.accumulate)
     base_lr = settings.optimizer.learning_rate
 
     def compile_stage(model: keras.Model, lr: float, epochs: int) -> None:
@@ -134,18 +146,14 @@ def build(cfg: DictConfig, settings: Config, loaded: LoadedData,
                                                         schedule),
                            n_classes, trainer.jit_compile, trainer.label_smoothing)
 
-    second_stage = None
-    if plan.strategy == "two_stage":
-        head_epochs = min(plan.head_epochs, trainer.epochs)
-        compile_stage(model, base_lr, head_epochs)
-        second_stage = finetune.SecondStage(
-            head_epochs, plan.unfreeze_layers,
-            lambda m: compile_stage(m, base_lr * plan.lr_factor, trainer.epochs - head_epochs))
-    else:
+    if plan.strategy != "two_stage":
         compile_stage(model, base_lr, trainer.epochs)
-    augment = hydra.utils.instantiate(cfg.augmentation, _convert_="all")
-    return Prepared(splits, positive, loaded.skipped, loaded.image_size, precision, model,
-                    callbacks, augment, second_stage, stain_layer)
+        return None
+    head_epochs = min(plan.head_epochs, trainer.epochs)
+    compile_stage(model, base_lr, head_epochs)
+    return finetune.SecondStage(
+        head_epochs, plan.unfreeze_layers,
+        lambda m: compile_stage(m, base_lr * plan.lr_factor, trainer.epochs - head_epochs))
 
 
 def normalize_stains(method: str | None, splits: data_lib.Splits
