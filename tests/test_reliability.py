@@ -83,6 +83,7 @@ def test_unreachable_tracking_server_fails_before_training(tmp_path, make_config
     assert not (tmp_path / "out" / "checkpoints").exists()
 
 
+@pytest.mark.slow  # guards the store-creation lock; ~40 s of two full processes
 def test_two_processes_share_one_sqlite_store(tmp_path):
     args = [*SMALL, "trainer.epochs=2", f"paths.root={tmp_path}", "mlflow.experiment_name=par"]
     procs = [start_cli([*args, f"trainer.seed={seed}", f"mlflow.run_name=seed{seed}"], tmp_path)
