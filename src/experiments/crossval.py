@@ -4,14 +4,13 @@ intervals, and the folds' spread (mean +- std)."""
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from experiments import evaluate
+from experiments import evaluate, stats
 from experiments.evaluate import Evaluation, Predictions
 from experiments.schema import EvalConfig
 
@@ -48,7 +47,7 @@ def pooled_metrics(folds: Sequence[Fold], positive: int, settings: EvalConfig
                    ) -> dict[str, float]:
     """The parent run's metrics: test_* and test_tta_* of the pooled out-of-fold predictions
     with bootstrap intervals, test_op_* at each fold's own threshold, and the folds' spread."""
-    plain = _concat([f.evaluation.plain for f in folds])
+    plain = pooled_plain(folds)
     metrics = {**evaluate.classification_metrics(plain, positive, "test_"),
                **evaluate.interval_metrics(plain, positive, settings, "test_")}
     if folds[0].evaluation.tta is not None:
@@ -73,24 +72,22 @@ def pooled_metrics(folds: Sequence[Fold], positive: int, settings: EvalConfig
 def write_oof_predictions(folds: Sequence[Fold], class_names: Sequence[str], positive: int,
                           path: Path) -> Path:
     """test_predictions.csv of the parent: every image once, with its fold."""
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["file", "fold", "label", "predicted", *[f"p_{c}" for c in class_names],
-                         *[f"final_p_{c}" for c in class_names], "threshold",
-                         "decision_at_threshold"])
-        for fold in folds:
-            ev = fold.evaluation
-            for i, file in enumerate(ev.plain.files):
-                probs, final = ev.plain.probabilities[i], ev.test.probabilities[i]
-                decision = ""
-                if ev.threshold is not None:
-                    decision = class_names[positive if final[positive] >= ev.threshold
-                                           else 1 - positive]
-                writer.writerow([file, fold.number, class_names[ev.plain.labels[i]],
-                                 class_names[int(probs.argmax())], *[f"{v:.6f}" for v in probs],
-                                 *[f"{v:.6f}" for v in final],
-                                 "" if ev.threshold is None else f"{ev.threshold:.6f}", decision])
-    return path
+    plain = pooled_plain(folds)
+    final = _concat([f.evaluation.test for f in folds])
+    header = ["file", "fold", "label", "predicted", *[f"p_{c}" for c in class_names],
+              *[f"final_p_{c}" for c in class_names], "threshold", "decision_at_threshold"]
+    fold_of = [fold.number for fold in folds for _ in fold.evaluation.plain.files]
+    if folds[0].evaluation.threshold is None:
+        thresholds = decisions = [""] * len(fold_of)
+    else:
+        per_row = np.array([fold.evaluation.threshold for fold in folds
+                            for _ in fold.evaluation.plain.files])
+        thresholds = [f"{t:.6f}" for t in per_row]
+        decisions = [class_names[i] for i in stats.decide(final.probabilities, positive, per_row)]
+    return evaluate.write_table(path, header, [
+        plain.files, fold_of, [class_names[label] for label in plain.labels],
+        evaluate.predicted_names(plain, class_names), *evaluate.probability_columns(plain),
+        *evaluate.probability_columns(final), thresholds, decisions])
 
 
 def pooled_plain(folds: Sequence[Fold]) -> Predictions:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -202,9 +202,7 @@ def _split_off(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
             rest, part = train_test_split(indices, test_size=fraction, stratify=split.labels,
                                           random_state=seed)
         else:
-            n_splits = max(2, round(1 / fraction))
-            folds = StratifiedGroupKFold(n_splits, shuffle=True, random_state=seed)
-            rest, part = next(folds.split(indices, split.labels, split.groups))
+            rest, part = next(stratified_kfold(split, max(2, round(1 / fraction)), seed))
     except ValueError as error:
         raise ValueError(f"Cannot make a stratified split of {len(split)} images with fraction "
                          f"{fraction:.3f}: {error} (add images or change data.val_fraction / "
@@ -225,6 +223,18 @@ def make_splits(class_names: tuple[str, ...], pool: Split, test: Split | None,
     return splits
 
 
+def stratified_kfold(split: Split, n_splits: int,
+                     seed: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(rest, part) index pairs of a seeded, shuffled stratified K-fold; whole groups stay
+    together when the split has groups."""
+    indices = np.arange(len(split))
+    if split.groups is None:
+        return StratifiedKFold(n_splits, shuffle=True, random_state=seed).split(
+            indices, split.labels)
+    return StratifiedGroupKFold(n_splits, shuffle=True, random_state=seed).split(
+        indices, split.labels, split.groups)
+
+
 def make_folds(class_names: tuple[str, ...], pool: Split, folds: int, val_fraction: float,
                seed: int) -> list[Splits]:
     """Stratified K-fold cross-validation: fold k tests on the k-th part and trains/validates
@@ -234,15 +244,8 @@ def make_folds(class_names: tuple[str, ...], pool: Split, folds: int, val_fracti
     if not 0 < relative_val < 1:
         raise ValueError(f"`data.val_fraction` leaves no training images with cv.folds={folds}. "
                          f"Received: data.val_fraction={val_fraction!r}")
-    indices = np.arange(len(pool))
-    if pool.groups is None:
-        splitter = StratifiedKFold(folds, shuffle=True, random_state=seed)
-        parts = splitter.split(indices, pool.labels)
-    else:
-        splitter = StratifiedGroupKFold(folds, shuffle=True, random_state=seed)
-        parts = splitter.split(indices, pool.labels, pool.groups)
     try:
-        parts = list(parts)
+        parts = list(stratified_kfold(pool, folds, seed))
     except ValueError as error:
         raise ValueError(f"Cannot make {folds} stratified folds of {len(pool)} images: {error} "
                          "(lower cv.folds or add images)") from error

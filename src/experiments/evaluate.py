@@ -38,13 +38,6 @@ def load_checkpoint(path: str | Path) -> keras.Model:
     return keras.saving.load_model(str(path), safe_mode=True)
 
 
-def predict(model: keras.Model, data, files: Sequence[str], labels: Sequence[int]) -> Predictions:
-    probabilities = np.asarray(model.predict(data, verbose=0), dtype=np.float64)
-    if probabilities.shape[0] != len(files):
-        raise RuntimeError(f"Got {probabilities.shape[0]} predictions for {len(files)} files")
-    return Predictions(tuple(files), np.asarray(labels, dtype=int), probabilities)
-
-
 def positive_index(class_names: Sequence[str], positive_class: str | None) -> int:
     """Index of the class whose recall is the sensitivity; default: the last class by name."""
     if positive_class is None:
@@ -97,24 +90,32 @@ def write_predictions(pred: Predictions, class_names: Sequence[str], path: Path,
     """One row per test image: file, label, predicted, p_<class> for every class; with `final`
     (after TTA/temperature) also final_p_<class> and, given a threshold, the decision at it."""
     header = ["file", "label", "predicted", *[f"p_{c}" for c in class_names]]
+    columns = [[class_names[label] for label in pred.labels], predicted_names(pred, class_names),
+               *probability_columns(pred)]
     if final is not None:
         header += [f"final_p_{c}" for c in class_names]
+        columns += probability_columns(final)
         if threshold is not None:
             header.append("decision_at_threshold")
+            columns.append([class_names[i] for i in
+                            stats.decide(final.probabilities, positive, threshold)])
+    return write_table(path, header, [pred.files, *columns])
+
+
+def predicted_names(pred: Predictions, class_names: Sequence[str]) -> list[str]:
+    return [class_names[int(i)] for i in pred.probabilities.argmax(axis=1)]
+
+
+def probability_columns(pred: Predictions) -> list[list[str]]:
+    return [[f"{v:.6f}" for v in column] for column in pred.probabilities.T]
+
+
+def write_table(path: Path, header: Sequence[str], columns: Sequence[Sequence]) -> Path:
+    """A CSV of equally long columns."""
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(header)
-        for i, (file, label, probs) in enumerate(
-                zip(pred.files, pred.labels, pred.probabilities, strict=True)):
-            row = [file, class_names[label], class_names[int(probs.argmax())],
-                   *[f"{v:.6f}" for v in probs]]
-            if final is not None:
-                row += [f"{v:.6f}" for v in final.probabilities[i]]
-                if threshold is not None:
-                    other = 1 - positive
-                    row.append(class_names[positive if final.probabilities[i, positive]
-                                           >= threshold else other])
-            writer.writerow(row)
+        writer.writerows(zip(*columns, strict=True))
     return path
 
 

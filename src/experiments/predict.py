@@ -27,8 +27,8 @@ import numpy as np
 
 from experiments import backbones  # noqa: F401  (registers PreprocessInput for loading)
 from experiments.data import IMAGE_EXTENSIONS, load_image
-from experiments.evaluate import load_checkpoint, predict_probabilities
-from experiments.stats import apply_temperature
+from experiments.evaluate import TTA_MODES, load_checkpoint, predict_probabilities
+from experiments.stats import apply_temperature, decide
 from experiments.tracking import MODEL_INFO, default_store_uri
 
 OPTIONS = {"model": None, "input": None, "output": "predictions.csv", "batch_size": "32",
@@ -108,8 +108,8 @@ def predict_files(loaded: LoadedModel, files: Sequence[Path], output: Path,
     output.parent.mkdir(parents=True, exist_ok=True)
     progress = keras.utils.Progbar(len(files), unit_name="image")
     names = loaded.class_names
-    decide = loaded.threshold is not None and len(names) == 2
-    positive = names.index(loaded.positive_class) if decide else 0
+    with_decision = loaded.threshold is not None and len(names) == 2
+    positive = names.index(loaded.positive_class) if with_decision else 0
     failed = 0
     with output.open("w", newline="") as handle:
         writer = csv.writer(handle)
@@ -134,10 +134,8 @@ def predict_files(loaded: LoadedModel, files: Sequence[Path], output: Path,
                     writer.writerow([file, *[""] * len(names), "", "", errors[file]])
                     continue
                 p = by_file[file]
-                decision = ""
-                if decide:
-                    decision = names[positive if p[positive] >= loaded.threshold
-                                     else 1 - positive]
+                decision = (names[int(decide(p[None], positive, loaded.threshold)[0])]
+                            if with_decision else "")
                 writer.writerow([file, *[f"{v:.6f}" for v in p], names[int(np.argmax(p))],
                                  decision, ""])
             progress.add(len(batch))
@@ -153,7 +151,7 @@ def parse_args(argv: Sequence[str]) -> dict[str, str]:
             raise SystemExit(f"Unknown argument {arg!r}; use key=value with keys "
                              f"{', '.join(OPTIONS)}.\n{__doc__}")
         values[key] = value
-    if values["tta"] not in ("auto", "none", "dihedral"):
+    if values["tta"] not in ("auto", *TTA_MODES):
         raise SystemExit(f"tta must be auto (as the run evaluated), none or dihedral. "
                          f"Received: tta={values['tta']!r}")
     for key in ("model", "input"):

@@ -319,9 +319,7 @@ def run_cross_validation(cfg: DictConfig, settings: Config) -> float:
 def log_cross_validation(cfg: DictConfig, settings: Config, loaded: LoadedData, positive: int,
                          folds: list[crossval.Fold], output_dir: Path) -> dict[str, float]:
     """The parent run's config, pooled metrics, out-of-fold predictions and figures."""
-    tracking.log_text(OmegaConf.to_yaml(cfg, resolve=True), tracking.RESOLVED_CONFIG)
-    log_config_files(cfg, output_dir)
-    tracking.log_params(tracking.flatten(OmegaConf.to_container(cfg, resolve=True)))
+    log_config(cfg, output_dir)
     metrics = crossval.pooled_metrics(folds, positive, settings.eval)
     tracking.log_metrics(metrics)
     folder = output_dir / "report"
@@ -337,16 +335,22 @@ def log_cross_validation(cfg: DictConfig, settings: Config, loaded: LoadedData, 
     return metrics
 
 
-def log_run_start(cfg: DictConfig, prepared: Prepared, output_dir: Path) -> None:
-    """What a run records before its first epoch: config (for resume), params, skipped files."""
+def log_config(cfg: DictConfig, output_dir: Path, **extra_params: Any) -> None:
+    """The resolved config (what resume restores), the config files, and every key as a
+    param, with the option each group took (choice.augmentation, ...)."""
     tracking.log_text(OmegaConf.to_yaml(cfg, resolve=True), tracking.RESOLVED_CONFIG)
     log_config_files(cfg, output_dir)
     params = tracking.flatten(OmegaConf.to_container(cfg, resolve=True))
-    if HydraConfig.initialized():  # which option each group took, e.g. choice.augmentation
+    if HydraConfig.initialized():
         params.update({f"choice.{group}": str(option) for group, option
                        in HydraConfig.get().runtime.choices.items()
                        if not group.startswith("hydra")})
-    tracking.log_params({**params, "n_skipped": len(prepared.skipped)})
+    tracking.log_params({**params, **extra_params})
+
+
+def log_run_start(cfg: DictConfig, prepared: Prepared, output_dir: Path) -> None:
+    """What a run records before its first epoch: config (for resume), params, skipped files."""
+    log_config(cfg, output_dir, n_skipped=len(prepared.skipped))
     model = prepared.model
     tracking.log_metrics({"n_parameters": model.count_params(), "n_trainable_parameters":
                           sum(int(np.prod(w.shape)) for w in model.trainable_weights)})

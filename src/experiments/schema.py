@@ -192,8 +192,9 @@ class DataConfig:
                  "`data.val_fraction` + `data.test_fraction` must leave images to train on. "
                  f"Received: data.val_fraction={self.val_fraction!r}, "
                  f"data.test_fraction={self.test_fraction!r}")
-        _check_choice("data.stain_normalization", self.stain_normalization,
-                      (None, "reinhard", "macenko"))
+        from experiments.stain import METHODS
+
+        _check_choice("data.stain_normalization", self.stain_normalization, (None, *METHODS))
         _require(self.on_invalid in ("error", "skip"), "`data.on_invalid` must be 'error' or "
                  f"'skip'. Received: data.on_invalid={self.on_invalid!r}")
         if self.image_size is not None:
@@ -242,16 +243,12 @@ class TrainerConfig:
         _check_choice("trainer.lr_schedule", self.lr_schedule, SCHEDULES)
         _check_at_least("trainer.warmup_epochs", self.warmup_epochs, 0)
         _check_fraction("trainer.label_smoothing", self.label_smoothing, allow_zero=True)
-        _require(self.epochs >= 1, f"`trainer.epochs` must be >= 1. Received: "
-                 f"trainer.epochs={self.epochs!r}")
-        _require(self.batch_size >= 1, f"`trainer.batch_size` must be >= 1. Received: "
-                 f"trainer.batch_size={self.batch_size!r}")
+        _check_at_least("trainer.epochs", self.epochs, 1)
+        _check_at_least("trainer.batch_size", self.batch_size, 1)
         _require(self.verbose in (0, 1, 2), f"`trainer.verbose` must be 0, 1 or 2. Received: "
                  f"trainer.verbose={self.verbose!r}")
-        _require(self.accumulate >= 1, f"`trainer.accumulate` must be >= 1. Received: "
-                 f"trainer.accumulate={self.accumulate!r}")
-        _require(self.precision in PRECISIONS, f"`trainer.precision` must be one of "
-                 f"{PRECISIONS}. Received: trainer.precision={self.precision!r}")
+        _check_at_least("trainer.accumulate", self.accumulate, 1)
+        _check_choice("trainer.precision", self.precision, PRECISIONS)
 
 
 @dataclass
@@ -276,9 +273,10 @@ class EvalConfig:
     seed: int = MISSING
 
     def __post_init__(self) -> None:
+        from experiments.evaluate import TTA_MODES
         from experiments.stats import THRESHOLD_METHODS
 
-        _check_choice("eval.tta", self.tta, ("none", "dihedral"))
+        _check_choice("eval.tta", self.tta, TTA_MODES)
         _check_choice("eval.threshold", self.threshold, THRESHOLD_METHODS)
         _check_fraction("eval.fixed_threshold", self.fixed_threshold, allow_zero=True)
         _require(0 < self.target_sensitivity <= 1, "`eval.target_sensitivity` must be in "

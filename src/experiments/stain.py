@@ -28,6 +28,12 @@ _BETA = 0.15  # optical density below which a pixel counts as background (Macenk
 _ALPHA = 1.0  # percentile of the extreme angles (Macenko)
 
 
+def check_method(method: str) -> None:
+    if method not in METHODS:
+        raise ValueError(f"`data.stain_normalization` must be null or one of {METHODS}. "
+                         f"Received: data.stain_normalization={method!r}")
+
+
 def rgb_to_lab(rgb: tf.Tensor) -> tf.Tensor:
     """RGB in [0, 255] -> CIELAB (L in [0, 100])."""
     x = rgb / 255.0
@@ -111,9 +117,7 @@ class StainNormalization(keras.layers.Layer):
 
     def __init__(self, method: str, target: list[float], **kwargs) -> None:
         super().__init__(**kwargs)
-        if method not in METHODS:
-            raise ValueError(f"`data.stain_normalization` must be null or one of {METHODS}. "
-                             f"Received: data.stain_normalization={method!r}")
+        check_method(method)
         self.method = method
         self.target = [float(v) for v in target]
 
@@ -149,9 +153,7 @@ def _batches(images: np.ndarray, size: int = 32):
 def fit(method: str, images: np.ndarray) -> StainNormalization:
     """The normaliser whose target is the training images' typical stain (medians over
     images of the per-image estimates)."""
-    if method not in METHODS:
-        raise ValueError(f"`data.stain_normalization` must be null or one of {METHODS}. "
-                         f"Received: data.stain_normalization={method!r}")
+    check_method(method)
     if method == "reinhard":
         stats = [tf.concat(lab_statistics(batch), axis=1).numpy() for batch in _batches(images)]
         return StainNormalization(method, list(np.median(np.concatenate(stats), axis=0)))

@@ -96,13 +96,15 @@ def choose_threshold(labels: np.ndarray, score: np.ndarray, method: str,
 def rates_at_threshold(labels: np.ndarray, score: np.ndarray,
                        threshold: float) -> dict[str, float]:
     """Sensitivity, specificity and accuracy of score >= threshold (labels 1 = positive)."""
-    guess = score >= threshold
-    truth = labels.astype(bool)
-    return {
-        "sensitivity": float((guess & truth).sum() / max(truth.sum(), 1)),
-        "specificity": float((~guess & ~truth).sum() / max((~truth).sum(), 1)),
-        "accuracy": float((guess == truth).mean()),
-    }
+    scores = _binary_scores(np.asarray(labels)[None], np.asarray(score)[None], threshold)
+    return {name: float(scores[name][0]) for name in ("sensitivity", "specificity", "accuracy")}
+
+
+def decide(probabilities: np.ndarray, positive: int,
+           threshold: float | np.ndarray) -> np.ndarray:
+    """Two classes: the class index of each row at the threshold on p(positive) (one
+    threshold, or one per row)."""
+    return np.where(probabilities[:, positive] >= threshold, positive, 1 - positive)
 
 
 @dataclass(frozen=True)

@@ -115,9 +115,14 @@ def open_run(experiment_id: str | None, run_name: str | None, tags: Mapping[str,
             mlflow.end_run("KILLED")
             raise
         except BaseException as error:
-            mlflow.set_tag("error", f"{type(error).__name__}: {error}"[:5000])
+            mlflow.set_tag("error", error_tag(error))
             mlflow.log_text("".join(traceback.format_exception(error)), "error.txt")
             raise
+
+
+def error_tag(error: BaseException) -> str:
+    """The `error` tag of a failed run: exception type and message, within MLflow's limit."""
+    return f"{type(error).__name__}: {error}"[:5000]
 
 
 @contextmanager
@@ -135,7 +140,7 @@ def created_run(experiment_id: str, run_name: str | None, tags: Mapping[str, str
         raise
     except BaseException as error:
         if client.get_run(run_id).info.status == "RUNNING":
-            client.set_tag(run_id, "error", f"{type(error).__name__}: {error}"[:5000])
+            client.set_tag(run_id, "error", error_tag(error))
             client.set_terminated(run_id, "FAILED")
         raise
 
