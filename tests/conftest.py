@@ -13,10 +13,12 @@ import keras
 import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from experiments.run import CONFIG_DIR
+from experiments import job
+from experiments.build import Prepared, build
+from experiments.run import CONFIG_DIR, components
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_TRAIN = REPO_ROOT.parent / "shared" / "data" / "biopsy-seed" / "train"
@@ -44,6 +46,14 @@ def compose_config(tmp_path: Path, overrides: Sequence[str] = ()) -> DictConfig:
     paths = [f"paths.root={tmp_path}", f"paths.output_dir={tmp_path / 'out'}"]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         return compose(config_name="config", overrides=[*paths, *overrides])
+
+
+def prepare(cfg: DictConfig) -> Prepared:
+    """What one training of `cfg` starts from: data loaded and split, model built."""
+    settings = OmegaConf.to_object(cfg)
+    loaded = job.load_data(settings)
+    return build(settings, components(cfg), job.split(settings, loaded), loaded.skipped,
+                 loaded.image_size)
 
 
 @pytest.fixture

@@ -67,3 +67,30 @@ def test_blur_only_smooths():
 def test_out_of_range_options_name_the_key(key, value):
     with pytest.raises(ValueError, match=f"augmentation.{key}.*Received: {key}={value}"):
         TissueAugmentation(seed=0, **{key: value})
+
+
+@pytest.mark.parametrize("kind", ["mixup", "cutmix", "both"])
+def test_label_mixing_keeps_shapes_mixes_labels_like_pixels_and_is_off_at_inference(kind):
+    """Constant images (image i all value v_i): a mixed image's mean pixel tells the share of
+    its partner's pixels, which must equal the share of the partner's label."""
+    alphas = {"mixup": {"mixup_alpha": 0.4}, "cutmix": {"cutmix_alpha": 1.0},
+              "both": {"mixup_alpha": 0.4, "cutmix_alpha": 1.0}}[kind]
+    values = tf.constant([0.0, 40.0, 100.0, 160.0, 200.0, 250.0])
+    images = tf.ones((6, 16, 16, 3)) * values[:, None, None, None]
+    labels = tf.one_hot([0, 1, 0, 1, 1, 0], 2)
+    augment = TissueAugmentation(seed=3, **alphas)
+    mixed, mixed_labels = augment.mix(images, labels)
+    assert mixed.shape == images.shape and mixed_labels.shape == labels.shape
+    np.testing.assert_allclose(mixed_labels.numpy().sum(axis=1), 1.0, atol=1e-6)
+    partner = values.numpy()[::-1]  # each image's partner: the reversed batch
+    share = (mixed.numpy().mean(axis=(1, 2, 3)) - values.numpy()) / (partner - values.numpy())
+    own = labels.numpy()
+    # the label weight that moved from the image's own label to its partner's
+    moved = np.where((own == labels.numpy()[::-1]).all(axis=1), np.nan,
+                     1 - (mixed_labels.numpy() * own).sum(axis=1))
+    keep = ~np.isnan(moved)
+    np.testing.assert_allclose(share[keep], moved[keep], atol=1e-4)
+    assert (share[keep] > 0).any()  # something was mixed
+    same, same_labels = augment.mix(images, labels, training=False)
+    np.testing.assert_array_equal(same.numpy(), images.numpy())
+    np.testing.assert_array_equal(same_labels.numpy(), labels.numpy())

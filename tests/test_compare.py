@@ -94,15 +94,16 @@ def test_sweep_against_a_tracking_server(tmp_path, mlflow_server):
         assert child.info.status == "FINISHED"
         assert child.data.tags["sweep"] == str(sweep_dir)
         assert [m.step for m in client.get_metric_history(child.info.run_id, "val_loss")] == [1]
-        assert {"checkpoints/best.keras", "checkpoints/model_info.json", "roc_curve.png",
-                "test_predictions.csv"} <= artifact_files(client, child.info.run_id)
+        assert {"checkpoints/best.keras", "roc_curve.png", "test_predictions.csv",
+                "val_predictions.csv"} <= artifact_files(client, child.info.run_id)
+        assert child.data.tags["model_uri"].startswith("models:/m-")
     for job in ("0", "1"):
         assert (sweep_dir / job / "checkpoints" / "best.keras").is_file()
     assert parent.data.tags["registered_model"] == "models:/biopsy-best/1"
     assert not (tmp_path / "mlruns").exists()  # nothing written to the local store
 
-    loaded = predict.load_model("models:/biopsy-best/1", mlflow_server)
-    assert loaded.class_names == ("benign", "malignant") and loaded.image_size == 32
+    loaded = predict.load_predictor("models:/biopsy-best/1", mlflow_server)
+    assert loaded.info.class_names == ("benign", "malignant") and loaded.info.image_size == 32
 
 
 @pytest.mark.slow  # the default run keeps the in-process sweep against a real server
@@ -162,15 +163,15 @@ def test_predict_writes_a_row_per_image_and_reports_bad_files(tmp_path, make_con
     broken = next(line for line in lines if "broken.jpg" in line)
     assert "not a readable image" in broken
     good = [line.split(",") for line in lines[1:] if "broken" not in line]
-    info = json.loads((tmp_path / "out" / "checkpoints" / "model_info.json").read_text())
+    info = json.loads((tmp_path / "out" / "model" / "model_info.json").read_text())
     assert info["tta"] == "dihedral" and info["temperature"] > 0
     for row in good:
         assert abs(float(row[1]) + float(row[2]) - 1) < 1e-4 and row[3] in ("benign",
                                                                             "malignant")
         # The decision is taken at the threshold chosen on validation.
         assert row[4] == ("malignant" if float(row[2]) >= info["threshold"] else "benign")
-    # The checkpoint file itself, with model_info.json beside it, gives the same numbers.
-    loaded = predict.load_model(str(tmp_path / "out" / "checkpoints" / "best.keras"), None)
+    # The run's model file, with model_info.json beside it, gives the same numbers.
+    loaded = predict.load_predictor(str(tmp_path / "out" / "model" / "model.keras"), None)
     again = tmp_path / "again.csv"
     predict.predict_files(loaded, predict.list_inputs(inputs), again)
     assert again.read_text() == output.read_text()

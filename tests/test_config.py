@@ -37,7 +37,7 @@ def test_required_groups_and_options_exist():
     assert options("optimizer") == ["adam", "adamw", "sgd"]
     assert options("augmentation") == ["dihedral", "hed", "histology", "histology_strong", "none",
                                        "randaugment", "study"]
-    assert options("callbacks") == ["default", "early_stopping"]
+    assert options("callbacks") == ["default", "early_stopping", "fixed"]
     assert options("data") == ["demo", "folder"]
     assert options("finetune") == ["frozen", "full", "two_stage"]
     assert options("eval") == ["default"]
@@ -139,8 +139,11 @@ def test_every_callbacks_option_instantiates(tmp_path, name):
     cfg = compose_config(tmp_path, [f"callbacks={name}", "data.root=/x"])
     callbacks = instantiate_callbacks(cfg.callbacks)
     kinds = {type(cb).__name__ for cb in callbacks}
-    assert {"ModelCheckpoint", "ReduceLROnPlateau"} <= kinds
+    assert "ModelCheckpoint" in kinds
+    assert ("ReduceLROnPlateau" in kinds) == (name != "fixed")
     assert ("EarlyStopping" in kinds) == (name == "early_stopping")
+    (checkpoint,) = [cb for cb in callbacks if isinstance(cb, keras.callbacks.ModelCheckpoint)]
+    assert checkpoint.save_best_only == (name != "fixed")  # fixed: the last epoch's model
 
 
 def test_callback_added_from_the_command_line(tmp_path):
@@ -213,3 +216,30 @@ def test_out_of_range_values_name_key_and_value(tmp_path, override, key):
 def test_unknown_backbone_lists_known_ones():
     with pytest.raises(ValueError, match="densenet201.*resnet50.*Received: backbone.name='vgg'"):
         get_spec("vgg")
+
+
+@pytest.mark.parametrize("name", options("backbone"))
+def test_demo_data_serves_every_backbone_at_its_input_size(tmp_path, name):
+    """`data=demo backbone=<any>`: the demo tiles are large enough for each default size."""
+    from experiments import job
+
+    cfg = compose_config(tmp_path, ["data=demo", f"backbone={name}", "backbone.weights=null",
+                                    "data.images_per_class=10"])
+    settings = OmegaConf.to_object(cfg)
+    loaded = job.load_data(settings)
+    assert loaded.image_size == get_spec(name).default_size
+    assert loaded.pool.images.shape[1:] == (loaded.image_size, loaded.image_size, 3)
+    assert not loaded.skipped
+
+
+def test_demo_data_trains_a_large_input_backbone(tmp_path):
+    """One tiny epoch of a 224 px backbone on the demo set, end to end."""
+    from experiments.run import run
+
+    cfg = compose_config(tmp_path, ["data=demo", "backbone=mobilenetv3large",
+                                    "backbone.weights=null", "data.images_per_class=10",
+                                    "trainer.epochs=1", "trainer.batch_size=8",
+                                    "trainer.verbose=0", "eval.tta=none",
+                                    "eval.gradcam_images=0", "eval.bootstrap_resamples=100",
+                                    "mlflow.experiment_name=demo224"])
+    assert 0.0 <= run(cfg) <= 1.0

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from experiments import data as data_lib
+from experiments.augment import NoAugmentation
 from experiments.demo import ensure_demo_dataset
 
 from .conftest import write_image
@@ -95,7 +96,7 @@ def test_hidden_files_and_other_extensions_are_ignored(image_folder):
 
 def test_training_dataset_is_float_batches_with_one_hot_labels():
     images = np.random.default_rng(0).integers(0, 256, (10, 16, 16, 3), dtype=np.uint8)
-    ds = data_lib.training_dataset(images, [0, 1] * 5, 2, 4, lambda x: x, seed=0)
+    ds = data_lib.training_dataset(images, [0, 1] * 5, 2, 4, NoAugmentation(), seed=0)
     batches = list(ds)
     assert [b[0].shape[0] for b in batches] == [4, 4, 2]
     x, y = batches[0]

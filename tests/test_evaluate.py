@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from experiments import stats
-from experiments.evaluate import predict_probabilities
 from experiments.gradcam import gradcam, last_feature_layer, pick_examples
+from experiments.inference import apply_temperature, predict_probabilities
 from experiments.model import build_classifier
 
 
@@ -62,14 +62,14 @@ def test_thresholds_chosen_on_validation():
 
 def test_temperature_scaling_calibrates_overconfident_predictions():
     labels, probs = noisy_scores(300, seed=1)
-    overconfident = stats.apply_temperature(probs, 0.25)  # sharpened: same ranking, worse ECE
+    overconfident = apply_temperature(probs, 0.25)  # sharpened: same ranking, worse ECE
     before = stats.reliability_bins(labels, overconfident).ece
     temperature = stats.fit_temperature(labels, overconfident)
-    after = stats.reliability_bins(labels, stats.apply_temperature(overconfident,
+    after = stats.reliability_bins(labels, apply_temperature(overconfident,
                                                                    temperature)).ece
     assert temperature > 2 and after < 0.5 * before
     np.testing.assert_array_equal(np.argsort(overconfident[:, 1]),
-                                  np.argsort(stats.apply_temperature(overconfident, 3)[:, 1]))
+                                  np.argsort(apply_temperature(overconfident, 3)[:, 1]))
 
 
 def test_dihedral_tta_of_a_rotation_invariant_model_equals_its_plain_prediction():

@@ -5,13 +5,13 @@ from __future__ import annotations
 import keras
 import numpy as np
 import pytest
-from omegaconf import OmegaConf
 
 from experiments import data as data_lib
 from experiments.finetune import backbone_of, learning_rate, unfreeze
 from experiments.model import build_classifier
-from experiments.run import prepare
 from experiments.train import train
+
+from .conftest import prepare
 
 
 class Snapshots(keras.callbacks.Callback):
@@ -39,7 +39,7 @@ def test_two_stage_trains_the_head_first_then_the_backbone_with_batchnorm_frozen
         make_config, tmp_path):
     cfg = make_config("finetune=two_stage", "finetune.head_epochs=1", "trainer.epochs=2",
                       "eval.gradcam_images=0")
-    prepared = prepare(cfg, OmegaConf.to_object(cfg))
+    prepared = prepare(cfg)
     splits = prepared.splits
     train_ds = data_lib.training_dataset(splits.train.images, splits.train.labels, 2, 8,
                                          prepared.augment, 0)
@@ -78,10 +78,10 @@ def test_warmup_cosine_schedule():
 def test_schedule_refuses_reduce_lr_and_label_smoothing_reaches_the_loss(make_config):
     cfg = make_config("trainer.lr_schedule=warmup_cosine")
     with pytest.raises(ValueError, match="~callbacks.reduce_lr"):
-        prepare(cfg, OmegaConf.to_object(cfg))
+        prepare(cfg)
     cfg = make_config("trainer.lr_schedule=warmup_cosine", "~callbacks.reduce_lr",
                       "trainer.label_smoothing=0.1", "finetune=frozen")
-    prepared = prepare(cfg, OmegaConf.to_object(cfg))
+    prepared = prepare(cfg)
     assert prepared.model.loss.label_smoothing == pytest.approx(0.1)
     trainable = {w.path.split("/")[0] for w in prepared.model.trainable_weights}
     assert trainable == {"head_bn", "predictions"}

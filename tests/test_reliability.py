@@ -100,3 +100,77 @@ def test_two_processes_share_one_sqlite_store(tmp_path):
         for name in ("loss", "val_accuracy", "lr"):
             steps = sorted(m.step for m in client.get_metric_history(finished.info.run_id, name))
             assert steps == [1, 2]
+
+
+def kill_at(process: subprocess.Popen[str], marker: str, sig: int) -> str:
+    """Read the run's output until a line holds `marker`, then send `sig`."""
+    seen = []
+    deadline = time.monotonic() + 300
+    for line in process.stdout:
+        seen.append(line)
+        if marker in line:
+            process.send_signal(sig)
+            break
+        assert time.monotonic() < deadline, "".join(seen[-20:])
+    process.communicate(timeout=120)
+    return "".join(seen)
+
+
+@pytest.mark.parametrize("sig", [pytest.param(signal.SIGKILL, marks=pytest.mark.slow),
+                                 signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_run_killed_during_its_final_evaluation_resumes_by_evaluating(tmp_path, sig):
+    epochs = 2
+    args = [*SMALL, f"trainer.epochs={epochs}", "trainer.verbose=2", f"paths.root={tmp_path}",
+            "eval.bootstrap_resamples=2000", "mlflow.experiment_name=late"]
+    kill_at(start_cli(args, tmp_path, merge_output=True), "Evaluating the checkpoint", sig)
+    client = client_for(tmp_path)
+    (interrupted,) = all_runs(client, "late")
+    run_id = interrupted.info.run_id
+    assert interrupted.info.status in ("KILLED", "RUNNING")
+    assert "test_accuracy" not in interrupted.data.metrics
+
+    result = run_cli([*args, "trainer.verbose=0", f"resume={run_id}"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Training had finished" in result.stdout
+    (resumed,) = all_runs(client, "late")
+    assert resumed.info.status == "FINISHED"
+    for name in ("loss", "val_loss", "lr"):  # epochs not repeated
+        assert sorted(m.step for m in client.get_metric_history(run_id, name)) == [1, 2]
+    for name in ("test_accuracy", "test_tta_roc_auc", "best_epoch"):  # logged once
+        assert len(client.get_metric_history(run_id, name)) == 1, name
+    assert "model_uri" in resumed.data.tags
+
+
+def test_resume_refuses_a_run_whose_process_still_lives(tmp_path):
+    args = [*SMALL, "trainer.epochs=30", "trainer.verbose=2", "data.images_per_class=30",
+            f"paths.root={tmp_path}", "mlflow.experiment_name=alive"]
+    first = start_cli(args, tmp_path, merge_output=True)
+    try:
+        seen = []
+        for line in first.stdout:
+            seen.append(line)
+            if "Epoch 2/30" in line:
+                break
+        (running,) = all_runs(client_for(tmp_path), "alive")
+        run_id = running.info.run_id
+        second = run_cli([*args, f"resume={run_id}"], tmp_path)
+        assert second.returncode == 2
+        assert "still running" in second.stderr and "process" in second.stderr
+        assert "Traceback" not in second.stderr
+        assert first.poll() is None  # the first run was left alone ...
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=120)
+    client = client_for(tmp_path)
+    (left,) = all_runs(client, "alive")
+    assert left.info.status == "KILLED"  # ... until we stopped it ourselves
+    steps = [m.step for m in client.get_metric_history(run_id, "loss")]
+    assert len(steps) == len(set(steps))  # no epoch logged twice
+
+
+def test_user_errors_are_one_message_and_exit_code_2(tmp_path):
+    result = run_cli([*SMALL, f"paths.root={tmp_path}", "resume=0123456789abcdef0123456789abcdef"],
+                     tmp_path)
+    assert result.returncode == 2
+    assert "No MLflow run" in result.stderr
+    assert "Traceback" not in result.stderr and "HYDRA_FULL_ERROR" not in result.stderr

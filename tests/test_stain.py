@@ -5,15 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tensorflow as tf
-from omegaconf import OmegaConf
 
 from experiments import stain
 from experiments.augment import hed_jitter
 from experiments.data import read_folder
-from experiments.evaluate import load_checkpoint
-from experiments.run import prepare, with_stain_normalization
+from experiments.export import deliverable
+from experiments.inference import load_model as load_checkpoint
 
-from .conftest import SHARED_TRAIN
+from .conftest import SHARED_TRAIN, prepare
 
 H_AND_E = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11]])
 H_AND_E = H_AND_E / np.linalg.norm(H_AND_E, axis=1, keepdims=True)
@@ -80,8 +79,8 @@ def test_reinhard_matches_the_target_lab_statistics():
 def test_normaliser_is_fitted_on_training_images_only_and_travels_with_the_model(
         make_config, tmp_path):
     cfg = make_config("data.stain_normalization=macenko")
-    prepared = prepare(cfg, OmegaConf.to_object(cfg))
-    unnormalized = prepare(make_config(), OmegaConf.to_object(make_config())).splits
+    prepared = prepare(cfg)
+    unnormalized = prepare(make_config()).splits
     expected = stain.fit("macenko", unnormalized.train.images)
     np.testing.assert_allclose(prepared.stain.target, expected.target, rtol=1e-5)
     everything = np.concatenate([unnormalized.train.images, unnormalized.val.images,
@@ -90,7 +89,7 @@ def test_normaliser_is_fitted_on_training_images_only_and_travels_with_the_model
     np.testing.assert_array_equal(prepared.splits.test.images,
                                   stain.apply(expected, unnormalized.test.images))
     # The exported model takes raw images and normalises them itself.
-    exported = with_stain_normalization(prepared.model, prepared.stain, 32)
+    exported = deliverable(prepared.model, 32, None, prepared.stain)
     exported.save(tmp_path / "m.keras")
     loaded = load_checkpoint(tmp_path / "m.keras")
     raw = unnormalized.test.images[:4].astype(np.float32)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from experiments.model import build_classifier, compile_classifier
 from experiments.train import BF16_CPU_FLAGS, cpu_flags, resolve_precision, set_precision
@@ -46,12 +47,13 @@ def test_mixed_precision_trains_and_outputs_finite_float32(policy):
 
 @pytest.mark.parametrize("accumulate", [1, 3])
 def test_gradient_accumulation_applies_updates_every_n_batches(tmp_path, accumulate):
-    from experiments.run import instantiate_optimizer
+    from experiments.build import optimizer as make_optimizer
+    from experiments.run import components
 
     from .conftest import compose_config
 
     cfg = compose_config(tmp_path, ["data.root=/x", f"trainer.accumulate={accumulate}"])
-    optimizer = instantiate_optimizer(cfg.optimizer, cfg.trainer.accumulate)
+    optimizer = make_optimizer(components(cfg), 1e-4, cfg.trainer.accumulate, None)
     assert optimizer.gradient_accumulation_steps == (accumulate if accumulate > 1 else None)
     model = build_classifier("simplecnn", None, True, 16, 2)
     compile_classifier(model, optimizer, 2)
@@ -70,3 +72,35 @@ def test_gradient_accumulation_applies_updates_every_n_batches(tmp_path, accumul
 
     model.fit(x, y, batch_size=2, epochs=1, verbose=0, shuffle=False, callbacks=[WatchKernel()])
     assert changed == [(i + 1) % accumulate == 0 for i in range(6)]  # 6 batches
+
+
+def test_ema_weights_are_what_validation_and_the_checkpoint_see(tmp_path):
+    """trainer.ema: the checkpoint holds the averaged weights, not the raw ones, and the
+    logged validation loss is that of the averaged weights."""
+    from experiments.inference import load_model
+    from experiments.train import train
+
+    model = build_classifier("simplecnn", None, True, 16, 2, bn_momentum=0.9)
+    compile_classifier(model, keras.optimizers.Adam(1e-2, use_ema=True, ema_momentum=0.5), 2)
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 255, (16, 16, 16, 3)).astype("float32")
+    y = np.eye(2, dtype="float32")[rng.integers(0, 2, 16)]
+    kernel = model.get_layer("predictions").kernel
+    raw = {}
+
+    class LastRawWeights(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            raw["kernel"] = kernel.numpy().copy()
+
+    path = tmp_path / "final.keras"
+    checkpoint = keras.callbacks.ModelCheckpoint(str(path), monitor="val_loss",
+                                                 save_best_only=False)
+    data = tf.data.Dataset.from_tensor_slices((x, y)).batch(4)
+    result = train(model, data, data, 3, [checkpoint], tmp_path / "backup",
+                   [LastRawWeights()], verbose=0)
+    assert result.best_epoch == 3  # save_best_only=false: the last epoch's model
+    saved = load_model(path).get_layer("predictions").kernel.numpy()
+    assert not np.allclose(saved, raw["kernel"])  # not the raw weights ...
+    np.testing.assert_allclose(saved, kernel.numpy(), atol=1e-6)  # ... the averaged ones
+    val_loss = model.evaluate(data, verbose=0, return_dict=True)["loss"]
+    assert result.history["val_loss"][-1] == pytest.approx(val_loss, rel=1e-4)

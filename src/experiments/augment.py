@@ -1,7 +1,8 @@
 """Training-time augmentation, applied to batches inside the tf.data pipeline.
 
 Each augmenter maps a float32 batch of RGB pixels in [0, 255] with shape (n, h, w, 3) to a batch of
-the same shape, dtype and range. Only the training pipeline calls them (`training=True`);
+the same shape, dtype and range, and its `mix` maps (images, one-hot labels) to mixed ones (mixup,
+CutMix; unchanged unless configured). Only the training pipeline calls them (`training=True`);
 with `training=False` they return their input unchanged, so validation, test and prediction
 images are never augmented.
 """
@@ -13,6 +14,8 @@ import math
 import keras
 import numpy as np
 import tensorflow as tf
+
+from experiments.errors import ConfigError
 
 FILL_MODES = ("reflect", "wrap", "constant", "nearest")
 
@@ -27,20 +30,24 @@ class NoAugmentation:
     def __call__(self, images: tf.Tensor, training: bool = True) -> tf.Tensor:
         return images
 
+    def mix(self, images: tf.Tensor, labels: tf.Tensor,
+            training: bool = True) -> tuple[tf.Tensor, tf.Tensor]:
+        return images, labels
 
-class StudyAugmentation:
+
+class StudyAugmentation(NoAugmentation):
     """The study's augmentation: random zoom, rotation and horizontal/vertical flips."""
 
     def __init__(self, zoom: float, rotation_degrees: float, horizontal_flip: bool,
                  vertical_flip: bool, fill_mode: str, seed: int) -> None:
         if not 0 <= zoom < 1:
-            raise ValueError(f"`augmentation.zoom` must be in [0, 1). Received: zoom={zoom!r}")
+            raise ConfigError(f"`augmentation.zoom` must be in [0, 1). Received: zoom={zoom!r}")
         if not 0 <= rotation_degrees <= 180:
-            raise ValueError("`augmentation.rotation_degrees` must be in [0, 180]. "
-                             f"Received: rotation_degrees={rotation_degrees!r}")
+            raise ConfigError("`augmentation.rotation_degrees` must be in [0, 180]. "
+                              f"Received: rotation_degrees={rotation_degrees!r}")
         if fill_mode not in FILL_MODES:
-            raise ValueError(f"`augmentation.fill_mode` must be one of {FILL_MODES}. "
-                             f"Received: fill_mode={fill_mode!r}")
+            raise ConfigError(f"`augmentation.fill_mode` must be one of {FILL_MODES}. "
+                              f"Received: fill_mode={fill_mode!r}")
         layers: list[keras.layers.Layer] = []
         flip = {(True, True): "horizontal_and_vertical", (True, False): "horizontal",
                 (False, True): "vertical"}.get((horizontal_flip, vertical_flip))
@@ -69,14 +76,15 @@ def _check_range(key: str, value: float, low: float, high: float, *,
     ok = low <= value <= high if high_inclusive else low <= value < high
     if not ok:
         bracket = "]" if high_inclusive else ")"
-        raise ValueError(f"`augmentation.{key}` must be in [{low}, {high}{bracket}. "
-                         f"Received: {key}={value!r}")
+        raise ConfigError(f"`augmentation.{key}` must be in [{low}, {high}{bracket}. "
+                          f"Received: {key}={value!r}")
 
 
 class TissueAugmentation:
     """Augmentations that suit H&E tissue, each off at its neutral value, applied in order:
     random resized crop -> dihedral view -> HED stain jitter -> brightness/contrast/
-    saturation/hue jitter -> gaussian blur -> RandAugment.
+    saturation/hue jitter -> gaussian blur -> RandAugment; then, with the labels, mixup or
+    CutMix (`mix`).
 
     Every random draw is per image, stateless and keyed on a per-batch seed drawn from one
     seeded generator, so a run repeats exactly (RandAugment: Keras' seeded layer, which picks
@@ -87,7 +95,8 @@ class TissueAugmentation:
                  hed_sigma: float = 0.0, hed_bias: float = 0.0, brightness: float = 0.0,
                  contrast: float = 0.0, saturation: float = 0.0, hue: float = 0.0,
                  blur_sigma: float = 0.0, blur_probability: float = 0.5,
-                 randaugment_ops: int = 0, randaugment_magnitude: float = 0.5) -> None:
+                 randaugment_ops: int = 0, randaugment_magnitude: float = 0.5,
+                 mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0) -> None:
         _check_range("crop_scale", crop_scale, 0.05, 1.0, high_inclusive=True)
         _check_range("hed_sigma", hed_sigma, 0.0, 1.0)
         _check_range("hed_bias", hed_bias, 0.0, 1.0)
@@ -100,6 +109,9 @@ class TissueAugmentation:
         _check_range("randaugment_ops", randaugment_ops, 0, 10, high_inclusive=True)
         _check_range("randaugment_magnitude", randaugment_magnitude, 0.0, 1.0,
                      high_inclusive=True)
+        _check_range("mixup_alpha", mixup_alpha, 0.0, 10.0, high_inclusive=True)
+        _check_range("cutmix_alpha", cutmix_alpha, 0.0, 10.0, high_inclusive=True)
+        self.mixup_alpha, self.cutmix_alpha = mixup_alpha, cutmix_alpha
         self.dihedral = dihedral
         self.crop_scale = crop_scale
         self.hed_sigma, self.hed_bias = hed_sigma, hed_bias
@@ -133,9 +145,62 @@ class TissueAugmentation:
             images = self._randaugment(images, training=True)
         return tf.clip_by_value(images, 0.0, 255.0)
 
+    def mix(self, images: tf.Tensor, labels: tf.Tensor,
+            training: bool = True) -> tuple[tf.Tensor, tf.Tensor]:
+        """Mixup or CutMix of each image with its partner in the reversed batch, labels mixed
+        with the same coefficient as the pixels; unchanged when both are off."""
+        if not training or not (self.mixup_alpha or self.cutmix_alpha):
+            return images, labels
+        seed = self._seeds.make_seeds(1)[:, 0]
+        if not self.cutmix_alpha:
+            return mixup(images, labels, self.mixup_alpha, seed)
+        if not self.mixup_alpha:
+            return cutmix(images, labels, self.cutmix_alpha, seed)
+        use_cutmix = tf.random.stateless_uniform([], seed + 7) < 0.5
+        return tf.cond(use_cutmix, lambda: cutmix(images, labels, self.cutmix_alpha, seed),
+                       lambda: mixup(images, labels, self.mixup_alpha, seed))
+
 
 def _uniform(n: tf.Tensor, seed: tf.Tensor, low: float, high: float) -> tf.Tensor:
     return tf.random.stateless_uniform([n], seed, low, high)
+
+
+def _beta(n: tf.Tensor, alpha: float, seed: tf.Tensor) -> tf.Tensor:
+    """n draws of Beta(alpha, alpha), as X / (X + Y) of two Gamma(alpha) draws."""
+    x = tf.random.stateless_gamma([n], seed, alpha)
+    y = tf.random.stateless_gamma([n], seed + 1, alpha)
+    return x / tf.maximum(x + y, 1e-12)
+
+
+def mixup(images: tf.Tensor, labels: tf.Tensor, alpha: float,
+          seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """x_i -> lam_i x_i + (1 - lam_i) x_partner (the reversed batch), labels alike."""
+    lam = _beta(tf.shape(images)[0], alpha, seed)
+    mixed = (lam[:, None, None, None] * images
+             + (1 - lam[:, None, None, None]) * tf.reverse(images, [0]))
+    return mixed, lam[:, None] * labels + (1 - lam[:, None]) * tf.reverse(labels, [0])
+
+
+def cutmix(images: tf.Tensor, labels: tf.Tensor, alpha: float,
+           seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """A box of about 1 - lam of each image's area replaced by the same box of its partner (the
+    reversed batch); labels mixed by the share of pixels actually pasted."""
+    n, height, width = tf.shape(images)[0], tf.shape(images)[1], tf.shape(images)[2]
+    side = tf.sqrt(1.0 - _beta(n, alpha, seed))  # box side as a fraction of the image side
+    h = tf.cast(tf.round(side * tf.cast(height, tf.float32)), tf.int32)
+    w = tf.cast(tf.round(side * tf.cast(width, tf.float32)), tf.int32)
+    top = tf.cast(_uniform(n, seed + 2, 0.0, 1.0) * tf.cast(height - h + 1, tf.float32),
+                  tf.int32)
+    left = tf.cast(_uniform(n, seed + 3, 0.0, 1.0) * tf.cast(width - w + 1, tf.float32),
+                   tf.int32)
+    rows, cols = tf.range(height)[None, :], tf.range(width)[None, :]
+    inside_rows = (rows >= top[:, None]) & (rows < (top + h)[:, None])  # (n, height)
+    inside_cols = (cols >= left[:, None]) & (cols < (left + w)[:, None])  # (n, width)
+    box = inside_rows[:, :, None] & inside_cols[:, None, :]  # (n, height, width)
+    mixed = tf.where(box[..., None], tf.reverse(images, [0]), images)
+    pasted = tf.cast(h * w, tf.float32) / tf.cast(height * width, tf.float32)
+    lam = 1.0 - pasted
+    return mixed, lam[:, None] * labels + (1 - lam[:, None]) * tf.reverse(labels, [0])
 
 
 def dihedral_view(images: tf.Tensor, view: int) -> tf.Tensor:

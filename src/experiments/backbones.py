@@ -1,9 +1,10 @@
 """Backbone registry: a name picks a Keras constructor plus its companions.
 
 Each entry knows the constructor, the backbone's own `preprocess_input` (named by its
-`keras.applications` module so the saved model can rebuild it), its default and minimum input
-size and the ImageNet weights file Keras caches for `include_top=False`. Preprocessing lives
-inside the model (`PreprocessInput`), so a saved `.keras` file takes raw RGB pixels in [0, 255].
+`keras.applications` module), its default and minimum input size and the ImageNet weights file
+Keras caches for `include_top=False`. Preprocessing lives inside the model as a standard Keras
+layer (`preprocessing_layer`: every `preprocess_input` here is a per-pixel affine map), so a
+saved `.keras` file takes raw RGB pixels in [0, 255] and loads with plain Keras.
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import keras
+import numpy as np
+
+from experiments.errors import ConfigError, MissingFileError, WeightsError
 
 
 @dataclass(frozen=True)
@@ -70,8 +74,8 @@ BACKBONES: dict[str, BackboneSpec] = {
 
 def get_spec(name: str) -> BackboneSpec:
     if name not in BACKBONES:
-        raise ValueError(f"Unknown backbone; known: {', '.join(sorted(BACKBONES))}. "
-                         f"Received: backbone.name={name!r}")
+        raise ConfigError(f"Unknown backbone; known: {', '.join(sorted(BACKBONES))}. "
+                          f"Received: backbone.name={name!r}")
     return BACKBONES[name]
 
 
@@ -80,8 +84,8 @@ def resolve_image_size(name: str, image_size: int | None) -> int:
     spec = get_spec(name)
     size = spec.default_size if image_size is None else image_size
     if size < spec.min_size:
-        raise ValueError(f"{name} needs inputs of at least {spec.min_size} px. "
-                         f"Received: data.image_size={size!r}")
+        raise ConfigError(f"{name} needs inputs of at least {spec.min_size} px. "
+                          f"Received: data.image_size={size!r}")
     return size
 
 
@@ -93,18 +97,40 @@ def keras_cache_dir() -> Path:
     return Path(keras_home()).expanduser() / "models"
 
 
+def preprocessing_layer(module: str) -> keras.layers.Layer:
+    """`keras.applications.<module>.preprocess_input` (or /255 for "identity") as a frozen
+    float32 Dense layer on the channel axis: each of these maps is affine per pixel (scaling,
+    mean/std, RGB->BGR), so a standard layer reproduces it exactly and the saved model needs no
+    custom code to load or serve."""
+    if module == "identity":
+        def apply(x: np.ndarray) -> np.ndarray:
+            return x / 255.0
+    else:
+        applications_module = getattr(_APPS, module, None)
+        if not hasattr(applications_module, "preprocess_input"):
+            raise ValueError(f"No keras.applications.{module}.preprocess_input. "
+                             f"Received: module={module!r}")
+
+        def apply(x: np.ndarray) -> np.ndarray:
+            return np.asarray(applications_module.preprocess_input(x.copy()), np.float64)
+    bias = apply(np.zeros((1, 3)))[0]
+    kernel = np.stack([apply(np.eye(3)[i:i + 1] * 255.0)[0] - bias for i in range(3)]) / 255.0
+    probe = np.random.default_rng(0).uniform(0, 255, (64, 3))
+    if not np.allclose(apply(probe), probe @ kernel + bias, atol=1e-4):
+        raise ValueError(f"keras.applications.{module}.preprocess_input is not affine per pixel")
+    layer = keras.layers.Dense(3, name="preprocess", dtype="float32", trainable=False)
+    layer.build((None, 3))
+    layer.set_weights([kernel.astype(np.float32), bias.astype(np.float32)])
+    return layer
+
+
 @keras.saving.register_keras_serializable(package="experiments")
 class PreprocessInput(keras.layers.Layer):
-    """Applies `keras.applications.<module>.preprocess_input` inside the model.
-
-    Saved by module name, so a `.keras` file loads in safe mode and expects raw RGB in [0, 255].
-    """
+    """The custom preprocessing layer of models saved before `preprocessing_layer` (kept so
+    that they still load inside this project)."""
 
     def __init__(self, module: str, **kwargs: object) -> None:
         super().__init__(**kwargs)
-        if module != "identity" and not hasattr(getattr(_APPS, module, None), "preprocess_input"):
-            raise ValueError(f"No keras.applications.{module}.preprocess_input. "
-                             f"Received: module={module!r}")
         self.module = module
 
     def call(self, inputs):
@@ -126,12 +152,12 @@ def _resolve_weights(name: str, weights: str | None) -> str | None:
     spec = get_spec(name)
     if weights == "imagenet":
         if spec.imagenet_file is None:
-            raise ValueError(f"{name} has no ImageNet weights; use backbone.weights=null or a "
-                             f"weights file. Received: backbone.weights={weights!r}")
+            raise ConfigError(f"{name} has no ImageNet weights; use backbone.weights=null or a "
+                              f"weights file. Received: backbone.weights={weights!r}")
         return weights
     path = Path(weights).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"backbone.weights file not found: {path}")
+        raise MissingFileError(f"backbone.weights file not found: {path}")
     return str(path)
 
 
@@ -146,7 +172,7 @@ def build_backbone(name: str, weights: str | None, image_size: int) -> keras.Mod
         if resolved != "imagenet" or not _looks_like_download_failure(error):
             raise
         cache = keras_cache_dir()
-        raise RuntimeError(
+        raise WeightsError(
             f"Could not load ImageNet weights for {name}: {spec.imagenet_file} is not in the Keras "
             f"cache ({cache}) and downloading it failed ({error}). Offline, copy the file into "
             f"{cache} (or set KERAS_HOME to a folder whose models/ holds it), pass a weights file "

@@ -26,6 +26,7 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from sklearn import metrics as skm  # noqa: E402
 
 from experiments import tracking  # noqa: E402
+from experiments.errors import UserError
 
 TABLE_METRICS = ("test_accuracy", "test_roc_auc", "test_f1", "test_recall", "test_specificity",
                  "best_epoch", "epoch_seconds", "n_parameters")
@@ -46,8 +47,8 @@ def find_runs(client: MlflowClient, experiment_name: str, parent_run_id: str | N
     MLflow filter string."""
     experiment = client.get_experiment_by_name(experiment_name)
     if experiment is None:
-        raise ValueError(f"No MLflow experiment named {experiment_name!r} in "
-                         f"{client.tracking_uri}")
+        raise UserError(f"No MLflow experiment named {experiment_name!r} in "
+                        f"{client.tracking_uri}")
     clauses = ["attributes.status = 'FINISHED'"]
     if parent_run_id:
         clauses.append(f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
@@ -180,7 +181,7 @@ def write_report(client: MlflowClient, runs: Sequence[Run], group_by: Sequence[s
                  output: Path) -> str:
     """Write the five report files into `output`; return the table text."""
     if not runs:
-        raise ValueError("No finished runs with test metrics to compare")
+        raise UserError("No finished runs with test metrics to compare")
     output.mkdir(parents=True, exist_ok=True)
     groups = group_runs(runs, group_by)
     rows = summarize(client, groups)

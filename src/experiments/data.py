@@ -16,8 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
-from PIL import Image, UnidentifiedImageError
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train_test_split
+
+from experiments.augment import NoAugmentation
+from experiments.errors import ConfigError, DataError, MissingFileError
+from experiments.inference import load_image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
 ON_INVALID = ("error", "skip")
@@ -56,14 +59,14 @@ def group_ids(files: Sequence[str], pattern: str) -> tuple[str, ...]:
     try:
         compiled = re.compile(pattern)
     except re.error as error:
-        raise ValueError(f"`data.group_pattern` is not a valid regular expression ({error}). "
-                         f"Received: data.group_pattern={pattern!r}") from error
+        raise ConfigError(f"`data.group_pattern` is not a valid regular expression ({error}). "
+                          f"Received: data.group_pattern={pattern!r}") from error
     groups = []
     for file in files:
         match = compiled.search(Path(file).name)
         if match is None:
-            raise ValueError(f"{file}: file name does not match data.group_pattern="
-                             f"{pattern!r} (every image needs a group)")
+            raise DataError(f"{file}: file name does not match data.group_pattern="
+                            f"{pattern!r} (every image needs a group)")
         groups.append(match.group(1) if compiled.groups else match.group(0))
     return tuple(groups)
 
@@ -98,11 +101,11 @@ def scan_folder(root: str | Path) -> tuple[tuple[str, ...], list[str], list[int]
     """
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"Data folder does not exist: {root} (set data.root)")
+        raise MissingFileError(f"Data folder does not exist: {root} (set data.root)")
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not _is_hidden(p))
     if len(class_dirs) < 2:
-        raise ValueError(f"{root} must hold one subfolder per class, at least two; found "
-                         f"{[p.name for p in class_dirs]}")
+        raise DataError(f"{root} must hold one subfolder per class, at least two; found "
+                        f"{[p.name for p in class_dirs]}")
     files: list[str] = []
     labels: list[int] = []
     for label, class_dir in enumerate(class_dirs):
@@ -111,37 +114,11 @@ def scan_folder(root: str | Path) -> tuple[tuple[str, ...], list[str], list[int]
             if not _is_hidden(p) and p.suffix.lower() in IMAGE_EXTENSIONS and not p.is_dir()
         )
         if not found:
-            raise ValueError(f"Class folder {class_dir} holds no images "
-                             f"({', '.join(IMAGE_EXTENSIONS)})")
+            raise DataError(f"Class folder {class_dir} holds no images "
+                            f"({', '.join(IMAGE_EXTENSIONS)})")
         files.extend(found)
         labels.extend([label] * len(found))
     return tuple(p.name for p in class_dirs), files, labels
-
-
-def load_image(path: str, image_size: int, allow_upscale: bool = True) -> np.ndarray:
-    """Decode any supported image to RGB uint8 (grayscale, palette and RGBA converted) and
-    resize it to (image_size, image_size). Raises ValueError naming the file and the reason."""
-    try:
-        with Image.open(path) as image:
-            width, height = image.size
-            if not allow_upscale and min(width, height) < image_size:
-                raise ValueError(f"{width}x{height} px is smaller than data.image_size="
-                                 f"{image_size} (lower data.image_size, or set "
-                                 "data.allow_upscale=true)")
-            image.draft("RGB", (image_size, image_size))  # fast JPEG downscale while decoding
-            rgb = image.convert("RGB")
-            if rgb.size != (image_size, image_size):
-                rgb = rgb.resize((image_size, image_size), Image.Resampling.BILINEAR)
-            return np.asarray(rgb, dtype=np.uint8)
-    except Image.DecompressionBombError as error:
-        raise ValueError(f"{path}: larger than Pillow's decompression-bomb limit "
-                         f"(Image.MAX_IMAGE_PIXELS={Image.MAX_IMAGE_PIXELS}): {error}") from error
-    except UnidentifiedImageError as error:
-        raise ValueError(f"{path}: not a readable image file") from error
-    except OSError as error:  # truncated data, unreadable path, zero bytes
-        raise ValueError(f"{path}: cannot read image ({error})") from error
-    except ValueError as error:
-        raise ValueError(f"{path}: {error}") from error
 
 
 def load_images(files: Sequence[str], image_size: int, allow_upscale: bool = True,
@@ -167,29 +144,65 @@ def load_images(files: Sequence[str], image_size: int, allow_upscale: bool = Tru
 
 
 def read_folder(root: str | Path, image_size: int, on_invalid: str = "error",
-                allow_upscale: bool = True) -> tuple[tuple[str, ...], Split, list[Invalid]]:
+                allow_upscale: bool = True, report_dir: Path | None = None
+                ) -> tuple[tuple[str, ...], Split, list[Invalid]]:
     """Scan and decode a class folder; every file is checked before any training starts.
 
-    on_invalid="error" raises one error listing every bad file and why; "skip" leaves them out
-    and returns them. A class left without valid images is an error either way.
+    on_invalid="error" raises one error that summarises the bad files (how many per reason, a
+    few of each) and, with `report_dir`, writes every one with its reason to
+    `<report_dir>/invalid_files.csv`; "skip" leaves them out and returns them. A class left
+    without valid images is an error either way.
     """
     if on_invalid not in ON_INVALID:
-        raise ValueError(f"data.on_invalid must be one of {ON_INVALID}. "
-                         f"Received: data.on_invalid={on_invalid!r}")
+        raise ConfigError(f"data.on_invalid must be one of {ON_INVALID}. "
+                          f"Received: data.on_invalid={on_invalid!r}")
     class_names, files, labels = scan_folder(root)
     images, invalid = load_images(files, image_size, allow_upscale)
     if invalid and on_invalid == "error":
-        listing = "\n  ".join(f"{bad.file}: {bad.reason}" for bad in invalid)
-        raise ValueError(f"{len(invalid)} invalid image file(s) under {root} (fix or remove "
-                         f"them, or set data.on_invalid=skip):\n  {listing}")
+        listing = None
+        if report_dir is not None:
+            report_dir.mkdir(parents=True, exist_ok=True)
+            listing = write_invalid_table(invalid, report_dir / INVALID_TABLE)
+        where = f"; every one with its reason is listed in {listing}" if listing else ""
+        raise DataError(f"{len(invalid)} invalid image file(s) under {root} (fix or remove "
+                        f"them, or set data.on_invalid=skip{where}):\n{summarize_invalid(invalid)}")
     bad = {item.file for item in invalid}
     kept = [i for i, file in enumerate(files) if file not in bad]
     split = Split(tuple(files[i] for i in kept), tuple(labels[i] for i in kept), images)
     counts = split.class_counts(class_names)
     empty = [name for name, n in counts.items() if n == 0]
     if empty:
-        raise ValueError(f"No valid images left in class folder(s) {empty} under {root}")
+        raise DataError(f"No valid images left in class folder(s) {empty} under {root}")
     return class_names, split, invalid
+
+
+INVALID_TABLE = "invalid_files.csv"
+_LISTED = 10  # up to this many bad files, each is listed
+_EXAMPLES = 3  # files named per reason in a summary
+_REASONS = 8  # reasons shown in a summary
+
+
+def summarize_invalid(invalid: Sequence[Invalid]) -> str:
+    """A screenful about bad files: each file with its reason when there are few, else per
+    kind of reason how many and a few of them."""
+    if len(invalid) <= _LISTED:
+        return "\n".join(f"  {item.file}: {item.reason}" for item in invalid)
+    by_reason: dict[str, list[Invalid]] = {}
+    for item in invalid:
+        kind = re.sub(r"\b\d+x\d+ px\b", "WxH px", item.reason)  # sizes differ, reason same
+        by_reason.setdefault(kind, []).append(item)
+    lines = []
+    for kind, items in sorted(by_reason.items(), key=lambda kv: -len(kv[1]))[:_REASONS]:
+        if len(items) == 1:
+            lines.append(f"  {items[0].file}: {items[0].reason}")
+            continue
+        shown = ", ".join(Path(i.file).name for i in items[:_EXAMPLES])
+        more = f" and {len(items) - _EXAMPLES} more" if len(items) > _EXAMPLES else ""
+        reason = items[0].reason if len({i.reason for i in items}) == 1 else kind
+        lines.append(f"  {len(items)} x {reason}\n      e.g. {shown}{more}")
+    if len(by_reason) > _REASONS:
+        lines.append(f"  ... and {len(by_reason) - _REASONS} other reasons")
+    return "\n".join(lines)
 
 
 def _split_off(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
@@ -204,9 +217,9 @@ def _split_off(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
         else:
             rest, part = next(stratified_kfold(split, max(2, round(1 / fraction)), seed))
     except ValueError as error:
-        raise ValueError(f"Cannot make a stratified split of {len(split)} images with fraction "
-                         f"{fraction:.3f}: {error} (add images or change data.val_fraction / "
-                         "data.test_fraction)") from error
+        raise DataError(f"Cannot make a stratified split of {len(split)} images with fraction "
+                        f"{fraction:.3f}: {error} (add images or change data.val_fraction / "
+                        "data.test_fraction)") from error
     return split.subset(sorted(rest)), split.subset(sorted(part))
 
 
@@ -242,13 +255,13 @@ def make_folds(class_names: tuple[str, ...], pool: Split, folds: int, val_fracti
     stay together when the pool has groups. Seeded; every image is tested exactly once."""
     relative_val = val_fraction / (1.0 - 1.0 / folds)
     if not 0 < relative_val < 1:
-        raise ValueError(f"`data.val_fraction` leaves no training images with cv.folds={folds}. "
-                         f"Received: data.val_fraction={val_fraction!r}")
+        raise ConfigError(f"`data.val_fraction` leaves no training images with cv.folds={folds}. "
+                          f"Received: data.val_fraction={val_fraction!r}")
     try:
         parts = list(stratified_kfold(pool, folds, seed))
     except ValueError as error:
-        raise ValueError(f"Cannot make {folds} stratified folds of {len(pool)} images: {error} "
-                         "(lower cv.folds or add images)") from error
+        raise DataError(f"Cannot make {folds} stratified folds of {len(pool)} images: {error} "
+                        "(lower cv.folds or add images)") from error
     out = []
     for rest_index, test_index in parts:
         train, val = _split_off(pool.subset(rest_index), relative_val, seed)
@@ -267,12 +280,12 @@ def check_disjoint(splits: Splits) -> None:
         for file in split.files:
             key = os.path.realpath(file)
             if key in seen:
-                raise ValueError(f"{file} is in both the {seen[key]} and the {name} split")
+                raise DataError(f"{file} is in both the {seen[key]} and the {name} split")
             seen[key] = name
         for group in set(split.groups or ()):
             if seen_groups.setdefault(group, name) != name:
-                raise ValueError(f"Group {group!r} (data.group_pattern) is in both the "
-                                 f"{seen_groups[group]} and the {name} split")
+                raise DataError(f"Group {group!r} (data.group_pattern) is in both the "
+                                f"{seen_groups[group]} and the {name} split")
 
 
 def write_split_table(splits: Splits, path: Path) -> Path:
@@ -301,12 +314,16 @@ def one_hot(labels: Sequence[int], n_classes: int) -> np.ndarray:
 
 
 def training_dataset(images: np.ndarray, labels: Sequence[int], n_classes: int, batch_size: int,
-                     augment: Callable[[tf.Tensor], tf.Tensor], seed: int) -> tf.data.Dataset:
-    """Shuffled (each epoch), batched, augmented float32 batches for `fit`."""
+                     augment: NoAugmentation, seed: int,
+                     crop: Callable[[tf.Tensor], tf.Tensor] | None = None) -> tf.data.Dataset:
+    """Shuffled (each epoch), batched float32 batches for `fit`: cropped (native patches,
+    when `crop` is given), augmented, then label-mixed (`augment.mix`: mixup, CutMix)."""
     ds = tf.data.Dataset.from_tensor_slices((images, one_hot(labels, n_classes)))
     ds = ds.shuffle(len(images), seed=seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size)
-    ds = ds.map(lambda x, y: (augment(tf.cast(x, tf.float32)), y),
+    if crop is not None:
+        ds = ds.map(lambda x, y: (crop(x), y))
+    ds = ds.map(lambda x, y: augment.mix(augment(tf.cast(x, tf.float32)), y),
                 num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)
 

@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from experiments.errors import NotOursError
+
 CLASSES = ("benign", "malignant")
 _VERSION = 2
 _MARKER = "demo.json"
@@ -119,8 +121,8 @@ def ensure_demo_dataset(root: str | Path, images_per_class: int, size: int, seed
     if marker.is_file() and json.loads(marker.read_text()) == spec:
         return root
     if root.exists() and not marker.is_file():
-        raise FileExistsError(f"{root} exists and is not a demo set (no {_MARKER}); "
-                              "point data.root of data=demo at a new folder")
+        raise NotOursError(f"{root} exists and is not a demo set (no {_MARKER}); "
+                        "point data.root of data=demo at a new folder")
     root.parent.mkdir(parents=True, exist_ok=True)
     # Build in a private folder, then rename: concurrent jobs never see a half-written set.
     staging = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))

@@ -15,15 +15,13 @@ import matplotlib
 matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
 from sklearn import metrics as skm  # noqa: E402
 
 from experiments import gradcam, stats  # noqa: E402
-from experiments.augment import dihedral_view_tensor  # noqa: E402
-from experiments.data import Split, Splits, evaluation_dataset  # noqa: E402
+from experiments.data import Split, Splits  # noqa: E402
+from experiments.errors import ConfigError
+from experiments.inference import apply_temperature, decide, predict_probabilities  # noqa: E402
 from experiments.schema import EvalConfig as EvalSettings  # noqa: E402
-
-TTA_MODES = ("none", "dihedral")
 
 
 @dataclass(frozen=True)
@@ -33,18 +31,13 @@ class Predictions:
     probabilities: np.ndarray  # (n, n_classes) float
 
 
-def load_checkpoint(path: str | Path) -> keras.Model:
-    """Load a saved `.keras` model with Keras' safe mode on (no arbitrary code)."""
-    return keras.saving.load_model(str(path), safe_mode=True)
-
-
 def positive_index(class_names: Sequence[str], positive_class: str | None) -> int:
     """Index of the class whose recall is the sensitivity; default: the last class by name."""
     if positive_class is None:
         return len(class_names) - 1
     if positive_class not in class_names:
-        raise ValueError(f"data.positive_class must be one of {list(class_names)}. "
-                         f"Received: data.positive_class={positive_class!r}")
+        raise ConfigError(f"data.positive_class must be one of {list(class_names)}. "
+                          f"Received: data.positive_class={positive_class!r}")
     return list(class_names).index(positive_class)
 
 
@@ -98,7 +91,7 @@ def write_predictions(pred: Predictions, class_names: Sequence[str], path: Path,
         if threshold is not None:
             header.append("decision_at_threshold")
             columns.append([class_names[i] for i in
-                            stats.decide(final.probabilities, positive, threshold)])
+                            decide(final.probabilities, positive, threshold)])
     return write_table(path, header, [pred.files, *columns])
 
 
@@ -172,26 +165,6 @@ def write_report(pred: Predictions, class_names: Sequence[str], positive: int,
     ]
 
 
-def predict_probabilities(model: keras.Model, images: np.ndarray, batch_size: int,
-                          tta: str = "none") -> np.ndarray:
-    """p(class) for uint8 images; tta="dihedral" averages over the 8 dihedral views (all
-    views in one `predict` call, so the per-call overhead is paid once)."""
-    if tta not in TTA_MODES:
-        raise ValueError(f"`eval.tta` must be one of {TTA_MODES}. Received: eval.tta={tta!r}")
-    if len(images) == 0:
-        return np.empty((0, int(model.output_shape[-1])))
-    n_views = 1 if tta == "none" else 8
-    ds = evaluation_dataset(images, None, 0, batch_size)
-    if n_views > 1:
-        views = tf.data.Dataset.from_tensor_slices(tf.range(n_views))
-        ds = views.flat_map(lambda v: evaluation_dataset(images, None, 0, batch_size).map(
-            lambda x: dihedral_view_tensor(x, v)))
-        batches = -(-len(images) // batch_size)
-        ds = ds.apply(tf.data.experimental.assert_cardinality(n_views * batches))
-    probs = np.asarray(model.predict(ds, verbose=0), dtype=np.float64)
-    return probs.reshape(n_views, len(images), -1).mean(axis=0)
-
-
 def predict_split(model: keras.Model, split: Split, batch_size: int, tta: str) -> Predictions:
     return Predictions(split.files, np.asarray(split.labels, dtype=int),
                        predict_probabilities(model, split.images, batch_size, tta))
@@ -206,9 +179,15 @@ class Evaluation:
     plain: Predictions  # test, no TTA, no temperature
     tta: Predictions | None  # test with TTA, no temperature (None: eval.tta=none)
     test: Predictions
-    val: Predictions
+    val: Predictions  # validation, as the final test predictions (TTA and temperature)
+    val_raw: Predictions  # validation with TTA, no temperature (for ensembles' calibration)
     threshold: float | None  # on p(positive); None for more than two classes
     files: list[Path] = field(default_factory=list)
+
+    @property
+    def test_raw(self) -> Predictions:
+        """Test with TTA (when on), no temperature: what an ensemble's members contribute."""
+        return self.plain if self.tta is None else self.tta
 
 
 def interval_metrics(pred: Predictions, positive: int, settings: EvalSettings, prefix: str,
@@ -243,8 +222,8 @@ def evaluate_model(model: keras.Model, splits: Splits, positive: int, settings: 
         metrics.update(classification_metrics(tta, positive, "test_tta_"))
         metrics.update(interval_metrics(tta, positive, settings, "test_tta_"))
     test = plain if tta is None else tta
-    val = predict_split(model, splits.val, batch_size, settings.tta)
-    test, val, calibration_files = calibrate(test, val, settings, metrics, folder)
+    val_raw = predict_split(model, splits.val, batch_size, settings.tta)
+    test, val, calibration_files = calibrate(test, val_raw, settings, metrics, folder)
     threshold = None
     if len(class_names) == 2:
         val_truth = (val.labels == positive).astype(int)
@@ -255,12 +234,13 @@ def evaluate_model(model: keras.Model, splits: Splits, positive: int, settings: 
         metrics.update(interval_metrics(test, positive, settings, "test_op_", threshold))
     files = [write_predictions(plain, class_names, folder / "test_predictions.csv",
                                final=test, threshold=threshold, positive=positive),
+             write_predictions(val_raw, class_names, folder / "val_predictions.csv"),
              *calibration_files]
     if settings.gradcam_images:
         files += gradcam.save_overlays(model, splits.test.images, list(splits.test.files),
                                        plain.labels, plain.probabilities, class_names,
                                        settings.gradcam_images, folder / "gradcam")
-    return Evaluation(metrics, plain, tta, test, val, threshold, files)
+    return Evaluation(metrics, plain, tta, test, val, val_raw, threshold, files)
 
 
 def calibrate(test: Predictions, val: Predictions, settings: EvalSettings,
@@ -274,9 +254,9 @@ def calibrate(test: Predictions, val: Predictions, settings: EvalSettings,
     if settings.temperature_scaling:
         temperature = stats.fit_temperature(val.labels, val.probabilities)
         test = Predictions(test.files, test.labels,
-                           stats.apply_temperature(test.probabilities, temperature))
+                           apply_temperature(test.probabilities, temperature))
         val = Predictions(val.files, val.labels,
-                          stats.apply_temperature(val.probabilities, temperature))
+                          apply_temperature(val.probabilities, temperature))
         after = stats.reliability_bins(test.labels, test.probabilities,
                                        settings.calibration_bins)
         metrics.update({"temperature": temperature, "test_ece_calibrated": after.ece,

@@ -15,6 +15,8 @@ from collections.abc import Callable
 
 import keras
 
+from experiments.errors import ConfigError
+
 STRATEGIES = ("full", "frozen", "two_stage")
 SCHEDULES = ("constant", "warmup_cosine")
 
@@ -50,8 +52,8 @@ def learning_rate(base: float, schedule: str, epochs: int, steps_per_epoch: int,
     """The optimizer's learning rate: constant, or linear warm-up to `base` over
     `warmup_epochs` then cosine decay to 0 at the last step of `epochs`."""
     if schedule not in SCHEDULES:
-        raise ValueError(f"`trainer.lr_schedule` must be one of {SCHEDULES}. "
-                         f"Received: trainer.lr_schedule={schedule!r}")
+        raise ConfigError(f"`trainer.lr_schedule` must be one of {SCHEDULES}. "
+                          f"Received: trainer.lr_schedule={schedule!r}")
     if schedule == "constant":
         return base
     warmup_steps = min(warmup_epochs, epochs - 1) * steps_per_epoch

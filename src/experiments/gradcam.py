@@ -13,6 +13,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from experiments import patches
+
 
 def _chain(model: keras.Model) -> list[keras.layers.Layer]:
     """The model's layers after its input, in order (a chain for every classifier here;
@@ -37,7 +39,35 @@ def gradcam(model: keras.Model, images: np.ndarray,
             class_indices: np.ndarray | None = None) -> np.ndarray:
     """(n, h, w) heatmaps in [0, 1] at the images' size, for `class_indices` (default: the
     predicted class of each image). `images` are raw RGB in [0, 255], as the model takes them.
+    A native-patch model (`data.patch_size`) gets the maps of its grid crops stitched together.
     """
+    images = np.asarray(images, np.float32)
+    if class_indices is None:
+        class_indices = np.argmax(np.asarray(model(images, training=False)), axis=1)
+    network = patches.patch_network(model)
+    if network is None:
+        cam = _raw_cam(model, images, np.asarray(class_indices))
+    else:
+        cam = _stitched_cam(network, images, np.asarray(class_indices))
+    peak = np.max(cam, axis=(1, 2), keepdims=True)
+    return cam / np.maximum(peak, 1e-12)
+
+
+def _stitched_cam(network: keras.Model, images: np.ndarray,
+                  class_indices: np.ndarray) -> np.ndarray:
+    """The crops' maps placed where the crops lie, averaged where they overlap."""
+    size, patch = images.shape[1], int(network.input_shape[1])
+    total = np.zeros(images.shape[:3], np.float32)
+    count = np.zeros(images.shape[1:3], np.float32)
+    for top, left in patches.grid_positions(size, patch):
+        crops = images[:, top:top + patch, left:left + patch]
+        total[:, top:top + patch, left:left + patch] += _raw_cam(network, crops, class_indices)
+        count[top:top + patch, left:left + patch] += 1
+    return total / np.maximum(count, 1)
+
+
+def _raw_cam(model: keras.Model, images: np.ndarray, class_indices: np.ndarray) -> np.ndarray:
+    """Unnormalised Grad-CAM maps (n, h, w) of a chain model, upsampled to the images' size."""
     images = tf.convert_to_tensor(images, tf.float32)
     height, width = int(images.shape[1]), int(images.shape[2])
     target = last_feature_layer(model, height)
@@ -50,8 +80,6 @@ def gradcam(model: keras.Model, images: np.ndarray,
                 features = x
                 tape.watch(features)
         probabilities = tf.cast(x, tf.float32)
-        if class_indices is None:
-            class_indices = np.argmax(probabilities.numpy(), axis=1)
         picked = tf.gather(probabilities, tf.constant(class_indices), batch_dims=1)
     expected = model(images, training=False)
     if not np.allclose(probabilities.numpy(), tf.cast(expected, tf.float32).numpy(), atol=1e-4):
@@ -61,9 +89,7 @@ def gradcam(model: keras.Model, images: np.ndarray,
     features = tf.cast(features, tf.float32)
     weights = tf.reduce_mean(grads, axis=[1, 2], keepdims=True)  # (n, 1, 1, c)
     cam = tf.nn.relu(tf.reduce_sum(weights * features, axis=-1, keepdims=True))
-    cam = tf.image.resize(cam, (height, width), method="bilinear")[..., 0]
-    peak = tf.reduce_max(cam, axis=[1, 2], keepdims=True)
-    return (cam / tf.maximum(peak, 1e-12)).numpy()
+    return tf.image.resize(cam, (height, width), method="bilinear")[..., 0].numpy()
 
 
 def pick_examples(labels: np.ndarray, predicted: np.ndarray, count: int,

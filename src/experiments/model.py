@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import keras
 
-from experiments.backbones import PreprocessInput, build_backbone, get_spec
+from experiments.backbones import build_backbone, get_spec, preprocessing_layer
+from experiments.errors import DataError
 
 
 def set_bn_momentum(model: keras.Model, momentum: float) -> int:
@@ -24,7 +25,7 @@ def build_classifier(backbone_name: str, weights: str | None, trainable: bool, i
                      dropout: float = 0.5) -> keras.Model:
     """The classifier on raw RGB inputs in [0, 255]; preprocessing is part of the model."""
     if n_classes < 2:
-        raise ValueError(f"Need at least two classes. Received: n_classes={n_classes!r}")
+        raise DataError(f"Need at least two classes. Received: n_classes={n_classes!r}")
     spec = get_spec(backbone_name)
     backbone = build_backbone(backbone_name, weights, image_size)
     if bn_momentum is not None:
@@ -32,7 +33,7 @@ def build_classifier(backbone_name: str, weights: str | None, trainable: bool, i
     backbone.trainable = trainable
     inputs = keras.Input((image_size, image_size, 3), name="image")
     # Preprocessing (mean/std arithmetic on 0-255 values) stays float32 under mixed precision.
-    x = PreprocessInput(spec.preprocess_module, name="preprocess", dtype="float32")(inputs)
+    x = preprocessing_layer(spec.preprocess_module)(inputs)
     # A frozen backbone also keeps its BatchNorm layers in inference mode.
     x = backbone(x, training=None if trainable else False)
     x = keras.layers.GlobalAveragePooling2D(name="gap")(x)

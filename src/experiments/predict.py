@@ -1,94 +1,98 @@
 """`python -m experiments.predict model=... input=... output=predictions.csv`
 
-model: an MLflow run id (its best checkpoint), a registered or logged model URI
-(`models:/name/version`, `models:/m-...`, `runs:/<id>/model`), or a `.keras` file (class names
-from the `model_info.json` beside it). input: an image file or a folder (searched
-recursively). Writes one row per image: file, p_<class> for each class, predicted class (the
-most probable), decision (at the decision threshold chosen on validation, for two classes), and
-error. Probabilities use the run's test-time augmentation and temperature (from model_info.json;
-`tta=none` turns TTA off). Unreadable files get an error and no prediction instead of stopping
-the job.
+model: an MLflow run id (its model: a single run's, a cross-validation's ensemble or refit), a
+registered or logged model URI (`models:/name/version`, `models:/m-...`, `runs:/<id>/model`), or
+a `.keras` file (class names from the `model_info.json` beside it). input: an image file or a
+folder (searched recursively). Writes one row per image: file, p_<class> for each class,
+predicted class (the most probable), decision (at the decision threshold chosen on validation,
+for two classes), and error. Probabilities use the run's test-time augmentation and temperature
+(from model_info.json; `tta=none` turns TTA off): the same numbers as the MLflow model serves.
+Unreadable files get an error and no prediction instead of stopping the job.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import re
 import sys
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import keras
-import numpy as np
 
-from experiments import backbones  # noqa: F401  (registers PreprocessInput for loading)
-from experiments.data import IMAGE_EXTENSIONS, load_image
-from experiments.evaluate import TTA_MODES, load_checkpoint, predict_probabilities
-from experiments.stats import apply_temperature, decide
-from experiments.tracking import MODEL_INFO, default_store_uri
+from experiments.data import IMAGE_EXTENSIONS
+from experiments.errors import UserError, report_user_errors
+from experiments.inference import MODEL_INFO, TTA_MODES, ModelInfo, Predictor, load_model
+from experiments.tracking import default_store_uri
 
 OPTIONS = {"model": None, "input": None, "output": "predictions.csv", "batch_size": "32",
            "tracking_uri": None, "tta": "auto"}
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
-@dataclass(frozen=True)
-class LoadedModel:
-    model: keras.Model
-    class_names: tuple[str, ...]
-    image_size: int
-    tta: str = "none"
-    temperature: float = 1.0
-    threshold: float | None = None  # on p(positive_class)
-    positive_class: str | None = None
-
-
-def _info_from_model(model: keras.Model, info: dict | None, source: str) -> LoadedModel:
-    size = int(model.input_shape[1])
-    if info is None:
-        n_classes = int(model.output_shape[-1])
-        print(f"warning: no {MODEL_INFO} for {source}; naming classes class_0..", file=sys.stderr)
-        return LoadedModel(model, tuple(f"class_{i}" for i in range(n_classes)), size)
-    if int(info["image_size"]) != size:
-        raise ValueError(f"{source}: model input {size} px but {MODEL_INFO} says "
-                         f"{info['image_size']}")
-    return LoadedModel(model, tuple(info["class_names"]), size, info.get("tta", "none"),
-                       float(info.get("temperature") or 1.0), info.get("threshold"),
-                       info.get("positive_class"))
-
-
-def load_model(spec: str, tracking_uri: str | None) -> LoadedModel:
-    """Load a model and what it needs to predict (class names, input size) from any source.
-
-    Run ids and model URIs are looked up in `tracking_uri` (default: ./mlruns/mlflow.db).
-    """
+def load_predictor(spec: str, tracking_uri: str | None) -> Predictor:
+    """The model and what it needs to predict (classes, input size, TTA, temperature,
+    threshold) from any source. Run ids and model URIs are looked up in `tracking_uri`
+    (default: ./mlruns/mlflow.db)."""
     tracking_uri = tracking_uri or default_store_uri()
-    if spec.startswith(("models:/", "runs:/")):
-        import mlflow
-        import mlflow.keras
-
-        mlflow.set_tracking_uri(tracking_uri)
-        model = mlflow.keras.load_model(spec)  # Keras' safe mode stays on
-        metadata = mlflow.models.get_model_info(spec).metadata
-        return _info_from_model(model, metadata, spec)
     if RUN_ID.match(spec) and not Path(spec).exists():
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient(tracking_uri)
-        folder = Path(tempfile.mkdtemp(prefix="predict-"))
-        local = Path(client.download_artifacts(spec, "checkpoints", str(folder)))
-        spec = str(local / "best.keras")
+        return _from_run(spec, tracking_uri)
+    if spec.startswith(("models:/", "runs:/")):
+        return _from_model_uri(spec, tracking_uri)
     path = Path(spec)
     if not path.is_file():
-        raise FileNotFoundError(f"model={spec!r} is not a run id, a models:/ or runs:/ URI, "
-                                "or an existing .keras file")
-    info_path = path.with_name(MODEL_INFO)
-    info = json.loads(info_path.read_text()) if info_path.is_file() else None
-    return _info_from_model(load_checkpoint(path), info, str(path))
+        raise UserError(f"model={spec!r} is not a run id, a models:/ or runs:/ URI, or an "
+                        "existing .keras file")
+    if path.with_name(MODEL_INFO).is_file():
+        return Predictor.load(path)
+    model = load_model(path)
+    n_classes = int(model.output_shape[-1])
+    print(f"warning: no {MODEL_INFO} beside {path}; naming classes class_0..", file=sys.stderr)
+    return Predictor(model, ModelInfo(tuple(f"class_{i}" for i in range(n_classes)),
+                                      int(model.input_shape[1])))
+
+
+def _from_model_uri(uri: str, tracking_uri: str) -> Predictor:
+    """The run's MLflow model, loaded through pyfunc (the object MLflow serving uses)."""
+    import mlflow
+    import mlflow.pyfunc
+    from mlflow.exceptions import MlflowException
+
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        return mlflow.pyfunc.load_model(uri).unwrap_python_model().predictor
+    except MlflowException as error:
+        raise UserError(f"model={uri!r}: {error.message} (store {tracking_uri}; add "
+                        "tracking_uri=... when the model lives in another store)") from error
+
+
+def _from_run(run_id: str, tracking_uri: str) -> Predictor:
+    """A run's model: its `model_uri` tag; runs logged before the MLflow model carried the
+    predictor fall back to `checkpoints/best.keras` + `model_info.json`."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as error:
+        raise UserError(f"No MLflow run {run_id!r} in store {tracking_uri} (add "
+                        "tracking_uri=... when the run lives in another store)") from error
+    if "model_uri" in run.data.tags:
+        try:
+            return _from_model_uri(run.data.tags["model_uri"], tracking_uri)
+        except (UserError, AttributeError):
+            pass  # a Keras-flavour model of an older version: use its checkpoint
+    if run.info.status != "FINISHED":
+        raise UserError(f"MLflow run {run_id} is {run.info.status} and has no model yet")
+    folder = Path(tempfile.mkdtemp(prefix="predict-"))
+    try:
+        local = Path(client.download_artifacts(run_id, "checkpoints", str(folder)))
+    except (MlflowException, OSError) as error:
+        raise UserError(f"MLflow run {run_id} logged no model") from error
+    return Predictor.load(local / "best.keras")
 
 
 def list_inputs(source: str | Path) -> list[Path]:
@@ -97,49 +101,35 @@ def list_inputs(source: str | Path) -> list[Path]:
     if path.is_file():
         return [path]
     if not path.is_dir():
-        raise FileNotFoundError(f"input={str(source)!r} does not exist")
+        raise UserError(f"input={str(source)!r} does not exist")
     return sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS
                   and not p.name.startswith(".") and not p.is_dir())
 
 
-def predict_files(loaded: LoadedModel, files: Sequence[Path], output: Path,
+def predict_files(predictor: Predictor, files: Sequence[Path], output: Path,
                   batch_size: int = 32) -> int:
     """Write predictions for `files` to `output` (CSV); return how many files failed."""
     output.parent.mkdir(parents=True, exist_ok=True)
     progress = keras.utils.Progbar(len(files), unit_name="image")
-    names = loaded.class_names
-    with_decision = loaded.threshold is not None and len(names) == 2
-    positive = names.index(loaded.positive_class) if with_decision else 0
+    columns = predictor.columns
     failed = 0
     with output.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["file", *[f"p_{c}" for c in names], "predicted", "decision", "error"])
+        writer.writerow(["file", *columns])
         for start in range(0, len(files), batch_size):
             batch = files[start:start + batch_size]
-            images, ok, errors = [], [], {}
-            for file in batch:
-                try:
-                    images.append(load_image(str(file), loaded.image_size))
-                    ok.append(file)
-                except ValueError as error:
-                    errors[file] = str(error).removeprefix(f"{file}: ")
-            probs = np.empty((0, len(names)))
-            if images:
-                probs = apply_temperature(predict_probabilities(
-                    loaded.model, np.stack(images), batch_size, loaded.tta), loaded.temperature)
-            by_file = dict(zip(ok, probs, strict=True))
-            for file in batch:
-                if file in errors:
-                    failed += 1
-                    writer.writerow([file, *[""] * len(names), "", "", errors[file]])
-                    continue
-                p = by_file[file]
-                decision = (names[int(decide(p[None], positive, loaded.threshold)[0])]
-                            if with_decision else "")
-                writer.writerow([file, *[f"{v:.6f}" for v in p], names[int(np.argmax(p))],
-                                 decision, ""])
+            for file, row in zip(batch, predictor.score(batch, batch_size=batch_size),
+                                 strict=True):
+                failed += bool(row["error"])
+                writer.writerow([file, *(_cell(row[c]) for c in columns)])
             progress.add(len(batch))
     return failed
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, float):
+        return "" if value != value else f"{value:.6f}"  # NaN: an unreadable image
+    return str(value)
 
 
 def parse_args(argv: Sequence[str]) -> dict[str, str]:
@@ -148,26 +138,31 @@ def parse_args(argv: Sequence[str]) -> dict[str, str]:
     for arg in argv:
         key, sep, value = arg.partition("=")
         if not sep or key not in OPTIONS:
-            raise SystemExit(f"Unknown argument {arg!r}; use key=value with keys "
-                             f"{', '.join(OPTIONS)}.\n{__doc__}")
+            raise UserError(f"Unknown argument {arg!r}; use key=value with keys "
+                            f"{', '.join(OPTIONS)}.\n{__doc__}")
         values[key] = value
     if values["tta"] not in ("auto", *TTA_MODES):
-        raise SystemExit(f"tta must be auto (as the run evaluated), none or dihedral. "
-                         f"Received: tta={values['tta']!r}")
+        raise UserError(f"tta must be auto (as the run evaluated), none or dihedral. "
+                        f"Received: tta={values['tta']!r}")
     for key in ("model", "input"):
         if not values[key]:
-            raise SystemExit(f"Missing {key}=...\n{__doc__}")
+            raise UserError(f"Missing {key}=...\n{__doc__}")
+    if not values["batch_size"].isdigit() or int(values["batch_size"]) < 1:
+        raise UserError(f"batch_size must be a positive integer. "
+                        f"Received: batch_size={values['batch_size']!r}")
     return values
 
 
+@report_user_errors
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    loaded = load_model(args["model"], args["tracking_uri"])
+    predictor = load_predictor(args["model"], args["tracking_uri"])
     if args["tta"] != "auto":
-        loaded = dataclasses.replace(loaded, tta=args["tta"])
+        predictor = dataclasses.replace(
+            predictor, info=dataclasses.replace(predictor.info, tta=args["tta"]))
     files = list_inputs(args["input"])
     output = Path(args["output"])
-    failed = predict_files(loaded, files, output, int(args["batch_size"]))
+    failed = predict_files(predictor, files, output, int(args["batch_size"]))
     print(f"Wrote {len(files)} rows to {output.resolve()} ({failed} unreadable)")
 
 

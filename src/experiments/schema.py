@@ -14,12 +14,14 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from experiments.errors import ConfigError, RunStateError
+
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 
 
 def _require(condition: bool, message: str) -> None:
     if not condition:
-        raise ValueError(message)
+        raise ConfigError(message)
 
 
 def _check_choice(key: str, value: object, choices: tuple) -> None:
@@ -134,6 +136,11 @@ class TissueAugmentationConfig:
     # Keras RandAugment: operations per batch (0: off) and their strength in [0, 1].
     randaugment_ops: int = 0
     randaugment_magnitude: float = 0.5
+    # Label-mixing regularisers (train only): mixup (Zhang et al. 2018) and CutMix (Yun et al.
+    # 2019) with mixing coefficients ~ Beta(alpha, alpha); 0: off. Both on: one or the other
+    # per batch, each with probability 1/2.
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
 
 
 @dataclass
@@ -169,6 +176,9 @@ class DataConfig:
     image_size: int | None = None
     val_fraction: float = 0.2
     test_fraction: float = 0.2
+    # Seed of the train/val/test split and of the cross-validation folds; null: trainer.seed.
+    # Fix it to sweep trainer.seed over one split (seed ensembles, seed-to-seed spread).
+    split_seed: int | None = None
     # The class whose recall is `test_recall` (sensitivity); null: the last class by name.
     positive_class: str | None = None
     # Bad image files: "error" stops before training listing them all; "skip" leaves them out.
@@ -180,6 +190,10 @@ class DataConfig:
     group_pattern: str | None = None
     # Stain normalisation fitted on the training images only: null, "reinhard" or "macenko".
     stain_normalization: str | None = None
+    # Native-resolution patches: images are decoded at image_size, the network trains on
+    # random patch_size crops of them and predicts by averaging a grid of crops that covers
+    # the image (e.g. image_size=256, patch_size=128). null: the network sees the whole image.
+    patch_size: int | None = None
 
     def __post_init__(self) -> None:
         _check_fraction("data.val_fraction", self.val_fraction, allow_zero=False)
@@ -200,6 +214,12 @@ class DataConfig:
         if self.image_size is not None:
             _require(self.image_size >= 8, "`data.image_size` must be at least 8 pixels. "
                      f"Received: data.image_size={self.image_size!r}")
+        if self.patch_size is not None:
+            _check_at_least("data.patch_size", self.patch_size, 8)
+            _require(self.image_size is not None and self.patch_size <= self.image_size,
+                     "`data.patch_size` crops the decoded image: set data.image_size >= it. "
+                     f"Received: data.patch_size={self.patch_size!r}, "
+                     f"data.image_size={self.image_size!r}")
 
 
 @dataclass
@@ -207,7 +227,8 @@ class DemoDataConfig(DataConfig):
     """The synthetic H&E-like demo set, generated into `root` on first use."""
 
     images_per_class: int = 100
-    source_size: int = 128
+    # Side of the generated tiles: 320 px serves every backbone's default input (xception: 299).
+    source_size: int = 320
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -236,6 +257,10 @@ class TrainerConfig:
     warmup_epochs: int = 3
     # Label smoothing of the cross-entropy (0: none).
     label_smoothing: float = 0.0
+    # Exponential moving average of the weights (Keras' optimizer `use_ema`) with this
+    # momentum, e.g. 0.99; validation, checkpoints and the final model use the averaged
+    # weights. null: off.
+    ema: float | None = None
 
     def __post_init__(self) -> None:
         from experiments.finetune import SCHEDULES
@@ -249,6 +274,9 @@ class TrainerConfig:
                  f"trainer.verbose={self.verbose!r}")
         _check_at_least("trainer.accumulate", self.accumulate, 1)
         _check_choice("trainer.precision", self.precision, PRECISIONS)
+        if self.ema is not None:
+            _require(0 < self.ema < 1, "`trainer.ema` must be in (0, 1) or null. "
+                     f"Received: trainer.ema={self.ema!r}")
 
 
 @dataclass
@@ -273,7 +301,7 @@ class EvalConfig:
     seed: int = MISSING
 
     def __post_init__(self) -> None:
-        from experiments.evaluate import TTA_MODES
+        from experiments.inference import TTA_MODES
         from experiments.stats import THRESHOLD_METHODS
 
         _check_choice("eval.tta", self.tta, TTA_MODES)
@@ -293,9 +321,19 @@ class CVConfig:
     """Stratified K-fold cross-validation over data.root (1: one train/val/test split)."""
 
     folds: int = 1
+    # Repeated cross-validation: this many different fold assignments (repeat r is the
+    # cross-validation of trainer.seed + r).
+    repeats: int = 1
+    # After the folds, train one final model on every image for the folds' median best epoch
+    # (no validation split) and log it as the parent's model (scikit-learn's `refit`).
+    refit: bool = False
 
     def __post_init__(self) -> None:
         _check_at_least("cv.folds", self.folds, 1)
+        _check_at_least("cv.repeats", self.repeats, 1)
+        _require(self.folds > 1 or (self.repeats == 1 and not self.refit),
+                 "`cv.repeats` and `cv.refit` need a cross-validation (cv.folds > 1). Received: "
+                 f"cv.folds={self.folds!r}, cv.repeats={self.repeats!r}, cv.refit={self.refit!r}")
 
 
 @dataclass
@@ -364,7 +402,7 @@ def typed_config(plain: dict[str, Any]) -> DictConfig:
         keys = set(plain.get(group) or {})
         matches = [s for s in schemas.values() if {f.name for f in fields(s)} == keys]
         if len(matches) != 1:
-            raise ValueError(f"Saved config group {group!r} matches no schema. Received keys: "
-                             f"{sorted(keys)}")
+            raise RunStateError(f"Saved config group {group!r} matches no schema. Received keys: "
+                                f"{sorted(keys)}")
         cfg[group] = OmegaConf.merge(OmegaConf.structured(matches[0]), plain[group])
     return cfg

@@ -16,6 +16,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from experiments.errors import ConfigError, DataError
+
 METHODS = ("reinhard", "macenko")
 # sRGB (D65) -> XYZ, and the D65 white point.
 _XYZ_FROM_RGB = np.array([[0.412453, 0.357580, 0.180423],
@@ -30,8 +32,8 @@ _ALPHA = 1.0  # percentile of the extreme angles (Macenko)
 
 def check_method(method: str) -> None:
     if method not in METHODS:
-        raise ValueError(f"`data.stain_normalization` must be null or one of {METHODS}. "
-                         f"Received: data.stain_normalization={method!r}")
+        raise ConfigError(f"`data.stain_normalization` must be null or one of {METHODS}. "
+                          f"Received: data.stain_normalization={method!r}")
 
 
 def rgb_to_lab(rgb: tf.Tensor) -> tf.Tensor:
@@ -156,7 +158,8 @@ def fit(method: str, images: np.ndarray) -> StainNormalization:
     check_method(method)
     if method == "reinhard":
         stats = [tf.concat(lab_statistics(batch), axis=1).numpy() for batch in _batches(images)]
-        return StainNormalization(method, list(np.median(np.concatenate(stats), axis=0)))
+        return StainNormalization(method, list(np.median(np.concatenate(stats), axis=0)),
+                                  dtype="float32")
     stains, maxima = [], []
     for batch in _batches(images):
         s, m, _, enough = macenko_estimate(batch)
@@ -164,13 +167,13 @@ def fit(method: str, images: np.ndarray) -> StainNormalization:
         maxima.append(m.numpy()[enough.numpy()])
     stains_all = np.concatenate(stains)
     if len(stains_all) == 0:
-        raise ValueError("Macenko stain normalisation found no tissue (optical density > "
-                         f"{_BETA}) in any training image; use data.stain_normalization="
-                         "reinhard or null")
+        raise DataError("Macenko stain normalisation found no tissue (optical density > "
+                        f"{_BETA}) in any training image; use data.stain_normalization="
+                        "reinhard or null")
     target_stains = np.median(stains_all, axis=0)
     target_stains /= np.linalg.norm(target_stains, axis=1, keepdims=True)
     target_max = np.median(np.concatenate(maxima), axis=0)
-    return StainNormalization(method, [*target_stains.ravel(), *target_max])
+    return StainNormalization(method, [*target_stains.ravel(), *target_max], dtype="float32")
 
 
 def apply(layer: StainNormalization, images: np.ndarray) -> np.ndarray:

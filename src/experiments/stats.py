@@ -10,6 +10,9 @@ import numpy as np
 from scipy import optimize, stats
 from sklearn import metrics as skm
 
+from experiments.errors import ConfigError, DataError
+from experiments.inference import apply_temperature
+
 THRESHOLD_METHODS = ("fixed", "youden", "target_sensitivity")
 
 
@@ -49,29 +52,37 @@ def bootstrap_intervals(labels: np.ndarray, probabilities: np.ndarray, positive:
     """metric -> (point estimate, low, high), percentile bootstrap over stratified resamples.
 
     Two classes: accuracy, roc_auc, sensitivity, specificity of p(positive) >= threshold.
-    More classes: accuracy of the argmax only.
+    More classes: accuracy of the argmax only. `probabilities` (n, C), or (R, n, C) for R sets
+    of predictions of the same images (repeated cross-validation): each metric is then the
+    mean over the R sets, and every resample draws the same images for all of them.
     """
     if n_resamples < 100:
-        raise ValueError(f"`eval.bootstrap_resamples` must be at least 100. "
-                         f"Received: n_resamples={n_resamples!r}")
+        raise ConfigError(f"`eval.bootstrap_resamples` must be at least 100. "
+                          f"Received: n_resamples={n_resamples!r}")
     if not 0.5 <= confidence < 1:
-        raise ValueError(f"`eval.confidence` must be in [0.5, 1). "
-                         f"Received: confidence={confidence!r}")
+        raise ConfigError(f"`eval.confidence` must be in [0.5, 1). "
+                          f"Received: confidence={confidence!r}")
     labels = np.asarray(labels, dtype=int)
+    sets = probabilities if probabilities.ndim == 3 else probabilities[None]
     index = stratified_resamples(labels, n_resamples, seed)
-    if probabilities.shape[1] == 2:
-        truth = (labels == positive).astype(int)
-        score = probabilities[:, positive]
-        point = {k: float(v[0]) for k, v in
-                 _binary_scores(truth[None], score[None], threshold).items()}
-        samples = _binary_scores(truth[index], score[index], threshold)
-    else:
-        correct = probabilities.argmax(axis=1) == labels
-        point = {"accuracy": float(correct.mean())}
-        samples = {"accuracy": correct[index].mean(axis=1)}
+    points, samples = [], []
+    for probs in sets:
+        if probs.shape[1] == 2:
+            truth = (labels == positive).astype(int)
+            score = probs[:, positive]
+            points.append(_binary_scores(truth[None], score[None], threshold))
+            samples.append(_binary_scores(truth[index], score[index], threshold))
+        else:
+            correct = probs.argmax(axis=1) == labels
+            points.append({"accuracy": correct[None].mean(axis=1)})
+            samples.append({"accuracy": correct[index].mean(axis=1)})
     tail = (1 - confidence) / 2 * 100
-    return {name: (point[name], *map(float, np.nanpercentile(values, [tail, 100 - tail])))
-            for name, values in samples.items()}
+    out = {}
+    for name in samples[0]:
+        point = float(np.mean([p[name][0] for p in points]))
+        values = np.mean([s[name] for s in samples], axis=0)
+        out[name] = (point, *map(float, np.nanpercentile(values, [tail, 100 - tail])))
+    return out
 
 
 def choose_threshold(labels: np.ndarray, score: np.ndarray, method: str,
@@ -80,12 +91,12 @@ def choose_threshold(labels: np.ndarray, score: np.ndarray, method: str,
     (max sensitivity + specificity - 1) or the highest threshold reaching the target
     sensitivity. `labels` are 1 for the positive class, 0 otherwise."""
     if method not in THRESHOLD_METHODS:
-        raise ValueError(f"`eval.threshold` must be one of {THRESHOLD_METHODS}. "
-                         f"Received: eval.threshold={method!r}")
+        raise ConfigError(f"`eval.threshold` must be one of {THRESHOLD_METHODS}. "
+                          f"Received: eval.threshold={method!r}")
     if method == "fixed":
         return float(fixed)
     if len(np.unique(labels)) < 2:
-        raise ValueError("Choosing a threshold needs both classes in the validation split")
+        raise DataError("Choosing a threshold needs both classes in the validation split")
     fpr, tpr, thresholds = skm.roc_curve(labels, score)
     thresholds = np.minimum(thresholds, 1.0)  # the first is +inf ("nothing positive")
     if method == "youden":
@@ -98,13 +109,6 @@ def rates_at_threshold(labels: np.ndarray, score: np.ndarray,
     """Sensitivity, specificity and accuracy of score >= threshold (labels 1 = positive)."""
     scores = _binary_scores(np.asarray(labels)[None], np.asarray(score)[None], threshold)
     return {name: float(scores[name][0]) for name in ("sensitivity", "specificity", "accuracy")}
-
-
-def decide(probabilities: np.ndarray, positive: int,
-           threshold: float | np.ndarray) -> np.ndarray:
-    """Two classes: the class index of each row at the threshold on p(positive) (one
-    threshold, or one per row)."""
-    return np.where(probabilities[:, positive] >= threshold, positive, 1 - positive)
 
 
 @dataclass(frozen=True)
@@ -132,14 +136,6 @@ def reliability_bins(labels: np.ndarray, probabilities: np.ndarray,
     safe = np.maximum(count, 1)
     return ReliabilityBins(np.bincount(bins, confidence, n_bins) / safe,
                            np.bincount(bins, correct.astype(float), n_bins) / safe, count)
-
-
-def apply_temperature(probabilities: np.ndarray, temperature: float) -> np.ndarray:
-    """softmax(log p / T): T > 1 softens over-confident predictions, ranking unchanged."""
-    logits = np.log(np.clip(probabilities, 1e-12, 1.0)) / temperature
-    logits -= logits.max(axis=1, keepdims=True)
-    scaled = np.exp(logits)
-    return scaled / scaled.sum(axis=1, keepdims=True)
 
 
 def negative_log_likelihood(labels: np.ndarray, probabilities: np.ndarray) -> float:

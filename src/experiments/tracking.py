@@ -9,6 +9,7 @@ from __future__ import annotations
 import fcntl
 import os
 import re
+import shutil
 import subprocess
 import tempfile
 import time
@@ -22,12 +23,15 @@ from typing import Any
 
 import keras
 import mlflow
-import mlflow.keras
-import numpy as np
-import tensorflow as tf
+import mlflow.pyfunc
+import pandas as pd
 from mlflow.exceptions import MlflowException
-from mlflow.models import infer_signature
+from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
+from mlflow.types.schema import ColSpec, Schema
+
+from experiments.errors import RunStateError, ServerError
+from experiments.inference import MODEL_FILE, MODEL_INFO
 
 LOCAL_SCHEMES = ("sqlite:", "file:", "postgresql", "mysql", "mssql")
 
@@ -55,29 +59,44 @@ def check_server(tracking_uri: str, timeout_s: float = 5.0) -> None:
             problem = f"HTTP {response.status}"
     except (urllib.error.URLError, OSError) as error:
         problem = str(getattr(error, "reason", error))
-    raise ConnectionError(
+    raise ServerError(
         f"MLflow tracking server {tracking_uri} did not answer ({url}: {problem}). Start it "
         "(e.g. `mlflow server --backend-store-uri sqlite:///$PWD/mlruns/mlflow.db --host "
         "127.0.0.1 --port 5000`) or use the local store by leaving mlflow.tracking_uri at its "
         "default.")
 
 
+# Tells the MLflow 3 UI that the experiment trains models (its model-training view, not the
+# GenAI view with traces and evaluation runs).
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
+def use_store(tracking_uri: str) -> None:
+    """Log to (and read from) the store at `tracking_uri` from now on."""
+    mlflow.set_tracking_uri(tracking_uri)
+
+
 def ensure_experiment(tracking_uri: str, experiment_name: str, artifact_root: str) -> str:
     """Point MLflow at the store and return the experiment id, creating it if needed.
 
     In a local store a new experiment gets an absolute artifact folder under `artifact_root`
-    (MLflow's default is relative to the current directory, which scatters artifacts).
+    (MLflow's default is relative to the current directory, which scatters artifacts). Every
+    experiment is tagged as model training for the UI, unless it already says what it is.
     """
     mlflow.set_tracking_uri(tracking_uri)
     with _store_setup_lock(tracking_uri):
         experiment = mlflow.get_experiment_by_name(experiment_name)
         if experiment is not None:
+            if not EXPERIMENT_KIND.keys() & experiment.tags.keys():
+                MlflowClient().set_experiment_tag(experiment.experiment_id,
+                                                  *next(iter(EXPERIMENT_KIND.items())))
             return experiment.experiment_id
         location = None
         if is_local_store(tracking_uri):
             folder = re.sub(r"[^A-Za-z0-9._-]+", "_", experiment_name)
             location = str(Path(artifact_root).expanduser().resolve() / folder)
-        return mlflow.create_experiment(experiment_name, artifact_location=location)
+        return mlflow.create_experiment(experiment_name, artifact_location=location,
+                                        tags=EXPERIMENT_KIND)
 
 
 @contextmanager
@@ -158,14 +177,14 @@ def load_run_config(tracking_uri: str, run_id: str) -> tuple[str, str]:
     try:
         status = client.get_run(run_id).info.status
     except MlflowException as error:
-        raise ValueError(f"No MLflow run {run_id!r} in store {tracking_uri} (add "
-                         "mlflow.tracking_uri=... when the run lives in another store)") from error
+        raise RunStateError(f"No MLflow run {run_id!r} in store {tracking_uri} (add mlflow."
+                            "tracking_uri=... when the run lives in another store)") from error
     with tempfile.TemporaryDirectory() as folder:
         try:
             path = client.download_artifacts(run_id, RESOLVED_CONFIG, folder)
         except (MlflowException, OSError) as error:
-            raise ValueError(f"MLflow run {run_id} has no {RESOLVED_CONFIG}; it was not "
-                             "started by this framework and cannot be resumed") from error
+            raise RunStateError(f"MLflow run {run_id} has no {RESOLVED_CONFIG}; it was not "
+                                "started by this framework and cannot be resumed") from error
         return status, Path(path).read_text()
 
 
@@ -197,6 +216,13 @@ def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
     mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
 
 
+def log_new_metrics(run_id: str, metrics: Mapping[str, float]) -> None:
+    """Log the metrics the run does not hold yet (a resumed run that repeats its final
+    evaluation logs each metric once)."""
+    logged = MlflowClient().get_run(run_id).data.metrics
+    log_metrics({k: v for k, v in metrics.items() if k not in logged})
+
+
 def set_tags(tags: Mapping[str, str]) -> None:
     mlflow.set_tags(dict(tags))
 
@@ -210,7 +236,6 @@ def log_artifacts(folder: str | Path, artifact_path: str | None = None) -> None:
 
 
 PARENT_RUN_ENV = "EXPERIMENTS_PARENT_RUN_ID"  # set by the sweep callback for its jobs
-MODEL_INFO = "model_info.json"
 
 
 def parent_run_tags() -> dict[str, str]:
@@ -219,18 +244,38 @@ def parent_run_tags() -> dict[str, str]:
     return {"mlflow.parentRunId": parent} if parent else {}
 
 
-def log_model(model: keras.Model, info: Mapping[str, Any]) -> str:
-    """Log `model` as an MLflow Keras model (signature: raw RGB batch -> class probabilities,
-    metadata: `info`, e.g. class names and image size); return the model URI."""
-    size = info["image_size"]
-    example = np.zeros((1, size, size, 3), dtype=np.float32)
-    signature = infer_signature(example, np.zeros((1, len(info["class_names"])), np.float32))
-    logged = mlflow.keras.log_model(
-        model, name="model", signature=signature, metadata=dict(info),
-        # Stated, not inferred: inference re-imports the model in a subprocess (~8 s).
-        pip_requirements=[f"keras=={keras.__version__}", f"tensorflow=={tf.__version__}",
-                          f"mlflow=={mlflow.__version__}"])
+def log_model(model_dir: Path, info: Mapping[str, Any]) -> str:
+    """Log the run's model folder (`model.keras` + `model_info.json`) as an MLflow pyfunc model
+    (`experiments.serving.ImageClassifier`, logged from code, not pickled): image bytes or
+    paths in, the run's predictions out, loadable and servable without this project
+    installed. Returns the model URI."""
+    from experiments import mlflow_model, serving  # only when a model is logged
+
+    names = info["class_names"]
+    signature = ModelSignature(
+        Schema([ColSpec("string", "image", required=False),  # base64: we decode it ourselves
+                ColSpec("string", "path", required=False)]),
+        Schema([*(ColSpec("double", f"p_{c}") for c in names), ColSpec("string", "predicted"),
+                ColSpec("string", "decision"), ColSpec("string", "error")]))
+    example = pd.DataFrame({"image": [serving.example_image()]})
+    with tempfile.TemporaryDirectory() as folder:
+        code = shutil.copytree(Path(serving.__file__).parent, Path(folder) / "experiments",
+                               ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        logged = mlflow.pyfunc.log_model(
+            name="model", python_model=mlflow_model.__file__,
+            artifacts={"model": str(model_dir / MODEL_FILE), "info": str(model_dir / MODEL_INFO)},
+            code_paths=[str(code)], signature=signature, input_example=example,
+            metadata=dict(info), pip_requirements=serving_requirements())
     return logged.model_uri
+
+
+def serving_requirements() -> list[str]:
+    """What the MLflow model needs to load and predict, pinned to what trained it (stated,
+    not inferred: inference would re-import the model in a subprocess)."""
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name)}"
+            for name in ("mlflow", "tensorflow", "keras", "numpy", "pandas", "pillow")]
 
 
 def register_model(model_uri: str, name: str) -> str:

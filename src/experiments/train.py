@@ -1,12 +1,15 @@
 """Fitting: Keras `fit` with the configured callbacks, remembering which epoch was best.
 
-Model selection uses the validation split only: the best checkpoint is the one the
-ModelCheckpoint callback keeps on its monitored validation metric.
+Model selection uses the validation split only: the checkpoint is the one the ModelCheckpoint
+callback keeps on its monitored validation metric (`save_best_only: true`), or the last epoch's
+(`save_best_only: false`: a fixed schedule, no selection). With `trainer.ema` the validation
+metrics, the checkpoints and the final model all use the averaged weights.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +17,7 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
+from experiments.errors import ConfigError
 from experiments.finetune import SecondStage
 
 BF16_CPU_FLAGS = {"amx_bf16", "avx512_bf16"}
@@ -63,28 +67,29 @@ class TrainResult:
 def find_checkpoint(
     callbacks: Sequence[keras.callbacks.Callback],
 ) -> keras.callbacks.ModelCheckpoint:
-    """The one ModelCheckpoint that keeps the best full model (the model we evaluate)."""
+    """The one ModelCheckpoint that keeps the full model we evaluate: the best on validation
+    (save_best_only: true) or the last epoch's (false)."""
     found = [cb for cb in callbacks if isinstance(cb, keras.callbacks.ModelCheckpoint)]
     if len(found) != 1:
-        raise ValueError("callbacks must hold exactly one keras.callbacks.ModelCheckpoint (it "
-                         f"picks the model to evaluate). Received: {len(found)}")
+        raise ConfigError("callbacks must hold exactly one keras.callbacks.ModelCheckpoint (it "
+                          f"picks the model to evaluate). Received: {len(found)}")
     checkpoint = found[0]
-    if not checkpoint.save_best_only or checkpoint.save_weights_only:
-        raise ValueError("The ModelCheckpoint callback must save the full best model "
-                         "(save_best_only: true, save_weights_only: false). Received: "
-                         f"save_best_only={checkpoint.save_best_only!r}, "
-                         f"save_weights_only={checkpoint.save_weights_only!r}")
+    if checkpoint.save_weights_only:
+        raise ConfigError("The ModelCheckpoint callback must save the full model "
+                          "(save_weights_only: false). Received: "
+                          f"save_weights_only={checkpoint.save_weights_only!r}")
     if not checkpoint.filepath.endswith(".keras"):
-        raise ValueError("The ModelCheckpoint filepath must end in .keras. Received: "
-                         f"filepath={checkpoint.filepath!r}")
+        raise ConfigError("The ModelCheckpoint filepath must end in .keras. Received: "
+                          f"filepath={checkpoint.filepath!r}")
     if not checkpoint.monitor.startswith("val_"):
-        raise ValueError("The ModelCheckpoint must monitor a validation metric (the test split "
-                         f"never selects models). Received: monitor={checkpoint.monitor!r}")
+        raise ConfigError("The ModelCheckpoint must monitor a validation metric (the test split "
+                          f"never selects models). Received: monitor={checkpoint.monitor!r}")
     return checkpoint
 
 
 class BestEpoch(keras.callbacks.Callback):
-    """Records the epoch at which the ModelCheckpoint saved (must come after it in the list)."""
+    """Records the epoch whose model the ModelCheckpoint holds and its monitored value (must
+    come after it in the list): the best so far, or every epoch without save_best_only."""
 
     def __init__(self, checkpoint: keras.callbacks.ModelCheckpoint) -> None:
         super().__init__()
@@ -93,9 +98,42 @@ class BestEpoch(keras.callbacks.Callback):
         self.best_value = float("nan")
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if not self.checkpoint.save_best_only:
+            self.best_epoch = epoch + 1
+            self.best_value = float((logs or {}).get(self.checkpoint.monitor, float("nan")))
+            return
         best = self.checkpoint.best
         if best is not None and best != self.best_value:
             self.best_epoch, self.best_value = epoch + 1, float(best)
+
+
+class EmaIn(keras.callbacks.SwapEMAWeights):
+    """trainer.ema: the optimizer's moving average of the weights is what validation sees
+    (Keras swaps it in for every evaluation) and, from the end of each epoch until `EmaOut`,
+    what the model holds, so the checkpoint and the loggers in between see it. `EmaOut` swaps
+    the raw weights back before the per-epoch backup, so a resumed run continues exactly."""
+
+    def __init__(self) -> None:
+        super().__init__(swap_on_epoch=False)
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if not self._ema_weights_in_model:
+            self._swap_variables()
+            self._ema_weights_in_model = True
+
+    def swap_out(self) -> None:
+        if self._ema_weights_in_model:
+            self._swap_variables()
+            self._ema_weights_in_model = False
+
+
+class EmaOut(keras.callbacks.Callback):
+    def __init__(self, ema_in: EmaIn) -> None:
+        super().__init__()
+        self.ema_in = ema_in
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        self.ema_in.swap_out()
 
 
 def _higher_is_better(callback: keras.callbacks.Callback) -> bool:
@@ -143,23 +181,66 @@ class RestoreState(keras.callbacks.Callback):
                 self.best_epoch.best_epoch, self.best_epoch.best_value = best_step, float(best)
 
 
+class RecordTraining(keras.callbacks.Callback):
+    """Writes the finished training's result (best epoch, its value, the checkpoint) to
+    `path` when the last fit of a training ends - before BackupAndRestore deletes its backup -
+    so a run killed during its final evaluation resumes by evaluating its checkpoint."""
+
+    def __init__(self, best: BestEpoch, total_epochs: int, path: Path) -> None:
+        super().__init__()
+        self.best, self.total_epochs, self.path = best, total_epochs, path
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        if self.params.get("epochs") != self.total_epochs or self.best.best_epoch == 0:
+            return  # the first stage of two_stage, or nothing to evaluate
+        checkpoint = self.best.checkpoint
+        record = {"best_epoch": self.best.best_epoch, "best_value": self.best.best_value,
+                  "monitor": checkpoint.monitor,
+                  "higher_is_better": _higher_is_better(checkpoint),
+                  "checkpoint_path": str(checkpoint.filepath)}
+        staging = self.path.with_suffix(".partial")
+        staging.write_text(json.dumps(record))
+        staging.replace(self.path)
+
+
+def read_training_record(path: Path) -> TrainResult | None:
+    """The result `RecordTraining` wrote, or None when training has not finished."""
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    return TrainResult({}, record["best_epoch"], record["best_value"], record["monitor"],
+                       record["higher_is_better"], Path(record["checkpoint_path"]))
+
+
+def uses_ema(model: keras.Model) -> bool:
+    """Whether the model's optimizer keeps a moving average of the weights (trainer.ema)."""
+    optimizer = model.optimizer
+    return bool(getattr(getattr(optimizer, "inner_optimizer", optimizer), "use_ema", False))
+
+
 def train(model: keras.Model, train_data: tf.data.Dataset, val_data: tf.data.Dataset,
           epochs: int, callbacks: Sequence[keras.callbacks.Callback], backup_dir: Path,
           loggers: Sequence[keras.callbacks.Callback] = (),
           resume_history: dict[str, dict[int, float]] | None = None,
-          verbose: int = 1, second_stage: SecondStage | None = None) -> TrainResult:
+          verbose: int = 1, second_stage: SecondStage | None = None,
+          record_path: Path | None = None) -> TrainResult:
     """Fit, then report which epoch's checkpoint is the best on validation.
 
     State is backed up to `backup_dir` after every epoch (after the loggers ran, so an epoch is
     logged at most once); a fit started again on the same folder continues where it stopped.
+    When the training ends, its result is written to `record_path` (`read_training_record`).
     """
     checkpoint = find_checkpoint(callbacks)
     Path(checkpoint.filepath).parent.mkdir(parents=True, exist_ok=True)
     best = BestEpoch(checkpoint)
     restore = [RestoreState(callbacks, best, resume_history)] if resume_history else []
     backup = keras.callbacks.BackupAndRestore(str(backup_dir))
+    ema_in = EmaIn() if uses_ema(model) else None
+    ema = ([ema_in], [EmaOut(ema_in)]) if ema_in else ([], [])
+    record = [RecordTraining(best, epochs, record_path)] if record_path else []
     fit = functools.partial(model.fit, train_data, validation_data=val_data,
-                            callbacks=[*restore, *callbacks, best, *loggers, backup],
+                            callbacks=[*restore, *ema[0], *callbacks, best, *loggers, *ema[1],
+                                       *record, backup],
                             verbose=verbose, shuffle=False)  # the tf.data pipeline shuffles
     if second_stage is None or second_stage.start_epoch >= epochs:
         history = fit(epochs=epochs).history
@@ -169,9 +250,25 @@ def train(model: keras.Model, train_data: tf.data.Dataset, val_data: tf.data.Dat
         later = fit(epochs=epochs, initial_epoch=second_stage.start_epoch).history
         history = {key: [*values, *later.get(key, [])] for key, values in history.items()}
     if best.best_epoch == 0:
-        raise RuntimeError(f"ModelCheckpoint never saved a model (monitor "
-                           f"{checkpoint.monitor!r} missing or NaN in every epoch)")
+        raise ConfigError(f"ModelCheckpoint never saved a model (monitor "
+                          f"{checkpoint.monitor!r} missing or NaN in every epoch)")
     return TrainResult(
         history={k: [float(v) for v in vs] for k, vs in history.items()},
         best_epoch=best.best_epoch, best_value=best.best_value, monitor=checkpoint.monitor,
         higher_is_better=_higher_is_better(checkpoint), checkpoint_path=Path(checkpoint.filepath))
+
+
+def train_without_validation(model: keras.Model, train_data: tf.data.Dataset, epochs: int,
+                             loggers: Sequence[keras.callbacks.Callback] = (),
+                             verbose: int = 1, second_stage: SecondStage | None = None) -> None:
+    """Fit for exactly `epochs` on every image (a cross-validation's refit): no validation,
+    no checkpoint selection, no early stopping; the model ends with its final weights (the
+    averaged ones with trainer.ema)."""
+    fit = functools.partial(model.fit, train_data, callbacks=list(loggers), verbose=verbose,
+                            shuffle=False)
+    if second_stage is None or second_stage.start_epoch >= epochs:
+        fit(epochs=epochs)
+        return
+    fit(epochs=second_stage.start_epoch)
+    second_stage(model)
+    fit(epochs=epochs, initial_epoch=second_stage.start_epoch)

@@ -1,0 +1,205 @@
+"""`python -m experiments.ensemble --parent <sweep parent run id>`: one model from a sweep's jobs.
+
+Averages the probabilities of every finished child run's model (e.g. a seed sweep: seeds
+disagree about as much as recipes do, and their mean is steadier than any one of them) into one
+MLflow model that `experiments.predict` and `mlflow models serve` use like any other. Its
+temperature and decision threshold are fitted on the members' pooled validation predictions
+(each member's own validation split), never on a test split. When every member was tested on
+the same images (a fixed `data.split_seed`, or `data.test_root`), the ensemble is evaluated on
+them too; otherwise the run says why it has no test metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
+
+from experiments import evaluate, export, inference, tracking
+from experiments.errors import DataError, UserError, report_user_errors
+from experiments.evaluate import Predictions
+
+
+@dataclass(frozen=True)
+class Member:
+    run: Run
+    predictor: inference.Predictor
+    val: Predictions  # with TTA, no temperature
+    test_files: tuple[str, ...]
+
+
+def read_predictions(path: Path, class_names: Sequence[str], prefix: str = "p_") -> Predictions:
+    """A run's predictions table (test_predictions.csv, val_predictions.csv)."""
+    with path.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    return Predictions(tuple(r["file"] for r in rows),
+                       np.array([list(class_names).index(r["label"]) for r in rows], int),
+                       np.array([[float(r[f"{prefix}{c}"]) for c in class_names] for r in rows]))
+
+
+def load_member(client: MlflowClient, run: Run, folder: Path) -> Member:
+    import mlflow.artifacts
+
+    local = Path(mlflow.artifacts.download_artifacts(run.data.tags["model_uri"],
+                                                     dst_path=str(folder / "model")))
+    predictor = inference.Predictor.load(local / "artifacts" / inference.MODEL_FILE,
+                                         local / "artifacts" / inference.MODEL_INFO)
+    names = predictor.info.class_names
+    val = read_predictions(Path(client.download_artifacts(
+        run.info.run_id, "val_predictions.csv", str(folder))), names)
+    test = read_predictions(Path(client.download_artifacts(
+        run.info.run_id, "test_predictions.csv", str(folder))), names)
+    return Member(run, predictor, val, test.files)
+
+
+def sweep_members(client: MlflowClient, parent_id: str) -> list[Run]:
+    """The parent's finished child runs that logged a model (cross-validation parents count as
+    one member: their own ensemble or refit model)."""
+    parent = client.get_run(parent_id)
+    runs = client.search_runs([parent.info.experiment_id],
+                              f"tags.`mlflow.parentRunId` = '{parent_id}' "
+                              "and attributes.status = 'FINISHED'", max_results=10000)
+    members = [r for r in runs if "model_uri" in r.data.tags and "cv_fold" not in r.data.tags]
+    if not members:
+        raise UserError(f"Run {parent_id} has no finished child run with a model to ensemble")
+    return members
+
+
+def build(members: Sequence[Member], eval_params: dict[str, str]) -> tuple[object, dict]:
+    """The ensemble model and its info, the operating point fitted on pooled validation."""
+    infos = {(m.predictor.info.class_names, m.predictor.info.image_size,
+              m.predictor.info.positive_class) for m in members}
+    if len(infos) != 1:
+        raise DataError(f"The members disagree on classes, input size or positive class: "
+                        f"{sorted(infos)}")
+    first = members[0].predictor.info
+    positive = list(first.class_names).index(first.positive_class or first.class_names[-1])
+    labels = np.concatenate([m.val.labels for m in members])
+    probabilities = np.concatenate([m.val.probabilities for m in members])
+    temperature, threshold = export.fit_operating_point(
+        labels, probabilities, positive, eval_params.get("eval.threshold", "youden"),
+        float(eval_params.get("eval.fixed_threshold", 0.5)),
+        float(eval_params.get("eval.target_sensitivity", 0.95)),
+        eval_params.get("eval.temperature_scaling", "True") == "True")
+    model = export.ensemble([m.predictor.model for m in members])
+    info = export.model_info(first.class_names, first.image_size, positive, first.tta,
+                             temperature, threshold, kind="sweep_ensemble",
+                             members=len(members),
+                             member_runs=[m.run.info.run_id for m in members])
+    return model, info
+
+
+def evaluate_on_shared_test(predictor: inference.Predictor, members: Sequence[Member],
+                            labels_of: dict[str, int], settings: evaluate.EvalSettings
+                            ) -> dict[str, float] | str:
+    """Test metrics of the ensemble when all members share one test split, else the reason."""
+    shared = {tuple(sorted(m.test_files)) for m in members}
+    if len(shared) != 1:
+        return ("none: the members were tested on different images (fix data.split_seed to "
+                "share one split); evaluate the ensemble on held-out images with "
+                "experiments.predict")
+    files = sorted(shared.pop())
+    if not all(Path(f).is_file() for f in files):
+        return "none: the members' test images are not readable here"
+    images = np.stack([inference.load_image(f, predictor.info.image_size) for f in files])
+    labels = np.array([labels_of[f] for f in files])
+    info = predictor.info
+    positive = list(info.class_names).index(info.positive_class or info.class_names[-1])
+
+    def predictions(tta: str) -> Predictions:
+        return Predictions(tuple(files), labels,
+                           inference.predict_probabilities(predictor.model, images, 32, tta))
+
+    plain = predictions("none")
+    metrics = {**evaluate.classification_metrics(plain, positive, "test_"),
+               **evaluate.interval_metrics(plain, positive, settings, "test_")}
+    raw = plain
+    if info.tta != "none":
+        raw = predictions(info.tta)
+        metrics.update({**evaluate.classification_metrics(raw, positive, "test_tta_"),
+                        **evaluate.interval_metrics(raw, positive, settings, "test_tta_")})
+    final = Predictions(raw.files, raw.labels,
+                        inference.apply_temperature(raw.probabilities, info.temperature))
+    if info.threshold is not None:
+        metrics.update(evaluate.interval_metrics(final, positive, settings, "test_op_",
+                                                 predictor.info.threshold))
+    return metrics
+
+
+def eval_settings(params: dict[str, str]) -> evaluate.EvalSettings:
+    return evaluate.EvalSettings(seed=int(params.get("eval.seed", 0)),
+                                 bootstrap_resamples=int(params.get("eval.bootstrap_resamples",
+                                                                    2000)))
+
+
+def ensemble_sweep(tracking_uri: str, parent_id: str, register_as: str | None = None) -> str:
+    """Build, evaluate (when possible) and log the ensemble of a sweep; returns its run id."""
+    client = MlflowClient(tracking_uri)
+    tracking.use_store(tracking_uri)
+    runs = sweep_members(client, parent_id)
+    with tempfile.TemporaryDirectory() as folder:
+        members = [load_member(client, run, Path(folder) / run.info.run_id) for run in runs]
+        params = runs[0].data.params
+        model, info = build(members, params)
+        names = info["class_names"]
+        labels_of = {}
+        for member in members:
+            test = read_predictions(Path(client.download_artifacts(
+                member.run.info.run_id, "test_predictions.csv", str(Path(folder) / "t"))),
+                names)
+            labels_of.update(zip(test.files, test.labels.tolist(), strict=True))
+        model_dir = Path(folder) / "ensemble"
+        inference.save_model(model, info, model_dir)
+        predictor = inference.Predictor.load(model_dir / inference.MODEL_FILE)
+        outcome = evaluate_on_shared_test(predictor, members, labels_of, eval_settings(params))
+        experiment_id = runs[0].info.experiment_id
+        tags = {"ensemble_of": parent_id, "model_kind": "sweep_ensemble",
+                "members": ",".join(m.run.info.run_id for m in members)}
+        if isinstance(outcome, str):
+            tags["test_metrics"] = outcome
+        parent_name = client.get_run(parent_id).info.run_name
+        with tracking.open_run(experiment_id, f"ensemble of {parent_name}", tags) as run_id:
+            tracking.log_params({"members": len(members), "ensemble_of": parent_id})
+            if not isinstance(outcome, str):
+                tracking.log_metrics(outcome)
+            tracking.log_metrics({"model_temperature": info["temperature"],
+                                  **({"model_threshold": info["threshold"]}
+                                     if info["threshold"] is not None else {})})
+            model_uri = tracking.log_model(model_dir, info)
+            tracking.set_tags({"model_uri": model_uri})
+            if register_as:
+                version = tracking.register_model(model_uri, register_as)
+                print(f"Registered models:/{register_as}/{version}")
+    print(f"Ensemble of {len(members)} models from {parent_id}: MLflow run {run_id}, model "
+          f"{model_uri}")
+    if isinstance(outcome, str):
+        print(f"Test metrics: {outcome}")
+    else:
+        for name in ("test_accuracy", "test_roc_auc", "test_op_accuracy"):
+            if name in outcome:
+                print(f"  {name:<16} {outcome[name]:.4f}  [{outcome[f'{name}_ci_low']:.3f}, "
+                      f"{outcome[f'{name}_ci_high']:.3f}]")
+    return run_id
+
+
+@report_user_errors
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parent", required=True, help="the sweep's parent run id")
+    parser.add_argument("--tracking-uri", default=tracking.default_store_uri())
+    parser.add_argument("--register-as", default=None, help="register the ensemble's model")
+    args = parser.parse_args(argv)
+    tracking.check_server(args.tracking_uri)
+    ensemble_sweep(args.tracking_uri, args.parent, args.register_as)
+
+
+if __name__ == "__main__":
+    main()
