@@ -11,10 +11,11 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from experiments import predict
+from experiments import ensemble, predict
 from experiments.run import run
 from experiments.sweep import group_by_keys, swept_keys
 
@@ -76,10 +77,11 @@ def the_parent(client: MlflowClient, experiment: str):
 def test_sweep_against_a_tracking_server(tmp_path, mlflow_server):
     """A 2-job multirun (default launcher, one process) logged over HTTP: one parent with the
     report, one child run per job tagged with the sweep, one model registered; then the
-    registered model loads for prediction."""
+    registered model loads for prediction, and the two seeds (one split) become an ensemble."""
     result = run_cli(["-m", *SMALL, "trainer.epochs=1", f"paths.root={tmp_path}",
                       f"mlflow.tracking_uri={mlflow_server}", "mlflow.experiment_name=server",
-                      "mlflow.register_as=biopsy-best", "trainer.seed=1,2"], tmp_path)
+                      "mlflow.register_as=biopsy-best", "trainer.seed=1,2",
+                      "data.split_seed=0"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     client = MlflowClient(mlflow_server)
     parent, experiment_id = the_parent(client, "server")
@@ -104,6 +106,22 @@ def test_sweep_against_a_tracking_server(tmp_path, mlflow_server):
 
     loaded = predict.load_predictor("models:/biopsy-best/1", mlflow_server)
     assert loaded.info.class_names == ("benign", "malignant") and loaded.info.image_size == 32
+    experiment = client.get_experiment(experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+
+    ensemble_id = ensemble.ensemble_sweep(mlflow_server, parent.info.run_id)
+    logged = client.get_run(ensemble_id)
+    assert logged.data.tags["ensemble_of"] == parent.info.run_id
+    assert set(logged.data.tags["members"].split(",")) == {c.info.run_id for c in children}
+    metrics = logged.data.metrics  # one shared test split: the ensemble is evaluated on it
+    assert metrics["test_accuracy_ci_low"] <= metrics["test_accuracy"] <= 1
+    assert 0 <= metrics["model_threshold"] <= 1 and metrics["model_temperature"] > 0
+    combined = predict.load_predictor(ensemble_id, mlflow_server)
+    members = [predict.load_predictor(c.info.run_id, mlflow_server) for c in children]
+    images = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    np.testing.assert_allclose(
+        combined.model.predict(images, verbose=0),
+        np.mean([m.model.predict(images, verbose=0) for m in members], axis=0), atol=1e-6)
 
 
 @pytest.mark.slow  # the default run keeps the in-process sweep against a real server
