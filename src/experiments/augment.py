@@ -27,11 +27,16 @@ HED_FROM_RGB = np.linalg.inv(RGB_FROM_HED)
 
 
 class NoAugmentation:
-    def __call__(self, images: tf.Tensor, training: bool = True) -> tf.Tensor:
+    """The augmenter protocol: `augment(images, training, seed)` and `augment.mix(images,
+    labels, training, seed)`; `seed` is the batch's stateless seed (shape [2]) that the
+    training pipeline draws, so parallel batches stay deterministic and vary per epoch."""
+
+    def __call__(self, images: tf.Tensor, training: bool = True,
+                 seed: tf.Tensor | None = None) -> tf.Tensor:
         return images
 
-    def mix(self, images: tf.Tensor, labels: tf.Tensor,
-            training: bool = True) -> tuple[tf.Tensor, tf.Tensor]:
+    def mix(self, images: tf.Tensor, labels: tf.Tensor, training: bool = True,
+            seed: tf.Tensor | None = None) -> tuple[tf.Tensor, tf.Tensor]:
         return images, labels
 
 
@@ -63,10 +68,11 @@ class StudyAugmentation(NoAugmentation):
                                                   seed=seed + 2))
         self._layers = layers
 
-    def __call__(self, images: tf.Tensor, training: bool = True) -> tf.Tensor:
+    def __call__(self, images: tf.Tensor, training: bool = True,
+                 seed: tf.Tensor | None = None) -> tf.Tensor:
         if not training:
             return images
-        for layer in self._layers:
+        for layer in self._layers:  # Keras' seeded layers keep their own random state
             images = layer(images, training=True)
         return images
 
@@ -86,9 +92,9 @@ class TissueAugmentation:
     saturation/hue jitter -> gaussian blur -> RandAugment; then, with the labels, mixup or
     CutMix (`mix`).
 
-    Every random draw is per image, stateless and keyed on a per-batch seed drawn from one
-    seeded generator, so a run repeats exactly (RandAugment: Keras' seeded layer, which picks
-    its operations per batch).
+    Every random draw is per image, stateless and keyed on the batch's seed (from the training
+    pipeline; from one seeded generator when called without one), so a run repeats exactly
+    (RandAugment: Keras' seeded layer, which picks its operations per batch).
     """
 
     def __init__(self, seed: int, dihedral: bool = False, crop_scale: float = 1.0,
@@ -123,17 +129,30 @@ class TissueAugmentation:
             value_range=(0, 255), num_ops=randaugment_ops, factor=randaugment_magnitude,
             seed=seed) if randaugment_ops else None)
 
-    def __call__(self, images: tf.Tensor, training: bool = True) -> tf.Tensor:
+    @property
+    def dihedral_only(self) -> bool:
+        """Only the 8 exact dihedral views: finitely many, exact images (cacheable)."""
+        neutral = TissueAugmentation(seed=0, dihedral=True)
+        return self.dihedral and all(
+            getattr(self, key) == getattr(neutral, key)
+            for key in ("crop_scale", "hed_sigma", "hed_bias", "brightness", "contrast",
+                        "saturation", "hue", "blur_sigma", "mixup_alpha", "cutmix_alpha")
+        ) and self._randaugment is None
+
+    def _seed(self, seed: tf.Tensor | None) -> tf.Tensor:
+        return self._seeds.make_seeds(1)[:, 0] if seed is None else tf.cast(seed, tf.int64)
+
+    def __call__(self, images: tf.Tensor, training: bool = True,
+                 seed: tf.Tensor | None = None) -> tf.Tensor:
         if not training:
             return images
         images = tf.convert_to_tensor(images, tf.float32)
-        seed = self._seeds.make_seeds(1)[:, 0]
+        seed = self._seed(seed)
         n = tf.shape(images)[0]
         if self.crop_scale < 1.0:
             images = random_resized_crop(images, self.crop_scale, seed + 1)
         if self.dihedral:
-            images = random_dihedral(images, tf.random.stateless_uniform(
-                [n], seed + 2, 0, 8, dtype=tf.int32))
+            images = random_dihedral(images, dihedral_views(n, seed))
         if self.hed_sigma or self.hed_bias:
             images = hed_jitter(images, self.hed_sigma, self.hed_bias, seed + 3)
         if self.brightness or self.contrast or self.saturation or self.hue:
@@ -145,13 +164,13 @@ class TissueAugmentation:
             images = self._randaugment(images, training=True)
         return tf.clip_by_value(images, 0.0, 255.0)
 
-    def mix(self, images: tf.Tensor, labels: tf.Tensor,
-            training: bool = True) -> tuple[tf.Tensor, tf.Tensor]:
+    def mix(self, images: tf.Tensor, labels: tf.Tensor, training: bool = True,
+            seed: tf.Tensor | None = None) -> tuple[tf.Tensor, tf.Tensor]:
         """Mixup or CutMix of each image with its partner in the reversed batch, labels mixed
         with the same coefficient as the pixels; unchanged when both are off."""
         if not training or not (self.mixup_alpha or self.cutmix_alpha):
             return images, labels
-        seed = self._seeds.make_seeds(1)[:, 0]
+        seed = self._seed(seed) + 11
         if not self.cutmix_alpha:
             return mixup(images, labels, self.mixup_alpha, seed)
         if not self.mixup_alpha:
@@ -159,6 +178,11 @@ class TissueAugmentation:
         use_cutmix = tf.random.stateless_uniform([], seed + 7) < 0.5
         return tf.cond(use_cutmix, lambda: cutmix(images, labels, self.cutmix_alpha, seed),
                        lambda: mixup(images, labels, self.mixup_alpha, seed))
+
+
+def dihedral_views(n: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+    """The dihedral view (in [0, 8)) each of n images gets under the batch seed `seed`."""
+    return tf.random.stateless_uniform([n], tf.cast(seed, tf.int64) + 2, 0, 8, dtype=tf.int32)
 
 
 def _uniform(n: tf.Tensor, seed: tf.Tensor, low: float, high: float) -> tf.Tensor:

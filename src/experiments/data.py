@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import os
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +21,7 @@ from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train
 from experiments.augment import NoAugmentation
 from experiments.errors import ConfigError, DataError, MissingFileError
 from experiments.inference import load_image
+from experiments.patches import random_crops
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
 ON_INVALID = ("error", "skip")
@@ -313,19 +314,29 @@ def one_hot(labels: Sequence[int], n_classes: int) -> np.ndarray:
     return np.eye(n_classes, dtype=np.float32)[np.asarray(labels, dtype=int)]
 
 
+def batch_seeds(seed: int) -> tf.data.Dataset:
+    """An endless stream of stateless batch seeds (shape [2]), fixed by `seed` and different
+    in every epoch (every new iteration of the dataset)."""
+    return tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+
+
 def training_dataset(images: np.ndarray, labels: Sequence[int], n_classes: int, batch_size: int,
                      augment: NoAugmentation, seed: int,
-                     crop: Callable[[tf.Tensor], tf.Tensor] | None = None) -> tf.data.Dataset:
-    """Shuffled (each epoch), batched float32 batches for `fit`: cropped (native patches,
-    when `crop` is given), augmented, then label-mixed (`augment.mix`: mixup, CutMix)."""
+                     patch_size: int | None = None) -> tf.data.Dataset:
+    """Shuffled (each epoch), batched float32 batches for `fit`: cropped to random
+    `patch_size` patches (native patches), augmented, then label-mixed (`augment.mix`:
+    mixup, CutMix). Every batch draws from its own stateless seed."""
     ds = tf.data.Dataset.from_tensor_slices((images, one_hot(labels, n_classes)))
     ds = ds.shuffle(len(images), seed=seed, reshuffle_each_iteration=True)
-    ds = ds.batch(batch_size)
-    if crop is not None:
-        ds = ds.map(lambda x, y: (crop(x), y))
-    ds = ds.map(lambda x, y: augment.mix(augment(tf.cast(x, tf.float32)), y),
-                num_parallel_calls=tf.data.AUTOTUNE)
-    return ds.prefetch(tf.data.AUTOTUNE)
+    ds = tf.data.Dataset.zip(ds.batch(batch_size), batch_seeds(seed))
+
+    def transform(batch: tuple[tf.Tensor, tf.Tensor], key: tf.Tensor):
+        x, y = tf.cast(batch[0], tf.float32), batch[1]
+        if patch_size is not None:
+            x = random_crops(x, patch_size, key + 13)
+        return augment.mix(augment(x, seed=key), y, seed=key)
+
+    return ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
 
 def evaluation_dataset(images: np.ndarray, labels: Sequence[int] | None, n_classes: int,

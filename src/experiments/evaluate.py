@@ -5,7 +5,7 @@ validation, figures (matplotlib) and Grad-CAM overlays."""
 from __future__ import annotations
 
 import csv
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +18,7 @@ import numpy as np  # noqa: E402
 from sklearn import metrics as skm  # noqa: E402
 
 from experiments import gradcam, stats  # noqa: E402
-from experiments.data import Split, Splits  # noqa: E402
+from experiments.data import Splits  # noqa: E402
 from experiments.errors import ConfigError
 from experiments.inference import apply_temperature, decide, predict_probabilities  # noqa: E402
 from experiments.schema import EvalConfig as EvalSettings  # noqa: E402
@@ -157,17 +157,11 @@ def write_report(pred: Predictions, class_names: Sequence[str], positive: int,
                  history: dict[str, list[float]], best_epoch: int, folder: Path) -> list[Path]:
     """The four figures of the plain test predictions, written into `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
-    return [
-        plot_curve(history, "loss", best_epoch, folder / "loss_curve.png"),
-        plot_curve(history, "accuracy", best_epoch, folder / "accuracy_curve.png"),
-        plot_confusion_matrix(pred, class_names, folder / "confusion_matrix.png"),
-        plot_roc_curve(pred, class_names, positive, folder / "roc_curve.png"),
-    ]
-
-
-def predict_split(model: keras.Model, split: Split, batch_size: int, tta: str) -> Predictions:
-    return Predictions(split.files, np.asarray(split.labels, dtype=int),
-                       predict_probabilities(model, split.images, batch_size, tta))
+    curves = [plot_curve(history, metric, best_epoch, folder / f"{metric}_curve.png")
+              for metric in ("loss", "accuracy") if history.get(metric)]  # none: no epochs
+    return [*curves,
+            plot_confusion_matrix(pred, class_names, folder / "confusion_matrix.png"),
+            plot_roc_curve(pred, class_names, positive, folder / "roc_curve.png")]
 
 
 @dataclass
@@ -203,26 +197,40 @@ def interval_metrics(pred: Predictions, positive: int, settings: EvalSettings, p
     return out
 
 
+# (split name, TTA mode) -> p(class) of that split's images: a shortcut to the model's own
+# predictions, e.g. from cached frozen-backbone features.
+SplitPredictor = Callable[[str, str], np.ndarray]
+
+
 def evaluate_model(model: keras.Model, splits: Splits, positive: int, settings: EvalSettings,
-                   batch_size: int, folder: Path) -> Evaluation:
+                   batch_size: int, folder: Path,
+                   predict: SplitPredictor | None = None) -> Evaluation:
     """Evaluate on the test split once, with everything chosen on validation first.
 
     Logs test_* (plain), test_tta_* (dihedral TTA), bootstrap intervals for both; then, on
     the final predictions (TTA when on): temperature fitted on validation, ECE before/after,
     the threshold chosen on validation and test sensitivity/specificity at it (test_op_*).
+    `predict` replaces running `model` on the images (Grad-CAM still runs the model).
     """
     folder.mkdir(parents=True, exist_ok=True)
     class_names = list(splits.class_names)
-    plain = predict_split(model, splits.test, batch_size, "none")
+
+    def predict_split(name: str, tta: str) -> Predictions:
+        split = getattr(splits, name)
+        probabilities = (predict(name, tta) if predict is not None else
+                         predict_probabilities(model, split.images, batch_size, tta))
+        return Predictions(split.files, np.asarray(split.labels, dtype=int), probabilities)
+
+    plain = predict_split("test", "none")
     metrics = {**classification_metrics(plain, positive, "test_"),
                **interval_metrics(plain, positive, settings, "test_")}
     tta = None
     if settings.tta != "none":
-        tta = predict_split(model, splits.test, batch_size, settings.tta)
+        tta = predict_split("test", settings.tta)
         metrics.update(classification_metrics(tta, positive, "test_tta_"))
         metrics.update(interval_metrics(tta, positive, settings, "test_tta_"))
     test = plain if tta is None else tta
-    val_raw = predict_split(model, splits.val, batch_size, settings.tta)
+    val_raw = predict_split("val", settings.tta)
     test, val, calibration_files = calibrate(test, val_raw, settings, metrics, folder)
     threshold = None
     if len(class_names) == 2:

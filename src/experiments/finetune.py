@@ -1,7 +1,9 @@
 """Fine-tuning strategies and learning-rate schedules.
 
 full: everything trains from the first epoch (the study). frozen: the backbone never trains
-(its BatchNorm layers run in inference mode), only the head. two_stage: the head trains with the
+(its BatchNorm layers run in inference mode), only the head - on cached features when the
+augmentation allows (`experiments.features`). linear_probe: no training loop, a logistic
+regression and a k-NN on the frozen features (`experiments.probe`). two_stage: the head trains with the
 backbone frozen for `head_epochs`, then the top `unfreeze_layers` weight layers of the backbone
 (all when null) join at the learning rate times `lr_factor`; BatchNorm layers stay frozen and in
 inference mode (the backbone is called with training=False), as Keras' transfer-learning guide
@@ -17,7 +19,7 @@ import keras
 
 from experiments.errors import ConfigError
 
-STRATEGIES = ("full", "frozen", "two_stage")
+STRATEGIES = ("full", "frozen", "two_stage", "linear_probe")
 SCHEDULES = ("constant", "warmup_cosine")
 
 

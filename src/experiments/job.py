@@ -13,12 +13,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import keras
 import numpy as np
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
 from experiments import data as data_lib
-from experiments import evaluate, export, inference, patches, tracking
+from experiments import evaluate, export, features, inference, patches, tracking
 from experiments.backbones import resolve_image_size
 from experiments.build import Components, Prepared, build
 from experiments.demo import ensure_demo_dataset
@@ -189,13 +190,90 @@ def log_run_start(components: Components, prepared: Prepared, output_dir: Path) 
             prepared.skipped, output_dir / "skipped_files.csv"))
 
 
+def feature_views(settings: Config, prepared: Prepared, say_why: bool = False) -> int | None:
+    """How many views per image to cache for the frozen-feature fast path (1, or 8 for the
+    dihedral views of augmentation or TTA), or None when this run trains on images."""
+    if settings.finetune.strategy not in ("frozen", "linear_probe"):
+        return None
+    views, why = features.training_views(prepared.augment)
+    if settings.finetune.strategy == "linear_probe":
+        views = views or 1  # the probe ignores random augmentation; dihedral views are data
+    elif settings.data.patch_size is not None:
+        views, why = None, "native patches (data.patch_size) are random crops"
+    if views is None:
+        if say_why:
+            print(f"finetune=frozen trains on images, not on cached features: {why}",
+                  flush=True)
+        return None
+    return 8 if views == 8 or settings.eval.tta == "dihedral" else 1
+
+
+def split_features(settings: Config, prepared: Prepared, views: int) -> dict[str, np.ndarray]:
+    """(n, views, C) frozen-backbone features of the train, val and test images, from the
+    cache when it holds them (memory, then `<paths.cache_dir>/features`)."""
+    backbone = settings.backbone
+    key = features.model_key(backbone.name, backbone.weights, settings.trainer.seed,
+                             settings.data.patch_size or prepared.image_size,
+                             prepared.precision,
+                             None if prepared.stain is None else prepared.stain.target)
+    cache = features.FeatureCache(key, Path(settings.paths.cache_dir) / "features")
+    compute = functools.partial(features.compute_features,
+                                features.feature_model(prepared.model))
+    return {name: cache.get(getattr(prepared.splits, name).files,
+                            getattr(prepared.splits, name).images, views, compute)
+            for name in ("train", "val", "test")}
+
+
 def fit(settings: Config, prepared: Prepared, output_dir: Path, run_id: str) -> TrainResult:
+    """Train: on cached frozen-backbone features when possible, else on images."""
+    views = feature_views(settings, prepared, say_why=True)
+    if views is not None:
+        return fit_on_features(settings, prepared, output_dir, run_id, views)
+    return fit_on_images(settings, prepared, output_dir, run_id)
+
+
+def fit_on_features(settings: Config, prepared: Prepared, output_dir: Path, run_id: str,
+                    views: int) -> TrainResult:
+    """finetune=frozen: the head trains on cached features (same batches, same views as the
+    image path); the checkpoint is the full classifier. finetune=linear_probe: logistic
+    regression and k-NN on the features (`experiments.probe`)."""
+    before = dict(features.COUNTS)
+    cached = split_features(settings, prepared, views)
+    tracking.log_metrics({"features_computed": features.COUNTS["computed"] - before["computed"],
+                          "features_reused": sum(features.COUNTS[k] - before[k]
+                                                 for k in ("memory", "disk"))})
+    splits, trainer = prepared.splits, settings.trainer
+    if settings.finetune.strategy == "linear_probe":
+        from experiments import probe
+
+        return probe.fit(prepared, cached, settings.eval, output_dir, trainer.seed)
+    n_classes = len(splits.class_names)
+    head = features.head_model(prepared.model)
+    classifier = prepared.model
+    head.compile(optimizer=classifier.optimizer, loss=classifier.loss,
+                 metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")])
+    train_ds = features.head_dataset(cached["train"], splits.train.labels, n_classes,
+                                     trainer.batch_size, trainer.seed,
+                                     draw_views=features.training_views(prepared.augment)[0] == 8)
+    val_ds = features.evaluation_batches(cached["val"], splits.val.labels, n_classes,
+                                         trainer.batch_size)
+    history = None
+    if settings.resume is not None:
+        history = tracking.metric_histories(run_id, tracking.MlflowEpochLogger.LOGGED)
+    logger = tracking.MlflowEpochLogger(history["loss"] if history else ())
+    return train(head, train_ds, val_ds, trainer.epochs, prepared.callbacks,
+                 output_dir / BACKUP_DIR, [logger], history, trainer.verbose, None,
+                 output_dir / TRAINING_RECORD, checkpoint_model=classifier)
+
+
+def fit_on_images(settings: Config, prepared: Prepared, output_dir: Path,
+                  run_id: str) -> TrainResult:
     trainer, splits = settings.trainer, prepared.splits
     n_classes = len(splits.class_names)
     patch_size = settings.data.patch_size
-    crop = None if patch_size is None else patches.PatchSampler(patch_size, trainer.seed)
     train_ds = data_lib.training_dataset(splits.train.images, splits.train.labels, n_classes,
-                                         trainer.batch_size, prepared.augment, trainer.seed, crop)
+                                         trainer.batch_size, prepared.augment, trainer.seed,
+                                         patch_size)
     val_images, val_labels = splits.val.images, splits.val.labels
     if patch_size is not None:  # validation sees every crop of the grid the model averages
         val_images = patches.grid_crops(val_images, patch_size)
@@ -221,8 +299,14 @@ def evaluate_and_log(settings: Config, prepared: Prepared, result: TrainResult,
     patch_size = settings.data.patch_size
     model = export.deliverable(network, prepared.image_size, patch_size, None)
     folder = output_dir / "report"
+    predict = None
+    if (views := feature_views(settings, prepared)) is not None:  # the head on the cache
+        cached, head = split_features(settings, prepared, views), features.head_model(network)
+
+        def predict(name: str, tta: str) -> np.ndarray:
+            return features.head_probabilities(head, cached[name], tta)
     evaluation = evaluate.evaluate_model(model, splits, prepared.positive, settings.eval,
-                                         settings.trainer.batch_size, folder)
+                                         settings.trainer.batch_size, folder, predict)
     tracking.log_new_metrics(run_id, {**evaluation.metrics, "best_epoch": result.best_epoch,
                                       f"best_{result.monitor}": result.best_value})
     history = {name: [v for _, v in sorted(steps.items())] for name, steps in

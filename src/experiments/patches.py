@@ -58,17 +58,6 @@ def random_crops(images: tf.Tensor, patch_size: int, seed: tf.Tensor) -> tf.Tens
     return tf.gather(images, cols, axis=2, batch_dims=1)
 
 
-class PatchSampler:
-    """Random training crops, seeded: the same run draws the same crops."""
-
-    def __init__(self, patch_size: int, seed: int) -> None:
-        self.patch_size = patch_size
-        self._seeds = tf.random.Generator.from_seed(seed + 7919)
-
-    def __call__(self, images: tf.Tensor) -> tf.Tensor:
-        return random_crops(images, self.patch_size, self._seeds.make_seeds(1)[:, 0])
-
-
 def with_patch_grid(network: keras.Model, image_size: int, patch_size: int) -> keras.Model:
     """The whole-image model: image -> the grid's crops -> `network` on each -> mean of the
     probabilities. Standard layers only, so it saves, loads and serves like any model; float32

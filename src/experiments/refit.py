@@ -13,7 +13,7 @@ from pathlib import Path
 import keras
 
 from experiments import data as data_lib
-from experiments import evaluate, export, job, patches, tracking
+from experiments import evaluate, export, job, tracking
 from experiments.build import Components, compile_for_strategy, new_model, normalize_stains
 from experiments.schema import Config
 from experiments.train import train_without_validation
@@ -40,10 +40,9 @@ def train_refit(settings: Config, components: Components, loaded: job.LoadedData
                                         len(splits.train))
     trainer = settings.trainer
     patch_size = settings.data.patch_size
-    crop = None if patch_size is None else patches.PatchSampler(patch_size, trainer.seed)
     train_ds = data_lib.training_dataset(splits.train.images, splits.train.labels, n_classes,
                                          trainer.batch_size, components.augmentation(trainer.seed),
-                                         trainer.seed, crop)
+                                         trainer.seed, patch_size)
     positive = evaluate.positive_index(splits.class_names, settings.data.positive_class)
     tags = {**job.common_tags(settings, splits.class_names, positive, loaded.image_size),
             "mlflow.parentRunId": parent_id, "cv_parent": parent_id, "cv_refit": "true",

@@ -212,6 +212,39 @@ def read_training_record(path: Path) -> TrainResult | None:
                        record["higher_is_better"], Path(record["checkpoint_path"]))
 
 
+class CheckpointOf(keras.callbacks.Callback):
+    """Runs the ModelCheckpoint as if `target` were the model being fitted: the head trains
+    on cached features, the full classifier (which shares the head's layers) is saved."""
+
+    def __init__(self, checkpoint: keras.callbacks.ModelCheckpoint,
+                 target: keras.Model) -> None:
+        super().__init__()
+        self.checkpoint, self.target = checkpoint, target
+
+    def set_model(self, model: keras.Model) -> None:
+        super().set_model(model)
+        self.checkpoint.set_model(self.target)
+
+    def set_params(self, params: dict) -> None:
+        super().set_params(params)
+        self.checkpoint.set_params(params)
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        self.checkpoint.on_train_begin(logs)
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self.checkpoint.on_epoch_begin(epoch, logs)
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        self.checkpoint.on_train_batch_end(batch, logs)
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        self.checkpoint.on_epoch_end(epoch, logs)
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        self.checkpoint.on_train_end(logs)
+
+
 def uses_ema(model: keras.Model) -> bool:
     """Whether the model's optimizer keeps a moving average of the weights (trainer.ema)."""
     optimizer = model.optimizer
@@ -223,12 +256,15 @@ def train(model: keras.Model, train_data: tf.data.Dataset, val_data: tf.data.Dat
           loggers: Sequence[keras.callbacks.Callback] = (),
           resume_history: dict[str, dict[int, float]] | None = None,
           verbose: int = 1, second_stage: SecondStage | None = None,
-          record_path: Path | None = None) -> TrainResult:
+          record_path: Path | None = None,
+          checkpoint_model: keras.Model | None = None) -> TrainResult:
     """Fit, then report which epoch's checkpoint is the best on validation.
 
     State is backed up to `backup_dir` after every epoch (after the loggers ran, so an epoch is
     logged at most once); a fit started again on the same folder continues where it stopped.
     When the training ends, its result is written to `record_path` (`read_training_record`).
+    With `checkpoint_model`, the checkpoint saves that model instead of the one fitted (the
+    full classifier whose head is `model`).
     """
     checkpoint = find_checkpoint(callbacks)
     Path(checkpoint.filepath).parent.mkdir(parents=True, exist_ok=True)
@@ -238,6 +274,9 @@ def train(model: keras.Model, train_data: tf.data.Dataset, val_data: tf.data.Dat
     ema_in = EmaIn() if uses_ema(model) else None
     ema = ([ema_in], [EmaOut(ema_in)]) if ema_in else ([], [])
     record = [RecordTraining(best, epochs, record_path)] if record_path else []
+    if checkpoint_model is not None:
+        callbacks = [CheckpointOf(cb, checkpoint_model) if cb is checkpoint else cb
+                     for cb in callbacks]
     fit = functools.partial(model.fit, train_data, validation_data=val_data,
                             callbacks=[*restore, *ema[0], *callbacks, best, *loggers, *ema[1],
                                        *record, backup],
