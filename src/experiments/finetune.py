@@ -3,11 +3,11 @@
 full: everything trains from the first epoch (the study). frozen: the backbone never trains
 (its BatchNorm layers run in inference mode), only the head - on cached features when the
 augmentation allows (`experiments.features`). linear_probe: no training loop, a logistic
-regression and a k-NN on the frozen features (`experiments.probe`). two_stage: the head trains with the
-backbone frozen for `head_epochs`, then the top `unfreeze_layers` weight layers of the backbone
-(all when null) join at the learning rate times `lr_factor`; BatchNorm layers stay frozen and in
-inference mode (the backbone is called with training=False), as Keras' transfer-learning guide
-advises for small data.
+regression and a k-NN on the frozen features (`experiments.probe`). two_stage: the head trains
+with the backbone frozen for `head_epochs`, then the top `unfreeze_layers` weight layers of the
+backbone (all when null) join at the learning rate times `lr_factor`; BatchNorm layers stay
+frozen and in inference mode (the backbone is called with training=False), as Keras'
+transfer-learning guide advises for small data.
 """
 
 from __future__ import annotations
