@@ -98,8 +98,12 @@ def test_end_to_end_run_logs_the_whole_contract(tmp_path):
     assert len(tags["git_commit"].removesuffix("-dirty")) == 40
 
     artifacts = artifact_files(client, run_id)
-    assert {"checkpoints/best.keras", ".hydra/config.yaml", ".hydra/overrides.yaml",
-            "test_predictions.csv", "splits.csv", "reliability_diagram.png", *FIGURES} <= artifacts
+    assert {".hydra/config.yaml", ".hydra/overrides.yaml", "test_predictions.csv",
+            "val_predictions.csv", "splits.csv", "reliability_diagram.png", *FIGURES} <= artifacts
+    assert tags["model_uri"].startswith("models:/m-")  # the MLflow model (tests/test_serving)
+    assert (out_dir / "model" / "model.keras").is_file()
+    for phase in ("load_data", "train", "evaluate", "log_model"):  # where the time went
+        assert metrics[f"seconds_{phase}"] >= 0
     gradcams = {a for a in artifacts if a.startswith("gradcam/") and a.endswith(".png")}
     assert len(gradcams) == 8  # eval.gradcam_images: every test image here
 

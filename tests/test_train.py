@@ -104,3 +104,54 @@ def test_ema_weights_are_what_validation_and_the_checkpoint_see(tmp_path):
     np.testing.assert_allclose(saved, kernel.numpy(), atol=1e-6)  # ... the averaged ones
     val_loss = model.evaluate(data, verbose=0, return_dict=True)["loss"]
     assert result.history["val_loss"][-1] == pytest.approx(val_loss, rel=1e-4)
+
+
+def test_backup_restores_weights_optimizer_state_and_epoch(tmp_path):
+    """The per-epoch backup (written in the background) brings a new process's model to
+    exactly where the interrupted one was after its last completed epoch."""
+    from experiments.train import Backup
+
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 255, (16, 16, 16, 3)).astype("float32")
+    y = np.eye(2, dtype="float32")[rng.integers(0, 2, 16)]
+    folder = tmp_path / "backup"
+
+    def fresh(seed: int) -> keras.Model:
+        keras.utils.set_random_seed(seed)
+        model = build_classifier("simplecnn", None, True, 16, 2, bn_momentum=0.9)
+        compile_classifier(model, keras.optimizers.Adam(1e-2, use_ema=True), 2)
+        return model
+
+    saved = {}
+
+    class Remember(keras.callbacks.Callback):  # runs after Backup took its copy
+        def on_epoch_end(self, epoch, logs=None):
+            saved[epoch] = ([w.numpy().copy() for w in self.model.weights],
+                            [v.numpy().copy() for v in self.model.optimizer.variables])
+
+    class Interrupt(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 1:
+                raise KeyboardInterrupt  # killed during epoch 2's bookkeeping
+
+    first = fresh(0)
+    with pytest.raises(KeyboardInterrupt):
+        first.fit(x, y, batch_size=4, epochs=4, verbose=0,
+                  callbacks=[Interrupt(), Backup(folder), Remember()])
+    assert (folder / Backup.FILE).is_file()
+    second = fresh(1)  # other initial weights: all of them must come from the backup
+    started = []
+
+    class FirstEpoch(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            started.append(epoch)
+            if len(started) == 1:
+                weights, variables = saved[0]
+                for a, b in zip(self.model.weights, weights, strict=True):
+                    np.testing.assert_array_equal(a.numpy(), b)
+                for a, b in zip(self.model.optimizer.variables, variables, strict=True):
+                    np.testing.assert_array_equal(a.numpy(), b)
+
+    second.fit(x, y, batch_size=4, epochs=4, verbose=0, callbacks=[Backup(folder), FirstEpoch()])
+    assert started == [1, 2, 3]  # continues after the last epoch backed up
+    assert not folder.exists()  # removed when training ends

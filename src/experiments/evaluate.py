@@ -20,7 +20,7 @@ from sklearn import metrics as skm  # noqa: E402
 from experiments import gradcam, stats  # noqa: E402
 from experiments.data import Splits  # noqa: E402
 from experiments.errors import ConfigError
-from experiments.inference import apply_temperature, decide, predict_probabilities  # noqa: E402
+from experiments.inference import apply_temperature, decide, predict_views  # noqa: E402
 from experiments.schema import EvalConfig as EvalSettings  # noqa: E402
 
 
@@ -202,6 +202,24 @@ def interval_metrics(pred: Predictions, positive: int, settings: EvalSettings, p
 SplitPredictor = Callable[[str, str], np.ndarray]
 
 
+INFERENCE_BATCH = 64  # evaluation has no gradients to hold: larger batches run faster
+
+
+def views_of_both(model: keras.Model, splits: Splits, batch_size: int,
+                  tta: str) -> SplitPredictor:
+    """Test and validation images through the model once, in every view the evaluation needs
+    (the plain prediction is view 0 of the dihedral ones)."""
+    n_test = len(splits.test)
+    images = np.concatenate([splits.test.images, splits.val.images])
+    views = predict_views(model, images, max(batch_size, INFERENCE_BATCH),
+                          1 if tta == "none" else 8)
+
+    def predict(name: str, mode: str) -> np.ndarray:
+        part = views[:, :n_test] if name == "test" else views[:, n_test:]
+        return part[:1].mean(axis=0) if mode == "none" else part.mean(axis=0)
+    return predict
+
+
 def evaluate_model(model: keras.Model, splits: Splits, positive: int, settings: EvalSettings,
                    batch_size: int, folder: Path,
                    predict: SplitPredictor | None = None) -> Evaluation:
@@ -214,12 +232,11 @@ def evaluate_model(model: keras.Model, splits: Splits, positive: int, settings: 
     """
     folder.mkdir(parents=True, exist_ok=True)
     class_names = list(splits.class_names)
+    predict = predict or views_of_both(model, splits, batch_size, settings.tta)
 
     def predict_split(name: str, tta: str) -> Predictions:
         split = getattr(splits, name)
-        probabilities = (predict(name, tta) if predict is not None else
-                         predict_probabilities(model, split.images, batch_size, tta))
-        return Predictions(split.files, np.asarray(split.labels, dtype=int), probabilities)
+        return Predictions(split.files, np.asarray(split.labels, dtype=int), predict(name, tta))
 
     plain = predict_split("test", "none")
     metrics = {**classification_metrics(plain, positive, "test_"),

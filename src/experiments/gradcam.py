@@ -12,6 +12,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import tensorflow as tf
+from PIL import Image, ImageDraw
 
 from experiments import patches
 
@@ -110,12 +111,15 @@ def pick_examples(labels: np.ndarray, predicted: np.ndarray, count: int,
     return sorted(chosen)
 
 
+PANEL = 256  # each half of an overlay image, in pixels (small inputs are enlarged)
+
+
 def save_overlays(model: keras.Model, images: np.ndarray, files: list[str], labels: np.ndarray,
                   probabilities: np.ndarray, class_names: list[str], count: int,
                   folder: Path) -> list[Path]:
-    """One PNG per chosen image: the image and its Grad-CAM for the predicted class."""
-    import matplotlib.pyplot as plt  # evaluate.py set the Agg backend
-
+    """One PNG per chosen image: the image beside its Grad-CAM for the predicted class, under
+    a caption (file, true and predicted class, probability). Drawn with Pillow: a figure
+    library would cost more than the maps themselves."""
     predicted = probabilities.argmax(axis=1)
     chosen = pick_examples(labels, predicted, count)
     if not chosen:
@@ -125,18 +129,33 @@ def save_overlays(model: keras.Model, images: np.ndarray, files: list[str], labe
     paths = []
     for heatmap, i in zip(heatmaps, chosen, strict=True):
         verdict = "correct" if predicted[i] == labels[i] else "wrong"
-        fig, axes = plt.subplots(1, 2, figsize=(6, 3.2))
-        axes[0].imshow(images[i].astype(np.uint8))
-        axes[1].imshow(images[i].astype(np.uint8))
-        axes[1].imshow(heatmap, cmap="jet", alpha=0.45, vmin=0, vmax=1)
-        for ax in axes:
-            ax.axis("off")
-        fig.suptitle(f"{Path(files[i]).name}\ntrue {class_names[labels[i]]}, predicted "
-                     f"{class_names[predicted[i]]} (p={probabilities[i, predicted[i]]:.2f}, "
-                     f"{verdict})", fontsize=8)
+        caption = (f"{Path(files[i]).name}: true {class_names[labels[i]]}, predicted "
+                   f"{class_names[predicted[i]]} (p={probabilities[i, predicted[i]]:.2f}, "
+                   f"{verdict})")
         path = folder / f"{i:04d}_{class_names[labels[i]]}_{verdict}.png"
-        fig.tight_layout()
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
+        overlay_image(images[i], heatmap, caption).save(path)
         paths.append(path)
     return paths
+
+
+def overlay_image(image: np.ndarray, heatmap: np.ndarray, caption: str,
+                  alpha: float = 0.45) -> Image.Image:
+    """[image | image blended with the heatmap in the jet colour map] under a caption."""
+    rgb = np.clip(image, 0, 255).astype(np.float32)
+    heat = _JET[np.clip((heatmap * 255).astype(int), 0, 255)]
+    blended = ((1 - alpha) * rgb + alpha * heat).astype(np.uint8)
+    scale = max(1, PANEL // image.shape[0])
+    panels = [Image.fromarray(p).resize((image.shape[1] * scale, image.shape[0] * scale),
+                                        Image.Resampling.NEAREST)
+              for p in (rgb.astype(np.uint8), blended)]
+    width, height = panels[0].size
+    canvas = Image.new("RGB", (2 * width + 8, height + 22), "white")
+    canvas.paste(panels[0], (0, 22))
+    canvas.paste(panels[1], (width + 8, 22))
+    ImageDraw.Draw(canvas).text((4, 5), caption, fill="black")
+    return canvas
+
+
+# The jet colour map as a 256-entry RGB table (red where the evidence is).
+_JET = np.clip(np.stack([1.5 - np.abs(4 * np.linspace(0, 1, 256) - c) for c in (3, 2, 1)],
+                        axis=1), 0, 1) * 255

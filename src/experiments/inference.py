@@ -25,9 +25,12 @@ import tensorflow as tf
 from PIL import Image, UnidentifiedImageError
 
 from experiments import backbones, stain  # noqa: F401  (register the layers saved models hold)
-from experiments.augment import dihedral_view_tensor
+from experiments.augment import dihedral_view, dihedral_view_tensor
 
 TTA_MODES = ("none", "dihedral")
+# Up to this many image views, models run eagerly: tracing `predict`'s graph costs more than
+# it saves (a served request, a few files, MLflow's check of the input example).
+EAGER_LIMIT = 64
 MODEL_FILE = "model.keras"
 MODEL_INFO = "model_info.json"
 ImageSource = str | Path | bytes | BinaryIO
@@ -89,22 +92,31 @@ def image_batches(images: np.ndarray, batch_size: int) -> tf.data.Dataset:
 
 def predict_probabilities(model: keras.Model, images: np.ndarray, batch_size: int,
                           tta: str = "none") -> np.ndarray:
-    """p(class) for uint8 images; tta="dihedral" averages over the 8 dihedral views (all
-    views in one `predict` call, so the per-call overhead is paid once)."""
+    """p(class) for uint8 images; tta="dihedral" averages over the 8 dihedral views."""
     if tta not in TTA_MODES:
         raise ValueError(f"`eval.tta` must be one of {TTA_MODES}. Received: eval.tta={tta!r}")
+    return predict_views(model, images, batch_size, 1 if tta == "none" else 8).mean(axis=0)
+
+
+def predict_views(model: keras.Model, images: np.ndarray, batch_size: int,
+                  views: int) -> np.ndarray:
+    """(views, n, classes) p(class) of each dihedral view of uint8 images (view 0: the image
+    as it is), all views in one `predict` call, so the per-call overhead is paid once."""
     if len(images) == 0:
-        return np.empty((0, int(model.output_shape[-1])))
-    n_views = 1 if tta == "none" else 8
+        return np.empty((views, 0, int(model.output_shape[-1])))
+    if len(images) * views <= EAGER_LIMIT:  # a request's few images: no graph to trace
+        batch = tf.convert_to_tensor(images, tf.float32)
+        stacked = tf.concat([dihedral_view(batch, v) for v in range(views)], axis=0)
+        probs = np.asarray(model(stacked, training=False), np.float64)
+        return probs.reshape(views, len(images), -1)
     ds = image_batches(images, batch_size)
-    if n_views > 1:
-        views = tf.data.Dataset.from_tensor_slices(tf.range(n_views))
-        ds = views.flat_map(lambda v: image_batches(images, batch_size).map(
-            lambda x: dihedral_view_tensor(x, v)))
+    if views > 1:
+        ds = tf.data.Dataset.from_tensor_slices(tf.range(views)).flat_map(
+            lambda v: image_batches(images, batch_size).map(lambda x: dihedral_view_tensor(x, v)))
         batches = -(-len(images) // batch_size)
-        ds = ds.apply(tf.data.experimental.assert_cardinality(n_views * batches))
+        ds = ds.apply(tf.data.experimental.assert_cardinality(views * batches))
     probs = np.asarray(model.predict(ds.prefetch(tf.data.AUTOTUNE), verbose=0), np.float64)
-    return probs.reshape(n_views, len(images), -1).mean(axis=0)
+    return probs.reshape(views, len(images), -1)
 
 
 def apply_temperature(probabilities: np.ndarray, temperature: float) -> np.ndarray:

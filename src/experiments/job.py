@@ -9,7 +9,9 @@ from __future__ import annotations
 import functools
 import logging
 import tempfile
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,38 +133,60 @@ class JobResult:
 def run_single(settings: Config, components: Components) -> JobResult:
     """One experiment, new or resumed: everything is checked before the MLflow run opens; the
     run's output folder is locked for as long as this process lives."""
-    loaded = load_data(settings)
-    prepared = build(settings, components, split(settings, loaded), loaded.skipped,
-                     loaded.image_size)
+    phases: dict[str, float] = {}
+    with timed(phases, "load_data"):
+        loaded = load_data(settings)
+    with timed(phases, "build"):
+        prepared = build(settings, components, split(settings, loaded), loaded.skipped,
+                         loaded.image_size)
     output_dir = Path(settings.paths.output_dir)
     ml = settings.mlflow
     with run_lock(output_dir):
-        experiment_id = tracking.ensure_experiment(ml.tracking_uri, ml.experiment_name,
-                                                   ml.artifact_root)
+        with timed(phases, "open_store"):
+            experiment_id = tracking.ensure_experiment(ml.tracking_uri, ml.experiment_name,
+                                                       ml.artifact_root)
         with tracking.open_run(experiment_id, ml.run_name, run_tags(settings, prepared),
                                settings.resume) as run_id:
             print(f"MLflow run {run_id} (experiment {ml.experiment_name!r})\n"
                   f"If interrupted, continue it with: python -m experiments.run "
                   f"resume={run_id} mlflow.tracking_uri={ml.tracking_uri}", flush=True)
             result, evaluation = train_and_evaluate(settings, components, prepared,
-                                                    output_dir, run_id)
+                                                    output_dir, run_id, phases)
     return JobResult(run_id, result, evaluation)
 
 
+@contextmanager
+def timed(phases: dict[str, float], name: str) -> Iterator[None]:
+    """Add the block's wall time to phases[name] (logged as seconds_<name>: where a run's
+    time goes)."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        phases[name] = phases.get(name, 0.0) + time.perf_counter() - start
+
+
 def train_and_evaluate(settings: Config, components: Components, prepared: Prepared,
-                       output_dir: Path, run_id: str
+                       output_dir: Path, run_id: str, phases: dict[str, float] | None = None
                        ) -> tuple[TrainResult, evaluate.Evaluation]:
     """Inside the active run: log the start, fit, evaluate the chosen checkpoint, log it. A
-    resumed run whose training had finished only evaluates."""
+    resumed run whose training had finished only evaluates. Logs where the time went
+    (seconds_<phase>)."""
+    phases = {} if phases is None else phases
     result = read_training_record(output_dir / TRAINING_RECORD) if settings.resume else None
     if result is not None:
         print(f"Training had finished (best epoch {result.best_epoch}); evaluating its "
               "checkpoint", flush=True)
     else:
         if settings.resume is None:
-            log_run_start(components, prepared, output_dir)
-        result = fit(settings, prepared, output_dir, run_id)
-    return result, evaluate_and_log(settings, prepared, result, output_dir, run_id)
+            with timed(phases, "log_start"):
+                log_run_start(components, prepared, output_dir)
+        with timed(phases, "train"):
+            result = fit(settings, prepared, output_dir, run_id)
+        phases["backup"] = result.backup_seconds
+    evaluation = evaluate_and_log(settings, prepared, result, output_dir, run_id, phases)
+    tracking.log_new_metrics(run_id, {f"seconds_{k}": v for k, v in phases.items()})
+    return result, evaluation
 
 
 def log_config(components: Components, output_dir: Path, **extra_params: object) -> None:
@@ -289,12 +313,15 @@ def fit_on_images(settings: Config, prepared: Prepared, output_dir: Path,
 
 
 def evaluate_and_log(settings: Config, prepared: Prepared, result: TrainResult,
-                     output_dir: Path, run_id: str) -> evaluate.Evaluation:
+                     output_dir: Path, run_id: str,
+                     phases: dict[str, float] | None = None) -> evaluate.Evaluation:
     """Evaluate the chosen checkpoint on the test split, once; log metrics (each once, also
     when a resumed run repeats this step), figures, tables and the run's model."""
     splits = prepared.splits
     print(f"Evaluating the checkpoint of epoch {result.best_epoch} on the test split",
           flush=True)
+    phases = {} if phases is None else phases
+    timer = functools.partial(timed, phases)
     network = inference.load_model(result.checkpoint_path)
     patch_size = settings.data.patch_size
     model = export.deliverable(network, prepared.image_size, patch_size, None)
@@ -305,28 +332,30 @@ def evaluate_and_log(settings: Config, prepared: Prepared, result: TrainResult,
 
         def predict(name: str, tta: str) -> np.ndarray:
             return features.head_probabilities(head, cached[name], tta)
-    evaluation = evaluate.evaluate_model(model, splits, prepared.positive, settings.eval,
-                                         settings.trainer.batch_size, folder, predict)
+    with timer("evaluate"):
+        evaluation = evaluate.evaluate_model(model, splits, prepared.positive, settings.eval,
+                                             settings.trainer.batch_size, folder, predict)
     tracking.log_new_metrics(run_id, {**evaluation.metrics, "best_epoch": result.best_epoch,
                                       f"best_{result.monitor}": result.best_value})
-    history = {name: [v for _, v in sorted(steps.items())] for name, steps in
-               tracking.metric_histories(run_id, tracking.MlflowEpochLogger.METRICS).items()}
-    report = evaluate.write_report(evaluation.plain, splits.class_names, prepared.positive,
-                                   history, result.best_epoch, folder)
-    report.append(data_lib.write_split_table(splits, folder / "splits.csv"))
-    for path in [*evaluation.files, *report]:  # report/gradcam/x.png -> gradcam/x.png
-        subfolder = path.parent.relative_to(folder).as_posix()
-        tracking.log_artifact(path, None if subfolder == "." else subfolder)
-    tracking.log_artifact(result.checkpoint_path, "checkpoints")
+    with timer("report"):
+        history = {name: [v for _, v in sorted(steps.items())] for name, steps in
+                   tracking.metric_histories(run_id, tracking.MlflowEpochLogger.METRICS).items()}
+        report = evaluate.write_report(evaluation.plain, splits.class_names, prepared.positive,
+                                       history, result.best_epoch, folder)
+        report.append(data_lib.write_split_table(splits, folder / "splits.csv"))
+        for path in [*evaluation.files, *report]:  # report/gradcam/x.png -> gradcam/x.png
+            subfolder = path.parent.relative_to(folder).as_posix()
+            tracking.log_artifact(path, None if subfolder == "." else subfolder)
     served = export.deliverable(network, prepared.image_size, patch_size, prepared.stain)
     info = export.model_info(
         splits.class_names, prepared.image_size, prepared.positive, settings.eval.tta,
         evaluation.metrics.get("temperature", 1.0), evaluation.threshold,
         backbone=settings.backbone.name, kind="single", patch_size=patch_size,
         stain_normalization=settings.data.stain_normalization)
-    log_run_model(served, info, output_dir / MODEL_DIR, settings.mlflow.register_as,
-                  {"checkpoint_monitor": result.monitor,
-                   "checkpoint_mode": "max" if result.higher_is_better else "min"})
+    with timer("log_model"):
+        log_run_model(served, info, output_dir / MODEL_DIR, settings.mlflow.register_as,
+                      {"checkpoint_monitor": result.monitor,
+                       "checkpoint_mode": "max" if result.higher_is_better else "min"})
     return evaluation
 
 

@@ -10,11 +10,16 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import shutil
+import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from experiments.errors import ConfigError
@@ -62,6 +67,7 @@ class TrainResult:
     monitor: str
     higher_is_better: bool  # the monitor's direction
     checkpoint_path: Path
+    backup_seconds: float = 0.0  # the epochs waited for the per-epoch backups
 
 
 def find_checkpoint(
@@ -181,6 +187,81 @@ class RestoreState(keras.callbacks.Callback):
                 self.best_epoch.best_epoch, self.best_epoch.best_value = best_step, float(best)
 
 
+class Backup(keras.callbacks.Callback):
+    """The training state (weights, optimizer variables with EMA slots, next epoch) saved after
+    every epoch and restored when a fit starts again on the same folder, like Keras'
+    BackupAndRestore - but written in a background thread from a copy taken at the epoch's
+    end, so the next epoch does not wait for the disk. Deleted when training ends."""
+
+    FILE = "state.npz"
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__()
+        self.folder = folder
+        self.seconds = 0.0  # what the epochs waited for: the copies, and an unfinished write
+        self._writer: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    @property
+    def path(self) -> Path:
+        return self.folder / self.FILE
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        if not self.path.is_file():
+            return
+        with np.load(self.path) as state:
+            weights = [state[f"w{i}"] for i in range(int(state["n_weights"]))]
+            variables = [state[f"o{i}"] for i in range(int(state["n_optimizer"]))]
+            epoch = int(state["epoch"])
+        self.model.set_weights(weights)
+        optimizer = self.model.optimizer
+        if not optimizer.built:
+            optimizer.build(self.model.trainable_variables)
+        for variable, value in zip(optimizer.variables, variables, strict=True):
+            variable.assign(value)
+        self.model._initial_epoch = epoch  # as BackupAndRestore does: fit starts here
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if epoch + 1 >= self.params["epochs"] or self.model.stop_training:
+            return  # the last epoch: training ends now and its record replaces the backup
+        start = time.perf_counter()
+        self._wait()
+        # A copy of every variable as it is now (milliseconds); the writer converts and saves
+        # them while the next epoch trains.
+        weights = [tf.identity(v.value) for v in self.model.weights]
+        variables = [tf.identity(v.value) for v in self.model.optimizer.variables]
+        self._writer = threading.Thread(target=self._write, args=(weights, variables, epoch + 1),
+                                        daemon=True)
+        self._writer.start()
+        self.seconds += time.perf_counter() - start
+
+    def _write(self, weights: list, variables: list, epoch: int) -> None:
+        try:
+            state = {f"w{i}": np.asarray(w) for i, w in enumerate(weights)}
+            state.update({f"o{i}": np.asarray(v) for i, v in enumerate(variables)})
+            state.update(n_weights=len(weights), n_optimizer=len(variables), epoch=epoch)
+            self.folder.mkdir(parents=True, exist_ok=True)
+            staging = self.folder / f".{self.FILE}.partial.npz"
+            np.savez(staging, **state)
+            os.replace(staging, self.path)  # a kill mid-write keeps the previous state
+        except BaseException as error:  # reported by the epoch (or the end) that waits
+            self._error = error
+
+    def _wait(self) -> None:
+        if self._writer is not None:
+            self._writer.join()
+            self._writer = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        start = time.perf_counter()
+        self._wait()
+        self.seconds += time.perf_counter() - start
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
 class RecordTraining(keras.callbacks.Callback):
     """Writes the finished training's result (best epoch, its value, the checkpoint) to
     `path` when the last fit of a training ends - before BackupAndRestore deletes its backup -
@@ -261,7 +342,8 @@ def train(model: keras.Model, train_data: tf.data.Dataset, val_data: tf.data.Dat
     """Fit, then report which epoch's checkpoint is the best on validation.
 
     State is backed up to `backup_dir` after every epoch (after the loggers ran, so an epoch is
-    logged at most once); a fit started again on the same folder continues where it stopped.
+    logged at most once; `Backup`); a fit started again on the same folder continues where it
+    stopped.
     When the training ends, its result is written to `record_path` (`read_training_record`).
     With `checkpoint_model`, the checkpoint saves that model instead of the one fitted (the
     full classifier whose head is `model`).
@@ -270,7 +352,7 @@ def train(model: keras.Model, train_data: tf.data.Dataset, val_data: tf.data.Dat
     Path(checkpoint.filepath).parent.mkdir(parents=True, exist_ok=True)
     best = BestEpoch(checkpoint)
     restore = [RestoreState(callbacks, best, resume_history)] if resume_history else []
-    backup = keras.callbacks.BackupAndRestore(str(backup_dir))
+    backup = Backup(backup_dir)
     ema_in = EmaIn() if uses_ema(model) else None
     ema = ([ema_in], [EmaOut(ema_in)]) if ema_in else ([], [])
     record = [RecordTraining(best, epochs, record_path)] if record_path else []
@@ -294,7 +376,8 @@ def train(model: keras.Model, train_data: tf.data.Dataset, val_data: tf.data.Dat
     return TrainResult(
         history={k: [float(v) for v in vs] for k, vs in history.items()},
         best_epoch=best.best_epoch, best_value=best.best_value, monitor=checkpoint.monitor,
-        higher_is_better=_higher_is_better(checkpoint), checkpoint_path=Path(checkpoint.filepath))
+        higher_is_better=_higher_is_better(checkpoint), checkpoint_path=Path(checkpoint.filepath),
+        backup_seconds=backup.seconds)
 
 
 def train_without_validation(model: keras.Model, train_data: tf.data.Dataset, epochs: int,
