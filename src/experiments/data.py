@@ -95,12 +95,21 @@ def _is_hidden(path: Path) -> bool:
     return path.name.startswith(".")
 
 
-def scan_folder(root: str | Path) -> tuple[tuple[str, ...], list[str], list[int]]:
+def scan_folder(root: str | Path, include_pattern: str | None = None
+                ) -> tuple[tuple[str, ...], list[str], list[int]]:
     """Class names (sorted subfolder names), files and labels of an image folder.
 
-    Files are listed by extension; hidden files (`.DS_Store`, `._x`) are ignored silently.
+    The class is the first folder level; images may sit any number of levels below it (e.g.
+    BreakHis' `malignant/SOB/ductal_carcinoma/<patient>/200X/<image>.png`). Files are listed by
+    extension; hidden files (`.DS_Store`, `._x`) are ignored silently; with `include_pattern`,
+    only files whose path relative to `root` matches it (a regex, searched) are kept.
     """
     root = Path(root)
+    try:
+        include = None if include_pattern is None else re.compile(include_pattern)
+    except re.error as error:
+        raise ConfigError(f"`data.include_pattern` is not a valid regular expression ({error})."
+                          f" Received: data.include_pattern={include_pattern!r}") from error
     if not root.is_dir():
         raise MissingFileError(f"Data folder does not exist: {root} (set data.root)")
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not _is_hidden(p))
@@ -113,9 +122,11 @@ def scan_folder(root: str | Path) -> tuple[tuple[str, ...], list[str], list[int]
         found = sorted(
             str(p) for p in class_dir.rglob("*")
             if not _is_hidden(p) and p.suffix.lower() in IMAGE_EXTENSIONS and not p.is_dir()
+            and (include is None or include.search(p.relative_to(root).as_posix()))
         )
         if not found:
-            raise DataError(f"Class folder {class_dir} holds no images "
+            which = "" if include is None else f" matching data.include_pattern={include_pattern!r}"
+            raise DataError(f"Class folder {class_dir} holds no images{which} "
                             f"({', '.join(IMAGE_EXTENSIONS)})")
         files.extend(found)
         labels.extend([label] * len(found))
@@ -145,7 +156,8 @@ def load_images(files: Sequence[str], image_size: int, allow_upscale: bool = Tru
 
 
 def read_folder(root: str | Path, image_size: int, on_invalid: str = "error",
-                allow_upscale: bool = True, report_dir: Path | None = None
+                allow_upscale: bool = True, report_dir: Path | None = None,
+                include_pattern: str | None = None
                 ) -> tuple[tuple[str, ...], Split, list[Invalid]]:
     """Scan and decode a class folder; every file is checked before any training starts.
 
@@ -157,7 +169,7 @@ def read_folder(root: str | Path, image_size: int, on_invalid: str = "error",
     if on_invalid not in ON_INVALID:
         raise ConfigError(f"data.on_invalid must be one of {ON_INVALID}. "
                           f"Received: data.on_invalid={on_invalid!r}")
-    class_names, files, labels = scan_folder(root)
+    class_names, files, labels = scan_folder(root, include_pattern)
     images, invalid = load_images(files, image_size, allow_upscale)
     if invalid and on_invalid == "error":
         listing = None

@@ -55,7 +55,8 @@ def load_data(settings: Config) -> LoadedData:
         resolve_image_size(settings.backbone.name, data_cfg.patch_size)
     read = functools.partial(data_lib.read_folder, image_size=image_size,
                              on_invalid=data_cfg.on_invalid, allow_upscale=data_cfg.allow_upscale,
-                             report_dir=Path(settings.paths.output_dir))
+                             report_dir=Path(settings.paths.output_dir),
+                             include_pattern=data_cfg.include_pattern)
     class_names, pool, skipped = read(data_cfg.root)
     test = None
     if data_cfg.test_root is not None:

@@ -188,6 +188,9 @@ class DataConfig:
     # A regex searched in each file name giving its group (patient, slide): the first capture
     # group, else the whole match. Whole groups stay on one side of every split. null: none.
     group_pattern: str | None = None
+    # A regex searched in each image's path below `root`: only matching images are used (e.g.
+    # `200X` for one BreakHis magnification). null: every image.
+    include_pattern: str | None = None
     # Stain normalisation fitted on the training images only: null, "reinhard" or "macenko".
     stain_normalization: str | None = None
     # Native-resolution patches: images are decoded at image_size, the network trains on
