@@ -243,3 +243,21 @@ def test_demo_data_trains_a_large_input_backbone(tmp_path):
                                     "eval.gradcam_images=0", "eval.bootstrap_resamples=100",
                                     "mlflow.experiment_name=demo224"])
     assert 0.0 <= run(cfg) <= 1.0
+
+
+@pytest.mark.parametrize("name", options("hparams_search"))
+def test_every_hparams_search_preset_composes_into_an_optuna_multirun(tmp_path, name):
+    from hydra import compose as compose_with_hydra
+    from hydra import initialize_config_dir
+
+    base = "experiment=histology_cpu" if name == "histology_cpu" else "backbone=resnet50"
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose_with_hydra("config", overrides=[
+            f"paths.root={tmp_path}", "data.root=/x", base, f"hparams_search={name}"],
+            return_hydra_config=True)
+    sweeper = cfg.hydra.sweeper
+    assert sweeper._target_.endswith("OptunaSweeper") and cfg.hydra.mode.name == "MULTIRUN"
+    assert sweeper.direction == ("minimize" if cfg.callbacks.model_checkpoint.mode == "min"
+                                 else "maximize")
+    for key in sweeper.params:  # every searched key exists in the composed config
+        assert OmegaConf.select(cfg, key) is not None or key == "finetune.unfreeze_layers", key

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import keras
 import numpy as np
+import tensorflow as tf
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
@@ -104,6 +105,7 @@ def common_tags(settings: Config, class_names: Sequence[str], positive: int,
         "positive_class": class_names[positive],
         "image_size": str(image_size),
         "classes": ",".join(class_names),
+        "threads": str(tf.config.threading.get_intra_op_parallelism_threads()),
     }
     commit = tracking.git_commit(Path(__file__).parent)
     if commit:

@@ -10,6 +10,7 @@ run opens and before the first epoch; such errors print one message and exit wit
 from __future__ import annotations
 
 import functools
+import os
 import signal
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,8 +24,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from experiments import crossval, job, resume, tracking
 from experiments.build import Components
-from experiments.errors import RunStateError, UserError, exit_with
+from experiments.errors import ConfigError, RunStateError, UserError, exit_with
 from experiments.schema import Config, register_configs
+from experiments.train import set_threads
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 register_configs()
@@ -72,6 +74,8 @@ def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> float:
     if cfg.resume is not None:
         cfg = resume.restore_config(cfg, overrides)
     settings: Config = OmegaConf.to_object(cfg)
+    threads = set_threads(thread_budget(settings.trainer.threads))  # before any TF op
+    print(f"Using {threads} CPU thread(s) (trainer.threads)", flush=True)
     tracking.check_server(settings.mlflow.tracking_uri)
     if settings.resume is not None and settings.finetune.strategy == "two_stage":
         raise RunStateError("resume is not supported for finetune.strategy=two_stage; "
@@ -87,6 +91,38 @@ def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> float:
     return done.training.best_value
 
 
+def thread_budget(configured: int | None) -> int:
+    """trainer.threads, else this job's share of the cores: all of them for a single run; in
+    a sweep whose launcher runs jobs side by side, the cores divided among them (joblib's
+    n_jobs, Ray's num_cpus per task, submitit's cpus_per_task)."""
+    if configured is not None:
+        return configured
+    cores = len(os.sched_getaffinity(0))
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return cores
+    launcher = HydraConfig.get().launcher
+    target = str(OmegaConf.select(launcher, "_target_", default=""))
+    if "JoblibLauncher" in target:
+        n_jobs = OmegaConf.select(launcher, "n_jobs", default=-1) or 1
+        parallel = n_jobs if n_jobs > 0 else max(1, cores + 1 + n_jobs)  # joblib's -1: all
+        return max(1, cores // parallel)
+    if "RayLauncher" in target:
+        return int(OmegaConf.select(launcher, "ray.remote.num_cpus", default=1) or 1)
+    if "Submitit" in target:
+        return int(OmegaConf.select(launcher, "cpus_per_task", default=None) or 1)
+    return cores  # the basic launcher runs one job at a time
+
+
+def direction(mode: str) -> str:
+    """An Optuna direction from a checkpoint's mode (max/min): sweepers optimise the value
+    `experiments.run` returns, the monitored validation metric."""
+    if mode not in ("max", "min"):
+        raise ConfigError("callbacks.model_checkpoint.mode must be max or min for a "
+                          f"hyperparameter search. Received: {mode!r}")
+    return "maximize" if mode == "max" else "minimize"
+
+
+OmegaConf.register_new_resolver("direction", direction, replace=True)
 SUMMARY_METRICS = ("accuracy", "roc_auc", "sensitivity", "specificity", "f1", "loss")
 
 

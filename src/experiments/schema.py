@@ -51,11 +51,15 @@ class BackboneConfig:
     # Momentum of the backbone's BatchNorm moving statistics; null keeps the Keras default
     # (0.99). Tiny data sets (~10 steps per epoch) want ~0.9: see shared notes/findings.md.
     bn_momentum: float | None = None
+    # The head's dropout rate (the study: 0.5).
+    dropout: float = 0.5
 
     def __post_init__(self) -> None:
         from experiments.backbones import get_spec  # lists the known names when unknown
 
         get_spec(self.name)
+        _require(0 <= self.dropout < 1, "`backbone.dropout` must be in [0, 1). "
+                 f"Received: backbone.dropout={self.dropout!r}")
         if self.bn_momentum is not None:
             _require(0 < self.bn_momentum < 1, "`backbone.bn_momentum` must be in (0, 1). "
                      f"Received: backbone.bn_momentum={self.bn_momentum!r}")
@@ -260,6 +264,9 @@ class TrainerConfig:
     warmup_epochs: int = 3
     # Label smoothing of the cross-entropy (0: none).
     label_smoothing: float = 0.0
+    # TensorFlow's intra-op threads for this job; null: every core for a single run, the
+    # cores divided among the parallel jobs of a joblib, Ray or submitit sweep.
+    threads: int | None = None
     # Exponential moving average of the weights (Keras' optimizer `use_ema`) with this
     # momentum, e.g. 0.99; validation, checkpoints and the final model use the averaged
     # weights. null: off.
@@ -277,6 +284,7 @@ class TrainerConfig:
                  f"trainer.verbose={self.verbose!r}")
         _check_at_least("trainer.accumulate", self.accumulate, 1)
         _check_choice("trainer.precision", self.precision, PRECISIONS)
+        _check_at_least("trainer.threads", self.threads, 1, allow_none=True)
         if self.ema is not None:
             _require(0 < self.ema < 1, "`trainer.ema` must be in (0, 1) or null. "
                      f"Received: trainer.ema={self.ema!r}")

@@ -10,6 +10,8 @@ the best job's model is registered.
 from __future__ import annotations
 
 import atexit
+import csv
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -18,9 +20,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from mlflow.tracking import MlflowClient
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from experiments import compare, tracking
+from experiments.errors import ConfigError
 
 SEED_KEYS = ("trainer.seed",)  # swept, but pooled into mean +- std rather than grouped
 
@@ -29,6 +32,18 @@ def swept_keys(overrides: list[str]) -> list[str]:
     """Keys that take several values in this sweep (`backbone=a,b` -> `backbone`)."""
     parsed = OverridesParser.create().parse_overrides(overrides)
     return [o.key_or_group for o in parsed if o.is_sweep_override()]
+
+
+def trial_row(run, keys: list[str]) -> dict[str, str]:
+    """A job as an optimisation trial: its params, the value it returned (the checkpoint's
+    monitored validation metric), its state."""
+    monitor = run.data.tags.get("checkpoint_monitor")
+    value = run.data.metrics.get(f"best_{monitor}") if monitor else None
+    params = run.data.params
+    return {"run_id": run.info.run_id, "state": run.info.status,
+            "value": "" if value is None else f"{value:.6g}",
+            **{k: params.get(k, params.get(f"{k}.name", params.get(f"choice.{k}", "")))
+               for k in keys}}
 
 
 def group_by_keys(swept: list[str], params: dict[str, str]) -> list[str]:
@@ -45,6 +60,21 @@ def group_by_keys(swept: list[str], params: dict[str, str]) -> list[str]:
     return keys
 
 
+def check_optuna_storage(config: DictConfig) -> None:
+    """Optuna < 3 cannot create its SQLite study storage under SQLAlchemy 2 (it fails with a
+    bare AssertionError); say what to install instead."""
+    target = str(OmegaConf.select(config, "hydra.sweeper._target_", default=""))
+    storage = OmegaConf.select(config, "hydra.sweeper.storage", default=None)
+    if "optuna" not in target.lower() or not storage:
+        return
+    import optuna
+
+    if int(optuna.__version__.split(".")[0]) < 3:
+        raise ConfigError(f"hydra.sweeper.storage={storage!r} needs optuna >= 3 (installed: "
+                          f"{optuna.__version__}): `pip install optuna==3.6.2`, or drop the "
+                          "storage (an in-memory study)")
+
+
 class MlflowSweep(Callback):
     def __init__(self) -> None:
         self.client: MlflowClient | None = None
@@ -58,6 +88,8 @@ class MlflowSweep(Callback):
         experiment_id = tracking.ensure_experiment(ml.tracking_uri, ml.experiment_name,
                                                    ml.artifact_root)
         sweep_dir = Path(str(config.hydra.sweep.dir))
+        sweep_dir.mkdir(parents=True, exist_ok=True)  # e.g. for an Optuna study's SQLite file
+        check_optuna_storage(config)
         overrides = list(config.hydra.overrides.task)
         self.client = MlflowClient(ml.tracking_uri)
         parent = self.client.create_run(
@@ -75,8 +107,13 @@ class MlflowSweep(Callback):
         ml = config.mlflow
         sweep_dir = Path(str(config.hydra.sweep.dir))
         try:
-            if (sweep_dir / "multirun.yaml").is_file():
-                self.client.log_artifact(self.parent_id, str(sweep_dir / "multirun.yaml"))
+            for name in ("multirun.yaml", "optimization_results.yaml"):  # the latter: Optuna's
+                if (sweep_dir / name).is_file():
+                    self.client.log_artifact(self.parent_id, str(sweep_dir / name))
+            self._log_trials(ml.experiment_name, sweep_dir,
+                             swept_keys(list(config.hydra.overrides.task)),
+                             list(OmegaConf.select(config, "hydra.sweeper.params",
+                                                   default={}) or {}))
             runs = compare.find_runs(self.client, ml.experiment_name, self.parent_id)
             if runs:
                 group_by = group_by_keys(swept_keys(list(config.hydra.overrides.task)),
@@ -92,6 +129,38 @@ class MlflowSweep(Callback):
             self._end_if_open("FAILED")
             raise
         self._end_if_open("FINISHED")
+
+    def _log_trials(self, experiment: str, sweep_dir: Path, swept: list[str],
+                    searched: list[str]) -> None:
+        """trials.csv (one row per job: its swept or searched params, the value it returned
+        to the sweeper, its state) and the best trial's params, on the parent run."""
+        exp = self.client.get_experiment_by_name(experiment)
+        runs = self.client.search_runs(
+            [exp.experiment_id], f"tags.`mlflow.parentRunId` = '{self.parent_id}'",
+            order_by=["attributes.start_time ASC"], max_results=10000)
+        if not runs:
+            return
+        keys = [k for k in dict.fromkeys([*searched, *swept]) if k in runs[0].data.params
+                or any(k == p.rsplit(".", 1)[0] for p in runs[0].data.params)]
+        rows = [trial_row(run, keys) for run in runs]
+        folder = sweep_dir / "trials"
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / "trials.csv", "w", newline="") as handle:
+            writer = csv.DictWriter(handle, ["run_id", "state", "value", *keys])
+            writer.writeheader()
+            writer.writerows(rows)
+        scored = [(row, run) for row, run in zip(rows, runs, strict=True)
+                  if row["value"] != ""]
+        if scored:
+            mode = scored[0][1].data.tags.get("checkpoint_mode", "max")
+            best_row, best_run = (max if mode == "max" else min)(
+                scored, key=lambda item: float(item[0]["value"]))
+            best = {"run_id": best_run.info.run_id, "value": float(best_row["value"]),
+                    "params": {k: best_row[k] for k in keys}}
+            (folder / "best_trial.json").write_text(json.dumps(best, indent=2))
+            self.client.log_param(self.parent_id, "best_trial_run_id", best_run.info.run_id)
+            self.client.log_metric(self.parent_id, "best_trial_value", best["value"])
+        self.client.log_artifacts(self.parent_id, str(folder), "trials")
 
     def _register_best(self, runs: list, name: str) -> None:
         """Register the model of the job whose checkpoint scored best on validation."""

@@ -53,6 +53,18 @@ def resolve_precision(precision: str) -> str:
     return "mixed_bfloat16" if BF16_CPU_FLAGS & cpu_flags() else "float32"
 
 
+def set_threads(threads: int) -> int:
+    """Use `threads` intra-op threads (and one inter-op thread per two of them) in this process;
+    returns the number in force. TensorFlow fixes them at its first operation: a process that
+    runs a second job (a reused launcher worker) keeps what the first set."""
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(max(1, threads // 2))
+    except RuntimeError:  # already initialised
+        pass
+    return tf.config.threading.get_intra_op_parallelism_threads() or threads
+
+
 def set_precision(policy: str) -> None:
     """Set the global dtype policy for models built from now on (always set, so one job's
     policy never leaks into the next job of a multirun)."""
