@@ -42,6 +42,9 @@ STEP = textwrap.dedent("""
         tf.config.threading.set_inter_op_parallelism_threads(inter)
     set_precision(policy)
     model = build_classifier(backbone, None, True, size, 2, 0.9)
+    if os.environ.get("BENCH_FUSED_BN") == "1":
+        from experiments.fused_bn import fuse_batchnorm
+        fuse_batchnorm(model)
     compile_classifier(model, keras.optimizers.Adam(1e-4), 2)
     rng = np.random.default_rng(0)
     x = rng.uniform(0, 255, (batch, size, size, 3)).astype("float32")
@@ -111,10 +114,12 @@ def profile(backbones: list[str], size: int, batch: int, steps: int, policy: str
           f"median of {steps} steps; oneDNN's own timing)\n")
     rows = []
     for backbone in backbones:
-        times, stdout = run_step(backbone, size, batch, steps, policy, {"ONEDNN_VERBOSE": "1"})
-        step = sorted(times)[len(times) // 2]
-        parts = onednn_breakdown(stdout, steps)
-        rows.append((backbone, step, parts))
+        for name, env in (("Keras BatchNorm", {}), ("fused BatchNorm", FUSED)):
+            times, stdout = run_step(backbone, size, batch, steps, policy,
+                                     {"ONEDNN_VERBOSE": "1", **env})
+            step = sorted(times)[len(times) // 2]
+            parts = onednn_breakdown(stdout, steps)
+            rows.append((f"{backbone}, {name}", step, parts))
     kinds = sorted({k for _, _, parts in rows for k in parts},
                    key=lambda k: -sum(p.get(k, 0) for _, _, p in rows))
     print("| backbone | step (s) | " + " | ".join(kinds) + " | outside oneDNN |")
@@ -127,31 +132,40 @@ def profile(backbones: list[str], size: int, batch: int, steps: int, policy: str
     print("\n(ONEDNN_VERBOSE itself slows each primitive a little; shares are what matter.)")
 
 
+FUSED = {"BENCH_FUSED_BN": "1"}
 OPTIONS = [
+    ("float32, batch 2 (the notebook's step)", "float32", 2, {}),
     ("float32", "float32", 8, {}),
-    ("Keras mixed_bfloat16 (precision=auto here)", "mixed_bfloat16", 8, {}),
+    ("Keras mixed_bfloat16", "mixed_bfloat16", 8, {}),
     ("float32 + oneDNN implicit bf16 math", "float32", 8, {"TF_SET_ONEDNN_FPMATH_MODE": "BF16"}),
-    ("mixed_bfloat16, batch 16", "mixed_bfloat16", 16, {}),
-    ("mixed_bfloat16, batch 32", "mixed_bfloat16", 32, {}),
-    ("mixed_bfloat16, intra 2 / inter 1 threads", "mixed_bfloat16", 8, {"BENCH_THREADS": "2,1"}),
-    ("mixed_bfloat16, intra 1 / inter 2 threads", "mixed_bfloat16", 8, {"BENCH_THREADS": "1,2"}),
-    ("mixed_bfloat16, oneDNN off (Eigen kernels)", "mixed_bfloat16", 8,
-     {"TF_ENABLE_ONEDNN_OPTS": "0"}),
+    ("float32 + fused BatchNorm", "float32", 8, FUSED),
+    ("mixed_bfloat16 + fused BatchNorm (the framework here)", "mixed_bfloat16", 8, FUSED),
+    ("mixed_bfloat16 + fused BatchNorm, batch 16", "mixed_bfloat16", 16, FUSED),
+    ("mixed_bfloat16 + fused BatchNorm, batch 32", "mixed_bfloat16", 32, FUSED),
+    ("mixed_bfloat16 + fused BatchNorm, intra 2 / inter 1 threads", "mixed_bfloat16", 8,
+     {**FUSED, "BENCH_THREADS": "2,1"}),
+    ("mixed_bfloat16 + fused BatchNorm, oneDNN off (Eigen kernels)", "mixed_bfloat16", 8,
+     {**FUSED, "TF_ENABLE_ONEDNN_OPTS": "0"}),
 ]
 
 
 def options(backbones: list[str], size: int, steps: int, quick: bool) -> None:
-    print(f"\n### Settings ({size} px; img/s, median step; each in a fresh process)\n")
+    print(f"\n### Settings ({size} px; img/s of the median step, and x the notebook's step: "
+          "float32, batch 2, Keras BatchNorm; each setting in a fresh process)\n")
     print("| setting | " + " | ".join(backbones) + " |\n|---|" + "---|" * len(backbones))
-    chosen = OPTIONS[:3] if quick else OPTIONS
+    chosen = [OPTIONS[0], OPTIONS[2], OPTIONS[5]] if quick else OPTIONS
+    reference: dict[str, float] = {}
     for name, policy, batch, env in chosen:
         cells = []
         for backbone in backbones:
             try:
                 times, _ = run_step(backbone, size, batch, steps, policy, env)
-                cells.append(f"{batch / sorted(times)[len(times) // 2]:.1f}")
             except RuntimeError as error:
                 cells.append(f"failed ({str(error).splitlines()[-1][:60]})")
+                continue
+            rate = batch / sorted(times)[len(times) // 2]
+            reference.setdefault(backbone, rate)
+            cells.append(f"{rate:.1f} ({rate / reference[backbone]:.2f}x)")
         print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
 
 

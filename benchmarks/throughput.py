@@ -33,10 +33,23 @@ from scipy import ndimage
 from experiments import data as data_lib
 from experiments.augment import StudyAugmentation
 from experiments.demo import ensure_demo_dataset
+from experiments.fused_bn import fuse_batchnorm
 from experiments.model import build_classifier, compile_classifier
 from experiments.train import set_precision
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "biopsy-seed" / "train"
+
+
+def cpu_line() -> str:
+    """`lscpu`'s model name and the bf16/AMX flags: write it above every table."""
+    model, flags = "unknown", set()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+        elif line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+    shown = [f for f in ("avx512_bf16", "amx_bf16", "amx_tile") if f in flags] or ["none"]
+    return f"CPU: {model}; bf16/AMX flags: {', '.join(shown)}"
 
 
 def peak_rss_gb() -> float:
@@ -180,6 +193,7 @@ def bench_framework(table: Table, backbone: str, images: np.ndarray, labels: np.
     set_precision(precision)
     size = images.shape[1]
     model = build_classifier(backbone, None, True, size, 2)
+    fuse_batchnorm(model)  # trainer.fused_batchnorm=true, the framework's default
     compile_classifier(model, keras.optimizers.Adam(1e-4), 2)
     augment = StudyAugmentation(0.2, 90.0, True, True, "nearest", seed=0)
     ds = data_lib.training_dataset(images, labels, 2, batch, augment, seed=0).repeat()
@@ -228,6 +242,7 @@ def main(argv: list[str] | None = None) -> None:
     if not folder.is_dir():
         folder = ensure_demo_dataset(Path("/tmp/experiments-bench-demo"), 100, 256)
     images, labels = load_images(folder, args.image_size, 256)
+    print(cpu_line())
     print(f"{len(images)} images from {folder} at {args.image_size} px; "
           f"TF {tf.__version__}, Keras {keras.__version__}", flush=True)
     table = Table(matmul_gflops(tf.bfloat16))

@@ -155,3 +155,37 @@ def test_backup_restores_weights_optimizer_state_and_epoch(tmp_path):
     second.fit(x, y, batch_size=4, epochs=4, verbose=0, callbacks=[Backup(folder), FirstEpoch()])
     assert started == [1, 2, 3]  # continues after the last epoch backed up
     assert not folder.exists()  # removed when training ends
+
+
+@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
+def test_fused_batchnorm_computes_what_keras_does(policy):
+    """The fused op gives Keras' outputs, gradients and moving statistics (a conv bias in front
+    of BatchNorm has no gradient in theory: only noise to compare, so it is left out)."""
+    from experiments.fused_bn import fuse_batchnorm
+
+    set_precision(policy)
+    x = np.random.default_rng(0).normal(0, 1, (6, 8, 8, 4)).astype("float32")
+
+    def network() -> keras.Model:
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input((8, 8, 4))
+        h = keras.layers.Conv2D(5, 3, padding="same", use_bias=False)(inputs)
+        h = keras.layers.BatchNormalization(momentum=0.9, name="bn")(h)
+        h = keras.layers.GlobalAveragePooling2D()(keras.layers.Activation("relu")(h))
+        return keras.Model(inputs, keras.layers.Dense(2, dtype="float32")(h))
+
+    keras_bn, fused = network(), network()
+    assert fuse_batchnorm(fused) == 1
+    grads = []
+    for model in (keras_bn, fused):
+        with tf.GradientTape() as tape:
+            out = model(x, training=True)
+            loss = tf.reduce_sum(out ** 2)
+        grads.append((out.numpy(), tape.gradient(loss, model.trainable_variables)))
+    np.testing.assert_allclose(grads[1][0], grads[0][0], atol=1e-5)
+    for a, b in zip(grads[0][1], grads[1][1], strict=True):
+        np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-3, atol=1e-5)
+    for name in ("moving_mean", "moving_variance"):
+        np.testing.assert_allclose(getattr(fused.get_layer("bn"), name).numpy(),
+                                   getattr(keras_bn.get_layer("bn"), name).numpy(), rtol=1e-5)
+    np.testing.assert_allclose(fused(x, training=False), keras_bn(x, training=False), atol=1e-5)

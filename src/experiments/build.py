@@ -17,6 +17,7 @@ import keras
 from experiments import data as data_lib
 from experiments import evaluate, finetune, stain
 from experiments.errors import ConfigError
+from experiments.fused_bn import fuse_batchnorm
 from experiments.model import build_classifier, compile_classifier
 from experiments.schema import Config
 from experiments.train import find_checkpoint, resolve_precision, set_precision
@@ -78,6 +79,8 @@ def new_model(settings: Config, n_classes: int, image_size: int) -> tuple[keras.
                              settings.finetune.strategy == "full",
                              settings.data.patch_size or image_size, n_classes,
                              backbone.bn_momentum, backbone.dropout)
+    if settings.trainer.fused_batchnorm:
+        fuse_batchnorm(model)
     return model, precision
 
 

@@ -26,6 +26,7 @@ from PIL import Image, UnidentifiedImageError
 
 from experiments import backbones, stain  # noqa: F401  (register the layers saved models hold)
 from experiments.augment import dihedral_view, dihedral_view_tensor
+from experiments.fused_bn import fuse_batchnorm
 
 TTA_MODES = ("none", "dihedral")
 # Up to this many image views, models run eagerly: tracing `predict`'s graph costs more than
@@ -67,8 +68,11 @@ def load_image(source: ImageSource, image_size: int, allow_upscale: bool = True,
 
 
 def load_model(path: str | Path) -> keras.Model:
-    """Load a saved `.keras` model with Keras' safe mode on (no arbitrary code)."""
-    return keras.saving.load_model(str(path), safe_mode=True)
+    """Load a saved `.keras` model with Keras' safe mode on (no arbitrary code); its
+    BatchNormalization layers run as TensorFlow's fused op (same numbers, faster)."""
+    model = keras.saving.load_model(str(path), safe_mode=True)
+    fuse_batchnorm(model)
+    return model
 
 
 def save_model(model: keras.Model, info: Mapping[str, Any], folder: Path) -> Path:
