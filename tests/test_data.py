@@ -175,3 +175,42 @@ def test_group_pattern_errors_name_the_file_or_the_pattern():
         pool.with_groups(r"^(P\d+)_")
     with pytest.raises(ValueError, match="not a valid regular expression"):
         pool.with_groups("(unclosed")
+
+
+def test_image_caches_train_and_evaluate_the_same(tmp_path, make_config):
+    """data.cache=memory, disk and none give the same run; the disk cache is written once
+    and reused by the next run."""
+    from experiments.run import run
+
+    from .test_run import all_runs, client_for, read_csv
+
+    predictions = {}
+    for mode in ("memory", "disk", "none", "disk"):
+        run(make_config(f"data.cache={mode}", "augmentation=dihedral", "trainer.epochs=1",
+                        "mlflow.experiment_name=cache"))
+        latest = all_runs(client_for(tmp_path), "cache")[-1]
+        rows = read_csv(client_for(tmp_path), latest.info.run_id, "test_predictions.csv",
+                        tmp_path / f"dl_{mode}_{len(predictions)}")
+        predictions[f"{mode}{len(predictions)}"] = [float(r["p_malignant"]) for r in rows]
+        if mode == "disk" and len(predictions) == 2:
+            (cached,) = (tmp_path / ".cache" / "images").glob("*.npy")
+            written = cached.stat().st_mtime_ns
+    np.testing.assert_allclose(predictions["disk1"], predictions["memory0"], atol=1e-5)
+    np.testing.assert_allclose(predictions["none2"], predictions["memory0"], atol=1e-5)
+    assert cached.stat().st_mtime_ns == written  # the second disk run read it
+
+
+def test_lazy_images_index_like_an_array(tmp_path):
+    from experiments.image_store import LazyImages, disk_images
+
+    files = [str(write_image(tmp_path / f"{i}.png", size=12, seed=i)) for i in range(5)]
+    stored, problems = disk_images(files, 8, True, tmp_path / "cache")
+    assert not problems
+    for lazy in (LazyImages(stored, 8), LazyImages(files, 8)):
+        full = np.asarray(lazy)
+        assert full.shape == (5, 8, 8, 3) and full.dtype == np.uint8
+        view = lazy.subset([4, 1, 3])
+        np.testing.assert_array_equal(np.asarray(view), full[[4, 1, 3]])
+        np.testing.assert_array_equal(view[1:], full[[1, 3]])
+        np.testing.assert_array_equal(view[0], full[4])
+        assert len(view) == 3 and view.shape == (3, 8, 8, 3)

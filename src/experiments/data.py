@@ -10,7 +10,6 @@ import csv
 import os
 import re
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,9 +17,11 @@ import numpy as np
 import tensorflow as tf
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train_test_split
 
+from experiments import image_store
 from experiments.augment import NoAugmentation
 from experiments.errors import ConfigError, DataError, MissingFileError
-from experiments.inference import load_image
+from experiments.image_store import LazyImages
+from experiments.inference import load_image  # noqa: F401  (data.load_image, for callers)
 from experiments.patches import random_crops
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
@@ -34,7 +35,7 @@ class Split:
 
     files: tuple[str, ...]
     labels: tuple[int, ...]
-    images: np.ndarray = field(compare=False, repr=False)
+    images: np.ndarray | LazyImages = field(compare=False, repr=False)
     groups: tuple[str, ...] | None = None
 
     def __len__(self) -> int:
@@ -47,8 +48,10 @@ class Split:
     def subset(self, indices: Sequence[int]) -> Split:
         index = np.asarray(indices, dtype=int)
         groups = None if self.groups is None else tuple(self.groups[i] for i in index)
+        images = (self.images.subset(index) if isinstance(self.images, LazyImages)
+                  else self.images[index])
         return Split(tuple(self.files[i] for i in index), tuple(self.labels[i] for i in index),
-                     self.images[index], groups)
+                     images, groups)
 
     def with_groups(self, pattern: str) -> Split:
         return Split(self.files, self.labels, self.images, group_ids(self.files, pattern))
@@ -134,30 +137,33 @@ def scan_folder(root: str | Path, include_pattern: str | None = None
 
 
 def load_images(files: Sequence[str], image_size: int, allow_upscale: bool = True,
-                workers: int | None = None) -> tuple[np.ndarray, list[Invalid]]:
-    """Decode and resize every file once, in threads (PIL releases the GIL while decoding).
-
-    Returns the images of the readable files, in order, and every unreadable file with why.
-    """
-    out = np.empty((len(files), image_size, image_size, 3), dtype=np.uint8)
-    problems: dict[int, str] = {}
-
-    def load(index: int) -> None:
-        try:
-            out[index] = load_image(files[index], image_size, allow_upscale)
-        except ValueError as error:
-            problems[index] = str(error).removeprefix(f"{files[index]}: ")
-
-    with ThreadPoolExecutor(max_workers=workers or min(8, (os.cpu_count() or 1) + 2)) as pool:
-        list(pool.map(load, range(len(files))))
+                cache: str = "memory", cache_folder: Path | None = None
+                ) -> tuple[np.ndarray | LazyImages, list[Invalid]]:
+    """Check every file (decoding it), keeping the decoded images as `cache` says (see
+    `experiments.image_store`: memory, disk, none; auto picks by size). Returns the images of
+    the readable files, in order, and every unreadable file with why."""
+    mode = image_store.choose_mode(cache, len(files), image_size)
+    if mode == "disk":
+        if cache_folder is None:
+            raise ConfigError("data.cache=disk needs a cache folder (paths.cache_dir)")
+        stored, problems = image_store.disk_images(files, image_size, allow_upscale,
+                                                   cache_folder)
+    else:
+        stored = (np.empty((len(files), image_size, image_size, 3), dtype=np.uint8)
+                  if mode == "memory" else None)
+        problems = image_store.decode_all(files, image_size, allow_upscale, stored)
     keep = [i for i in range(len(files)) if i not in problems]
     invalid = [Invalid(files[i], problems[i]) for i in sorted(problems)]
-    return out[keep], invalid
+    if mode == "memory":
+        return stored[keep], invalid
+    source = stored if mode == "disk" else list(files)
+    return LazyImages(source, image_size, np.asarray(keep, int), allow_upscale), invalid
 
 
 def read_folder(root: str | Path, image_size: int, on_invalid: str = "error",
                 allow_upscale: bool = True, report_dir: Path | None = None,
-                include_pattern: str | None = None
+                include_pattern: str | None = None, cache: str = "memory",
+                cache_folder: Path | None = None
                 ) -> tuple[tuple[str, ...], Split, list[Invalid]]:
     """Scan and decode a class folder; every file is checked before any training starts.
 
@@ -170,7 +176,7 @@ def read_folder(root: str | Path, image_size: int, on_invalid: str = "error",
         raise ConfigError(f"data.on_invalid must be one of {ON_INVALID}. "
                           f"Received: data.on_invalid={on_invalid!r}")
     class_names, files, labels = scan_folder(root, include_pattern)
-    images, invalid = load_images(files, image_size, allow_upscale)
+    images, invalid = load_images(files, image_size, allow_upscale, cache, cache_folder)
     if invalid and on_invalid == "error":
         listing = None
         if report_dir is not None:
@@ -326,21 +332,42 @@ def one_hot(labels: Sequence[int], n_classes: int) -> np.ndarray:
     return np.eye(n_classes, dtype=np.float32)[np.asarray(labels, dtype=int)]
 
 
+def image_label_slices(images: np.ndarray | LazyImages, labels: Sequence[int] | None,
+                       n_classes: int) -> tf.data.Dataset:
+    """(image, one-hot label) elements; for images kept on disk or not at all, (index, label)
+    elements whose batches `read_batch` turns into images."""
+    items = np.arange(len(images)) if isinstance(images, LazyImages) else images
+    if labels is None:
+        return tf.data.Dataset.from_tensor_slices(items)
+    return tf.data.Dataset.from_tensor_slices((items, one_hot(labels, n_classes)))
+
+
+def read_batch(images: LazyImages, positions: tf.Tensor, labels: tf.Tensor
+               ) -> tuple[tf.Tensor, tf.Tensor]:
+    """A batch of positions -> the uint8 images there (read from the disk cache or decoded)."""
+    batch = tf.numpy_function(lambda p: images[p], [positions], tf.uint8)
+    batch.set_shape([None, images.size, images.size, 3])
+    return batch, labels
+
+
 def batch_seeds(seed: int) -> tf.data.Dataset:
     """An endless stream of stateless batch seeds (shape [2]), fixed by `seed` and different
     in every epoch (every new iteration of the dataset)."""
     return tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
 
 
-def training_dataset(images: np.ndarray, labels: Sequence[int], n_classes: int, batch_size: int,
+def training_dataset(images: np.ndarray | LazyImages, labels: Sequence[int], n_classes: int,
+                     batch_size: int,
                      augment: NoAugmentation, seed: int,
                      patch_size: int | None = None) -> tf.data.Dataset:
     """Shuffled (each epoch), batched float32 batches for `fit`: cropped to random
     `patch_size` patches (native patches), augmented, then label-mixed (`augment.mix`:
     mixup, CutMix). Every batch draws from its own stateless seed."""
-    ds = tf.data.Dataset.from_tensor_slices((images, one_hot(labels, n_classes)))
+    ds = image_label_slices(images, labels, n_classes)
     ds = ds.shuffle(len(images), seed=seed, reshuffle_each_iteration=True)
     ds = tf.data.Dataset.zip(ds.batch(batch_size), batch_seeds(seed))
+    if isinstance(images, LazyImages):
+        ds = ds.map(lambda batch, key: (read_batch(images, batch[0], batch[1]), key))
 
     def transform(batch: tuple[tf.Tensor, tf.Tensor], key: tf.Tensor):
         x, y = tf.cast(batch[0], tf.float32), batch[1]
@@ -351,13 +378,10 @@ def training_dataset(images: np.ndarray, labels: Sequence[int], n_classes: int, 
     return ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
 
-def evaluation_dataset(images: np.ndarray, labels: Sequence[int] | None, n_classes: int,
+def evaluation_dataset(images: np.ndarray | LazyImages, labels: Sequence[int], n_classes: int,
                        batch_size: int) -> tf.data.Dataset:
-    """Unshuffled, unaugmented float32 batches (labels one-hot when given)."""
-    if labels is None:
-        ds = tf.data.Dataset.from_tensor_slices(images)
-        ds = ds.batch(batch_size).map(lambda x: tf.cast(x, tf.float32))
-    else:
-        ds = tf.data.Dataset.from_tensor_slices((images, one_hot(labels, n_classes)))
-        ds = ds.batch(batch_size).map(lambda x, y: (tf.cast(x, tf.float32), y))
-    return ds.prefetch(tf.data.AUTOTUNE)
+    """Unshuffled, unaugmented float32 batches with one-hot labels."""
+    ds = image_label_slices(images, labels, n_classes).batch(batch_size)
+    if isinstance(images, LazyImages):
+        ds = ds.map(lambda x, y: read_batch(images, x, y))
+    return ds.map(lambda x, y: (tf.cast(x, tf.float32), y)).prefetch(tf.data.AUTOTUNE)

@@ -57,7 +57,8 @@ def load_data(settings: Config) -> LoadedData:
     read = functools.partial(data_lib.read_folder, image_size=image_size,
                              on_invalid=data_cfg.on_invalid, allow_upscale=data_cfg.allow_upscale,
                              report_dir=Path(settings.paths.output_dir),
-                             include_pattern=data_cfg.include_pattern)
+                             include_pattern=data_cfg.include_pattern, cache=data_cfg.cache,
+                             cache_folder=Path(settings.paths.cache_dir) / "images")
     class_names, pool, skipped = read(data_cfg.root)
     test = None
     if data_cfg.test_root is not None:
@@ -303,7 +304,7 @@ def fit_on_images(settings: Config, prepared: Prepared, output_dir: Path,
                                          patch_size)
     val_images, val_labels = splits.val.images, splits.val.labels
     if patch_size is not None:  # validation sees every crop of the grid the model averages
-        val_images = patches.grid_crops(val_images, patch_size)
+        val_images = patches.grid_crops(np.asarray(val_images), patch_size)
         val_labels = np.repeat(val_labels, len(val_images) // len(splits.val))
     val_ds = data_lib.evaluation_dataset(val_images, val_labels, n_classes, trainer.batch_size)
     history = None

@@ -195,6 +195,9 @@ class DataConfig:
     # A regex searched in each image's path below `root`: only matching images are used (e.g.
     # `200X` for one BreakHis magnification). null: every image.
     include_pattern: str | None = None
+    # Where decoded images live: memory, disk (decoded once into <paths.cache_dir>/images and
+    # memory-mapped), none (decoded again when needed), or auto (memory up to 4 GB, else disk).
+    cache: str = "auto"
     # Stain normalisation fitted on the training images only: null, "reinhard" or "macenko".
     stain_normalization: str | None = None
     # Native-resolution patches: images are decoded at image_size, the network trains on
@@ -216,6 +219,9 @@ class DataConfig:
         from experiments.stain import METHODS
 
         _check_choice("data.stain_normalization", self.stain_normalization, (None, *METHODS))
+        from experiments.image_store import CACHE_MODES
+
+        _check_choice("data.cache", self.cache, CACHE_MODES)
         _require(self.on_invalid in ("error", "skip"), "`data.on_invalid` must be 'error' or "
                  f"'skip'. Received: data.on_invalid={self.on_invalid!r}")
         if self.image_size is not None:
