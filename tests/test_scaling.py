@@ -132,3 +132,29 @@ def test_optuna_sweep_logs_its_trials_and_continues_its_study(tmp_path):
 
     study = optuna.load_study(study_name="search", storage=f"sqlite:///{sweep_dir}/optuna.db")
     assert len(study.trials) == 4
+
+
+@pytest.mark.slow
+def test_mirrored_run_on_two_logical_cpus_keeps_the_contract(tmp_path):
+    result = run_cli([*TINY, "trainer.epochs=2", "trainer.distribute=mirrored",
+                      "trainer.logical_cpus=2", f"paths.root={tmp_path}",
+                      "mlflow.experiment_name=mirrored"], tmp_path, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "CPU:1" in result.stderr + result.stdout  # two replicas
+    client = client_for(tmp_path)
+    exp = client.get_experiment_by_name("mirrored")
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")] == [1, 2]
+    for name in ("test_accuracy", "test_roc_auc", "test_accuracy_ci_low", "best_epoch"):
+        assert name in run.data.metrics
+    assert run.data.tags["model_uri"].startswith("models:/")
+    (out,) = (tmp_path / "outputs" / "runs").glob("*/*")
+    assert (out / "checkpoints" / "best.keras").is_file()
+
+
+def test_multi_worker_is_refused_with_the_reason(make_config):
+    from experiments.run import run
+
+    with pytest.raises(ValueError, match="keras-team/keras#20585"):
+        run(make_config("trainer.distribute=multi_worker"))

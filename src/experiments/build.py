@@ -15,7 +15,7 @@ from typing import Any
 import keras
 
 from experiments import data as data_lib
-from experiments import evaluate, finetune, stain
+from experiments import distribute, evaluate, finetune, stain
 from experiments.errors import ConfigError
 from experiments.fused_bn import fuse_batchnorm
 from experiments.model import build_classifier, compile_classifier
@@ -63,8 +63,9 @@ def build(settings: Config, components: Components, splits: data_lib.Splits,
     find_checkpoint(callbacks)
     check_schedule(trainer.lr_schedule, callbacks)
     model, precision = new_model(settings, len(splits.class_names), image_size)
-    second_stage = compile_for_strategy(settings, components, model, len(splits.class_names),
-                                        len(splits.train))
+    with distribute.scope():  # trainer.distribute: the optimizer is replicated too
+        second_stage = compile_for_strategy(settings, components, model,
+                                            len(splits.class_names), len(splits.train))
     return Prepared(splits, positive, skipped, image_size, precision, model, callbacks,
                     components.augmentation(trainer.seed), second_stage, stain_layer)
 
@@ -75,10 +76,11 @@ def new_model(settings: Config, n_classes: int, image_size: int) -> tuple[keras.
     precision = resolve_precision(settings.trainer.precision)
     set_precision(precision)
     backbone = settings.backbone
-    model = build_classifier(backbone.name, backbone.weights,
-                             settings.finetune.strategy == "full",
-                             settings.data.patch_size or image_size, n_classes,
-                             backbone.bn_momentum, backbone.dropout)
+    with distribute.scope():  # trainer.distribute: variables replicated on every device
+        model = build_classifier(backbone.name, backbone.weights,
+                                 settings.finetune.strategy == "full",
+                                 settings.data.patch_size or image_size, n_classes,
+                                 backbone.bn_momentum, backbone.dropout)
     if settings.trainer.fused_batchnorm:
         fuse_batchnorm(model)
     return model, precision
@@ -95,9 +97,10 @@ def compile_for_strategy(settings: Config, components: Components, model: keras.
     def compile_stage(model: keras.Model, lr: float, epochs: int) -> None:
         schedule = finetune.learning_rate(lr, trainer.lr_schedule, epochs, steps,
                                           trainer.warmup_epochs)
-        compile_classifier(model, optimizer(components, schedule, trainer.accumulate,
-                                            trainer.ema),
-                           n_classes, trainer.jit_compile, trainer.label_smoothing)
+        with distribute.scope():
+            compile_classifier(model, optimizer(components, schedule, trainer.accumulate,
+                                                trainer.ema),
+                               n_classes, trainer.jit_compile, trainer.label_smoothing)
 
     if plan.strategy != "two_stage":
         compile_stage(model, base_lr, trainer.epochs)

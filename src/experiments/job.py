@@ -143,6 +143,7 @@ def run_single(settings: Config, components: Components) -> JobResult:
     with timed(phases, "build"):
         prepared = build(settings, components, split(settings, loaded), loaded.skipped,
                          loaded.image_size)
+
     output_dir = Path(settings.paths.output_dir)
     ml = settings.mlflow
     with run_lock(output_dir):
@@ -295,7 +296,9 @@ def fit_on_features(settings: Config, prepared: Prepared, output_dir: Path, run_
 
 
 def fit_on_images(settings: Config, prepared: Prepared, output_dir: Path,
-                  run_id: str) -> TrainResult:
+                  run_id: str | None) -> TrainResult:
+    """Train on the images; per-epoch metrics go to the run `run_id` (none without one: a
+    multi-worker cluster's other workers)."""
     trainer, splits = settings.trainer, prepared.splits
     n_classes = len(splits.class_names)
     patch_size = settings.data.patch_size
@@ -308,11 +311,12 @@ def fit_on_images(settings: Config, prepared: Prepared, output_dir: Path,
         val_labels = np.repeat(val_labels, len(val_images) // len(splits.val))
     val_ds = data_lib.evaluation_dataset(val_images, val_labels, n_classes, trainer.batch_size)
     history = None
-    if settings.resume is not None:
+    if settings.resume is not None and run_id is not None:
         history = tracking.metric_histories(run_id, tracking.MlflowEpochLogger.LOGGED)
-    logger = tracking.MlflowEpochLogger(history["loss"] if history else ())
+    loggers = [] if run_id is None else [
+        tracking.MlflowEpochLogger(history["loss"] if history else ())]
     return train(prepared.model, train_ds, val_ds, trainer.epochs, prepared.callbacks,
-                 output_dir / BACKUP_DIR, [logger], history, trainer.verbose,
+                 output_dir / BACKUP_DIR, loggers, history, trainer.verbose,
                  prepared.second_stage, output_dir / TRAINING_RECORD)
 
 

@@ -22,7 +22,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from experiments import crossval, job, resume, tracking
+from experiments import crossval, distribute, job, resume, tracking
 from experiments.build import Components
 from experiments.errors import ConfigError, RunStateError, UserError, exit_with
 from experiments.schema import Config, register_configs
@@ -74,8 +74,10 @@ def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> float:
     if cfg.resume is not None:
         cfg = resume.restore_config(cfg, overrides)
     settings: Config = OmegaConf.to_object(cfg)
-    threads = set_threads(thread_budget(settings.trainer.threads))  # before any TF op
+    trainer = settings.trainer
+    threads = set_threads(thread_budget(trainer.threads))  # before any TF op
     print(f"Using {threads} CPU thread(s) (trainer.threads)", flush=True)
+    distribute.configure(trainer.distribute, trainer.logical_cpus)
     tracking.check_server(settings.mlflow.tracking_uri)
     if settings.resume is not None and settings.finetune.strategy == "two_stage":
         raise RunStateError("resume is not supported for finetune.strategy=two_stage; "

@@ -273,6 +273,11 @@ class TrainerConfig:
     warmup_epochs: int = 3
     # Label smoothing of the cross-entropy (0: none).
     label_smoothing: float = 0.0
+    # tf.distribute: null (one device) or mirrored (this machine's GPUs, else logical CPUs);
+    # batch_size is then the global batch. (multi_worker is refused: see experiments.distribute)
+    distribute: str | None = None
+    # Split the CPU into this many logical devices (for mirrored on a machine without GPUs).
+    logical_cpus: int | None = None
     # TensorFlow's intra-op threads for this job; null: every core for a single run, the
     # cores divided among the parallel jobs of a joblib, Ray or submitit sweep.
     threads: int | None = None
@@ -294,6 +299,10 @@ class TrainerConfig:
         _check_at_least("trainer.accumulate", self.accumulate, 1)
         _check_choice("trainer.precision", self.precision, PRECISIONS)
         _check_at_least("trainer.threads", self.threads, 1, allow_none=True)
+        _check_at_least("trainer.logical_cpus", self.logical_cpus, 1, allow_none=True)
+        from experiments.distribute import KINDS
+
+        _check_choice("trainer.distribute", self.distribute, (None, *KINDS))
         if self.ema is not None:
             _require(0 < self.ema < 1, "`trainer.ema` must be in (0, 1) or null. "
                      f"Received: trainer.ema={self.ema!r}")
