@@ -8,8 +8,8 @@ The framework run also composes the config, checks every image, logs params and 
 metrics, keeps a per-epoch backup for resume, evaluates with bootstrap intervals, TTA,
 calibration and Grad-CAM, writes figures and tables and logs the MLflow model; the bare script
 decodes the images, splits them the same way, fits with a best-only ModelCheckpoint and
-evaluates the best checkpoint once. Both use float32, the same model, batch size and an
-augmentation-free pipeline. The framework's phases come from its own `seconds_*` metrics; the
+evaluates the best checkpoint once. Both use float32, the same model (fused BatchNorm), batch
+size and an augmentation-free pipeline. The framework's phases come from its own `seconds_*` metrics; the
 bare script times its epochs with a callback. Fixed seconds = wall time - time in epochs.
 """
 
@@ -33,6 +33,7 @@ BARE = textwrap.dedent("""
     from PIL import Image
     from pathlib import Path
     from sklearn.model_selection import train_test_split
+    from experiments.fused_bn import fuse_batchnorm
     from experiments.model import build_classifier
 
     root, size, epochs, batch, backbone, out = sys.argv[1:7]
@@ -48,6 +49,7 @@ BARE = textwrap.dedent("""
     train, val = train_test_split(rest, test_size=0.25, stratify=labels[rest], random_state=42)
     keras.utils.set_random_seed(42)
     model = build_classifier(backbone, None, True, size, len(classes), 0.9)
+    fuse_batchnorm(model)  # the same model as the framework's (trainer.fused_batchnorm)
     model.compile(keras.optimizers.Adam(1e-4), "binary_crossentropy", metrics=["accuracy"])
     best = out + "/best.keras"
     epoch_seconds = []

@@ -71,6 +71,11 @@ def group_runs(runs: Sequence[Run], group_by: Sequence[str]) -> list[Group]:
 
 
 def _run_value(client: MlflowClient, run: Run, name: str) -> float:
+    if "cv_folds" in run.data.tags and name in ("epoch_seconds", "n_parameters"):
+        folds = client.search_runs([run.info.experiment_id],
+                                   f"tags.cv_parent = '{run.info.run_id}' and tags.cv_fold != ''")
+        values = [_run_value(client, fold, name) for fold in folds]
+        return statistics.median(values) if values else float("nan")  # the folds' own
     if name == "epoch_seconds":  # median epoch time, leaving out the first (graph tracing)
         history = sorted(client.get_metric_history(run.info.run_id, name), key=lambda m: m.step)
         values = [m.value for m in history[1:]] or [m.value for m in history]
@@ -93,6 +98,8 @@ def summarize(client: MlflowClient, groups: Sequence[Group]) -> list[dict[str, o
 
 def _format(name: str, value: tuple[float, float]) -> str:
     mean, std = value
+    if np.isnan(mean):
+        return "-"
     if name == "n_parameters":
         return f"{mean / 1e6:.2f}M"
     digits = 1 if name in ("best_epoch", "epoch_seconds") else 3
