@@ -8,9 +8,10 @@ The framework run also composes the config, checks every image, logs params and 
 metrics, keeps a per-epoch backup for resume, evaluates with bootstrap intervals, TTA,
 calibration and Grad-CAM, writes figures and tables and logs the MLflow model; the bare script
 decodes the images, splits them the same way, fits with a best-only ModelCheckpoint and
-evaluates the best checkpoint once. Both use float32, the same model (fused BatchNorm), batch
-size and an augmentation-free pipeline. The framework's phases come from its own `seconds_*` metrics; the
-bare script times its epochs with a callback. Fixed seconds = wall time - time in epochs.
+evaluates the best checkpoint once. Both use float32, the same model (fused BatchNorm), the
+same batch size and an augmentation-free pipeline. The framework's phases come from its own
+`seconds_*` metrics; the bare script times its epochs with a callback. Fixed seconds = wall
+time - time in epochs.
 """
 
 from __future__ import annotations
