@@ -39,7 +39,7 @@ def test_required_groups_and_options_exist():
                                        "randaugment", "study"]
     assert options("callbacks") == ["default", "early_stopping", "fixed"]
     assert options("data") == ["demo", "folder"]
-    assert options("finetune") == ["frozen", "full", "two_stage"]
+    assert options("finetune") == ["frozen", "full", "linear_probe", "two_stage"]
     assert options("eval") == ["default"]
     assert {"quickstart", "study_densenet201", "study_resnet50", "histology_cpu"} <= set(
         options("experiment"))

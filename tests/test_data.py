@@ -177,6 +177,7 @@ def test_group_pattern_errors_name_the_file_or_the_pattern():
         pool.with_groups("(unclosed")
 
 
+@pytest.mark.slow  # four small runs
 def test_image_caches_train_and_evaluate_the_same(tmp_path, make_config):
     """data.cache=memory, disk and none give the same run; the disk cache is written once
     and reused by the next run."""

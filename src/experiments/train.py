@@ -292,6 +292,7 @@ class RecordTraining(keras.callbacks.Callback):
                   "higher_is_better": _higher_is_better(checkpoint),
                   "checkpoint_path": str(checkpoint.filepath)}
         staging = self.path.with_suffix(".partial")
+        staging.parent.mkdir(parents=True, exist_ok=True)
         staging.write_text(json.dumps(record))
         staging.replace(self.path)
 
