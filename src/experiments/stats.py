@@ -89,7 +89,12 @@ def choose_threshold(labels: np.ndarray, score: np.ndarray, method: str,
                      fixed: float = 0.5, target_sensitivity: float = 0.95) -> float:
     """The decision threshold on p(positive), chosen on validation: `fixed`, Youden's J
     (max sensitivity + specificity - 1) or the highest threshold reaching the target
-    sensitivity. `labels` are 1 for the positive class, 0 otherwise."""
+    sensitivity. `labels` are 1 for the positive class, 0 otherwise.
+
+    Every threshold between two neighbouring validation scores makes the same decisions on
+    validation; the one returned lies midway between them, not on the score itself (a
+    separable validation split would otherwise put it on its lowest positive score, often
+    1.0, and call nearly every new image negative)."""
     if method not in THRESHOLD_METHODS:
         raise ConfigError(f"`eval.threshold` must be one of {THRESHOLD_METHODS}. "
                           f"Received: eval.threshold={method!r}")
@@ -97,11 +102,13 @@ def choose_threshold(labels: np.ndarray, score: np.ndarray, method: str,
         return float(fixed)
     if len(np.unique(labels)) < 2:
         raise DataError("Choosing a threshold needs both classes in the validation split")
-    fpr, tpr, thresholds = skm.roc_curve(labels, score)
+    fpr, tpr, thresholds = skm.roc_curve(labels, score, drop_intermediate=False)
     thresholds = np.minimum(thresholds, 1.0)  # the first is +inf ("nothing positive")
-    if method == "youden":
-        return float(thresholds[int(np.argmax(tpr - fpr))])
-    return float(thresholds[int(np.argmax(tpr >= target_sensitivity))])
+    best = int(np.argmax(tpr - fpr) if method == "youden"
+               else np.argmax(tpr >= target_sensitivity))
+    if best + 1 < len(thresholds):  # midway to the next lower score: same decisions
+        return float((thresholds[best] + thresholds[best + 1]) / 2)
+    return float(thresholds[best] / 2)  # every score positive: midway to 0
 
 
 def rates_at_threshold(labels: np.ndarray, score: np.ndarray,
