@@ -133,3 +133,17 @@ def _fresh_feature_cache():
     features._MEMORY.clear()
     yield
     features._MEMORY.clear()
+
+
+def test_two_stage_trains_its_head_only_stage_on_cached_features(tmp_path, make_config):
+    run(make_config("finetune=two_stage", "finetune.head_epochs=1", "trainer.epochs=3",
+                    "augmentation=dihedral", "mlflow.experiment_name=two_stage"))
+    client = client_for(tmp_path)
+    (finished,) = all_runs(client, "two_stage")
+    assert finished.info.status == "FINISHED"
+    assert finished.data.metrics["features_computed"] == 40  # the head-only stage's features
+    for name in ("loss", "val_loss", "lr"):  # both stages in one curve
+        steps = [m.step for m in client.get_metric_history(finished.info.run_id, name)]
+        assert sorted(steps) == [1, 2, 3], name
+    lrs = {m.step: m.value for m in client.get_metric_history(finished.info.run_id, "lr")}
+    assert lrs[2] == pytest.approx(lrs[1] * 0.1)  # the second stage's learning rate

@@ -258,7 +258,45 @@ def fit(settings: Config, prepared: Prepared, output_dir: Path, run_id: str) -> 
     views = feature_views(settings, prepared, say_why=True)
     if views is not None:
         return fit_on_features(settings, prepared, output_dir, run_id, views)
-    return fit_on_images(settings, prepared, output_dir, run_id)
+    return fit_on_images(settings, prepared, output_dir, run_id,
+                         head_stage(settings, prepared))
+
+
+def head_stage(settings: Config, prepared: Prepared
+               ) -> tuple[keras.Model, object, object] | None:
+    """two_stage's head-only first stage on cached features (the backbone is frozen then),
+    when the augmentation allows; None to train both stages on images."""
+    stage = prepared.second_stage
+    if settings.finetune.strategy != "two_stage" or stage is None:
+        return None
+    train_views, why = features.training_views(prepared.augment)
+    if train_views is None or settings.data.patch_size is not None:
+        print(f"two_stage's head-only stage trains on images: {why or 'native patches'}",
+              flush=True)
+        return None
+    before = dict(features.COUNTS)
+    cached = split_features(settings, prepared, train_views)
+    tracking.log_metrics({"features_computed": features.COUNTS["computed"] - before["computed"],
+                          "features_reused": sum(features.COUNTS[k] - before[k]
+                                                 for k in ("memory", "disk"))})
+    return head_training(settings, prepared, cached, train_views)
+
+
+def head_training(settings: Config, prepared: Prepared, cached: dict[str, np.ndarray],
+                  train_views: int) -> tuple[keras.Model, object, object]:
+    """The classifier's head as a model of its own, compiled with the classifier's optimizer
+    and loss, and its training and validation batches of cached features."""
+    splits, trainer, classifier = prepared.splits, settings.trainer, prepared.model
+    n_classes = len(splits.class_names)
+    head = features.head_model(classifier)
+    head.compile(optimizer=classifier.optimizer, loss=classifier.loss,
+                 metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")])
+    train_ds = features.head_dataset(cached["train"], splits.train.labels, n_classes,
+                                     trainer.batch_size, trainer.seed,
+                                     draw_views=train_views == 8)
+    val_ds = features.evaluation_batches(cached["val"], splits.val.labels, n_classes,
+                                         trainer.batch_size)
+    return head, train_ds, val_ds
 
 
 def fit_on_features(settings: Config, prepared: Prepared, output_dir: Path, run_id: str,
@@ -271,34 +309,27 @@ def fit_on_features(settings: Config, prepared: Prepared, output_dir: Path, run_
     tracking.log_metrics({"features_computed": features.COUNTS["computed"] - before["computed"],
                           "features_reused": sum(features.COUNTS[k] - before[k]
                                                  for k in ("memory", "disk"))})
-    splits, trainer = prepared.splits, settings.trainer
+    trainer = settings.trainer
     if settings.finetune.strategy == "linear_probe":
         from experiments import probe
 
         return probe.fit(prepared, cached, settings.eval, output_dir, trainer.seed)
-    n_classes = len(splits.class_names)
-    head = features.head_model(prepared.model)
-    classifier = prepared.model
-    head.compile(optimizer=classifier.optimizer, loss=classifier.loss,
-                 metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")])
-    train_ds = features.head_dataset(cached["train"], splits.train.labels, n_classes,
-                                     trainer.batch_size, trainer.seed,
-                                     draw_views=features.training_views(prepared.augment)[0] == 8)
-    val_ds = features.evaluation_batches(cached["val"], splits.val.labels, n_classes,
-                                         trainer.batch_size)
+    head, train_ds, val_ds = head_training(settings, prepared, cached,
+                                           features.training_views(prepared.augment)[0])
     history = None
     if settings.resume is not None:
         history = tracking.metric_histories(run_id, tracking.MlflowEpochLogger.LOGGED)
     logger = tracking.MlflowEpochLogger(history["loss"] if history else ())
     return train(head, train_ds, val_ds, trainer.epochs, prepared.callbacks,
                  output_dir / BACKUP_DIR, [logger], history, trainer.verbose, None,
-                 output_dir / TRAINING_RECORD, checkpoint_model=classifier)
+                 output_dir / TRAINING_RECORD, checkpoint_model=prepared.model)
 
 
-def fit_on_images(settings: Config, prepared: Prepared, output_dir: Path,
-                  run_id: str | None) -> TrainResult:
-    """Train on the images; per-epoch metrics go to the run `run_id` (none without one: a
-    multi-worker cluster's other workers)."""
+def fit_on_images(settings: Config, prepared: Prepared, output_dir: Path, run_id: str,
+                  head_stage: tuple[keras.Model, object, object] | None = None
+                  ) -> TrainResult:
+    """Train on the images (two_stage's head-only stage on cached features when
+    `head_stage` is given); per-epoch metrics go to the run `run_id`."""
     trainer, splits = settings.trainer, prepared.splits
     n_classes = len(splits.class_names)
     patch_size = settings.data.patch_size
@@ -311,13 +342,12 @@ def fit_on_images(settings: Config, prepared: Prepared, output_dir: Path,
         val_labels = np.repeat(val_labels, len(val_images) // len(splits.val))
     val_ds = data_lib.evaluation_dataset(val_images, val_labels, n_classes, trainer.batch_size)
     history = None
-    if settings.resume is not None and run_id is not None:
+    if settings.resume is not None:
         history = tracking.metric_histories(run_id, tracking.MlflowEpochLogger.LOGGED)
-    loggers = [] if run_id is None else [
-        tracking.MlflowEpochLogger(history["loss"] if history else ())]
+    logger = tracking.MlflowEpochLogger(history["loss"] if history else ())
     return train(prepared.model, train_ds, val_ds, trainer.epochs, prepared.callbacks,
-                 output_dir / BACKUP_DIR, loggers, history, trainer.verbose,
-                 prepared.second_stage, output_dir / TRAINING_RECORD)
+                 output_dir / BACKUP_DIR, [logger], history, trainer.verbose,
+                 prepared.second_stage, output_dir / TRAINING_RECORD, head_stage=head_stage)
 
 
 def evaluate_and_log(settings: Config, prepared: Prepared, result: TrainResult,

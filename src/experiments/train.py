@@ -351,7 +351,9 @@ def train(model: keras.Model, train_data: tf.data.Dataset, val_data: tf.data.Dat
           resume_history: dict[str, dict[int, float]] | None = None,
           verbose: int = 1, second_stage: SecondStage | None = None,
           record_path: Path | None = None,
-          checkpoint_model: keras.Model | None = None) -> TrainResult:
+          checkpoint_model: keras.Model | None = None,
+          head_stage: tuple[keras.Model, tf.data.Dataset, tf.data.Dataset] | None = None
+          ) -> TrainResult:
     """Fit, then report which epoch's checkpoint is the best on validation.
 
     State is backed up to `backup_dir` after every epoch (after the loggers ran, so an epoch is
@@ -359,7 +361,9 @@ def train(model: keras.Model, train_data: tf.data.Dataset, val_data: tf.data.Dat
     stopped.
     When the training ends, its result is written to `record_path` (`read_training_record`).
     With `checkpoint_model`, the checkpoint saves that model instead of the one fitted (the
-    full classifier whose head is `model`).
+    full classifier whose head is `model`). With `head_stage` (head model, its training and
+    validation data on cached features), two_stage's first, head-only stage trains the head
+    there while the checkpoint saves `model`.
     """
     checkpoint = find_checkpoint(callbacks)
     Path(checkpoint.filepath).parent.mkdir(parents=True, exist_ok=True)
@@ -379,7 +383,15 @@ def train(model: keras.Model, train_data: tf.data.Dataset, val_data: tf.data.Dat
     if second_stage is None or second_stage.start_epoch >= epochs:
         history = fit(epochs=epochs).history
     else:  # the same callbacks carry on, so the best checkpoint is the best of both stages
-        history = fit(epochs=second_stage.start_epoch).history
+        if head_stage is None:
+            history = fit(epochs=second_stage.start_epoch).history
+        else:  # the head-only stage on cached features: the checkpoint saves the classifier
+            head, head_train, head_val = head_stage
+            stage_one = [CheckpointOf(cb, model) if cb is checkpoint else cb for cb in callbacks]
+            history = head.fit(head_train, validation_data=head_val, verbose=verbose,
+                               callbacks=[*restore, *ema[0], *stage_one, best, *loggers,
+                                          *ema[1], *record, backup],
+                               epochs=second_stage.start_epoch, shuffle=False).history
         second_stage(model)
         later = fit(epochs=epochs, initial_epoch=second_stage.start_epoch).history
         history = {key: [*values, *later.get(key, [])] for key, values in history.items()}
