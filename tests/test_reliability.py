@@ -174,3 +174,11 @@ def test_user_errors_are_one_message_and_exit_code_2(tmp_path):
     assert result.returncode == 2
     assert "No MLflow run" in result.stderr
     assert "Traceback" not in result.stderr and "HYDRA_FULL_ERROR" not in result.stderr
+
+
+def test_a_required_key_left_unset_names_it_and_how_to_set_it(tmp_path):
+    result = run_cli([f"paths.root={tmp_path}"], tmp_path)  # the defaults: data=folder, no root
+    assert result.returncode == 2
+    assert "`data.root` must be set" in result.stderr
+    assert "experiment=quickstart" in result.stderr
+    assert "Traceback" not in result.stderr and "HYDRA_FULL_ERROR" not in result.stderr

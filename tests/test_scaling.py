@@ -3,6 +3,7 @@ thread budget that lets parallel jobs share a machine's cores. Loopback only."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -16,7 +17,7 @@ from omegaconf import open_dict
 
 from experiments.run import CONFIG_DIR, thread_budget
 
-from .conftest import SMALL, run_cli
+from .conftest import SMALL, free_port, run_cli, start_cli
 from .test_compare import children_of, the_parent
 from .test_run import artifact_files, client_for
 
@@ -153,8 +154,45 @@ def test_mirrored_run_on_two_logical_cpus_keeps_the_contract(tmp_path):
     assert (out / "checkpoints" / "best.keras").is_file()
 
 
-def test_multi_worker_is_refused_with_the_reason(make_config):
+def tf_config(ports: list[int], index: int) -> str:
+    return json.dumps({"cluster": {"worker": [f"127.0.0.1:{port}" for port in ports]},
+                       "task": {"type": "worker", "index": index}})
+
+
+@pytest.mark.slow
+def test_multi_worker_run_with_two_local_workers_logs_one_run(tmp_path):
+    """Two worker processes (TF_CONFIG on 127.0.0.1): both train the same steps, only the
+    chief writes its output folder and the MLflow run; the other leaves nothing behind."""
+    ports = [free_port(), free_port()]
+    args = [*TINY, "trainer.epochs=2", "trainer.distribute=multi_worker", "trainer.threads=1",
+            f"paths.root={tmp_path}", "mlflow.experiment_name=multi_worker"]
+    workers = [start_cli([*args, f"hydra.run.dir={tmp_path / 'outputs' / f'worker{i}'}"],
+                         tmp_path, env={"TF_CONFIG": tf_config(ports, i)}) for i in (0, 1)]
+    try:
+        outputs = [worker.communicate(timeout=900) for worker in workers]
+    finally:
+        for worker in workers:
+            worker.kill()
+    for worker, (_, stderr) in zip(workers, outputs, strict=True):
+        assert worker.returncode == 0, stderr[-3000:]
+    client = client_for(tmp_path)
+    (run,) = client.search_runs([client.get_experiment_by_name("multi_worker").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")] == [1, 2]
+    for name in ("test_accuracy", "test_roc_auc", "test_accuracy_ci_low", "best_epoch"):
+        assert name in run.data.metrics
+    assert run.data.tags["model_uri"].startswith("models:/")
+    assert (tmp_path / "outputs" / "worker0" / "checkpoints" / "best.keras").is_file()
+    assert not (tmp_path / "outputs" / "worker1" / "checkpoints").exists()
+
+
+def test_multi_worker_needs_tf_config(make_config, monkeypatch):
     from experiments.run import run
 
-    with pytest.raises(ValueError, match="keras-team/keras#20585"):
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    with pytest.raises(ValueError, match="TF_CONFIG"):
+        run(make_config("trainer.distribute=multi_worker"))
+    monkeypatch.setenv("TF_CONFIG", '{"cluster": {"worker": ["127.0.0.1:1"]}, '
+                                    '"task": {"type": "worker", "index": 3}}')
+    with pytest.raises(ValueError, match="task worker:3 is not in the cluster"):
         run(make_config("trainer.distribute=multi_worker"))

@@ -22,7 +22,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
 from experiments import data as data_lib
-from experiments import evaluate, export, features, inference, patches, tracking
+from experiments import distribute, evaluate, export, features, inference, patches, tracking
 from experiments.backbones import resolve_image_size
 from experiments.build import Components, Prepared, build
 from experiments.demo import ensure_demo_dataset
@@ -152,9 +152,12 @@ def run_single(settings: Config, components: Components) -> JobResult:
                                                        ml.artifact_root)
         with tracking.open_run(experiment_id, ml.run_name, run_tags(settings, prepared),
                                settings.resume) as run_id:
-            print(f"MLflow run {run_id} (experiment {ml.experiment_name!r})\n"
-                  f"If interrupted, continue it with: python -m experiments.run "
-                  f"resume={run_id} mlflow.tracking_uri={ml.tracking_uri}", flush=True)
+            if settings.trainer.distribute != "multi_worker":  # multi_worker: no resume
+                print(f"MLflow run {run_id} (experiment {ml.experiment_name!r})\n"
+                      f"If interrupted, continue it with: python -m experiments.run "
+                      f"resume={run_id} mlflow.tracking_uri={ml.tracking_uri}", flush=True)
+            elif distribute.is_chief(settings.trainer.distribute):
+                print(f"MLflow run {run_id} (experiment {ml.experiment_name!r})", flush=True)
             result, evaluation = train_and_evaluate(settings, components, prepared,
                                                     output_dir, run_id, phases)
     return JobResult(run_id, result, evaluation)
@@ -227,14 +230,24 @@ def feature_views(settings: Config, prepared: Prepared, say_why: bool = False) -
     views, why = features.training_views(prepared.augment)
     if settings.finetune.strategy == "linear_probe":
         views = views or 1  # the probe ignores random augmentation; dihedral views are data
-    elif settings.data.patch_size is not None:
-        views, why = None, "native patches (data.patch_size) are random crops"
+    elif views is not None and images_only(settings):
+        views, why = None, images_only(settings)
     if views is None:
         if say_why:
             print(f"finetune=frozen trains on images, not on cached features: {why}",
                   flush=True)
         return None
     return 8 if views == 8 or settings.eval.tta == "dihedral" else 1
+
+
+def images_only(settings: Config) -> str:
+    """Why this run cannot train its head on cached features ("" when it can)."""
+    if settings.data.patch_size is not None:
+        return "native patches (data.patch_size) are random crops"
+    if settings.trainer.distribute is not None:
+        return (f"trainer.distribute={settings.trainer.distribute} splits image batches "
+                "across devices; the cached-feature head trains on one")
+    return ""
 
 
 def split_features(settings: Config, prepared: Prepared, views: int) -> dict[str, np.ndarray]:
@@ -270,8 +283,8 @@ def head_stage(settings: Config, prepared: Prepared
     if settings.finetune.strategy != "two_stage" or stage is None:
         return None
     train_views, why = features.training_views(prepared.augment)
-    if train_views is None or settings.data.patch_size is not None:
-        print(f"two_stage's head-only stage trains on images: {why or 'native patches'}",
+    if train_views is None or images_only(settings):
+        print(f"two_stage's head-only stage trains on images: {why or images_only(settings)}",
               flush=True)
         return None
     before = dict(features.COUNTS)

@@ -9,9 +9,12 @@ run opens and before the first epoch; such errors print one message and exit wit
 
 from __future__ import annotations
 
+import copy
 import functools
 import os
+import shutil
 import signal
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +24,7 @@ import keras
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
 from experiments import crossval, distribute, job, resume, tracking
 from experiments.build import Components
@@ -73,7 +77,48 @@ def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> float:
     for sweepers."""
     if cfg.resume is not None:
         cfg = resume.restore_config(cfg, overrides)
-    settings: Config = OmegaConf.to_object(cfg)
+        if cfg.trainer.distribute == "multi_worker":
+            raise RunStateError("resume is not supported for trainer.distribute=multi_worker "
+                                "(every worker would need the chief's training state); start "
+                                f"the training again. Received: resume={cfg.resume!r}")
+    if distribute.is_chief(cfg.trainer.distribute):
+        return run_configured(cfg)
+    kind, index, _ = distribute.worker_role()
+    scratch = tempfile.mkdtemp(prefix="experiments-worker-")
+    print(f"TF_CONFIG task {kind}:{index} is not the chief: it trains in step with the chief, "
+          f"which writes the outputs and the MLflow run; its own go to {scratch} (deleted at "
+          "the end)", flush=True)
+    try:  # a non-chief worker: same steps, nothing written where users look
+        return run_configured(worker_config(cfg, Path(scratch)))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def worker_config(cfg: DictConfig, scratch: Path) -> DictConfig:
+    """A non-chief multi_worker's config: its output folder and MLflow store in `scratch`."""
+    cfg = copy.deepcopy(cfg)
+    cfg.paths.output_dir = str(scratch / "output")
+    cfg.mlflow.tracking_uri = f"sqlite:///{scratch / 'mlflow.db'}"
+    cfg.mlflow.artifact_root = str(scratch / "artifacts")
+    cfg.mlflow.register_as = None
+    return cfg
+
+
+def validated(cfg: DictConfig) -> Config:
+    """The typed settings (the schema's checks run here); a required key left unset is a
+    user's error, reported with the key and how to set it."""
+    try:
+        return OmegaConf.to_object(cfg)
+    except MissingMandatoryValue as error:
+        key = error.full_key
+        hint = (" - the folder with one subfolder per class, e.g. data.root=/path/to/images "
+                "(experiment=quickstart runs on built-in demo data)" if key == "data.root" else "")
+        raise ConfigError(f"`{key}` must be set{hint}. Received: {key}=???") from error
+
+
+def run_configured(cfg: DictConfig) -> float:
+    """`run` after resume and the worker's role are settled."""
+    settings = validated(cfg)
     trainer = settings.trainer
     threads = set_threads(thread_budget(trainer.threads))  # before any TF op
     print(f"Using {threads} CPU thread(s) (trainer.threads)", flush=True)
@@ -83,13 +128,16 @@ def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> float:
         raise RunStateError("resume is not supported for finetune.strategy=two_stage; "
                             f"start the run again. Received: resume={settings.resume!r}")
     parts = components(cfg)
+    report = distribute.is_chief(trainer.distribute)
     if settings.cv.folds > 1:
         result = crossval.run_cross_validation(settings, parts)
-        print_summary(result.parent_id, result.metrics, None, settings.mlflow.tracking_uri)
+        if report:
+            print_summary(result.parent_id, result.metrics, None, settings.mlflow.tracking_uri)
         return result.best_value
     done = job.run_single(settings, parts)
-    print_summary(done.run_id, done.evaluation.metrics, done.training.best_epoch,
-                  settings.mlflow.tracking_uri)
+    if report:
+        print_summary(done.run_id, done.evaluation.metrics, done.training.best_epoch,
+                      settings.mlflow.tracking_uri)
     return done.training.best_value
 
 

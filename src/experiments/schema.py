@@ -273,8 +273,8 @@ class TrainerConfig:
     warmup_epochs: int = 3
     # Label smoothing of the cross-entropy (0: none).
     label_smoothing: float = 0.0
-    # tf.distribute: null (one device) or mirrored (this machine's GPUs, else logical CPUs);
-    # batch_size is then the global batch. (multi_worker is refused: see experiments.distribute)
+    # tf.distribute: null (one device), mirrored (this machine's GPUs, else logical CPUs) or
+    # multi_worker (the TF_CONFIG cluster; only the chief logs); batch_size is the global batch.
     distribute: str | None = None
     # Split the CPU into this many logical devices (for mirrored on a machine without GPUs).
     logical_cpus: int | None = None
