@@ -60,7 +60,6 @@ def scope() -> contextlib.AbstractContextManager:
     return _strategy.scope() if _strategy is not None else contextlib.nullcontext()
 
 
-
 def worker_role() -> tuple[str, int, bool]:
     """(task type, index, is chief) of this process in the TF_CONFIG cluster."""
     raw = os.environ.get("TF_CONFIG")
