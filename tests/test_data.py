@@ -116,6 +116,29 @@ def test_demo_set_is_deterministic_and_reused(tmp_path):
     assert (other / files[0]).read_bytes() == first
 
 
+def _generate_then_read(root: str) -> int:
+    """A job's view of the demo set: generate it (or find it), then decode every image."""
+    from PIL import Image
+
+    found = ensure_demo_dataset(root, images_per_class=30, size=64)
+    files = sorted(found.rglob("*.jpg"))
+    for file in files:
+        with Image.open(file) as image:
+            image.load()
+    return len(files)
+
+
+def test_jobs_that_start_together_share_one_demo_set(tmp_path):
+    """Four processes ask for the same new demo set at once: one writes it, none sees it
+    half-written or replaced while reading (the multi_worker test once did)."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(4) as pool:
+        counts = pool.map(_generate_then_read, [str(tmp_path / "demo")] * 4)
+    assert counts == [60] * 4
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".demo-")]  # no staging
+
+
 def test_demo_refuses_to_overwrite_a_user_folder(image_folder):
     with pytest.raises(FileExistsError, match="not a demo set"):
         ensure_demo_dataset(image_folder, 10, 48)

@@ -8,6 +8,7 @@ file records the generator's parameters, so a finished set is reused and a chang
 
 from __future__ import annotations
 
+import fcntl
 import json
 import shutil
 import tempfile
@@ -113,32 +114,45 @@ def make_image(label: str, size: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def ensure_demo_dataset(root: str | Path, images_per_class: int, size: int, seed: int = 0) -> Path:
-    """Generate the demo set into `root` unless the same set is already there; return root."""
+    """Generate the demo set into `root` unless the same set is already there; return root.
+    Jobs that start together (a parallel sweep, multi_worker workers on one machine) take
+    turns: the first writes the set, the others find it."""
     root = Path(root)
     spec = {"version": _VERSION, "images_per_class": images_per_class, "size": size,
             "seed": seed}
-    marker = root / _MARKER
-    if marker.is_file() and json.loads(marker.read_text()) == spec:
+    if _holds(root, spec):
         return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with open(root.parent / f".{root.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if not _holds(root, spec):
+                _generate(root, spec)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return root
+
+
+def _holds(root: Path, spec: dict[str, int]) -> bool:
+    marker = root / _MARKER
+    return marker.is_file() and json.loads(marker.read_text()) == spec
+
+
+def _generate(root: Path, spec: dict[str, int]) -> None:
+    """Write the set into a private folder, then put it in place of `root` (an outdated set
+    of ours is replaced; a folder that is not ours is refused)."""
+    marker = root / _MARKER
     if root.exists() and not marker.is_file():
         raise NotOursError(f"{root} exists and is not a demo set (no {_MARKER}); "
-                        "point data.root of data=demo at a new folder")
-    root.parent.mkdir(parents=True, exist_ok=True)
-    # Build in a private folder, then rename: concurrent jobs never see a half-written set.
+                           "point data.root of data=demo at a new folder")
     staging = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(spec["seed"])
     for label in CLASSES:
         (staging / label).mkdir()
-        for index in range(images_per_class):
-            image = make_image(label, size, rng)
+        for index in range(spec["images_per_class"]):
+            image = make_image(label, spec["size"], rng)
             Image.fromarray(image).save(staging / label / f"{label}_{index:04d}.jpg", quality=92)
     (staging / _MARKER).write_text(json.dumps(spec))
-    if marker.is_file():  # an outdated set of ours: replace it
+    if marker.is_file():
         shutil.rmtree(root)
-    try:
-        staging.rename(root)
-    except OSError:  # another process finished the same set first
-        shutil.rmtree(staging)
-        if not (marker.is_file() and json.loads(marker.read_text()) == spec):
-            raise
-    return root
+    staging.rename(root)
