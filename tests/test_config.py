@@ -86,6 +86,7 @@ def test_histology_cpu_preset_selects_on_validation_loss_without_imagenet(tmp_pa
     assert {cb.monitor for cb in instantiate_callbacks(cfg.callbacks)} == {"val_loss"}
     assert settings.eval.tta == "dihedral"
     assert settings.cv.folds == 5 and not settings.cv.refit  # the model: the fold ensemble
+    assert settings.data.stain_normalization == "macenko"
 
 
 def test_quickstart_is_offline(tmp_path):
