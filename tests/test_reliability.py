@@ -40,7 +40,8 @@ def test_killed_run_resumes_into_the_same_run_with_each_epoch_once(tmp_path, sig
     (interrupted,) = all_runs(client, "resume")
     run_id = interrupted.info.run_id
     assert f"resume={run_id}" in output
-    assert interrupted.info.status == ("KILLED" if sig == signal.SIGTERM else "RUNNING")
+    assert interrupted.info.status == ("KILLED" if sig == signal.SIGTERM else "RUNNING"), (
+        interrupted.data.tags, output[-3000:])
     steps_before = sorted(m.step for m in client.get_metric_history(run_id, "loss"))
     assert steps_before[:2] == [1, 2] and len(steps_before) <= 3
 

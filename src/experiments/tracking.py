@@ -130,8 +130,11 @@ def open_run(experiment_id: str | None, run_name: str | None, tags: Mapping[str,
         try:
             yield run.info.run_id
         except (KeyboardInterrupt, SystemExit) as error:
-            mlflow.set_tag("interrupted", f"{type(error).__name__}: {error}")
-            mlflow.end_run("KILLED")
+            try:  # the status first: a failing tag write must not leave the run RUNNING
+                mlflow.end_run("KILLED")
+            finally:
+                MlflowClient().set_tag(run.info.run_id, "interrupted",
+                                       f"{type(error).__name__}: {error}")
             raise
         except BaseException as error:
             mlflow.set_tag("error", error_tag(error))
