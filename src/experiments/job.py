@@ -230,8 +230,8 @@ def feature_views(settings: Config, prepared: Prepared, say_why: bool = False) -
     views, why = features.training_views(prepared.augment)
     if settings.finetune.strategy == "linear_probe":
         views = views or 1  # the probe ignores random augmentation; dihedral views are data
-    elif views is not None and images_only(settings):
-        views, why = None, images_only(settings)
+    elif views is not None and (why := images_only(settings)):
+        views = None
     if views is None:
         if say_why:
             print(f"finetune=frozen trains on images, not on cached features: {why}",
@@ -248,6 +248,17 @@ def images_only(settings: Config) -> str:
         return (f"trainer.distribute={settings.trainer.distribute} splits image batches "
                 "across devices; the cached-feature head trains on one")
     return ""
+
+
+def logged_split_features(settings: Config, prepared: Prepared, views: int
+                          ) -> dict[str, np.ndarray]:
+    """`split_features`, logging how many were computed and how many reused."""
+    before = dict(features.COUNTS)
+    cached = split_features(settings, prepared, views)
+    tracking.log_metrics({"features_computed": features.COUNTS["computed"] - before["computed"],
+                          "features_reused": sum(features.COUNTS[k] - before[k]
+                                                 for k in ("memory", "disk"))})
+    return cached
 
 
 def split_features(settings: Config, prepared: Prepared, views: int) -> dict[str, np.ndarray]:
@@ -283,15 +294,11 @@ def head_stage(settings: Config, prepared: Prepared
     if settings.finetune.strategy != "two_stage" or stage is None:
         return None
     train_views, why = features.training_views(prepared.augment)
-    if train_views is None or images_only(settings):
-        print(f"two_stage's head-only stage trains on images: {why or images_only(settings)}",
-              flush=True)
+    why = why or images_only(settings)
+    if train_views is None or why:
+        print(f"two_stage's head-only stage trains on images: {why}", flush=True)
         return None
-    before = dict(features.COUNTS)
-    cached = split_features(settings, prepared, train_views)
-    tracking.log_metrics({"features_computed": features.COUNTS["computed"] - before["computed"],
-                          "features_reused": sum(features.COUNTS[k] - before[k]
-                                                 for k in ("memory", "disk"))})
+    cached = logged_split_features(settings, prepared, train_views)
     return head_training(settings, prepared, cached, train_views)
 
 
@@ -317,11 +324,7 @@ def fit_on_features(settings: Config, prepared: Prepared, output_dir: Path, run_
     """finetune=frozen: the head trains on cached features (same batches, same views as the
     image path); the checkpoint is the full classifier. finetune=linear_probe: logistic
     regression and k-NN on the features (`experiments.probe`)."""
-    before = dict(features.COUNTS)
-    cached = split_features(settings, prepared, views)
-    tracking.log_metrics({"features_computed": features.COUNTS["computed"] - before["computed"],
-                          "features_reused": sum(features.COUNTS[k] - before[k]
-                                                 for k in ("memory", "disk"))})
+    cached = logged_split_features(settings, prepared, views)
     trainer = settings.trainer
     if settings.finetune.strategy == "linear_probe":
         from experiments import probe

@@ -373,27 +373,31 @@ def train(model: keras.Model, train_data: tf.data.Dataset, val_data: tf.data.Dat
     ema_in = EmaIn() if uses_ema(model) else None
     ema = ([ema_in], [EmaOut(ema_in)]) if ema_in else ([], [])
     record = [RecordTraining(best, epochs, record_path)] if record_path else []
-    if checkpoint_model is not None:
-        callbacks = [CheckpointOf(cb, checkpoint_model) if cb is checkpoint else cb
-                     for cb in callbacks]
-    fit = functools.partial(model.fit, train_data, validation_data=val_data,
-                            callbacks=[*restore, *ema[0], *callbacks, best, *loggers, *ema[1],
-                                       *record, backup],
-                            verbose=verbose, shuffle=False)  # the tf.data pipeline shuffles
+    def saving(saved: keras.Model) -> list[keras.callbacks.Callback]:
+        """The callbacks, with the checkpoint saving `saved` instead of the model fitted."""
+        return [CheckpointOf(cb, saved) if cb is checkpoint else cb for cb in callbacks]
+
+    def fit_stage(fitted: keras.Model, train: tf.data.Dataset, val: tf.data.Dataset,
+                  stage_callbacks: list[keras.callbacks.Callback], **epochs: int) -> dict:
+        return fitted.fit(train, validation_data=val, verbose=verbose,
+                          callbacks=[*restore, *ema[0], *stage_callbacks, best, *loggers,
+                                     *ema[1], *record, backup],
+                          shuffle=False, **epochs).history  # the tf.data pipeline shuffles
+
+    fit = functools.partial(fit_stage, model, train_data, val_data,
+                            saving(checkpoint_model) if checkpoint_model is not None
+                            else callbacks)
     if second_stage is None or second_stage.start_epoch >= epochs:
-        history = fit(epochs=epochs).history
+        history = fit(epochs=epochs)
     else:  # the same callbacks carry on, so the best checkpoint is the best of both stages
         if head_stage is None:
-            history = fit(epochs=second_stage.start_epoch).history
+            history = fit(epochs=second_stage.start_epoch)
         else:  # the head-only stage on cached features: the checkpoint saves the classifier
             head, head_train, head_val = head_stage
-            stage_one = [CheckpointOf(cb, model) if cb is checkpoint else cb for cb in callbacks]
-            history = head.fit(head_train, validation_data=head_val, verbose=verbose,
-                               callbacks=[*restore, *ema[0], *stage_one, best, *loggers,
-                                          *ema[1], *record, backup],
-                               epochs=second_stage.start_epoch, shuffle=False).history
+            history = fit_stage(head, head_train, head_val, saving(model),
+                                epochs=second_stage.start_epoch)
         second_stage(model)
-        later = fit(epochs=epochs, initial_epoch=second_stage.start_epoch).history
+        later = fit(epochs=epochs, initial_epoch=second_stage.start_epoch)
         history = {key: [*values, *later.get(key, [])] for key, values in history.items()}
     if best.best_epoch == 0:
         raise ConfigError(f"ModelCheckpoint never saved a model (monitor "
