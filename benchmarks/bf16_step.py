@@ -30,8 +30,8 @@ STEP = textwrap.dedent("""
     import json, os, sys, time
     import numpy as np
     import keras, tensorflow as tf
-    from experiments.model import build_classifier, compile_classifier
-    from experiments.train import set_precision
+    from experiments.models.classifier import build_classifier, compile_classifier
+    from experiments.training.runtime import set_precision
 
     backbone, size, batch, steps, policy = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), \\
         int(sys.argv[4]), sys.argv[5]
@@ -43,7 +43,7 @@ STEP = textwrap.dedent("""
     set_precision(policy)
     model = build_classifier(backbone, None, True, size, 2, 0.9)
     if os.environ.get("BENCH_FUSED_BN") == "1":
-        from experiments.fused_bn import fuse_batchnorm
+        from experiments.models.fused_bn import fuse_batchnorm
         fuse_batchnorm(model)
     compile_classifier(model, keras.optimizers.Adam(1e-4), 2)
     rng = np.random.default_rng(0)

@@ -48,7 +48,7 @@ def run(mode: str, data: Path, work: Path, size: int, epochs: int, name: str) ->
     (found,) = client.search_runs([client.get_experiment_by_name("biopsy").experiment_id],
                                   f"attributes.run_name = '{name}'")
     epochs_s = [m.value for m in sorted(client.get_metric_history(found.info.run_id,
-                                                                   "epoch_seconds"),
+                                                                  "epoch_seconds"),
                                         key=lambda m: m.step)]
     return {**measured, "first": epochs_s[0],
             "later": sum(epochs_s[1:]) / max(1, len(epochs_s) - 1),

@@ -34,8 +34,8 @@ BARE = textwrap.dedent("""
     from PIL import Image
     from pathlib import Path
     from sklearn.model_selection import train_test_split
-    from experiments.fused_bn import fuse_batchnorm
-    from experiments.model import build_classifier
+    from experiments.models.fused_bn import fuse_batchnorm
+    from experiments.models.classifier import build_classifier
 
     root, size, epochs, batch, backbone, out = sys.argv[1:7]
     size, epochs, batch = int(size), int(epochs), int(batch)
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     # Later epochs (the first includes graph tracing in both).
     # The framework's epoch_seconds stops before the per-epoch backup: add what it waited.
     f_epoch = pick(e + r[1]["backup"] / len(r[1]["epochs"])
-                  for r in rows for e in r[1]["epochs"][1:] or r[1]["epochs"])
+                   for r in rows for e in r[1]["epochs"][1:] or r[1]["epochs"])
     b_epoch = pick(e for r in rows for e in r[3][1:] or r[3])
     f_fixed = pick(r[0] - sum(r[1]["epochs"]) for r in rows)
     b_fixed = pick(r[2] - sum(r[3]) for r in rows)

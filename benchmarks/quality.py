@@ -197,7 +197,7 @@ def nested(name: str, overrides: list[str], data: Path, root: Path, experiment: 
 
 
 def _load(predictor, file: Path) -> np.ndarray:
-    from experiments.inference import load_image
+    from experiments.data.decode import load_image
 
     return load_image(str(file), predictor.info.image_size)
 

@@ -30,12 +30,13 @@ import numpy as np
 import tensorflow as tf
 from scipy import ndimage
 
-from experiments import data as data_lib
-from experiments.augment import StudyAugmentation
-from experiments.demo import ensure_demo_dataset
-from experiments.fused_bn import fuse_batchnorm
-from experiments.model import build_classifier, compile_classifier
-from experiments.train import set_precision
+from experiments.data import folders
+from experiments.data import pipeline as pipeline_lib
+from experiments.data.augment import StudyAugmentation
+from experiments.data.demo import ensure_demo_dataset
+from experiments.models.classifier import build_classifier, compile_classifier
+from experiments.models.fused_bn import fuse_batchnorm
+from experiments.training.runtime import set_precision
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "biopsy-seed" / "train"
 
@@ -121,7 +122,7 @@ def seed_style_augment(batch: np.ndarray, rng: np.random.Generator) -> np.ndarra
 
 
 def load_images(folder: Path, size: int, limit: int) -> tuple[np.ndarray, np.ndarray]:
-    class_names, split, _ = data_lib.read_folder(folder, size, allow_upscale=True)
+    class_names, split, _ = folders.read_folder(folder, size, allow_upscale=True)
     order = np.random.default_rng(0).permutation(len(split))[:limit]
     return split.images[order], np.asarray(split.labels)[order]
 
@@ -196,7 +197,7 @@ def bench_framework(table: Table, backbone: str, images: np.ndarray, labels: np.
     fuse_batchnorm(model)  # trainer.fused_batchnorm=true, the framework's default
     compile_classifier(model, keras.optimizers.Adam(1e-4), 2)
     augment = StudyAugmentation(0.2, 90.0, True, True, "nearest", seed=0)
-    ds = data_lib.training_dataset(images, labels, 2, batch, augment, seed=0).repeat()
+    ds = pipeline_lib.training_dataset(images, labels, 2, batch, augment, seed=0).repeat()
     timer = BatchTimer()
     model.fit(ds, steps_per_epoch=steps + 1, epochs=1, verbose=0, callbacks=[timer])
     seconds = statistics.median(timer.seconds[1:])  # the first step traces the graph
@@ -206,7 +207,7 @@ def bench_framework(table: Table, backbone: str, images: np.ndarray, labels: np.
 
 def bench_pipeline(table: Table, images: np.ndarray, labels: np.ndarray, batch: int) -> None:
     augment = StudyAugmentation(0.2, 90.0, True, True, "nearest", seed=0)
-    ds = data_lib.training_dataset(images, labels, 2, batch, augment, seed=0).repeat()
+    ds = pipeline_lib.training_dataset(images, labels, 2, batch, augment, seed=0).repeat()
     iterator = iter(ds)
     next(iterator)
     n_batches = max(8, 256 // batch)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import socket
 import subprocess
@@ -12,13 +13,16 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_dir
+from hydra import compose, initialize_config_module
+from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from experiments import job
-from experiments.build import Prepared, build
-from experiments.run import CONFIG_DIR, components
+from experiments.config.instantiate import components
+from experiments.config.schema import CONFIG_MODULE
+from experiments.data import loading
+from experiments.orchestration import single
+from experiments.training.build import Prepared, build
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_TRAIN = REPO_ROOT.parent / "shared" / "data" / "biopsy-seed" / "train"
@@ -44,16 +48,16 @@ SMALL = [*SMALL_DEMO, *SMALL_TRAINING]
 def compose_config(tmp_path: Path, overrides: Sequence[str] = ()) -> DictConfig:
     """The real config, with every path under tmp_path (store, outputs, cache)."""
     paths = [f"paths.root={tmp_path}", f"paths.output_dir={tmp_path / 'out'}"]
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+    with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
         return compose(config_name="config", overrides=[*paths, *overrides])
 
 
 def prepare(cfg: DictConfig) -> Prepared:
     """What one training of `cfg` starts from: data loaded and split, model built."""
     settings = OmegaConf.to_object(cfg)
-    loaded = job.load_data(settings)
-    return build(settings, components(cfg), job.split(settings, loaded), loaded.skipped,
-                 loaded.image_size)
+    loaded = single.load_run_data(settings)
+    splits = loading.split(settings.data, loaded, settings.trainer.seed)
+    return build(settings, components(cfg), splits, loaded.skipped, loaded.image_size)
 
 
 @pytest.fixture
@@ -122,3 +126,38 @@ def image_folder(tmp_path: Path) -> Path:
         for i in range(12):
             write_image(root / label / f"{label}_{i}.jpg", seed=offset + i)
     return root
+
+
+# MLflow store helpers the tests share.
+def client_for(root: Path) -> MlflowClient:
+    return MlflowClient(tracking_uri=f"sqlite:///{root}/mlruns/mlflow.db")
+
+
+def all_runs(client: MlflowClient, experiment: str) -> list:
+    exp = client.get_experiment_by_name(experiment)
+    assert exp is not None, f"no experiment {experiment!r}"
+    return client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
+
+
+def artifact_files(client: MlflowClient, run_id: str, path: str | None = None) -> set[str]:
+    files: set[str] = set()
+    for item in client.list_artifacts(run_id, path):
+        files |= artifact_files(client, run_id, item.path) if item.is_dir else {item.path}
+    return files
+
+
+def read_csv(client: MlflowClient, run_id: str, path: str, dst: Path) -> list[dict[str, str]]:
+    local = client.download_artifacts(run_id, path, str(dst))
+    with open(local, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def children_of(client: MlflowClient, parent_id: str, experiment_id: str) -> list:
+    return client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'")
+
+
+def the_parent(client: MlflowClient, experiment: str):
+    exp = client.get_experiment_by_name(experiment)
+    parents = client.search_runs([exp.experiment_id], "tags.sweep_parent = 'true'")
+    assert len(parents) == 1
+    return parents[0], exp.experiment_id

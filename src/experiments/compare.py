@@ -9,199 +9,15 @@ Reads finished runs from the tracking store with the MLflow API, groups them by 
 from __future__ import annotations
 
 import argparse
-import csv
-import statistics
-import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
+from mlflow.tracking import MlflowClient
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from mlflow.entities import Run  # noqa: E402
-from mlflow.tracking import MlflowClient  # noqa: E402
-from sklearn import metrics as skm  # noqa: E402
-
-from experiments import tracking  # noqa: E402
-from experiments.errors import UserError
-
-TABLE_METRICS = ("test_accuracy", "test_roc_auc", "test_f1", "test_recall", "test_specificity",
-                 "best_epoch", "epoch_seconds", "n_parameters")
-FILES = ("comparison.md", "comparison.csv", "roc_curves.png", "val_accuracy_curves.png",
-         "lr_schedules.png")
-
-
-@dataclass(frozen=True)
-class Group:
-    key: str  # e.g. "backbone.name=resnet50"
-    runs: tuple[Run, ...]
-
-
-def find_runs(client: MlflowClient, experiment_name: str, parent_run_id: str | None = None,
-              filter_string: str = "") -> list[Run]:
-    """Finished training runs (those with test metrics) of an experiment, optionally only the
-    children of one parent run (a sweep's jobs, a cross-validation's folds) and matching an
-    MLflow filter string."""
-    experiment = client.get_experiment_by_name(experiment_name)
-    if experiment is None:
-        raise UserError(f"No MLflow experiment named {experiment_name!r} in "
-                        f"{client.tracking_uri}")
-    clauses = ["attributes.status = 'FINISHED'"]
-    if parent_run_id:
-        clauses.append(f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
-    if filter_string:
-        clauses.append(filter_string)
-    runs = client.search_runs([experiment.experiment_id], " and ".join(clauses),
-                              order_by=["attributes.start_time ASC"], max_results=5000)
-    # Without a parent, a cross-validation counts once (its parent), not once per fold too.
-    return [run for run in runs if "test_accuracy" in run.data.metrics
-            and (parent_run_id or "cv_fold" not in run.data.tags)]
-
-
-def group_runs(runs: Sequence[Run], group_by: Sequence[str]) -> list[Group]:
-    """Runs grouped by the values of params `group_by` (all in one group when empty)."""
-    groups: dict[str, list[Run]] = {}
-    for run in runs:
-        key = ", ".join(f"{k}={run.data.params.get(k, '?')}" for k in group_by) or "all runs"
-        groups.setdefault(key, []).append(run)
-    return [Group(key, tuple(members)) for key, members in groups.items()]
-
-
-def _run_value(client: MlflowClient, run: Run, name: str) -> float:
-    if "cv_folds" in run.data.tags and name in ("epoch_seconds", "n_parameters"):
-        folds = client.search_runs([run.info.experiment_id],
-                                   f"tags.cv_parent = '{run.info.run_id}' and tags.cv_fold != ''")
-        values = [_run_value(client, fold, name) for fold in folds]
-        return statistics.median(values) if values else float("nan")  # the folds' own
-    if name == "epoch_seconds":  # median epoch time, leaving out the first (graph tracing)
-        history = sorted(client.get_metric_history(run.info.run_id, name), key=lambda m: m.step)
-        values = [m.value for m in history[1:]] or [m.value for m in history]
-        return statistics.median(values) if values else float("nan")
-    return run.data.metrics.get(name, float("nan"))
-
-
-def summarize(client: MlflowClient, groups: Sequence[Group]) -> list[dict[str, object]]:
-    """One row per group: n runs and (mean, std) of every TABLE_METRICS entry."""
-    rows = []
-    for group in groups:
-        row: dict[str, object] = {"group": group.key, "n_runs": len(group.runs)}
-        for name in TABLE_METRICS:
-            values = np.array([_run_value(client, run, name) for run in group.runs])
-            std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
-            row[name] = (float(np.mean(values)), std)
-        rows.append(row)
-    return rows
-
-
-def _format(name: str, value: tuple[float, float]) -> str:
-    mean, std = value
-    if np.isnan(mean):
-        return "-"
-    if name == "n_parameters":
-        return f"{mean / 1e6:.2f}M"
-    digits = 1 if name in ("best_epoch", "epoch_seconds") else 3
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"
-
-
-def table_text(rows: Sequence[dict[str, object]]) -> str:
-    """A Markdown table (also readable in a terminal)."""
-    header = ["group", "n", *TABLE_METRICS]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in rows:
-        cells = [str(row["group"]), str(row["n_runs"]),
-                 *[_format(name, row[name]) for name in TABLE_METRICS]]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def write_csv(rows: Sequence[dict[str, object]], path: Path) -> None:
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["group", "n_runs", *[f"{name}_{stat}" for name in TABLE_METRICS
-                                              for stat in ("mean", "std")]])
-        for row in rows:
-            writer.writerow([row["group"], row["n_runs"],
-                             *[v for name in TABLE_METRICS for v in row[name]]])
-
-
-def _predictions(client: MlflowClient, run: Run, folder: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(is_positive, p_positive) of a run's logged test predictions."""
-    path = client.download_artifacts(run.info.run_id, "test_predictions.csv", str(folder))
-    positive = run.data.tags["positive_class"]
-    with open(path, newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    return (np.array([r["label"] == positive for r in rows]),
-            np.array([float(r[f"p_{positive}"]) for r in rows]))
-
-
-def plot_roc(client: MlflowClient, groups: Sequence[Group], path: Path) -> None:
-    """Each group's test ROC curve, pooling its runs' predictions."""
-    fig, ax = plt.subplots(figsize=(5.5, 5))
-    with tempfile.TemporaryDirectory() as folder:
-        for index, group in enumerate(groups):
-            parts = [_predictions(client, run, Path(folder) / f"{index}_{n}")
-                     for n, run in enumerate(group.runs)]
-            truth = np.concatenate([p[0] for p in parts])
-            score = np.concatenate([p[1] for p in parts])
-            fpr, tpr, _ = skm.roc_curve(truth, score)
-            ax.plot(fpr, tpr, label=f"{group.key} (AUC {skm.auc(fpr, tpr):.3f}, "
-                                    f"{len(group.runs)} runs)")
-    ax.plot([0, 1], [0, 1], color="grey", linestyle=":")
-    ax.set(xlabel="false positive rate (1 - specificity)", ylabel="true positive rate "
-           "(sensitivity)", title="test ROC curves")
-    ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_history(client: MlflowClient, groups: Sequence[Group], metric: str, path: Path,
-                 log_scale: bool = False) -> None:
-    """Per-epoch `metric` by group: the mean over runs, with a band for min-max."""
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for group in groups:
-        curves = [{m.step: m.value for m in client.get_metric_history(run.info.run_id, metric)}
-                  for run in group.runs]
-        steps = sorted(set().union(*curves))
-        if not steps:
-            continue
-        values = np.array([[c.get(s, np.nan) for s in steps] for c in curves])
-        line, = ax.plot(steps, np.nanmean(values, axis=0), marker="o", markersize=3,
-                        label=group.key)
-        if len(curves) > 1:
-            ax.fill_between(steps, np.nanmin(values, axis=0), np.nanmax(values, axis=0),
-                            color=line.get_color(), alpha=0.15)
-    if log_scale:
-        ax.set_yscale("log")
-    ax.set(xlabel="epoch", ylabel=metric, title=f"{metric} per epoch (mean, min-max band)")
-    if ax.lines:  # runs without per-epoch curves (cross-validation parents) draw none
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def write_report(client: MlflowClient, runs: Sequence[Run], group_by: Sequence[str],
-                 output: Path) -> str:
-    """Write the five report files into `output`; return the table text."""
-    if not runs:
-        raise UserError("No finished runs with test metrics to compare")
-    output.mkdir(parents=True, exist_ok=True)
-    groups = group_runs(runs, group_by)
-    rows = summarize(client, groups)
-    text = table_text(rows)
-    (output / "comparison.md").write_text(
-        f"# Comparison of {len(runs)} runs by {', '.join(group_by) or 'nothing'}\n\n"
-        "Test metrics are those of each run's best checkpoint (chosen on validation); "
-        "mean ± std over the runs of a group. epoch_seconds: median epoch time.\n\n" + text)
-    write_csv(rows, output / "comparison.csv")
-    plot_roc(client, groups, output / "roc_curves.png")
-    plot_history(client, groups, "val_accuracy", output / "val_accuracy_curves.png")
-    plot_history(client, groups, "lr", output / "lr_schedules.png", log_scale=True)
-    return text
+from experiments.console import configure_logging
+from experiments.errors import report_user_errors
+from experiments.tracking import store as store_lib
+from experiments.tracking.comparison import FILES, find_runs, write_report
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -219,9 +35,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@report_user_errors
 def main(argv: Sequence[str] | None = None) -> None:
+    configure_logging()
     args = parse_args(argv)
-    client = MlflowClient(args.tracking_uri or tracking.default_store_uri())
+    client = MlflowClient(args.tracking_uri or store_lib.default_store_uri())
     runs = find_runs(client, args.experiment, args.parent, args.filter)
     text = write_report(client, runs, args.group_by, Path(args.output))
     print(text)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import logging
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,11 +21,19 @@ from pathlib import Path
 
 import numpy as np
 from mlflow.entities import Run
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from experiments import evaluate, export, inference, tracking
+from experiments.console import configure_logging
+from experiments.data import decode
 from experiments.errors import DataError, UserError, report_user_errors
-from experiments.evaluate import Predictions
+from experiments.evaluation import evaluate, stats
+from experiments.evaluation import metrics as metrics_lib
+from experiments.evaluation.metrics import Predictions
+from experiments.serving import export, inference
+from experiments.tracking import model_registry, records, store
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -62,7 +71,12 @@ def load_member(client: MlflowClient, run: Run, folder: Path) -> Member:
 def sweep_members(client: MlflowClient, parent_id: str) -> list[Run]:
     """The parent's finished child runs that logged a model (cross-validation parents count as
     one member: their own ensemble or refit model)."""
-    parent = client.get_run(parent_id)
+    try:
+        parent = client.get_run(parent_id)
+    except MlflowException as error:
+        raise UserError(f"No MLflow run {parent_id!r} in {client.tracking_uri} (pass the "
+                        "sweep's parent run id, and --tracking-uri when it lives in another "
+                        "store)") from error
     runs = client.search_runs([parent.info.experiment_id],
                               f"tags.`mlflow.parentRunId` = '{parent_id}' "
                               "and attributes.status = 'FINISHED'", max_results=10000)
@@ -83,7 +97,7 @@ def build(members: Sequence[Member], eval_params: dict[str, str]) -> tuple[objec
     positive = list(first.class_names).index(first.positive_class or first.class_names[-1])
     labels = np.concatenate([m.val.labels for m in members])
     probabilities = np.concatenate([m.val.probabilities for m in members])
-    temperature, threshold = export.fit_operating_point(
+    temperature, threshold = stats.fit_operating_point(
         labels, probabilities, positive, eval_params.get("eval.threshold", "youden"),
         float(eval_params.get("eval.fixed_threshold", 0.5)),
         float(eval_params.get("eval.target_sensitivity", 0.95)),
@@ -108,7 +122,7 @@ def evaluate_on_shared_test(predictor: inference.Predictor, members: Sequence[Me
     files = sorted(shared.pop())
     if not all(Path(f).is_file() for f in files):
         return "none: the members' test images are not readable here"
-    images = np.stack([inference.load_image(f, predictor.info.image_size) for f in files])
+    images = np.stack([decode.load_image(f, predictor.info.image_size) for f in files])
     labels = np.array([labels_of[f] for f in files])
     info = predictor.info
     positive = list(info.class_names).index(info.positive_class or info.class_names[-1])
@@ -118,18 +132,18 @@ def evaluate_on_shared_test(predictor: inference.Predictor, members: Sequence[Me
                            inference.predict_probabilities(predictor.model, images, 32, tta))
 
     plain = predictions("none")
-    metrics = {**evaluate.classification_metrics(plain, positive, "test_"),
-               **evaluate.interval_metrics(plain, positive, settings, "test_")}
+    metrics = {**metrics_lib.classification_metrics(plain, positive, "test_"),
+               **metrics_lib.interval_metrics(plain, positive, settings, "test_")}
     raw = plain
     if info.tta != "none":
         raw = predictions(info.tta)
-        metrics.update({**evaluate.classification_metrics(raw, positive, "test_tta_"),
-                        **evaluate.interval_metrics(raw, positive, settings, "test_tta_")})
+        metrics.update({**metrics_lib.classification_metrics(raw, positive, "test_tta_"),
+                        **metrics_lib.interval_metrics(raw, positive, settings, "test_tta_")})
     final = Predictions(raw.files, raw.labels,
                         inference.apply_temperature(raw.probabilities, info.temperature))
     if info.threshold is not None:
-        metrics.update(evaluate.interval_metrics(final, positive, settings, "test_op_",
-                                                 predictor.info.threshold))
+        metrics.update(metrics_lib.interval_metrics(final, positive, settings, "test_op_",
+                                                    info.threshold))
     return metrics
 
 
@@ -142,14 +156,14 @@ def eval_settings(params: dict[str, str]) -> evaluate.EvalSettings:
 def ensemble_sweep(tracking_uri: str, parent_id: str, register_as: str | None = None) -> str:
     """Build, evaluate (when possible) and log the ensemble of a sweep; returns its run id."""
     client = MlflowClient(tracking_uri)
-    tracking.use_store(tracking_uri)
+    store.use_store(tracking_uri)
     runs = sweep_members(client, parent_id)
     with tempfile.TemporaryDirectory() as folder:
         members = [load_member(client, run, Path(folder) / run.info.run_id) for run in runs]
         params = runs[0].data.params
         model, info = build(members, params)
         names = info["class_names"]
-        labels_of = {}
+        labels_of: dict[str, int] = {}
         for member in members:
             test = read_predictions(Path(client.download_artifacts(
                 member.run.info.run_id, "test_predictions.csv", str(Path(folder) / "t"))),
@@ -165,18 +179,18 @@ def ensemble_sweep(tracking_uri: str, parent_id: str, register_as: str | None = 
         if isinstance(outcome, str):
             tags["test_metrics"] = outcome
         parent_name = client.get_run(parent_id).info.run_name
-        with tracking.open_run(experiment_id, f"ensemble of {parent_name}", tags) as run_id:
-            tracking.log_params({"members": len(members), "ensemble_of": parent_id})
+        with store.open_run(experiment_id, f"ensemble of {parent_name}", tags) as run_id:
+            records.log_params({"members": len(members), "ensemble_of": parent_id})
             if not isinstance(outcome, str):
-                tracking.log_metrics(outcome)
-            tracking.log_metrics({"model_temperature": info["temperature"],
-                                  **({"model_threshold": info["threshold"]}
+                records.log_metrics(outcome)
+            records.log_metrics({"model_temperature": info["temperature"],
+                                 **({"model_threshold": info["threshold"]}
                                      if info["threshold"] is not None else {})})
-            model_uri = tracking.log_model(model_dir, info)
-            tracking.set_tags({"model_uri": model_uri})
+            model_uri = model_registry.log_model(model_dir, info)
+            records.set_tags({"model_uri": model_uri})
             if register_as:
-                version = tracking.register_model(model_uri, register_as)
-                print(f"Registered models:/{register_as}/{version}")
+                version = model_registry.register_model(model_uri, register_as)
+                log.info(f"Registered models:/{register_as}/{version}")
     print(f"Ensemble of {len(members)} models from {parent_id}: MLflow run {run_id}, model "
           f"{model_uri}")
     if isinstance(outcome, str):
@@ -191,13 +205,14 @@ def ensemble_sweep(tracking_uri: str, parent_id: str, register_as: str | None = 
 
 @report_user_errors
 def main(argv: Sequence[str] | None = None) -> None:
+    configure_logging()
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parent", required=True, help="the sweep's parent run id")
-    parser.add_argument("--tracking-uri", default=tracking.default_store_uri())
+    parser.add_argument("--tracking-uri", default=store.default_store_uri())
     parser.add_argument("--register-as", default=None, help="register the ensemble's model")
     args = parser.parse_args(argv)
-    tracking.check_server(args.tracking_uri)
+    store.check_server(args.tracking_uri)
     ensemble_sweep(args.tracking_uri, args.parent, args.register_as)
 
 

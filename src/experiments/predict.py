@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import logging
 import re
 import sys
 import tempfile
@@ -22,13 +23,17 @@ from pathlib import Path
 
 import keras
 
-from experiments.data import IMAGE_EXTENSIONS
+from experiments.console import configure_logging
+from experiments.data.folders import IMAGE_EXTENSIONS
 from experiments.errors import UserError, report_user_errors
-from experiments.inference import MODEL_INFO, TTA_MODES, ModelInfo, Predictor, load_model
-from experiments.tracking import default_store_uri
+from experiments.serving.inference import MODEL_INFO, TTA_MODES, ModelInfo, Predictor, load_model
+from experiments.tracking.store import default_store_uri
 
-OPTIONS = {"model": None, "input": None, "output": "predictions.csv", "batch_size": "32",
-           "tracking_uri": None, "tta": "auto"}
+log = logging.getLogger(__name__)
+
+# key=value arguments and their defaults ("": not given)
+OPTIONS = {"model": "", "input": "", "output": "predictions.csv", "batch_size": "32",
+           "tracking_uri": "", "tta": "auto"}
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
@@ -49,7 +54,7 @@ def load_predictor(spec: str, tracking_uri: str | None) -> Predictor:
         return Predictor.load(path)
     model = load_model(path)
     n_classes = int(model.output_shape[-1])
-    print(f"warning: no {MODEL_INFO} beside {path}; naming classes class_0..", file=sys.stderr)
+    log.warning(f"no {MODEL_INFO} beside {path}; naming classes class_0..")
     return Predictor(model, ModelInfo(tuple(f"class_{i}" for i in range(n_classes)),
                                       int(model.input_shape[1])))
 
@@ -155,8 +160,9 @@ def parse_args(argv: Sequence[str]) -> dict[str, str]:
 
 @report_user_errors
 def main(argv: Sequence[str] | None = None) -> None:
+    configure_logging()
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    predictor = load_predictor(args["model"], args["tracking_uri"])
+    predictor = load_predictor(args["model"], args["tracking_uri"] or None)
     if args["tta"] != "auto":
         predictor = dataclasses.replace(
             predictor, info=dataclasses.replace(predictor.info, tta=args["tta"]))

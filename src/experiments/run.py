@@ -10,65 +10,32 @@ run opens and before the first epoch; such errors print one message and exit wit
 from __future__ import annotations
 
 import copy
-import functools
+import logging
 import os
 import shutil
 import signal
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import hydra
-import keras
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from experiments import crossval, distribute, job, resume, tracking
-from experiments.build import Components
+from experiments.config.instantiate import components
+from experiments.config.schema import CONFIG_MODULE, Config, register_configs
 from experiments.errors import ConfigError, RunStateError, UserError, exit_with
-from experiments.schema import Config, register_configs
-from experiments.train import set_threads
+from experiments.orchestration import crossval, resume
+from experiments.orchestration import single as single_lib
+from experiments.tracking import store as store_lib
+from experiments.training import distribute
+from experiments.training.runtime import set_threads
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+log = logging.getLogger(__name__)
+
 register_configs()
-
-
-def instantiate_callbacks(callbacks_cfg: DictConfig) -> list[keras.callbacks.Callback]:
-    """Every non-null entry of the `callbacks` group, in config order."""
-    return [hydra.utils.instantiate(node, _convert_="all")
-            for node in callbacks_cfg.values() if node is not None]
-
-
-def instantiate_optimizer(optimizer_cfg: DictConfig, **options: Any
-                          ) -> keras.optimizers.Optimizer:
-    """The configured Keras optimizer; `options` (a learning-rate schedule, EMA, gradient
-    accumulation) replace or add to the configured keys."""
-    # A partial, so a schedule object can replace the (typed, float) configured rate.
-    return hydra.utils.instantiate(optimizer_cfg, _convert_="all", _partial_=True)(**options)
-
-
-def instantiate_augmentation(augmentation_cfg: DictConfig, seed: int) -> Any:
-    """The configured augmenter, seeded with `seed` when it takes one."""
-    overrides = {"seed": seed} if "seed" in augmentation_cfg else {}
-    return hydra.utils.instantiate(augmentation_cfg, _convert_="all", **overrides)
-
-
-def components(cfg: DictConfig) -> Components:
-    """Factories for what a training instantiates from config, and the config as recorded:
-    resolved YAML (what resume restores) and every key as a param, with the option each group
-    took (choice.augmentation, ...)."""
-    params = tracking.flatten(OmegaConf.to_container(cfg, resolve=True))
-    if HydraConfig.initialized():
-        params.update({f"choice.{group}": str(option) for group, option
-                       in HydraConfig.get().runtime.choices.items()
-                       if not group.startswith("hydra")})
-    return Components(functools.partial(instantiate_callbacks, cfg.callbacks),
-                      functools.partial(instantiate_optimizer, cfg.optimizer),
-                      functools.partial(instantiate_augmentation, cfg.augmentation),
-                      OmegaConf.to_yaml(cfg, resolve=True), params)
 
 
 def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> float:
@@ -85,9 +52,9 @@ def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> float:
         return run_configured(cfg)
     kind, index, _ = distribute.worker_role()
     scratch = tempfile.mkdtemp(prefix="experiments-worker-")
-    print(f"TF_CONFIG task {kind}:{index} is not the chief: it trains in step with the chief, "
-          f"which writes the outputs and the MLflow run; its own go to {scratch} (deleted at "
-          "the end)", flush=True)
+    log.info(f"TF_CONFIG task {kind}:{index} is not the chief: it trains in step with the chief, "
+             f"which writes the outputs and the MLflow run; its own go to {scratch} (deleted at "
+             "the end)")
     try:  # a non-chief worker: same steps, nothing written where users look
         return run_configured(worker_config(cfg, Path(scratch)))
     finally:
@@ -108,12 +75,15 @@ def validated(cfg: DictConfig) -> Config:
     """The typed settings (the schema's checks run here); a required key left unset is a
     user's error, reported with the key and how to set it."""
     try:
-        return OmegaConf.to_object(cfg)
+        settings = OmegaConf.to_object(cfg)
     except MissingMandatoryValue as error:
         key = error.full_key
         hint = (" - the folder with one subfolder per class, e.g. data.root=/path/to/images "
                 "(experiment=quickstart runs on built-in demo data)" if key == "data.root" else "")
         raise ConfigError(f"`{key}` must be set{hint}. Received: {key}=???") from error
+    if not isinstance(settings, Config):
+        raise TypeError(f"The composed config is not a Config. Received: {type(settings)!r}")
+    return settings
 
 
 def run_configured(cfg: DictConfig) -> float:
@@ -121,9 +91,9 @@ def run_configured(cfg: DictConfig) -> float:
     settings = validated(cfg)
     trainer = settings.trainer
     threads = set_threads(thread_budget(trainer.threads))  # before any TF op
-    print(f"Using {threads} CPU thread(s) (trainer.threads)", flush=True)
+    log.info(f"Using {threads} CPU thread(s) (trainer.threads)")
     distribute.configure(trainer.distribute, trainer.logical_cpus)
-    tracking.check_server(settings.mlflow.tracking_uri)
+    store_lib.check_server(settings.mlflow.tracking_uri)
     if settings.resume is not None and settings.finetune.strategy == "two_stage":
         raise RunStateError("resume is not supported for finetune.strategy=two_stage; "
                             f"start the run again. Received: resume={settings.resume!r}")
@@ -134,7 +104,7 @@ def run_configured(cfg: DictConfig) -> float:
         if report:
             print_summary(result.parent_id, result.metrics, None, settings.mlflow.tracking_uri)
         return result.best_value
-    done = job.run_single(settings, parts)
+    done = single_lib.run_single(settings, parts)
     if report:
         print_summary(done.run_id, done.evaluation.metrics, done.training.best_epoch,
                       settings.mlflow.tracking_uri)
@@ -173,6 +143,8 @@ def direction(mode: str) -> str:
 
 
 OmegaConf.register_new_resolver("direction", direction, replace=True)
+
+
 SUMMARY_METRICS = ("accuracy", "roc_auc", "sensitivity", "specificity", "f1", "loss")
 
 
@@ -197,14 +169,14 @@ def print_summary(run_id: str, metrics: dict[str, float], best_epoch: int | None
             print(f"    {prefix}{name:<14} {value:.4f}{interval}")
     if "val_threshold" in metrics:
         print(f"  threshold on p(positive), chosen on validation: {metrics['val_threshold']:.4f}")
-    print(f"Open the MLflow UI: {tracking.ui_command(tracking_uri)}")
+    print(f"Open the MLflow UI: {store_lib.ui_command(tracking_uri)}")
 
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)  # unwinds `with` blocks: the MLflow run ends KILLED
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
+@hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_MODULE}", config_name="config")
 def main(cfg: DictConfig) -> float:
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:

@@ -1,0 +1,24 @@
+"""The names each config key accepts, kept here at the bottom of the package so the schemas can
+validate them without importing the modules that implement them (those modules import these
+lists, so a new option is added in one place).
+"""
+
+from __future__ import annotations
+
+# backbone.name: the keys of `experiments.models.backbones.BACKBONES` (a test keeps them equal).
+BACKBONE_NAMES = ("densenet201", "densenet121", "resnet50", "efficientnetv2b0",
+                  "mobilenetv3large", "convnexttiny", "xception", "simplecnn")
+# trainer.precision
+PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
+# trainer.distribute (besides null)
+DISTRIBUTE_KINDS = ("mirrored", "multi_worker")
+# finetune.strategy and trainer.lr_schedule
+FINETUNE_STRATEGIES = ("full", "frozen", "two_stage", "linear_probe")
+LR_SCHEDULES = ("constant", "warmup_cosine")
+# data.stain_normalization (besides null), data.cache, data.on_invalid
+STAIN_METHODS = ("reinhard", "macenko")
+CACHE_MODES = ("auto", "memory", "disk", "none")
+ON_INVALID = ("error", "skip")
+# eval.tta and eval.threshold
+TTA_MODES = ("none", "dihedral")
+THRESHOLD_METHODS = ("fixed", "youden", "target_sensitivity")

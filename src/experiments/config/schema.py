@@ -1,0 +1,261 @@
+"""Structured-config schemas: every config group is typed, so a typo fails at composition.
+
+Hydra merges each YAML option onto the dataclass named in its defaults list (or on the field
+type of `Config`): an unknown key or a wrong type is rejected while composing. Range checks live
+in `__post_init__` and run when `run.py` converts the config with `OmegaConf.to_object`, before
+any data is read or any model is built.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from experiments.config.checks import check_at_least, check_choice, check_fraction, require
+from experiments.config.choices import (
+    CACHE_MODES,
+    STAIN_METHODS,
+    THRESHOLD_METHODS,
+    TTA_MODES,
+)
+from experiments.config.training_schema import (
+    AdamConfig,
+    AdamWConfig,
+    BackboneConfig,
+    FinetuneConfig,
+    NoAugmentationConfig,
+    SGDConfig,
+    StudyAugmentationConfig,
+    TissueAugmentationConfig,
+    TrainerConfig,
+)
+from experiments.errors import RunStateError
+
+
+@dataclass
+class DataConfig:
+    """An image folder with one subfolder per class."""
+
+    root: str = MISSING
+    test_root: str | None = None
+    # null: the backbone's default input size.
+    image_size: int | None = None
+    val_fraction: float = 0.2
+    test_fraction: float = 0.2
+    # Seed of the train/val/test split and of the cross-validation folds; null: trainer.seed.
+    # Fix it to sweep trainer.seed over one split (seed ensembles, seed-to-seed spread).
+    split_seed: int | None = None
+    # The class whose recall is `test_recall` (sensitivity); null: the last class by name.
+    positive_class: str | None = None
+    # Bad image files: "error" stops before training listing them all; "skip" leaves them out.
+    on_invalid: str = "error"
+    # Images smaller than image_size are invalid unless upscaling is allowed.
+    allow_upscale: bool = False
+    # A regex searched in each file name giving its group (patient, slide): the first capture
+    # group, else the whole match. Whole groups stay on one side of every split. null: none.
+    group_pattern: str | None = None
+    # A regex searched in each image's path below `root`: only matching images are used (e.g.
+    # `200X` for one BreakHis magnification). null: every image.
+    include_pattern: str | None = None
+    # Where decoded images live: memory, disk (decoded once into <paths.cache_dir>/images and
+    # memory-mapped), none (decoded again when needed), or auto (memory up to 4 GB, else disk).
+    cache: str = "auto"
+    # Stain normalisation fitted on the training images only: null, "reinhard" or "macenko".
+    stain_normalization: str | None = None
+    # Native-resolution patches: images are decoded at image_size, the network trains on
+    # random patch_size crops of them and predicts by averaging a grid of crops that covers
+    # the image (e.g. image_size=256, patch_size=128). null: the network sees the whole image.
+    patch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        check_fraction("data.val_fraction", self.val_fraction, allow_zero=False)
+        check_fraction("data.test_fraction", self.test_fraction, allow_zero=True)
+        if self.test_root is None:
+            require(self.test_fraction > 0,
+                    "`data.test_fraction` must be > 0 when `data.test_root` is null. "
+                    f"Received: data.test_fraction={self.test_fraction!r}")
+        require(self.val_fraction + self.test_fraction < 1,
+                "`data.val_fraction` + `data.test_fraction` must leave images to train on. "
+                f"Received: data.val_fraction={self.val_fraction!r}, "
+                f"data.test_fraction={self.test_fraction!r}")
+
+        check_choice("data.stain_normalization", self.stain_normalization, (None, *STAIN_METHODS))
+
+        check_choice("data.cache", self.cache, CACHE_MODES)
+        require(self.on_invalid in ("error", "skip"), "`data.on_invalid` must be 'error' or "
+                f"'skip'. Received: data.on_invalid={self.on_invalid!r}")
+        if self.image_size is not None:
+            require(self.image_size >= 8, "`data.image_size` must be at least 8 pixels. "
+                    f"Received: data.image_size={self.image_size!r}")
+        if self.patch_size is not None:
+            check_at_least("data.patch_size", self.patch_size, 8)
+            require(self.image_size is not None and self.patch_size <= self.image_size,
+                    "`data.patch_size` crops the decoded image: set data.image_size >= it. "
+                    f"Received: data.patch_size={self.patch_size!r}, "
+                    f"data.image_size={self.image_size!r}")
+
+
+@dataclass
+class DemoDataConfig(DataConfig):
+    """The synthetic H&E-like demo set, generated into `root` on first use."""
+
+    images_per_class: int = 100
+    # Side of the generated tiles: 320 px serves every backbone's default input (xception: 299).
+    source_size: int = 320
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.images_per_class >= 10, "`data.images_per_class` must be at least 10. "
+                f"Received: data.images_per_class={self.images_per_class!r}")
+
+
+@dataclass
+class EvalConfig:
+    """How the test split is evaluated (see `experiments.evaluate.evaluate_model`)."""
+
+    # Test-time augmentation: "dihedral" averages the 8 rotations/flips ("none": off);
+    # metrics are logged both without (test_*) and with it (test_tta_*).
+    tta: str = "dihedral"
+    # Operating point, chosen on validation: "fixed" (fixed_threshold), "youden" (max
+    # sensitivity + specificity) or "target_sensitivity" (highest threshold reaching it).
+    threshold: str = "youden"
+    fixed_threshold: float = 0.5
+    target_sensitivity: float = 0.95
+    # Fit a softmax temperature on validation (calibration; does not change the ranking).
+    temperature_scaling: bool = True
+    bootstrap_resamples: int = 2000
+    confidence: float = 0.95
+    calibration_bins: int = 10
+    # Grad-CAM overlays of this many test images (0: none), correct and wrong, both classes.
+    gradcam_images: int = 8
+    seed: int = MISSING
+
+    def __post_init__(self) -> None:
+
+        check_choice("eval.tta", self.tta, TTA_MODES)
+        check_choice("eval.threshold", self.threshold, THRESHOLD_METHODS)
+        check_fraction("eval.fixed_threshold", self.fixed_threshold, allow_zero=True)
+        require(0 < self.target_sensitivity <= 1, "`eval.target_sensitivity` must be in "
+                f"(0, 1]. Received: eval.target_sensitivity={self.target_sensitivity!r}")
+        check_at_least("eval.bootstrap_resamples", self.bootstrap_resamples, 100)
+        require(0.5 <= self.confidence < 1, "`eval.confidence` must be in [0.5, 1). "
+                f"Received: eval.confidence={self.confidence!r}")
+        check_at_least("eval.calibration_bins", self.calibration_bins, 2)
+        check_at_least("eval.gradcam_images", self.gradcam_images, 0)
+
+
+@dataclass
+class CVConfig:
+    """Stratified K-fold cross-validation over data.root (1: one train/val/test split)."""
+
+    folds: int = 1
+    # Repeated cross-validation: this many different fold assignments (repeat r is the
+    # cross-validation of trainer.seed + r).
+    repeats: int = 1
+    # After the folds, train one final model on every image for the folds' median best epoch
+    # (no validation split) and log it as the parent's model (scikit-learn's `refit`).
+    refit: bool = False
+
+    def __post_init__(self) -> None:
+        check_at_least("cv.folds", self.folds, 1)
+        check_at_least("cv.repeats", self.repeats, 1)
+        require(self.folds > 1 or (self.repeats == 1 and not self.refit),
+                "`cv.repeats` and `cv.refit` need a cross-validation (cv.folds > 1). Received: "
+                f"cv.folds={self.folds!r}, cv.repeats={self.repeats!r}, cv.refit={self.refit!r}")
+
+
+@dataclass
+class MlflowConfig:
+    tracking_uri: str = MISSING
+    # Where a new experiment keeps artifacts when the store is local (ignored for servers).
+    artifact_root: str = MISSING
+    experiment_name: str = "biopsy"
+    run_name: str | None = None
+    # Register the run's model (in a sweep: the best job's, by the checkpoint's validation
+    # metric) in the MLflow model registry under this name; null: do not register.
+    register_as: str | None = None
+
+
+@dataclass
+class PathsConfig:
+    root: str = MISSING
+    output_dir: str = MISSING
+    cache_dir: str = MISSING
+
+
+# Groups whose options have schemas of their own: a union for type checkers; OmegaConf, which
+# takes no union of structured configs, sees Any and each option's defaults list picks its schema.
+if TYPE_CHECKING:
+    OptimizerSchema = AdamConfig | AdamWConfig | SGDConfig
+    AugmentationSchema = NoAugmentationConfig | StudyAugmentationConfig | TissueAugmentationConfig
+    DataSchema = DataConfig | DemoDataConfig
+else:
+    OptimizerSchema = AugmentationSchema = DataSchema = Any
+
+
+@dataclass
+class Config:
+    backbone: BackboneConfig = MISSING
+    optimizer: OptimizerSchema = MISSING
+    augmentation: AugmentationSchema = MISSING
+    # name -> Keras callback config with `_target_`; a null entry is left out.
+    callbacks: dict[str, Any] = field(default_factory=dict)
+    data: DataSchema = MISSING
+    trainer: TrainerConfig = MISSING
+    finetune: FinetuneConfig = MISSING
+    eval: EvalConfig = MISSING
+    cv: CVConfig = field(default_factory=CVConfig)
+    mlflow: MlflowConfig = MISSING
+    paths: PathsConfig = MISSING
+    # An MLflow run id to continue after an interruption (its own config is restored).
+    resume: str | None = None
+
+
+# Groups whose options have schemas of their own (named in each option's defaults list).
+GROUP_SCHEMAS: dict[str, dict[str, type]] = {
+    "optimizer": {"adam_schema": AdamConfig, "adamw_schema": AdamWConfig,
+                  "sgd_schema": SGDConfig},
+    "augmentation": {"none_schema": NoAugmentationConfig,
+                     "study_schema": StudyAugmentationConfig,
+                     "tissue_schema": TissueAugmentationConfig},
+    "data": {"folder_schema": DataConfig, "demo_schema": DemoDataConfig},
+}
+
+
+# The config files: conf/ at the top of the repository, shipped inside the package as this module
+# (pyproject's package-dir), so Hydra finds them as pkg://experiments.conf wherever it is installed.
+CONFIG_MODULE = "experiments.conf"
+
+
+def config_folder() -> Path:
+    """The folder that holds config.yaml and one subfolder per config group."""
+    return Path(str(importlib.resources.files(CONFIG_MODULE)))
+
+
+def register_configs() -> None:
+    """Put the schemas in Hydra's ConfigStore; YAML options name them in their defaults."""
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)
+    for group, schemas in GROUP_SCHEMAS.items():
+        for name, schema in schemas.items():
+            cs.store(group=group, name=name, node=schema)
+
+
+def typed_config(plain: dict[str, Any]) -> DictConfig:
+    """Re-type a saved, resolved config (e.g. a run's resolved_config.yaml): the root onto
+    `Config`, each group with several schemas onto the one whose fields are its keys."""
+    cfg = OmegaConf.structured(Config)
+    cfg.merge_with({k: v for k, v in plain.items() if k not in GROUP_SCHEMAS})
+    for group, schemas in GROUP_SCHEMAS.items():
+        keys = set(plain.get(group) or {})
+        matches = [s for s in schemas.values() if {f.name for f in fields(s)} == keys]
+        if len(matches) != 1:
+            raise RunStateError(f"Saved config group {group!r} matches no schema. Received keys: "
+                                f"{sorted(keys)}")
+        cfg[group] = OmegaConf.merge(OmegaConf.structured(matches[0]), plain[group])
+    return cfg

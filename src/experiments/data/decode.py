@@ -1,0 +1,44 @@
+"""Decoding one image file (path, bytes or file object) to RGB at the model's input size: the
+one decoder shared by training, evaluation, predict and serving.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+ImageSource = str | Path | bytes | BinaryIO
+
+
+def load_image(source: ImageSource, image_size: int, allow_upscale: bool = True,
+               name: str | None = None) -> np.ndarray:
+    """Decode an image file, its bytes or a file object to RGB uint8 (grayscale, palette and
+    RGBA converted) resized to (image_size, image_size). Raises ValueError naming the file
+    (`name`, else the path) and the reason."""
+    label = name or (str(source) if isinstance(source, (str, Path)) else "image")
+    opened = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
+    try:
+        with Image.open(opened) as image:
+            width, height = image.size
+            if not allow_upscale and min(width, height) < image_size:
+                raise ValueError(f"{width}x{height} px is smaller than data.image_size="
+                                 f"{image_size} (lower data.image_size, or set "
+                                 "data.allow_upscale=true)")
+            image.draft("RGB", (image_size, image_size))  # fast JPEG downscale while decoding
+            rgb = image.convert("RGB")
+            if rgb.size != (image_size, image_size):
+                rgb = rgb.resize((image_size, image_size), Image.Resampling.BILINEAR)
+            return np.asarray(rgb, dtype=np.uint8)
+    except Image.DecompressionBombError as error:
+        raise ValueError(f"{label}: larger than Pillow's decompression-bomb limit "
+                         f"(Image.MAX_IMAGE_PIXELS={Image.MAX_IMAGE_PIXELS}): {error}") from error
+    except UnidentifiedImageError as error:
+        raise ValueError(f"{label}: not a readable image file") from error
+    except OSError as error:  # truncated data, unreadable path, zero bytes
+        raise ValueError(f"{label}: cannot read image ({error})") from error
+    except ValueError as error:
+        raise ValueError(f"{label}: {error}") from error

@@ -1,0 +1,70 @@
+"""A run's images: every file of data.root (and data.test_root) decoded and checked once, then
+split by the split seed.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from experiments.config.schema import DataConfig, DemoDataConfig
+from experiments.data import folders
+from experiments.data import splits as splits_lib
+from experiments.data.demo import ensure_demo_dataset
+from experiments.errors import DataError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoadedData:
+    """Every image of data.root (and data.test_root), decoded and checked, not yet split."""
+
+    class_names: tuple[str, ...]
+    pool: splits_lib.Split
+    test: splits_lib.Split | None  # data.test_root
+    skipped: list[folders.Invalid]
+    image_size: int
+
+
+def load_data(data_cfg: DataConfig, image_size: int, report_dir: Path, cache_dir: Path
+              ) -> LoadedData:
+    """Check and decode every image of data.root (and data.test_root) at `image_size` (the
+    model's, resolved by the caller); groups when asked. Invalid-file reports go to
+    `report_dir`, decoded images may be cached under `cache_dir`/images."""
+    if isinstance(data_cfg, DemoDataConfig):
+        ensure_demo_dataset(data_cfg.root, data_cfg.images_per_class, data_cfg.source_size)
+    read = functools.partial(folders.read_folder, image_size=image_size,
+                             on_invalid=data_cfg.on_invalid, allow_upscale=data_cfg.allow_upscale,
+                             report_dir=report_dir, include_pattern=data_cfg.include_pattern,
+                             cache=data_cfg.cache, cache_folder=cache_dir / "images")
+    class_names, pool, skipped = read(data_cfg.root)
+    test = None
+    if data_cfg.test_root is not None:
+        test_classes, test, test_skipped = read(data_cfg.test_root)
+        if test_classes != class_names:
+            raise DataError(f"data.test_root classes {list(test_classes)} differ from "
+                            f"data.root classes {list(class_names)}")
+        skipped += test_skipped
+    if skipped:
+        log.warning("Skipping %d invalid image file(s) (data.on_invalid=skip; all of them in "
+                    "the run's skipped_files.csv):\n%s", len(skipped),
+                    folders.summarize_invalid(skipped))
+    if data_cfg.group_pattern is not None:
+        pool = pool.with_groups(data_cfg.group_pattern)
+        test = test.with_groups(data_cfg.group_pattern) if test is not None else None
+    return LoadedData(class_names, pool, test, skipped, image_size)
+
+
+def split(data_cfg: DataConfig, loaded: LoadedData, trainer_seed: int) -> splits_lib.Splits:
+    """Train/validation/test splits of the loaded images, seeded by `split_seed`."""
+    return splits_lib.make_splits(loaded.class_names, loaded.pool, loaded.test,
+                                  data_cfg.val_fraction, data_cfg.test_fraction,
+                                  split_seed(data_cfg, trainer_seed))
+
+
+def split_seed(data_cfg: DataConfig, trainer_seed: int) -> int:
+    """The seed that splits the images: data.split_seed, else trainer.seed."""
+    return trainer_seed if data_cfg.split_seed is None else data_cfg.split_seed

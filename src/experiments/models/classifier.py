@@ -1,0 +1,55 @@
+"""The study's classifier: backbone -> GAP -> Dropout(0.5) -> BatchNorm -> Dense(softmax)."""
+
+from __future__ import annotations
+
+import keras
+
+from experiments.errors import DataError
+from experiments.models.backbones import build_backbone, get_spec, preprocessing_layer
+
+
+def set_bn_momentum(model: keras.Model, momentum: float) -> int:
+    """Set the moving-statistics momentum of every BatchNormalization layer; return how many."""
+    count = 0
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.momentum = momentum
+            count += 1
+        elif isinstance(layer, keras.Model):
+            count += set_bn_momentum(layer, momentum)
+    return count
+
+
+def build_classifier(backbone_name: str, weights: str | None, trainable: bool, image_size: int,
+                     n_classes: int, bn_momentum: float | None = None,
+                     dropout: float = 0.5) -> keras.Model:
+    """The classifier on raw RGB inputs in [0, 255]; preprocessing is part of the model."""
+    if n_classes < 2:
+        raise DataError(f"Need at least two classes. Received: n_classes={n_classes!r}")
+    spec = get_spec(backbone_name)
+    backbone = build_backbone(backbone_name, weights, image_size)
+    if bn_momentum is not None:
+        set_bn_momentum(backbone, bn_momentum)
+    backbone.trainable = trainable
+    inputs = keras.Input((image_size, image_size, 3), name="image")
+    # Preprocessing (mean/std arithmetic on 0-255 values) stays float32 under mixed precision.
+    x = preprocessing_layer(spec.preprocess_module)(inputs)
+    # A frozen backbone also keeps its BatchNorm layers in inference mode.
+    x = backbone(x, training=None if trainable else False)
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    x = keras.layers.Dropout(dropout, name="dropout")(x)
+    x = keras.layers.BatchNormalization(name="head_bn")(x)
+    outputs = keras.layers.Dense(n_classes, activation="softmax", dtype="float32",
+                                 name="predictions")(x)
+    return keras.Model(inputs, outputs, name=f"{backbone_name}_classifier")
+
+
+def compile_classifier(model: keras.Model, optimizer: keras.optimizers.Optimizer,
+                       n_classes: int, jit_compile: bool = False,
+                       label_smoothing: float = 0.0) -> None:
+    """Binary cross-entropy on one-hot labels for two classes (the study), categorical above.
+    Under mixed_float16 Keras wraps the optimizer in a LossScaleOptimizer itself."""
+    loss = (keras.losses.BinaryCrossentropy(label_smoothing=label_smoothing) if n_classes == 2
+            else keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing))
+    model.compile(optimizer=optimizer, loss=loss, jit_compile=jit_compile,
+                  metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")])

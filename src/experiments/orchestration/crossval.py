@@ -1,0 +1,211 @@
+"""Cross-validation (`cv.folds=K`, `cv.repeats=R`): one MLflow parent run, one child run per
+fold. Fold k of repeat r (from 0) tests on the k-th part of the fold assignment seeded with
+data.split_seed (else trainer.seed) + r and trains, with trainer.seed + r and its validation
+split carved out, on the rest.
+
+The parent pools the folds' out-of-fold test predictions (every image tested once per repeat,
+by a model that never saw it), reports their metrics with bootstrap intervals (averaged over
+repeats, every resample drawing the same images for each repeat) and the folds' spread, and
+logs one model: the ensemble of the fold models (the mean of their probabilities), or with
+`cv.refit=true` one model trained on every image (`experiments.refit`). Its temperature and
+decision threshold are fitted on the pooled out-of-fold predictions, never on a test split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from experiments.config.instantiate import Components
+from experiments.config.schema import Config, EvalConfig
+from experiments.data import loading
+from experiments.data import splits as splits_lib
+from experiments.errors import ConfigError
+from experiments.evaluation import figures as figures_lib
+from experiments.evaluation import metrics as metrics_lib
+from experiments.evaluation import stats
+from experiments.orchestration import single
+from experiments.orchestration.oof import (
+    Fold,
+    concat_predictions,
+    pooled,
+    pooled_metrics,
+    repeats_of,
+    write_oof_predictions,
+)
+from experiments.serving import export, inference
+from experiments.tracking import records, run_records, store
+from experiments.training.build import build
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CVResult:
+    parent_id: str
+    metrics: dict[str, float]
+    folds: list[Fold]
+
+    @property
+    def best_value(self) -> float:
+        """The monitored validation metric at the folds' checkpoints, averaged (for sweepers)."""
+        return float(np.mean([fold.best_value for fold in self.folds]))
+
+
+def check_supported(settings: Config, loaded: loading.LoadedData) -> None:
+    if settings.resume is not None:
+        raise ConfigError("resume is not supported for cross-validation (cv.folds > 1); start "
+                          f"it again. Received: resume={settings.resume!r}")
+    if loaded.test is not None:
+        raise ConfigError("Cross-validation tests on data.root's own folds; set "
+                          "data.test_root=null or cv.folds=1. Received: data.test_root="
+                          f"{settings.data.test_root!r}")
+
+
+def with_seed(settings: Config, components: Components,
+              seed: int) -> tuple[Config, Components]:
+    """Settings and recorded params of the repeat whose folds and training use `seed`."""
+    trainer = dataclasses.replace(settings.trainer, seed=seed)
+    eval_settings = dataclasses.replace(settings.eval, seed=seed)
+    params = {**components.params, "trainer.seed": seed, "eval.seed": seed}
+    return (dataclasses.replace(settings, trainer=trainer, eval=eval_settings),
+            dataclasses.replace(components, params=params))
+
+
+def run_cross_validation(settings: Config, components: Components) -> CVResult:
+    """Every fold of every repeat as a child run, then the parent's pooled results and
+    model (ensemble, or refit)."""
+    cv, ml = settings.cv, settings.mlflow
+    loaded = single.load_run_data(settings)
+    check_supported(settings, loaded)
+    output_dir = Path(settings.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    experiment_id = store.ensure_experiment(ml.tracking_uri, ml.experiment_name,
+                                            ml.artifact_root)
+    positive = metrics_lib.positive_index(loaded.class_names, settings.data.positive_class)
+    repeats = f" x{cv.repeats}" if cv.repeats > 1 else ""
+    tags = {**run_records.common_tags(settings.backbone.name, loaded.class_names, positive,
+                                      loaded.image_size),
+            "cv_folds": str(cv.folds), "cv_repeats": str(cv.repeats),
+            "n_images": str(len(loaded.pool))}
+    run_name = f"{ml.run_name or settings.backbone.name} cv{cv.folds}{repeats}"
+    folds: list[Fold] = []
+    with store.created_run(experiment_id, run_name, tags) as parent_id:
+        log.info(f"MLflow parent run {parent_id}: {cv.folds}-fold cross-validation{repeats} "
+                 f"(experiment {ml.experiment_name!r})")
+        for repeat in range(1, cv.repeats + 1):
+            seeded, seeded_components = with_seed(settings, components,
+                                                  settings.trainer.seed + repeat - 1)
+            seed = loading.split_seed(settings.data, settings.trainer.seed) + repeat - 1
+            fold_splits = splits_lib.make_folds(loaded.class_names, loaded.pool, cv.folds,
+                                                settings.data.val_fraction, seed)
+            for number, splits in enumerate(fold_splits, start=1):
+                folds.append(run_fold(seeded, seeded_components, loaded, splits, repeat,
+                                      number, experiment_id, parent_id, run_name))
+        refit = None
+        if cv.refit:  # a child run of its own, before the parent is active again
+            refit = train_refit(settings, components, loaded, folds, experiment_id, parent_id,
+                                run_name, output_dir / "refit")
+        with store.open_run(None, None, {}, parent_id):
+            metrics = log_cross_validation(settings, components, loaded, positive, folds,
+                                           output_dir)
+            log_parent_model(settings, loaded, positive, folds, output_dir, refit)
+    return CVResult(parent_id, metrics, folds)
+
+
+def train_refit(settings: Config, components: Components, loaded: loading.LoadedData,
+                folds: Sequence[Fold], experiment_id: str, parent_id: str, run_name: str,
+                output_dir: Path) -> tuple[keras.Model, int]:
+    """cv.refit: one model on every image for the folds' median best epoch."""
+    from experiments.orchestration import refit  # trains a model: only when asked
+
+    epochs = max(1, round(statistics.median(f.best_epoch for f in folds)))
+    return refit.train_refit(settings, components, loaded, epochs, experiment_id, parent_id,
+                             run_name, output_dir), epochs
+
+
+def run_fold(settings: Config, components: Components, loaded: loading.LoadedData,
+             splits: splits_lib.Splits, repeat: int, number: int, experiment_id: str,
+             parent_id: str, run_name: str) -> Fold:
+    """One fold as a child run of the parent."""
+    prepared = build(settings, components, splits, loaded.skipped, loaded.image_size)
+    fold_tags = {**single.run_tags(settings, prepared), "mlflow.parentRunId": parent_id,
+                 "cv_parent": parent_id, "cv_fold": str(number), "cv_repeat": str(repeat)}
+    output_dir = Path(settings.paths.output_dir)
+    many = settings.cv.repeats > 1
+    fold_dir = output_dir / (f"repeat_{repeat}" if many else "") / f"fold_{number}"
+    label = f"repeat {repeat} fold {number}" if many else f"fold {number}"
+    with store.open_run(experiment_id, f"{run_name} {label}", fold_tags) as run_id:
+        log.info(f"{label.capitalize()}/{settings.cv.folds}: MLflow run {run_id}")
+        result, evaluation = single.train_and_evaluate(settings, components, prepared, fold_dir,
+                                                       run_id)
+    return Fold(repeat, number, evaluation, result, fold_dir / run_records.MODEL_DIR)
+
+
+def log_cross_validation(settings: Config, components: Components, loaded: loading.LoadedData,
+                         positive: int, folds: list[Fold], output_dir: Path
+                         ) -> dict[str, float]:
+    """The parent run's config, pooled metrics, out-of-fold predictions and figures."""
+    run_records.log_config(components, output_dir)
+    metrics = pooled_metrics(folds, positive, settings.eval)
+    records.log_metrics(metrics)
+    folder = output_dir / "report"
+    folder.mkdir(parents=True, exist_ok=True)
+    class_names = loaded.class_names
+    first = pooled(repeats_of(folds)[0])
+    paths = [write_oof_predictions(folds, class_names, positive,
+                                   folder / "test_predictions.csv"),
+             figures_lib.plot_confusion_matrix(first, class_names, folder / "confusion_matrix.png"),
+             figures_lib.plot_roc_curve(first, class_names, positive, folder / "roc_curve.png")]
+    for path in paths:
+        records.log_artifact(path)
+    return metrics
+
+
+def operating_point(folds: Sequence[Fold], positive: int,
+                    settings: EvalConfig) -> tuple[float, float | None]:
+    """Temperature and threshold for the parent's model, fitted on every pooled out-of-fold
+    prediction (all training images, each from a model that did not train on it)."""
+    pooled_raw = concat_predictions([f.evaluation.test_raw for f in folds])
+    return stats.fit_operating_point(pooled_raw.labels, pooled_raw.probabilities, positive,
+                                     settings.threshold, settings.fixed_threshold,
+                                     settings.target_sensitivity, settings.temperature_scaling)
+
+
+def log_parent_model(settings: Config, loaded: loading.LoadedData, positive: int,
+                     folds: list[Fold], output_dir: Path,
+                     refit: tuple[keras.Model, int] | None) -> None:
+    """The parent's model: the refit model when there is one, else the ensemble of the fold
+    models."""
+    temperature, threshold = operating_point(folds, positive, settings.eval)
+    describe = {"backbone": settings.backbone.name, "patch_size": settings.data.patch_size,
+                "stain_normalization": settings.data.stain_normalization}
+    if refit is not None:
+        model, epochs = refit
+        kind = {"kind": "cv_refit", "epochs": epochs}
+        records.set_tags({"estimate": "cross-validation: the refit model trained on every "
+                          "image and has no test split of its own; its expected performance "
+                          "is the pooled out-of-fold estimate of this run"})
+    else:
+        members = [inference.load_model(f.model_dir / inference.MODEL_FILE) for f in folds]
+        model = export.ensemble(members)
+        kind = {"kind": "cv_ensemble", "members": len(members)}
+    info = export.model_info(loaded.class_names, loaded.image_size, positive, settings.eval.tta,
+                             temperature, threshold, **describe, **kind)
+    training = folds[0].training
+    records.log_metrics({"model_temperature": temperature,
+                         **({"model_threshold": threshold} if threshold is not None else {}),
+                         f"best_{training.monitor}": float(np.mean([f.best_value
+                                                                    for f in folds]))})
+    run_records.log_run_model(model, info, output_dir / run_records.MODEL_DIR,
+                              settings.mlflow.register_as,
+                              {"model_kind": str(kind["kind"]),
+                               "checkpoint_monitor": training.monitor,
+                               "checkpoint_mode": "max" if training.higher_is_better else "min"})

@@ -1,0 +1,161 @@
+"""Out-of-fold results of a cross-validation: each fold's test predictions pooled (per repeat,
+aligned by file) into the parent run's metrics with bootstrap intervals, the spread over folds
+and repeats, and the parent's test_predictions.csv.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from experiments.config.schema import EvalConfig
+from experiments.evaluation import metrics as metrics_lib
+from experiments.evaluation import tables
+from experiments.evaluation.evaluate import Evaluation
+from experiments.evaluation.metrics import Predictions
+from experiments.serving.inference import decide
+from experiments.training.callbacks import TrainResult
+
+# Fold metrics summarised as cv_<name>_mean / cv_<name>_std on the parent run.
+SPREAD_METRICS = ("test_accuracy", "test_roc_auc", "test_sensitivity", "test_specificity",
+                  "test_tta_accuracy", "test_tta_roc_auc", "test_op_sensitivity",
+                  "test_op_specificity", "best_epoch")
+
+
+# Pooled metrics whose spread over repeats is logged as cv_repeat_<name>_std.
+REPEAT_METRICS = ("test_accuracy", "test_roc_auc", "test_tta_accuracy", "test_tta_roc_auc")
+
+
+@dataclass(frozen=True)
+class Fold:
+    repeat: int  # 1-based
+    number: int  # 1-based
+    evaluation: Evaluation
+    training: TrainResult
+    model_dir: Path  # the fold's model.keras and model_info.json
+
+    @property
+    def best_epoch(self) -> int:
+        return self.training.best_epoch
+
+    @property
+    def best_value(self) -> float:
+        return self.training.best_value
+
+
+def concat_predictions(predictions: Sequence[Predictions]) -> Predictions:
+    return Predictions(tuple(f for p in predictions for f in p.files),
+                       np.concatenate([p.labels for p in predictions]),
+                       np.concatenate([p.probabilities for p in predictions]))
+
+
+def at_half(pred: Predictions, threshold: float | None, positive: int) -> Predictions:
+    """Shift p(positive) so that `threshold` maps to 0.5: the same decisions at 0.5. Pools
+    folds whose thresholds differ (each chosen on its own validation split). No threshold:
+    the predictions already decide at 0.5."""
+    if threshold is None:
+        return pred
+    probabilities = pred.probabilities.copy()
+    probabilities[:, positive] = np.clip(probabilities[:, positive] - threshold + 0.5, 0, 1)
+    probabilities[:, 1 - positive] = 1 - probabilities[:, positive]
+    return Predictions(pred.files, pred.labels, probabilities)
+
+
+def repeats_of(folds: Sequence[Fold]) -> list[list[Fold]]:
+    """The folds grouped by repeat, in order."""
+    return [[f for f in folds if f.repeat == r] for r in sorted({f.repeat for f in folds})]
+
+
+def pooled(folds: Sequence[Fold], part: str = "plain") -> Predictions:
+    """One repeat's out-of-fold predictions of `part` (an Evaluation attribute), by file."""
+    joined = concat_predictions([getattr(f.evaluation, part) for f in folds])
+    order = np.argsort(joined.files, kind="stable")
+    return Predictions(tuple(joined.files[i] for i in order), joined.labels[order],
+                       joined.probabilities[order])
+
+
+def stacked(folds: Sequence[Fold], part: str = "plain",
+            positive: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(labels (n,), probabilities (R, n, C)) over repeats, aligned by file; with `positive`,
+    each fold's final predictions shifted to decide at 0.5 as at its own threshold."""
+    sets = []
+    for repeat in repeats_of(folds):
+        if positive is None:
+            sets.append(pooled(repeat, part))
+        else:
+            shifted = [dataclasses.replace(f, evaluation=dataclasses.replace(
+                f.evaluation, test=at_half(f.evaluation.test, f.evaluation.threshold,
+                                           positive))) for f in repeat]
+            sets.append(pooled(shifted, "test"))
+    return sets[0].labels, np.stack([s.probabilities for s in sets])
+
+
+def _metrics(labels: np.ndarray, sets: np.ndarray, positive: int, settings: EvalConfig,
+             prefix: str) -> dict[str, float]:
+    """Point metrics averaged over the sets of predictions, and bootstrap intervals."""
+    points = [metrics_lib.classification_metrics(Predictions((), labels, p), positive, prefix)
+              for p in sets]
+    out = {name: float(np.mean([p[name] for p in points])) for name in points[0]}
+    intervals = metrics_lib.interval_metrics(Predictions((), labels, sets), positive, settings,
+                                             prefix)
+    return {**out, **intervals}
+
+
+def pooled_metrics(folds: Sequence[Fold], positive: int, settings: EvalConfig
+                   ) -> dict[str, float]:
+    """The parent run's metrics: test_* and test_tta_* of the pooled out-of-fold predictions
+    with bootstrap intervals, test_op_* at each fold's own threshold, and the spread over
+    folds (cv_<name>_mean/_std) and over repeats (cv_repeat_<name>_std)."""
+    labels, plain = stacked(folds, "plain")
+    metrics = _metrics(labels, plain, positive, settings, "test_")
+    if folds[0].evaluation.tta is not None:
+        metrics.update(_metrics(labels, stacked(folds, "tta")[1], positive, settings,
+                                "test_tta_"))
+    if folds[0].evaluation.threshold is not None:
+        op = metrics_lib.interval_metrics(
+            Predictions((), labels, stacked(folds, positive=positive)[1]), positive, settings,
+            "test_op_")
+        metrics.update({k: v for k, v in op.items() if "roc_auc" not in k})
+    for name in SPREAD_METRICS:
+        values = [f.evaluation.metrics.get(name, float("nan")) if name != "best_epoch"
+                  else f.best_epoch for f in folds]
+        if len(values) > 1 and not np.isnan(values).any():
+            metrics[f"cv_{name}_mean"] = float(np.mean(values))
+            metrics[f"cv_{name}_std"] = float(np.std(values, ddof=1))
+    repeats = repeats_of(folds)
+    if len(repeats) > 1:
+        for name in REPEAT_METRICS:
+            part = "tta" if name.startswith("test_tta_") else "plain"
+            if part == "tta" and folds[0].evaluation.tta is None:
+                continue
+            prefix = "test_tta_" if part == "tta" else "test_"
+            values = [metrics_lib.classification_metrics(pooled(r, part), positive, prefix)[name]
+                      for r in repeats]
+            metrics[f"cv_repeat_{name}_std"] = float(np.std(values, ddof=1))
+    metrics["best_epoch"] = float(np.mean([f.best_epoch for f in folds]))
+    return metrics
+
+
+def write_oof_predictions(folds: Sequence[Fold], class_names: Sequence[str], positive: int,
+                          path: Path) -> Path:
+    """test_predictions.csv of the parent: every image once per repeat, with its fold."""
+    rows = [(f, i) for f in folds for i in range(len(f.evaluation.plain.files))]
+    plain = concat_predictions([f.evaluation.plain for f in folds])
+    final = concat_predictions([f.evaluation.test for f in folds])
+    header = ["file", "repeat", "fold", "label", "predicted", *[f"p_{c}" for c in class_names],
+              *[f"final_p_{c}" for c in class_names], "threshold", "decision_at_threshold"]
+    if folds[0].evaluation.threshold is None:
+        thresholds = decisions = [""] * len(rows)
+    else:
+        per_row = np.array([f.evaluation.threshold for f, _ in rows])
+        thresholds = [f"{t:.6f}" for t in per_row]
+        decisions = [class_names[i] for i in decide(final.probabilities, positive, per_row)]
+    return tables.write_table(path, header, [
+        plain.files, [f.repeat for f, _ in rows], [f.number for f, _ in rows],
+        [class_names[label] for label in plain.labels],
+        tables.predicted_names(plain, class_names), *tables.probability_columns(plain),
+        *tables.probability_columns(final), thresholds, decisions])

@@ -1,0 +1,198 @@
+"""Prediction outside training, the one code path for `experiments.predict`, the MLflow model
+(`experiments.serving`) and the test evaluation: decode image files or bytes exactly as
+training did, run the model with its test-time augmentation, apply its temperature and decide
+at its threshold.
+
+A run's model is a Keras file that takes raw RGB pixels in [0, 255] at `image_size` and gives
+class probabilities (preprocessing, stain normalisation, a native-patch grid or an ensemble's
+members are inside it) plus `model_info.json` (classes, input size, and the choices made on
+validation). This module imports only numpy, Pillow, TensorFlow, Keras and the modules that
+define the layers a saved model may hold, so serving needs nothing else of this project.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from experiments.config.choices import TTA_MODES
+from experiments.data import stain  # noqa: F401  (register the layers saved models hold)
+from experiments.data.decode import ImageSource, load_image
+from experiments.data.transforms import dihedral_view, dihedral_view_tensor
+from experiments.models import backbones  # noqa: F401  (register the layers saved models hold)
+from experiments.models.fused_bn import fuse_batchnorm
+
+# Up to this many image views, models run eagerly: tracing `predict`'s graph costs more than
+# it saves (a served request, a few files, MLflow's check of the input example).
+EAGER_LIMIT = 64
+
+
+MODEL_FILE = "model.keras"
+
+
+MODEL_INFO = "model_info.json"
+
+
+def load_model(path: str | Path) -> keras.Model:
+    """Load a saved `.keras` model with Keras' safe mode on (no arbitrary code); its
+    BatchNormalization layers run as TensorFlow's fused op (same numbers, faster)."""
+    model = keras.saving.load_model(str(path), safe_mode=True)
+    fuse_batchnorm(model)
+    return model
+
+
+def save_model(model: keras.Model, info: Mapping[str, Any], folder: Path) -> Path:
+    """Write `model.keras` and `model_info.json` into `folder`, each replaced atomically (a
+    run killed while saving never leaves half a file)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    staging = folder / f".{MODEL_FILE}.partial.keras"
+    model.save(staging)
+    staging.replace(folder / MODEL_FILE)
+    staging_info = folder / f".{MODEL_INFO}.partial"
+    staging_info.write_text(json.dumps(dict(info), indent=2))
+    staging_info.replace(folder / MODEL_INFO)
+    return folder / MODEL_FILE
+
+
+def image_batches(images: np.ndarray, batch_size: int) -> tf.data.Dataset:
+    """Unshuffled float32 batches of uint8 images."""
+    ds = tf.data.Dataset.from_tensor_slices(images)
+    return ds.batch(batch_size).map(lambda x: tf.cast(x, tf.float32))
+
+
+def predict_probabilities(model: keras.Model, images: np.ndarray, batch_size: int,
+                          tta: str = "none") -> np.ndarray:
+    """p(class) for uint8 images; tta="dihedral" averages over the 8 dihedral views."""
+    if tta not in TTA_MODES:
+        raise ValueError(f"`eval.tta` must be one of {TTA_MODES}. Received: eval.tta={tta!r}")
+    return predict_views(model, images, batch_size, 1 if tta == "none" else 8).mean(axis=0)
+
+
+def predict_views(model: keras.Model, images: np.ndarray, batch_size: int,
+                  views: int) -> np.ndarray:
+    """(views, n, classes) p(class) of each dihedral view of uint8 images (view 0: the image
+    as it is), all views in one `predict` call, so the per-call overhead is paid once."""
+    if len(images) == 0:
+        return np.empty((views, 0, int(model.output_shape[-1])))
+    if len(images) * views <= EAGER_LIMIT:  # a request's few images: no graph to trace
+        batch = tf.convert_to_tensor(images, tf.float32)
+        stacked = tf.concat([dihedral_view(batch, v) for v in range(views)], axis=0)
+        probs = np.asarray(model(stacked, training=False), np.float64)
+        return probs.reshape(views, len(images), -1)
+    ds = image_batches(images, batch_size)
+    if views > 1:
+        ds = tf.data.Dataset.from_tensor_slices(tf.range(views)).flat_map(
+            lambda v: image_batches(images, batch_size).map(lambda x: dihedral_view_tensor(x, v)))
+        batches = -(-len(images) // batch_size)
+        ds = ds.apply(tf.data.experimental.assert_cardinality(views * batches))
+    probs = np.asarray(model.predict(ds.prefetch(tf.data.AUTOTUNE), verbose=0), np.float64)
+    return probs.reshape(views, len(images), -1)
+
+
+def apply_temperature(probabilities: np.ndarray, temperature: float) -> np.ndarray:
+    """softmax(log p / T): T > 1 softens over-confident predictions, ranking unchanged."""
+    logits = np.log(np.clip(probabilities, 1e-12, 1.0)) / temperature
+    logits -= logits.max(axis=1, keepdims=True)
+    scaled = np.exp(logits)
+    return scaled / scaled.sum(axis=1, keepdims=True)
+
+
+def decide(probabilities: np.ndarray, positive: int,
+           threshold: float | np.ndarray) -> np.ndarray:
+    """Two classes: the class index of each row at the threshold on p(positive) (one
+    threshold, or one per row)."""
+    return np.where(probabilities[:, positive] >= threshold, positive, 1 - positive)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """model_info.json: what predicting needs besides the model file."""
+
+    class_names: tuple[str, ...]
+    image_size: int
+    tta: str = "none"
+    temperature: float = 1.0
+    threshold: float | None = None  # on p(positive_class), chosen on validation
+    positive_class: str | None = None
+
+    @classmethod
+    def read(cls, path: str | Path) -> ModelInfo:
+        raw = json.loads(Path(path).read_text())
+        return cls(tuple(raw["class_names"]), int(raw["image_size"]), raw.get("tta", "none"),
+                   float(raw.get("temperature") or 1.0), raw.get("threshold"),
+                   raw.get("positive_class"))
+
+    @property
+    def decides(self) -> bool:
+        """A decision column at the threshold: two classes and a threshold."""
+        return self.threshold is not None and len(self.class_names) == 2
+
+
+@dataclass(frozen=True)
+class Predictor:
+    """A loaded model with its info: images in, the run's final probabilities and decisions
+    out (the same numbers wherever it runs)."""
+
+    model: keras.Model
+    info: ModelInfo
+
+    @classmethod
+    def load(cls, model_path: str | Path, info_path: str | Path | None = None) -> Predictor:
+        """The model file and the model_info.json beside it (or at `info_path`)."""
+        info_path = Path(info_path or Path(model_path).with_name(MODEL_INFO))
+        model = load_model(model_path)
+        info = ModelInfo.read(info_path)
+        size = int(model.input_shape[1])
+        if size != info.image_size:
+            raise ValueError(f"{model_path}: model input {size} px but {info_path} says "
+                             f"{info.image_size}")
+        return cls(model, info)
+
+    @property
+    def columns(self) -> list[str]:
+        """The output columns, in order."""
+        return [*(f"p_{c}" for c in self.info.class_names), "predicted", "decision", "error"]
+
+    def probabilities(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
+        """Final probabilities of uint8 images: test-time augmentation, then temperature."""
+        raw = predict_probabilities(self.model, images, batch_size, self.info.tta)
+        return apply_temperature(raw, self.info.temperature) if len(raw) else raw
+
+    def score(self, sources: Sequence[ImageSource], names: Sequence[str] | None = None,
+              batch_size: int = 32) -> list[dict[str, object]]:
+        """One row per source (file path, bytes or file object): p_<class>, predicted,
+        decision (at the validation threshold; two classes) and error (an unreadable image is
+        reported there, without probabilities, instead of failing the batch)."""
+        names = list(names) if names is not None else [
+            str(s) if isinstance(s, (str, Path)) else f"image {i}" for i, s in enumerate(sources)]
+        images, errors = [], {}
+        for index, (source, name) in enumerate(zip(sources, names, strict=True)):
+            try:
+                images.append(load_image(source, self.info.image_size, name=name))
+            except ValueError as error:
+                errors[index] = str(error).removeprefix(f"{name}: ")
+        probs = iter(self.probabilities(np.stack(images), batch_size) if images else [])
+        return [self.failed_row(errors[i]) if i in errors else self._row(next(probs))
+                for i in range(len(names))]
+
+    def failed_row(self, error: str) -> dict[str, object]:
+        """The row of an image that could not be read: no probabilities, the reason."""
+        return {**{f"p_{c}": float("nan") for c in self.info.class_names}, "predicted": "",
+                "decision": "", "error": error}
+
+    def _row(self, p: np.ndarray) -> dict[str, object]:
+        names = self.info.class_names
+        decision = ""
+        threshold = self.info.threshold
+        if self.info.decides and threshold is not None:
+            positive = names.index(self.info.positive_class or names[-1])
+            decision = names[int(decide(p[None], positive, threshold)[0])]
+        return {**{f"p_{c}": float(v) for c, v in zip(names, p, strict=True)},
+                "predicted": names[int(np.argmax(p))], "decision": decision, "error": ""}

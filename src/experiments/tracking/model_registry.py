@@ -1,0 +1,60 @@
+"""A run's model in MLflow: logged as a pyfunc model from code (`experiments.serving`), with the
+requirements it needs, and registered by name when asked.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import mlflow.pyfunc
+import pandas as pd
+from mlflow.models import ModelSignature
+from mlflow.types.schema import ColSpec, Schema
+
+from experiments.serving.inference import MODEL_FILE, MODEL_INFO
+
+
+def log_model(model_dir: Path, info: Mapping[str, Any]) -> str:
+    """Log the run's model folder (`model.keras` + `model_info.json`) as an MLflow pyfunc model
+    (`experiments.serving.ImageClassifier`, logged from code, not pickled): image bytes or
+    paths in, the run's predictions out, loadable and servable without this project
+    installed. Returns the model URI."""
+    import experiments
+    from experiments.serving import mlflow_model, pyfunc  # only when a model is logged
+
+    names = info["class_names"]
+    signature = ModelSignature(
+        Schema([ColSpec("string", "image", required=False),  # base64: we decode it ourselves
+                ColSpec("string", "path", required=False)]),
+        Schema([*(ColSpec("double", f"p_{c}") for c in names), ColSpec("string", "predicted"),
+                ColSpec("string", "decision"), ColSpec("string", "error")]))
+    example = pd.DataFrame({"image": [pyfunc.example_image()]})
+    with tempfile.TemporaryDirectory() as folder:
+        # The whole package (serving imports models and data); not its config files.
+        code = shutil.copytree(Path(experiments.__file__).parent, Path(folder) / "experiments",
+                               ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "conf"))
+        logged = mlflow.pyfunc.log_model(
+            name="model", python_model=mlflow_model.__file__,
+            artifacts={"model": str(model_dir / MODEL_FILE), "info": str(model_dir / MODEL_INFO)},
+            code_paths=[str(code)], signature=signature, input_example=example,
+            metadata=dict(info), pip_requirements=serving_requirements())
+    return logged.model_uri
+
+
+def serving_requirements() -> list[str]:
+    """What the MLflow model needs to load and predict, pinned to what trained it (stated,
+    not inferred: inference would re-import the model in a subprocess)."""
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name)}"
+            for name in ("mlflow", "tensorflow", "keras", "numpy", "pandas", "pillow")]
+
+
+def register_model(model_uri: str, name: str) -> str:
+    """Register a logged model under `name`; return the new version."""
+    return mlflow.register_model(model_uri, name).version

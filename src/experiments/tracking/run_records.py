@@ -1,0 +1,77 @@
+"""What every training run (single, fold, refit) records the same way: its tags, its config and
+its model.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import tensorflow as tf
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+
+from experiments.config.instantiate import Components
+from experiments.serving import inference
+from experiments.tracking import model_registry
+from experiments.tracking import records as records_lib
+
+log = logging.getLogger(__name__)
+
+MODEL_DIR = "model"  # <output_dir>/model: the run's model.keras and model_info.json
+
+
+def sweep_dir() -> str | None:
+    """The multirun's sweep folder (tags every job's run), or None outside a sweep."""
+    if not HydraConfig.initialized():
+        return None
+    hydra_cfg = HydraConfig.get()
+    return str(hydra_cfg.sweep.dir) if hydra_cfg.mode == RunMode.MULTIRUN else None
+
+
+def common_tags(backbone: str, class_names: Sequence[str], positive: int,
+                image_size: int) -> dict[str, str]:
+    """The tags every training run carries: what it classifies, with what, where it ran."""
+    tags = {
+        **records_lib.parent_run_tags(),
+        "backbone": backbone,
+        "positive_class": class_names[positive],
+        "image_size": str(image_size),
+        "classes": ",".join(class_names),
+        "threads": str(tf.config.threading.get_intra_op_parallelism_threads()),
+    }
+    commit = records_lib.git_commit(Path(__file__).parent)
+    if commit:
+        tags["git_commit"] = commit
+    if (sweep := sweep_dir()) is not None:
+        tags["sweep"] = sweep
+    return tags
+
+
+def log_config(components: Components, output_dir: Path, **extra_params: object) -> None:
+    """The resolved config (what resume restores), the config files, every key as a param."""
+    records_lib.log_text(components.config_yaml, records_lib.RESOLVED_CONFIG)
+    hydra_dir = output_dir / ".hydra"
+    if hydra_dir.is_dir():
+        records_lib.log_artifacts(hydra_dir, ".hydra")
+    else:
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / "config.yaml"
+            path.write_text(components.config_yaml)
+            records_lib.log_artifact(path, ".hydra")
+    records_lib.log_params({**components.params, **extra_params})
+
+
+def log_run_model(model: object, info: dict, model_dir: Path, register_as: str | None,
+                  tags: dict[str, str] | None = None) -> str:
+    """Save the run's model with its info, log it as the run's MLflow model (tag
+    `model_uri`), register it when asked (in a sweep the sweep registers its best job)."""
+    inference.save_model(model, info, model_dir)
+    model_uri = model_registry.log_model(model_dir, info)
+    records_lib.set_tags({"model_uri": model_uri, **(tags or {})})
+    if register_as and not records_lib.parent_run_tags():
+        version = model_registry.register_model(model_uri, register_as)
+        log.info(f"Registered models:/{register_as}/{version}")
+    return model_uri

@@ -1,0 +1,160 @@
+"""The MLflow tracking store: its URI, a reachable server, experiments created once (even by two
+processes at a time) and runs opened and always closed with the right status.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import re
+import traceback
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+import mlflow
+import mlflow.pyfunc
+from mlflow.tracking import MlflowClient
+
+from experiments.errors import ServerError
+
+LOCAL_SCHEMES = ("sqlite:", "file:", "postgresql", "mysql", "mssql")
+
+
+def default_store_uri(root: str | Path | None = None) -> str:
+    """The SQLite store the runs launched from `root` (default: here) write to."""
+    return f"sqlite:///{Path(root or Path.cwd()).resolve() / 'mlruns' / 'mlflow.db'}"
+
+
+def is_local_store(tracking_uri: str) -> bool:
+    """True for stores this process writes itself (artifacts go to a local folder)."""
+    return tracking_uri.startswith(LOCAL_SCHEMES) or "://" not in tracking_uri
+
+
+def check_server(tracking_uri: str, timeout_s: float = 5.0) -> None:
+    """Fail fast when an HTTP tracking server does not answer (MLflow itself would retry for
+    minutes, or worse, only after training)."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return
+    url = tracking_uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+            if response.status == 200:
+                return
+            problem = f"HTTP {response.status}"
+    except (urllib.error.URLError, OSError) as error:
+        problem = str(getattr(error, "reason", error))
+    raise ServerError(
+        f"MLflow tracking server {tracking_uri} did not answer ({url}: {problem}). Start it "
+        "(e.g. `mlflow server --backend-store-uri sqlite:///$PWD/mlruns/mlflow.db --host "
+        "127.0.0.1 --port 5000`) or use the local store by leaving mlflow.tracking_uri at its "
+        "default.")
+
+
+# Tells the MLflow 3 UI that the experiment trains models (its model-training view, not the
+# GenAI view with traces and evaluation runs).
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
+def use_store(tracking_uri: str) -> None:
+    """Log to (and read from) the store at `tracking_uri` from now on."""
+    mlflow.set_tracking_uri(tracking_uri)
+
+
+def ensure_experiment(tracking_uri: str, experiment_name: str, artifact_root: str) -> str:
+    """Point MLflow at the store and return the experiment id, creating it if needed.
+
+    In a local store a new experiment gets an absolute artifact folder under `artifact_root`
+    (MLflow's default is relative to the current directory, which scatters artifacts). Every
+    experiment is tagged as model training for the UI, unless it already says what it is.
+    """
+    mlflow.set_tracking_uri(tracking_uri)
+    with _store_setup_lock(tracking_uri):
+        experiment = mlflow.get_experiment_by_name(experiment_name)
+        if experiment is not None:
+            if not EXPERIMENT_KIND.keys() & experiment.tags.keys():
+                MlflowClient().set_experiment_tag(experiment.experiment_id,
+                                                  *next(iter(EXPERIMENT_KIND.items())))
+            return experiment.experiment_id
+        location = None
+        if is_local_store(tracking_uri):
+            folder = re.sub(r"[^A-Za-z0-9._-]+", "_", experiment_name)
+            location = str(Path(artifact_root).expanduser().resolve() / folder)
+        return mlflow.create_experiment(experiment_name, artifact_location=location,
+                                        tags=EXPERIMENT_KIND)
+
+
+@contextmanager
+def _store_setup_lock(tracking_uri: str) -> Iterator[None]:
+    """Serialise creating a SQLite store and its experiments across processes: two jobs that
+    start together on a fresh store would otherwise race through MLflow's schema migration."""
+    if not tracking_uri.startswith("sqlite:///"):
+        yield
+        return
+    database = Path(tracking_uri.removeprefix("sqlite:///"))
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with open(database.with_name(database.name + ".lock"), "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextmanager
+def open_run(experiment_id: str | None, run_name: str | None, tags: Mapping[str, str],
+             run_id: str | None = None) -> Iterator[str]:
+    """A new run (or the existing `run_id`, resumed) that ends FINISHED; KILLED when
+    interrupted (SIGTERM, Ctrl-C); FAILED with the error as tag `error` and `error.txt`."""
+    active = mlflow.active_run()
+    if active is not None:
+        raise RuntimeError(f"MLflow run {active.info.run_id} is still active; refusing to nest")
+    with mlflow.start_run(run_id=run_id, experiment_id=None if run_id else experiment_id,
+                          run_name=None if run_id else run_name,
+                          tags=None if run_id else dict(tags)) as run:
+        try:
+            yield run.info.run_id
+        except (KeyboardInterrupt, SystemExit) as error:
+            try:  # the status first: a failing tag write must not leave the run RUNNING
+                mlflow.end_run("KILLED")
+            finally:
+                MlflowClient().set_tag(run.info.run_id, "interrupted",
+                                       f"{type(error).__name__}: {error}")
+            raise
+        except BaseException as error:
+            mlflow.set_tag("error", error_tag(error))
+            mlflow.log_text("".join(traceback.format_exception(error)), "error.txt")
+            raise
+
+
+def error_tag(error: BaseException) -> str:
+    """The `error` tag of a failed run: exception type and message, within MLflow's limit."""
+    return f"{type(error).__name__}: {error}"[:5000]
+
+
+@contextmanager
+def created_run(experiment_id: str, run_name: str | None, tags: Mapping[str, str]
+                ) -> Iterator[str]:
+    """A run created but not made active, so that child runs can be opened meanwhile (a
+    cross-validation's parent). The block finishes it by resuming it with `open_run(...,
+    run_id)`; if the block raises, the run ends FAILED (KILLED when interrupted)."""
+    client = MlflowClient()
+    run_id = client.create_run(experiment_id, run_name=run_name, tags=dict(tags)).info.run_id
+    try:
+        yield run_id
+    except (KeyboardInterrupt, SystemExit):
+        client.set_terminated(run_id, "KILLED")
+        raise
+    except BaseException as error:
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_tag(run_id, "error", error_tag(error))
+            client.set_terminated(run_id, "FAILED")
+        raise
+
+
+def ui_command(tracking_uri: str) -> str:
+    """The command that opens the MLflow UI on this store."""
+    if is_local_store(tracking_uri):
+        return f"mlflow ui --backend-store-uri {tracking_uri}"
+    return f"open {tracking_uri} in a browser"

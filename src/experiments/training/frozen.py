@@ -1,0 +1,106 @@
+"""The frozen-backbone fast path of a training: which runs can train their head on cached pooled
+features (and with how many dihedral views), the features of each split, the head's batches.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from experiments.config.schema import Config
+from experiments.models import features
+from experiments.tracking import records
+from experiments.training.build import Prepared
+
+log = logging.getLogger(__name__)
+
+
+def feature_views(settings: Config, prepared: Prepared, say_why: bool = False) -> int | None:
+    """How many views per image to cache for the frozen-feature fast path (1, or 8 for the
+    dihedral views of augmentation or TTA), or None when this run trains on images."""
+    if settings.finetune.strategy not in ("frozen", "linear_probe"):
+        return None
+    views, why = features.training_views(prepared.augment)
+    if settings.finetune.strategy == "linear_probe":
+        views = views or 1  # the probe ignores random augmentation; dihedral views are data
+    elif views is not None and (why := images_only(settings)):
+        views = None
+    if views is None:
+        if say_why:
+            log.info(f"finetune=frozen trains on images, not on cached features: {why}")
+        return None
+    return 8 if views == 8 or settings.eval.tta == "dihedral" else 1
+
+
+def images_only(settings: Config) -> str:
+    """Why this run cannot train its head on cached features ("" when it can)."""
+    if settings.data.patch_size is not None:
+        return "native patches (data.patch_size) are random crops"
+    if settings.trainer.distribute is not None:
+        return (f"trainer.distribute={settings.trainer.distribute} splits image batches "
+                "across devices; the cached-feature head trains on one")
+    return ""
+
+
+def logged_split_features(settings: Config, prepared: Prepared, views: int
+                          ) -> dict[str, np.ndarray]:
+    """`split_features`, logging how many were computed and how many reused."""
+    before = dict(features.COUNTS)
+    cached = split_features(settings, prepared, views)
+    records.log_metrics({"features_computed": features.COUNTS["computed"] - before["computed"],
+                         "features_reused": sum(features.COUNTS[k] - before[k]
+                                                for k in ("memory", "disk"))})
+    return cached
+
+
+def split_features(settings: Config, prepared: Prepared, views: int) -> dict[str, np.ndarray]:
+    """(n, views, C) frozen-backbone features of the train, val and test images, from the
+    cache when it holds them (memory, then `<paths.cache_dir>/features`)."""
+    backbone = settings.backbone
+    key = features.model_key(backbone.name, backbone.weights, settings.trainer.seed,
+                             settings.data.patch_size or prepared.image_size,
+                             prepared.precision,
+                             None if prepared.stain is None else prepared.stain.target)
+    cache = features.FeatureCache(key, Path(settings.paths.cache_dir) / "features")
+    compute = functools.partial(features.compute_features,
+                                features.feature_model(prepared.model))
+    return {name: cache.get(getattr(prepared.splits, name).files,
+                            getattr(prepared.splits, name).images, views, compute)
+            for name in ("train", "val", "test")}
+
+
+def head_stage(settings: Config, prepared: Prepared
+               ) -> tuple[keras.Model, object, object] | None:
+    """two_stage's head-only first stage on cached features (the backbone is frozen then),
+    when the augmentation allows; None to train both stages on images."""
+    stage = prepared.second_stage
+    if settings.finetune.strategy != "two_stage" or stage is None:
+        return None
+    train_views, why = features.training_views(prepared.augment)
+    why = why or images_only(settings)
+    if train_views is None or why:
+        log.info(f"two_stage's head-only stage trains on images: {why}")
+        return None
+    cached = logged_split_features(settings, prepared, train_views)
+    return head_training(settings, prepared, cached, train_views)
+
+
+def head_training(settings: Config, prepared: Prepared, cached: dict[str, np.ndarray],
+                  train_views: int | None) -> tuple[keras.Model, object, object]:
+    """The classifier's head as a model of its own, compiled with the classifier's optimizer
+    and loss, and its training and validation batches of cached features."""
+    splits, trainer, classifier = prepared.splits, settings.trainer, prepared.model
+    n_classes = len(splits.class_names)
+    head = features.head_model(classifier)
+    head.compile(optimizer=classifier.optimizer, loss=classifier.loss,
+                 metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")])
+    train_ds = features.head_dataset(cached["train"], splits.train.labels, n_classes,
+                                     trainer.batch_size, trainer.seed,
+                                     draw_views=train_views == 8)
+    val_ds = features.evaluation_batches(cached["val"], splits.val.labels, n_classes,
+                                         trainer.batch_size)
+    return head, train_ds, val_ds

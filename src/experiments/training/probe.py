@@ -1,0 +1,106 @@
+"""`finetune=linear_probe`: how good are a backbone's frozen features for this task?
+
+The standard way pathology papers compare feature extractors: a logistic regression on the
+pooled features (scikit-learn; its regularisation C chosen on the validation split by log-loss)
+and a k-nearest-neighbour classifier (k chosen on validation by accuracy), both on cached
+features (`experiments.features`). The logistic regression becomes the run's model: the
+features' standardisation is written into the head's BatchNormalization and the coefficients
+into its Dense layer, so the saved classifier (backbone -> pooling -> head) predicts exactly what
+the regression does and is evaluated, served and predicted with like any other run. The k-NN
+is reported beside it (knn_test_*).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import log_loss
+from sklearn.neighbors import KNeighborsClassifier
+
+from experiments.config.schema import EvalConfig
+from experiments.evaluation import metrics as metrics_lib
+from experiments.evaluation.metrics import Predictions
+from experiments.tracking import records
+from experiments.training.build import Prepared
+from experiments.training.callbacks import TrainResult, find_checkpoint, monitor_increases
+
+C_GRID = tuple(float(c) for c in np.logspace(-4, 2, 13))
+K_GRID = (1, 3, 5, 7, 9, 11, 15, 21)
+
+
+def standardize(train: np.ndarray, epsilon: float) -> tuple[np.ndarray, np.ndarray]:
+    """Feature means and scales as the head's BatchNormalization will apply them."""
+    mean = train.mean(axis=0)
+    return mean, np.sqrt(train.var(axis=0) + epsilon)
+
+
+def fit(prepared: Prepared, cached: dict[str, np.ndarray], settings: EvalConfig,
+        output_dir: Path, seed: int) -> TrainResult:
+    """Fit both probes, write the regression into the classifier and save it as the run's
+    checkpoint; log C, k and the k-NN's test metrics."""
+    splits, classifier = prepared.splits, prepared.model
+    views = cached["train"].shape[1]  # dihedral views are more training images, exact ones
+    x_train = cached["train"].reshape(-1, cached["train"].shape[-1]).astype(np.float64)
+    y_train = np.repeat(np.asarray(splits.train.labels), views)
+    x_val, y_val = cached["val"][:, 0].astype(np.float64), np.asarray(splits.val.labels)
+    bn = classifier.get_layer("head_bn")
+    mean, scale = standardize(x_train, bn.epsilon)
+    z_train, z_val = (x_train - mean) / scale, (x_val - mean) / scale
+    n_classes = len(splits.class_names)
+    labels = list(range(n_classes))
+
+    def val_loss(model) -> float:
+        return float(log_loss(y_val, model.predict_proba(z_val), labels=labels))
+
+    regressions = [LogisticRegression(C=c, max_iter=5000, random_state=seed)
+                   .fit(z_train, y_train) for c in C_GRID]
+    best = min(regressions, key=val_loss)
+    write_into_head(classifier, best, mean, scale)
+    checkpoint = find_checkpoint(prepared.callbacks)
+    Path(checkpoint.filepath).parent.mkdir(parents=True, exist_ok=True)
+    classifier.save(checkpoint.filepath)
+    val_metrics = {"val_loss": val_loss(best),
+                   "val_accuracy": float(np.mean(best.predict(z_val) == y_val))}
+    records.log_metrics({"probe_C": best.C, **val_metrics})
+    records.log_metrics(knn_metrics(z_train, y_train, z_val, y_val,
+                                    (cached["test"][:, 0] - mean) / scale, splits, prepared,
+                                    settings))
+    value = val_metrics.get(checkpoint.monitor, float("nan"))
+    return TrainResult({}, 1, value, checkpoint.monitor, monitor_increases(checkpoint),
+                       Path(checkpoint.filepath))
+
+
+def write_into_head(classifier, regression: LogisticRegression, mean: np.ndarray,
+                    scale: np.ndarray) -> None:
+    """head_bn standardises (moving mean/variance = the features' mean and scale, gamma 1,
+    beta 0; dropout is off at inference) and the Dense softmax reproduces the regression:
+    binary p1 = sigmoid(w.z + b) = softmax([-(w.z + b)/2, (w.z + b)/2])."""
+    bn = classifier.get_layer("head_bn")
+    bn.set_weights([np.ones_like(mean), np.zeros_like(mean), mean,
+                    scale ** 2 - bn.epsilon])
+    coef, intercept = regression.coef_, regression.intercept_
+    if coef.shape[0] == 1:  # binary: one row for class 1
+        coef = np.concatenate([-coef / 2, coef / 2])
+        intercept = np.concatenate([-intercept / 2, intercept / 2])
+    classifier.get_layer("predictions").set_weights([coef.T.astype(np.float32),
+                                                     intercept.astype(np.float32)])
+
+
+def knn_metrics(z_train: np.ndarray, y_train: np.ndarray, z_val: np.ndarray, y_val: np.ndarray,
+                z_test: np.ndarray, splits, prepared: Prepared,
+                settings: EvalConfig) -> dict[str, float]:
+    """k-NN (cosine distance on standardised features), k chosen on validation accuracy;
+    its test metrics with bootstrap intervals as knn_test_*."""
+    ks = [k for k in K_GRID if k <= len(z_train)]
+
+    def knn(k: int) -> KNeighborsClassifier:
+        return KNeighborsClassifier(n_neighbors=k, metric="cosine").fit(z_train, y_train)
+
+    best_k = max(ks, key=lambda k: (np.mean(knn(k).predict(z_val) == y_val), k))
+    test = Predictions(splits.test.files, np.asarray(splits.test.labels),
+                       knn(best_k).predict_proba(z_test))
+    return {"knn_k": best_k,
+            **metrics_lib.classification_metrics(test, prepared.positive, "knn_test_"),
+            **metrics_lib.interval_metrics(test, prepared.positive, settings, "knn_test_")}

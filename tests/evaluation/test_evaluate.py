@@ -1,0 +1,106 @@
+"""Reporting like a paper: intervals, operating point, calibration, TTA, Grad-CAM."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+from experiments.evaluation import stats
+from experiments.evaluation.gradcam import gradcam, last_feature_layer, pick_examples
+from experiments.models.classifier import build_classifier
+from experiments.serving.inference import apply_temperature, predict_probabilities
+
+
+def noisy_scores(n_per_class: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and two-class probabilities from a fair but imperfect scorer."""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat([0, 1], n_per_class)
+    score = np.clip(rng.normal(0.35 + 0.3 * labels, 0.2), 0.001, 0.999)
+    return labels, np.stack([1 - score, score], axis=1)
+
+
+def test_bootstrap_intervals_contain_the_estimate_and_shrink_with_more_data():
+    widths = []
+    for n in (20, 500):
+        labels, probs = noisy_scores(n)
+        intervals = stats.bootstrap_intervals(labels, probs, positive=1, n_resamples=1000)
+        assert set(intervals) == {"accuracy", "roc_auc", "sensitivity", "specificity"}
+        for point, low, high in intervals.values():
+            assert low <= point <= high
+        widths.append({k: high - low for k, (_, low, high) in intervals.items()})
+    for name in widths[0]:
+        assert widths[1][name] < 0.75 * widths[0][name], name
+    from sklearn.metrics import roc_auc_score
+    assert intervals["roc_auc"][0] == pytest.approx(roc_auc_score(labels, probs[:, 1]))
+
+
+def test_bootstrap_is_seeded_and_keeps_class_counts():
+    labels, probs = noisy_scores(15)
+    first = stats.bootstrap_intervals(labels, probs, 1, n_resamples=200, seed=3)
+    assert first == stats.bootstrap_intervals(labels, probs, 1, n_resamples=200, seed=3)
+    index = stats.stratified_resamples(labels, 50, seed=0)
+    assert (labels[index].sum(axis=1) == 15).all()
+
+
+def test_thresholds_chosen_on_validation():
+    labels, probs = noisy_scores(100)
+    score = probs[:, 1]
+    assert stats.choose_threshold(labels, score, "fixed", fixed=0.3) == 0.3
+    youden = stats.choose_threshold(labels, score, "youden")
+    rates = stats.rates_at_threshold(labels, score, youden)
+    for other in np.linspace(0.05, 0.95, 19):  # Youden's J is the best sum on this data
+        others = stats.rates_at_threshold(labels, score, other)
+        assert (rates["sensitivity"] + rates["specificity"]
+                >= others["sensitivity"] + others["specificity"] - 1e-9)
+    strict = stats.choose_threshold(labels, score, "target_sensitivity", target_sensitivity=0.95)
+    assert stats.rates_at_threshold(labels, score, strict)["sensitivity"] >= 0.95
+    assert strict <= youden
+    with pytest.raises(ValueError, match="eval.threshold"):
+        stats.choose_threshold(labels, score, "median")
+
+
+def test_temperature_scaling_calibrates_overconfident_predictions():
+    labels, probs = noisy_scores(300, seed=1)
+    overconfident = apply_temperature(probs, 0.25)  # sharpened: same ranking, worse ECE
+    before = stats.reliability_bins(labels, overconfident).ece
+    temperature = stats.fit_temperature(labels, overconfident)
+    after = stats.reliability_bins(labels, apply_temperature(overconfident,
+                                                             temperature)).ece
+    assert temperature > 2 and after < 0.5 * before
+    np.testing.assert_array_equal(np.argsort(overconfident[:, 1]),
+                                  np.argsort(apply_temperature(overconfident, 3)[:, 1]))
+
+
+def test_dihedral_tta_of_a_rotation_invariant_model_equals_its_plain_prediction():
+    """Per-pixel 1x1 convolutions and global pooling see the same pixels in every view."""
+    inputs = keras.Input((16, 16, 3))
+    x = keras.layers.Conv2D(4, 1, activation="relu")(inputs)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    model = keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(x))
+    images = np.random.default_rng(0).integers(0, 256, (5, 16, 16, 3), dtype=np.uint8)
+    plain = predict_probabilities(model, images, 4, "none")
+    np.testing.assert_allclose(predict_probabilities(model, images, 4, "dihedral"), plain,
+                               atol=1e-5)
+    # ... and a model that sees orientation does change under TTA.
+    oriented = build_classifier("simplecnn", None, True, 16, 2)
+    assert not np.allclose(predict_probabilities(oriented, images, 4, "dihedral"),
+                           predict_probabilities(oriented, images, 4, "none"), atol=1e-6)
+
+
+@pytest.mark.parametrize(("backbone", "size"), [("simplecnn", 32), ("mobilenetv3large", 48)])
+def test_gradcam_returns_a_map_of_the_image_size(backbone, size):
+    model = build_classifier(backbone, None, True, size, 2)
+    images = np.random.default_rng(1).uniform(0, 255, (3, size, size, 3))
+    heatmaps = gradcam(model, images)
+    assert heatmaps.shape == (3, size, size)
+    assert heatmaps.min() >= 0.0 and heatmaps.max() <= 1.0 + 1e-6
+    assert last_feature_layer(model, size).name == model.layers[2].name  # the backbone
+
+
+def test_gradcam_examples_cover_both_classes_and_mistakes():
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    predicted = np.array([0, 0, 1, 1, 1, 0])
+    chosen = pick_examples(labels, predicted, 4)
+    assert len(chosen) == 4 and {2, 5} <= set(chosen)  # both mistakes shown
+    assert set(labels[chosen]) == {0, 1}

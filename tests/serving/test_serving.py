@@ -1,0 +1,224 @@
+"""The logged model outside the framework: `mlflow models serve`, the pyfunc in a Python that
+never imported `experiments`, and `experiments.predict` in fresh processes."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import (
+    SMALL,
+    SMALL_TRAINING,
+    all_runs,
+    client_for,
+    free_port,
+    run_cli,
+    write_image,
+)
+
+
+def predict_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "experiments.predict", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+
+
+def read_rows(path: Path) -> dict[str, dict[str, str]]:
+    with path.open(newline="") as handle:
+        return {Path(row["file"]).name: row for row in csv.DictReader(handle)}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One tiny run, logged to a local store: (root, run id, model URI, some image files)."""
+    root = tmp_path_factory.mktemp("served")
+    result = run_cli([*SMALL, "trainer.epochs=1", f"paths.root={root}",
+                      "mlflow.experiment_name=served"], root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (finished,) = all_runs(client_for(root), "served")
+    images = sorted((root / ".cache" / "demo").rglob("*.jpg"))
+    return root, finished.info.run_id, finished.data.tags["model_uri"], [images[0], images[-1]]
+
+
+def wait_for(url: str, process: subprocess.Popen, log: Path, seconds: float = 180) -> None:
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{url} did not answer:\n{log.read_text()[-3000:]}")
+        time.sleep(0.5)
+
+
+def post_json(url: str, payload: dict) -> dict:
+    request = urllib.request.Request(url, json.dumps(payload).encode(),
+                                     {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as response:
+        return json.loads(response.read())
+
+
+def test_mlflow_models_serve_answers_as_predict_does(trained, tmp_path):
+    """`mlflow models serve --env-manager local` on the logged model: two base64 images in,
+    the same probabilities, class and decision as `experiments.predict` out (1e-5)."""
+    root, run_id, model_uri, images = trained
+    expected_csv = tmp_path / "expected.csv"
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    for image in images:
+        (folder / image.name).write_bytes(image.read_bytes())
+    cli = predict_cli([f"model={run_id}", f"input={folder}", f"output={expected_csv}"], root)
+    assert cli.returncode == 0, cli.stderr[-3000:]
+    expected = read_rows(expected_csv)
+
+    port, log = free_port(), tmp_path / "serve.log"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root}/mlruns/mlflow.db",
+           "TF_CPP_MIN_LOG_LEVEL": "2"}
+    with log.open("w") as handle:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri,
+             "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+            cwd=tmp_path, env=env, stdout=handle, stderr=subprocess.STDOUT,
+            start_new_session=True)
+    try:
+        wait_for(f"http://127.0.0.1:{port}/ping", server, log)
+        records = [{"image": base64.b64encode(image.read_bytes()).decode()} for image in images]
+        answer = post_json(f"http://127.0.0.1:{port}/invocations",
+                           {"dataframe_records": records})["predictions"]
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+    assert len(answer) == 2
+    for image, row in zip(images, answer, strict=True):
+        want = expected[image.name]
+        for column in ("p_benign", "p_malignant"):
+            assert abs(row[column] - float(want[column])) < 1e-5, (column, row, want)
+        assert row["predicted"] == want["predicted"] and row["decision"] == want["decision"]
+        assert row["error"] == ""
+
+
+CLEAN_PYTHON = textwrap.dedent("""
+    import json, sys, importlib.util
+    sys.path = [p for p in sys.path if not p.rstrip("/").endswith("src")]
+    # an editable install finds the package through a finder of its own
+    sys.meta_path = [f for f in sys.meta_path
+                     if not getattr(f, "__module__", "").startswith("__editable__")]
+    assert "experiments" not in sys.modules
+    assert importlib.util.find_spec("experiments") is None, "the project is importable"
+    import mlflow
+    import pandas as pd
+    mlflow.set_tracking_uri(sys.argv[1])
+    model = mlflow.pyfunc.load_model(sys.argv[2])
+    files = sys.argv[3:]
+    by_bytes = model.predict(pd.DataFrame({"image": [open(f, "rb").read() for f in files]}))
+    by_path = model.predict(pd.DataFrame({"path": files + ["/no/such/file.png"]}))
+    import experiments
+    print(json.dumps({"bytes": by_bytes.to_dict("records"), "paths": by_path.to_dict("records"),
+                      "code": experiments.__file__}))
+""")
+
+
+def test_pyfunc_loads_and_predicts_where_the_project_is_not_installed(trained, tmp_path):
+    root, run_id, model_uri, images = trained
+    script = tmp_path / "clean.py"
+    script.write_text(CLEAN_PYTHON)
+    result = subprocess.run([sys.executable, str(script), f"sqlite:///{root}/mlruns/mlflow.db",
+                             model_uri, *map(str, images)], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=300, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert "/artifacts/code/experiments/" in out["code"]  # the model brought its own code
+    assert [r["error"] for r in out["paths"]][-1].startswith("cannot read image")
+    for by_bytes, by_path in zip(out["bytes"], out["paths"], strict=False):
+        assert by_bytes == by_path and by_bytes["error"] == ""
+        assert abs(by_bytes["p_benign"] + by_bytes["p_malignant"] - 1) < 1e-6
+
+
+def test_logged_model_has_a_valid_signature_and_input_example(trained, tmp_path):
+    import mlflow
+    import mlflow.pyfunc
+    import pandas as pd
+    from mlflow.models import Model
+    from mlflow.models.utils import load_serving_example
+
+    root, _, model_uri, _ = trained
+    mlflow.set_tracking_uri(f"sqlite:///{root}/mlruns/mlflow.db")
+    local = Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=str(tmp_path)))
+    meta = Model.load(local / "MLmodel")
+    assert [c.name for c in meta.signature.inputs.inputs] == ["image", "path"]
+    assert [c.name for c in meta.signature.outputs.inputs] == [
+        "p_benign", "p_malignant", "predicted", "decision", "error"]
+    served = mlflow.pyfunc.load_model(str(local))
+    example = json.loads(load_serving_example(str(local)))  # what a client would post
+    answer = served.predict(pd.DataFrame(example["dataframe_split"]["data"],
+                                         columns=example["dataframe_split"]["columns"]))
+    assert answer["error"].tolist() == [""] and answer["predicted"].iloc[0] in (
+        "benign", "malignant")
+
+
+def test_predict_in_a_fresh_process_for_every_layer_a_model_can_hold(tmp_path):
+    """Stain normalisation and native patches put layers in front of the network: a fresh
+    `experiments.predict` loads such a run's model and matches the run's own test numbers."""
+    result = run_cli([*SMALL, "trainer.epochs=1", "data.image_size=48", "data.patch_size=32",
+                      "data.stain_normalization=macenko", "trainer.ema=0.9",
+                      "eval.tta=none", f"paths.root={tmp_path}",
+                      "mlflow.experiment_name=layers"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = client_for(tmp_path)
+    (finished,) = all_runs(client, "layers")
+    run_id = finished.info.run_id
+    local = Path(client.download_artifacts(run_id, "test_predictions.csv", str(tmp_path)))
+    logged = {Path(r["file"]).name: r for r in csv.DictReader(local.open())}
+    folder = tmp_path / "test_images"
+    folder.mkdir()
+    for row in logged.values():
+        (folder / Path(row["file"]).name).write_bytes(Path(row["file"]).read_bytes())
+    output = tmp_path / "p.csv"
+    cli = predict_cli([f"model={run_id}", f"input={folder}", f"output={output}"], tmp_path)
+    assert cli.returncode == 0, cli.stderr[-3000:]
+    predicted = read_rows(output)
+    assert predicted.keys() == logged.keys()
+    for name, row in predicted.items():
+        # The run normalised stains once into uint8 images; the model does it in float32.
+        assert abs(float(row["p_malignant"]) - float(logged[name]["final_p_malignant"])) < 0.02
+
+
+def write_small_images(root: Path, count: int) -> None:
+    for i in range(count):
+        write_image(root / ("benign" if i % 2 else "malignant") / f"tiny_{i:03d}.png", size=16,
+                    seed=i)
+
+
+def test_many_too_small_images_give_one_screenful_naming_the_full_list(tmp_path):
+    root = tmp_path / "images"
+    write_small_images(root, 50)
+    result = run_cli([*SMALL_TRAINING, f"data.root={root}", f"paths.root={tmp_path}"],
+                     tmp_path)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and "HYDRA_FULL_ERROR" not in result.stderr
+    message = result.stderr.strip().splitlines()
+    assert len(message) <= 15, result.stderr
+    assert "50 invalid image file(s)" in result.stderr
+    assert "50 x 16x16 px is smaller than data.image_size=32" in result.stderr
+    (listing,) = (tmp_path / "outputs" / "runs").glob("*/*/invalid_files.csv")
+    assert str(listing) in result.stderr
+    rows = list(csv.DictReader(listing.open()))
+    assert len(rows) == 50 and all("16x16 px is smaller" in r["reason"] for r in rows)

@@ -1,0 +1,199 @@
+"""Sweeps as one MLflow picture, the comparison report, predict, and a real tracking server."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from experiments import ensemble, predict
+from experiments.run import run
+from experiments.tracking.sweep import group_by_keys, swept_keys
+from tests.conftest import (
+    SHARED_TRAIN,
+    SMALL,
+    all_runs,
+    artifact_files,
+    children_of,
+    client_for,
+    free_port,
+    run_cli,
+    the_parent,
+    write_image,
+)
+
+REPORT = {"comparison/comparison.md", "comparison/comparison.csv", "comparison/roc_curves.png",
+          "comparison/val_accuracy_curves.png", "comparison/lr_schedules.png"}
+UNLABELED = SHARED_TRAIN.parent / "unlabeled"
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on 127.0.0.1 with a SQLite backend; always stopped."""
+    root = tmp_path_factory.mktemp("server")
+    port = free_port()
+    log = open(root / "server.log", "w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
+         f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("mlflow server did not start:\n" +
+                                   (root / "server.log").read_text()[-3000:])
+            time.sleep(0.5)
+        yield uri
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        log.close()
+
+
+def test_sweep_against_a_tracking_server(tmp_path, mlflow_server):
+    """A 2-job multirun (default launcher, one process) logged over HTTP: one parent with the
+    report, one child run per job tagged with the sweep, one model registered; then the
+    registered model loads for prediction, and the two seeds (one split) become an ensemble."""
+    result = run_cli(["-m", *SMALL, "trainer.epochs=1", f"paths.root={tmp_path}",
+                      f"mlflow.tracking_uri={mlflow_server}", "mlflow.experiment_name=server",
+                      "mlflow.register_as=biopsy-best", "trainer.seed=1,2",
+                      "data.split_seed=0"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = MlflowClient(mlflow_server)
+    parent, experiment_id = the_parent(client, "server")
+    assert parent.info.status == "FINISHED"
+    assert "trainer.seed=1,2" in parent.data.tags["sweep_overrides"]
+    assert REPORT | {"multirun.yaml"} <= artifact_files(client, parent.info.run_id)
+    children = children_of(client, parent.info.run_id, experiment_id)
+    assert sorted(c.data.params["trainer.seed"] for c in children) == ["1", "2"]
+    (sweep_dir,) = (tmp_path / "outputs" / "multirun").glob("*/*")  # <date>/<time>
+    assert parent.data.tags["sweep"] == str(sweep_dir)
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert child.data.tags["sweep"] == str(sweep_dir)
+        assert [m.step for m in client.get_metric_history(child.info.run_id, "val_loss")] == [1]
+        assert {"roc_curve.png", "test_predictions.csv",
+                "val_predictions.csv"} <= artifact_files(client, child.info.run_id)
+        assert child.data.tags["model_uri"].startswith("models:/m-")
+    for job in ("0", "1"):
+        assert (sweep_dir / job / "checkpoints" / "best.keras").is_file()
+    assert parent.data.tags["registered_model"] == "models:/biopsy-best/1"
+    assert not (tmp_path / "mlruns").exists()  # nothing written to the local store
+
+    loaded = predict.load_predictor("models:/biopsy-best/1", mlflow_server)
+    assert loaded.info.class_names == ("benign", "malignant") and loaded.info.image_size == 32
+    experiment = client.get_experiment(experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+
+    ensemble_id = ensemble.ensemble_sweep(mlflow_server, parent.info.run_id)
+    logged = client.get_run(ensemble_id)
+    assert logged.data.tags["ensemble_of"] == parent.info.run_id
+    assert set(logged.data.tags["members"].split(",")) == {c.info.run_id for c in children}
+    metrics = logged.data.metrics  # one shared test split: the ensemble is evaluated on it
+    assert metrics["test_accuracy_ci_low"] <= metrics["test_accuracy"] <= 1
+    assert 0 <= metrics["model_threshold"] <= 1 and metrics["model_temperature"] > 0
+    combined = predict.load_predictor(ensemble_id, mlflow_server)
+    members = [predict.load_predictor(c.info.run_id, mlflow_server) for c in children]
+    images = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    np.testing.assert_allclose(
+        combined.model.predict(images, verbose=0),
+        np.mean([m.model.predict(images, verbose=0) for m in members], axis=0), atol=1e-6)
+
+
+@pytest.mark.slow  # the default run keeps the in-process sweep against a real server
+def test_sweep_with_a_launcher_in_other_processes_and_compare(tmp_path):
+    """joblib runs the jobs in worker processes: the parent id travels in the environment."""
+    result = run_cli(["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *SMALL,
+                      "trainer.epochs=1", f"paths.root={tmp_path}",
+                      "mlflow.experiment_name=joblib", "augmentation=none,study"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = client_for(tmp_path)
+    parent, experiment_id = the_parent(client, "joblib")
+    children = children_of(client, parent.info.run_id, experiment_id)
+    assert sorted(c.data.params["choice.augmentation"] for c in children) == ["none", "study"]
+    assert len({c.data.tags["sweep"] for c in children}) == 1
+    assert REPORT <= artifact_files(client, parent.info.run_id)
+    (sweep_dir,) = (tmp_path / "outputs" / "multirun").glob("*/*")
+    table = (sweep_dir / "comparison" / "comparison.md").read_text()
+    assert "choice.augmentation=none" in table and "choice.augmentation=study" in table
+
+    out = tmp_path / "report"
+    cli = subprocess.run([sys.executable, "-m", "experiments.compare", "--experiment", "joblib",
+                          "--parent", parent.info.run_id, "--group-by", "trainer.seed",
+                          "--output", str(out)], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300)
+    assert cli.returncode == 0, cli.stderr[-3000:]
+    assert "| trainer.seed=42 | 2 |" in cli.stdout  # both jobs, pooled: n = 2
+    assert {p.name for p in out.iterdir()} == {Path(f).name for f in REPORT}
+    rows = (out / "comparison.csv").read_text().splitlines()
+    assert rows[0].startswith("group,n_runs,test_accuracy_mean,test_accuracy_std")
+    assert len(rows) == 2
+
+
+def test_group_by_keys_follow_the_sweep():
+    swept = swept_keys(["backbone=a,b", "trainer.seed=1,2", "trainer.epochs=3",
+                        "augmentation=none,study"])
+    assert swept == ["backbone", "trainer.seed", "augmentation"]
+    params = {"backbone.name": "a", "choice.augmentation": "none", "trainer.seed": "1"}
+    assert group_by_keys(swept, params) == ["backbone.name", "choice.augmentation"]
+
+
+def test_predict_writes_a_row_per_image_and_reports_bad_files(tmp_path, make_config):
+    run(make_config("trainer.epochs=1", "mlflow.experiment_name=predict"))
+    (finished,) = all_runs(client_for(tmp_path), "predict")
+    inputs = tmp_path / "to_predict"
+    for i in range(5):
+        write_image(inputs / "sub" / f"img{i}.png", size=40, seed=i)
+    (inputs / "broken.jpg").write_bytes(b"not a jpeg")
+    output = tmp_path / "pred.csv"
+    cli = subprocess.run([sys.executable, "-m", "experiments.predict",
+                          f"model={finished.info.run_id}", f"input={inputs}",
+                          f"output={output}"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300)
+    assert cli.returncode == 0, cli.stderr[-3000:]
+    lines = output.read_text().splitlines()
+    assert lines[0] == "file,p_benign,p_malignant,predicted,decision,error"
+    assert len(lines) == 7
+    broken = next(line for line in lines if "broken.jpg" in line)
+    assert "not a readable image" in broken
+    good = [line.split(",") for line in lines[1:] if "broken" not in line]
+    info = json.loads((tmp_path / "out" / "model" / "model_info.json").read_text())
+    assert info["tta"] == "dihedral" and info["temperature"] > 0
+    for row in good:
+        assert abs(float(row[1]) + float(row[2]) - 1) < 1e-4 and row[3] in ("benign",
+                                                                            "malignant")
+        # The decision is taken at the threshold chosen on validation.
+        assert row[4] == ("malignant" if float(row[2]) >= info["threshold"] else "benign")
+    # The run's model file, with model_info.json beside it, gives the same numbers.
+    loaded = predict.load_predictor(str(tmp_path / "out" / "model" / "model.keras"), None)
+    again = tmp_path / "again.csv"
+    predict.predict_files(loaded, predict.list_inputs(inputs), again)
+    assert again.read_text() == output.read_text()
+    if UNLABELED.is_dir():  # the study's 100 unlabeled biopsies: one row each, no errors
+        unlabeled = tmp_path / "unlabeled.csv"
+        predict.main([f"model={finished.info.run_id}", f"input={UNLABELED}",
+                      f"output={unlabeled}", f"tracking_uri=sqlite:///{tmp_path}/mlruns/mlflow.db"])
+        lines = unlabeled.read_text().splitlines()
+        assert len(lines) == 101 and all(line.endswith(",") for line in lines[1:])
