@@ -37,8 +37,9 @@ def quiet_start() -> None:
     import absl.logging
 
     absl.logging.set_verbosity(absl.logging.ERROR)
-    for name in ("tensorflow", "alembic"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    # tf.function retracing notes and the like: performance hints no user of ours can act on
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
 
 
 def _import_tensorflow_silently() -> None:
