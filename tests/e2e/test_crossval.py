@@ -143,3 +143,20 @@ def test_refit_trains_on_every_image_without_a_validation_split(tmp_path, make_c
     assert client.get_metric_history(refit.info.run_id, "val_loss") == []
     assert parent.data.tags["model_kind"] == "cv_refit"
     assert "refit model" in parent.data.tags["estimate"]
+
+
+def test_linear_probe_refit_is_the_regression_on_every_image(tmp_path, make_config):
+    """finetune=linear_probe with cv.refit: the refit is a regression on every image's cached
+    features (C by cross-validation on them), not an epoch loop; it reuses the folds'
+    features, and the parent's model predicts what that regression does."""
+    run(make_config("finetune=linear_probe", "augmentation=dihedral", "cv.folds=2",
+                    "cv.refit=true", "mlflow.experiment_name=probe_refit"))
+    client = client_for(tmp_path)
+    runs = all_runs(client, "probe_refit")
+    (refit,) = [r for r in runs if "cv_refit" in r.data.tags]
+    (parent,) = [r for r in runs if "cv_folds" in r.data.tags]
+    assert refit.data.metrics["probe_C"] > 0
+    assert client.get_metric_history(refit.info.run_id, "loss") == []  # no training loop
+    assert parent.data.tags["model_kind"] == "cv_refit"
+    folds = fold_runs(runs)
+    assert sum(f.data.metrics["features_computed"] for f in folds) == 40  # each image once

@@ -10,6 +10,7 @@ saved `.keras` file takes raw RGB pixels in [0, 255] and loads with plain Keras.
 from __future__ import annotations
 
 import urllib.error
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ import keras
 import numpy as np
 
 from experiments.errors import ConfigError, MissingFileError, WeightsError
+from experiments.models import weights_registry
 
 
 @dataclass(frozen=True)
@@ -160,9 +162,14 @@ def _resolve_weights(name: str, weights: str | None) -> str | None:
         return None
     spec = get_spec(name)
     if weights == "imagenet":
+        record = weights_registry.registered(name)
+        if record is not None:  # imported by the user: no download, no Keras cache needed
+            return weights_registry.checked_path(record)
         if spec.imagenet_file is None:
-            raise ConfigError(f"{name} has no ImageNet weights; use backbone.weights=null or a "
-                              f"weights file. Received: backbone.weights={weights!r}")
+            raise ConfigError(f"{name} has no ImageNet weights; use backbone.weights=null, a "
+                              "weights file, or import one (python -m experiments.weights "
+                              f"import FILE --backbone {name}). Received: "
+                              f"backbone.weights={weights!r}")
         return weights
     path = Path(weights).expanduser()
     if not path.is_file():
@@ -184,7 +191,8 @@ def build_backbone(name: str, weights: str | None, image_size: int) -> keras.Mod
         raise WeightsError(
             f"Could not load ImageNet weights for {name}: {spec.imagenet_file} is not in the Keras "
             f"cache ({cache}) and downloading it failed ({error}). Offline, copy the file into "
-            f"{cache} (or set KERAS_HOME to a folder whose models/ holds it), pass a weights file "
+            f"{cache} (or set KERAS_HOME to a folder whose models/ holds it), import a weights "
+            f"file once (python -m experiments.weights import FILE --backbone {name}), pass one "
             f"with backbone.weights=/path/to/{spec.imagenet_file}, or train from scratch with "
             f"backbone.weights=null."
         ) from error
@@ -200,3 +208,57 @@ def _looks_like_download_failure(error: BaseException) -> bool:
             return True
         chain = chain.__cause__ or chain.__context__
     return False
+
+
+def weights_provenance(name: str, weights: str | None) -> dict[str, str]:
+    """Where a backbone's weights come from and their sha256 (`weights_source`,
+    `weights_sha256`): what a run records so that its model can be reproduced and audited."""
+    if weights is None:
+        return {"weights_source": "none (random initialisation)", "weights_sha256": "none"}
+    if weights != "imagenet":
+        path = _resolve_weights(name, weights)
+        return {"weights_source": f"file:{Path(str(path)).resolve()}",
+                "weights_sha256": weights_registry.sha256_of(str(path))}
+    record = weights_registry.registered(name)
+    if record is not None:
+        weights_registry.checked_path(record)
+        return {"weights_source": f"registered:{record.origin}", "weights_sha256": record.sha256}
+    spec = get_spec(name)
+    cached = keras_cache_dir() / str(spec.imagenet_file)
+    if cached.is_file():
+        return {"weights_source": f"keras-cache:{cached}",
+                "weights_sha256": weights_registry.sha256_of(cached)}
+    return {"weights_source": "imagenet (not in the Keras cache yet)", "weights_sha256": "unknown"}
+
+
+def check_weights_fit(name: str, path: str | Path) -> None:
+    """Load a weights file into `name`'s architecture (no top, default input size): a file of
+    another architecture is one WeightsError naming the expected and the received shapes."""
+    spec = get_spec(name)
+    size = spec.default_size
+    model = spec.constructor(include_top=False, weights=None, input_shape=(size, size, 3))
+    try:
+        with warnings.catch_warnings():  # a misfit warns once per layer before it raises
+            warnings.simplefilter("ignore")
+            model.load_weights(str(path))
+    except Exception as error:  # Keras raises ValueError, KeyError or h5py errors here
+        expected = [tuple(w.shape) for w in model.weights]
+        received = _stored_shapes(path)
+        raise WeightsError(
+            f"{path} does not fit {name} (include_top=False): expected {len(expected)} arrays "
+            f"(first {expected[:3]}), received {len(received)} (first {received[:3]}). "
+            f"Keras said: {str(error).splitlines()[0][:300]}") from error
+
+
+def _stored_shapes(path: str | Path) -> list[tuple[int, ...]]:
+    """The shapes of the arrays in an HDF5 weights file, in file order."""
+    import h5py
+
+    shapes: list[tuple[int, ...]] = []
+    try:
+        with h5py.File(path, "r") as stored:
+            stored.visititems(lambda _, item: shapes.append(tuple(item.shape))
+                              if isinstance(item, h5py.Dataset) else None)
+    except OSError:  # not an HDF5 file at all
+        return []
+    return shapes

@@ -29,8 +29,10 @@ import numpy as np
 import tensorflow as tf
 
 from experiments.data.augment import NoAugmentation, TissueAugmentation
+from experiments.data.image_store import ImageArray
 from experiments.data.pipeline import batch_seeds, one_hot
 from experiments.data.transforms import dihedral_view, dihedral_views
+from experiments.models.backbones import weights_provenance
 
 CACHE_VERSION = 1
 # Per-process counts of images whose features were computed or found in a cache.
@@ -102,7 +104,7 @@ class FeatureCache:
         np.savez(staging, keys=np.array(keys), features=np.stack([store[k][0] for k in keys]))
         os.replace(staging, path)  # atomic: a reader never sees half a file
 
-    def get(self, files: Sequence[str], images: np.ndarray, views: int,
+    def get(self, files: Sequence[str], images: ImageArray, views: int,
             compute: Callable[[np.ndarray, int], np.ndarray]) -> np.ndarray:
         """(n, views, C) features of `images` (whose files are `files`), computing only the
         images the cache does not hold, and saving them."""
@@ -129,9 +131,8 @@ def image_key(file: str) -> str:
 def model_key(backbone: str, weights: str | None, seed: int, image_size: int, precision: str,
               stain_target: Sequence[float] | None) -> str:
     """The identity of a frozen feature extractor: what changes a feature changes the key."""
-    if weights not in (None, "imagenet"):
-        stat = os.stat(weights)
-        weights = f"{os.path.realpath(weights)}|{stat.st_size}|{stat.st_mtime_ns}"
+    if weights is not None:  # the weights' identity is their content (also when imported)
+        weights = weights_provenance(backbone, weights)["weights_sha256"]
     parts = {"version": CACHE_VERSION, "backbone": backbone, "weights": weights,
              # random initial weights are the seed's
              "seed": seed if weights is None else None, "image_size": image_size,

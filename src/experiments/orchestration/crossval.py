@@ -91,7 +91,8 @@ def run_cross_validation(settings: Config, components: Components) -> CVResult:
                                             ml.artifact_root)
     positive = metrics_lib.positive_index(loaded.class_names, settings.data.positive_class)
     repeats = f" x{cv.repeats}" if cv.repeats > 1 else ""
-    tags = {**run_records.common_tags(settings.backbone.name, loaded.class_names, positive,
+    tags = {**run_records.common_tags(settings.backbone.name, settings.backbone.weights,
+                                      loaded.class_names, positive,
                                       loaded.image_size),
             "cv_folds": str(cv.folds), "cv_repeats": str(cv.repeats),
             "n_images": str(len(loaded.pool))}
@@ -153,7 +154,8 @@ def log_cross_validation(settings: Config, components: Components, loaded: loadi
                          positive: int, folds: list[Fold], output_dir: Path
                          ) -> dict[str, float]:
     """The parent run's config, pooled metrics, out-of-fold predictions and figures."""
-    run_records.log_config(components, output_dir)
+    run_records.log_config(components, output_dir, settings.backbone.name,
+                           settings.backbone.weights)
     metrics = pooled_metrics(folds, positive, settings.eval)
     records.log_metrics(metrics)
     folder = output_dir / "report"

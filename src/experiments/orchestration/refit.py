@@ -9,18 +9,23 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import keras
+import numpy as np
 
 from experiments.config.instantiate import Components
 from experiments.config.schema import Config
 from experiments.data import loading, pipeline
 from experiments.data import splits as splits_lib
 from experiments.evaluation import metrics
+from experiments.models import features
 from experiments.serving import export
 from experiments.tracking import epoch_logger, records, run_records, store
+from experiments.training import probe
 from experiments.training.build import compile_for_strategy, new_model, normalize_stains
+from experiments.training.frozen import cached_views, image_features
 from experiments.training.loop import train_without_validation
 
 log = logging.getLogger(__name__)
@@ -51,17 +56,36 @@ def train_refit(settings: Config, components: Components, loaded: loading.Loaded
                                          trainer.batch_size, components.augmentation(trainer.seed),
                                          trainer.seed, patch_size)
     positive = metrics.positive_index(splits.class_names, settings.data.positive_class)
-    tags = {**run_records.common_tags(settings.backbone.name, splits.class_names, positive,
+    tags = {**run_records.common_tags(settings.backbone.name, settings.backbone.weights,
+                                      splits.class_names, positive,
                                       loaded.image_size),
             "mlflow.parentRunId": parent_id, "cv_parent": parent_id, "cv_refit": "true",
             "precision": precision, "n_train": str(len(splits.train)), "n_val": "0",
             "n_test": "0"}
     output_dir.mkdir(parents=True, exist_ok=True)
     with store.open_run(experiment_id, f"{run_name} refit", tags):
-        log.info(f"Refit on all {len(splits.train)} images for {epochs} epochs")
-        run_records.log_config(components, output_dir, refit_epochs=epochs)
+        run_records.log_config(components, output_dir, settings.backbone.name,
+                               settings.backbone.weights, refit_epochs=epochs)
         records.log_metrics({"n_parameters": model.count_params()})
-        train_without_validation(model, train_ds, epochs, [epoch_logger.MlflowEpochLogger()],
-                                 trainer.verbose, second_stage)
+        if settings.finetune.strategy == "linear_probe":  # a regression: no epochs
+            log.info(f"Refit the linear probe on all {len(splits.train)} images")
+            stain = None if stain_layer is None else stain_layer.target
+            records.log_metrics({"probe_C": refit_probe(settings, components, model, precision,
+                                                        stain, splits.train)})
+        else:
+            log.info(f"Refit on all {len(splits.train)} images for {epochs} epochs")
+            train_without_validation(model, train_ds, epochs,
+                                     [epoch_logger.MlflowEpochLogger()], trainer.verbose,
+                                     second_stage)
         records.log_artifact(splits_lib.write_split_table(splits, output_dir / "splits.csv"))
     return export.deliverable(model, loaded.image_size, patch_size, stain_layer)
+
+
+def refit_probe(settings: Config, components: Components, model: keras.Model, precision: str,
+                stain_target: Sequence[float] | None, images: splits_lib.Split) -> float:
+    """finetune=linear_probe: the regression on every image's cached features (the folds
+    computed them), C chosen by cross-validation on them; returns C."""
+    augment = components.augmentation(settings.trainer.seed)
+    views = cached_views(features.training_views(augment)[0] or 1, settings.eval.tta)
+    cached = image_features(settings, model, precision, stain_target, images, views)
+    return probe.refit(model, cached, np.asarray(images.labels), settings.trainer.seed)

@@ -117,7 +117,7 @@ def train_and_evaluate(settings: Config, components: Components, prepared: Prepa
     else:
         if settings.resume is None:
             with timed(phases, "log_start"):
-                log_run_start(components, prepared, output_dir)
+                log_run_start(settings, components, prepared, output_dir)
         with timed(phases, "train"):
             result = fit(settings, prepared, output_dir, run_id)
         phases["backup"] = result.backup_seconds
@@ -128,8 +128,8 @@ def train_and_evaluate(settings: Config, components: Components, prepared: Prepa
 
 def run_tags(settings: Config, prepared: Prepared) -> dict[str, str]:
     splits = prepared.splits
-    tags = {**common_tags(settings.backbone.name, splits.class_names, prepared.positive,
-                          prepared.image_size),
+    tags = {**common_tags(settings.backbone.name, settings.backbone.weights, splits.class_names,
+                          prepared.positive, prepared.image_size),
             "precision": prepared.precision,
             **{f"n_{name}": str(n) for name, n in splits.sizes().items()}}
     for name in ("train", "val", "test"):
@@ -138,9 +138,11 @@ def run_tags(settings: Config, prepared: Prepared) -> dict[str, str]:
     return tags
 
 
-def log_run_start(components: Components, prepared: Prepared, output_dir: Path) -> None:
+def log_run_start(settings: Config, components: Components, prepared: Prepared,
+                  output_dir: Path) -> None:
     """What a run records before its first epoch: config (for resume), params, skipped files."""
-    log_config(components, output_dir, n_skipped=len(prepared.skipped))
+    log_config(components, output_dir, settings.backbone.name, settings.backbone.weights,
+               n_skipped=len(prepared.skipped))
     model = prepared.model
     records_lib.log_metrics({"n_parameters": model.count_params(), "n_trainable_parameters":
                              sum(int(np.prod(w.shape)) for w in model.trainable_weights)})

@@ -14,6 +14,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
 from experiments.config.instantiate import Components
+from experiments.models.backbones import weights_provenance
 from experiments.serving import inference
 from experiments.tracking import model_registry
 from experiments.tracking import records as records_lib
@@ -31,10 +32,12 @@ def sweep_dir() -> str | None:
     return str(hydra_cfg.sweep.dir) if hydra_cfg.mode == RunMode.MULTIRUN else None
 
 
-def common_tags(backbone: str, class_names: Sequence[str], positive: int,
+def common_tags(backbone: str, weights: str | None, class_names: Sequence[str], positive: int,
                 image_size: int) -> dict[str, str]:
-    """The tags every training run carries: what it classifies, with what, where it ran."""
+    """The tags every training run carries: what it classifies, with what (the backbone and
+    where its weights came from, with their sha256), where it ran."""
     tags = {
+        **weights_provenance(backbone, weights),
         **records_lib.parent_run_tags(),
         "backbone": backbone,
         "positive_class": class_names[positive],
@@ -50,8 +53,10 @@ def common_tags(backbone: str, class_names: Sequence[str], positive: int,
     return tags
 
 
-def log_config(components: Components, output_dir: Path, **extra_params: object) -> None:
-    """The resolved config (what resume restores), the config files, every key as a param."""
+def log_config(components: Components, output_dir: Path, backbone: str, weights: str | None,
+               **extra_params: object) -> None:
+    """The resolved config (what resume restores), the config files, every key as a param,
+    and the weights' source and sha256 (a model from unknown weights cannot be audited)."""
     records_lib.log_text(components.config_yaml, records_lib.RESOLVED_CONFIG)
     hydra_dir = output_dir / ".hydra"
     if hydra_dir.is_dir():
@@ -61,7 +66,8 @@ def log_config(components: Components, output_dir: Path, **extra_params: object)
             path = Path(folder) / "config.yaml"
             path.write_text(components.config_yaml)
             records_lib.log_artifact(path, ".hydra")
-    records_lib.log_params({**components.params, **extra_params})
+    records_lib.log_params({**components.params, **weights_provenance(backbone, weights),
+                            **extra_params})
 
 
 def log_run_model(model: object, info: dict, model_dir: Path, register_as: str | None,

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import keras
 import numpy as np
 
 from experiments.config.schema import Config
+from experiments.data.splits import Split
 from experiments.models import features
 from experiments.tracking import records
 from experiments.training.build import Prepared
@@ -33,7 +35,12 @@ def feature_views(settings: Config, prepared: Prepared, say_why: bool = False) -
         if say_why:
             log.info(f"finetune=frozen trains on images, not on cached features: {why}")
         return None
-    return 8 if views == 8 or settings.eval.tta == "dihedral" else 1
+    return cached_views(views, settings.eval.tta)
+
+
+def cached_views(train_views: int, tta: str) -> int:
+    """Views per image to cache: the 8 dihedral ones when training or TTA uses them, else 1."""
+    return 8 if train_views == 8 or tta == "dihedral" else 1
 
 
 def images_only(settings: Config) -> str:
@@ -60,17 +67,24 @@ def logged_split_features(settings: Config, prepared: Prepared, views: int
 def split_features(settings: Config, prepared: Prepared, views: int) -> dict[str, np.ndarray]:
     """(n, views, C) frozen-backbone features of the train, val and test images, from the
     cache when it holds them (memory, then `<paths.cache_dir>/features`)."""
-    backbone = settings.backbone
-    key = features.model_key(backbone.name, backbone.weights, settings.trainer.seed,
-                             settings.data.patch_size or prepared.image_size,
-                             prepared.precision,
-                             None if prepared.stain is None else prepared.stain.target)
-    cache = features.FeatureCache(key, Path(settings.paths.cache_dir) / "features")
-    compute = functools.partial(features.compute_features,
-                                features.feature_model(prepared.model))
-    return {name: cache.get(getattr(prepared.splits, name).files,
-                            getattr(prepared.splits, name).images, views, compute)
+    stain = None if prepared.stain is None else prepared.stain.target
+    return {name: image_features(settings, prepared.model, prepared.precision, stain,
+                                 getattr(prepared.splits, name), views)
             for name in ("train", "val", "test")}
+
+
+def image_features(settings: Config, classifier: keras.Model, precision: str,
+                   stain_target: Sequence[float] | None, split: Split,
+                   views: int) -> np.ndarray:
+    """(n, views, C) frozen-backbone features of one set of images (cached like every run's:
+    a cross-validation's refit reuses what its folds computed)."""
+    backbone = settings.backbone
+    size = settings.data.patch_size or int(classifier.input_shape[1])
+    key = features.model_key(backbone.name, backbone.weights, settings.trainer.seed, size,
+                             precision, stain_target)
+    cache = features.FeatureCache(key, Path(settings.paths.cache_dir) / "features")
+    compute = functools.partial(features.compute_features, features.feature_model(classifier))
+    return cache.get(split.files, split.images, views, compute)
 
 
 def head_stage(settings: Config, prepared: Prepared

@@ -15,8 +15,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from sklearn.linear_model import LogisticRegression
+from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
 from sklearn.metrics import log_loss
+from sklearn.model_selection import StratifiedKFold
 from sklearn.neighbors import KNeighborsClassifier
 
 from experiments.config.schema import EvalConfig
@@ -104,3 +105,25 @@ def knn_metrics(z_train: np.ndarray, y_train: np.ndarray, z_val: np.ndarray, y_v
     return {"knn_k": best_k,
             **metrics_lib.classification_metrics(test, prepared.positive, "knn_test_"),
             **metrics_lib.interval_metrics(test, prepared.positive, settings, "knn_test_")}
+
+
+def refit(classifier, features: np.ndarray, labels: np.ndarray, seed: int,
+          folds: int = 5) -> float:
+    """cv.refit for finetune=linear_probe: the regression on every image's features, its C
+    chosen by a stratified `folds`-fold cross-validation of the log-loss on these images (an
+    image's dihedral views stay in one fold), written into the classifier's head. Returns C."""
+    views = features.shape[1]
+    x = features.reshape(-1, features.shape[-1]).astype(np.float64)
+    y = np.repeat(np.asarray(labels), views)
+    mean, scale = standardize(x, classifier.get_layer("head_bn").epsilon)
+    z = (x - mean) / scale
+    by_image = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    splits = [(np.concatenate([np.arange(i * views, (i + 1) * views) for i in train]),
+               np.concatenate([np.arange(i * views, (i + 1) * views) for i in held_out]))
+              for train, held_out in by_image.split(np.zeros(len(labels)), labels)]
+    search = LogisticRegressionCV(Cs=list(C_GRID), cv=splits, scoring="neg_log_loss",
+                                  max_iter=5000, random_state=seed).fit(z, y)
+    chosen = float(np.atleast_1d(search.C_)[0])
+    best = LogisticRegression(C=chosen, max_iter=5000, random_state=seed).fit(z, y)
+    write_into_head(classifier, best, mean, scale)
+    return chosen
