@@ -232,6 +232,7 @@ def test_demo_data_serves_every_backbone_at_its_input_size(tmp_path, name):
     assert not loaded.skipped
 
 
+@pytest.mark.slow  # ~30 s: DenseNet at 224 px
 def test_demo_data_trains_a_large_input_backbone(tmp_path):
     """One tiny epoch of a 224 px backbone on the demo set, end to end."""
     from experiments.run import run

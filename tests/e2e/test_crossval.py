@@ -72,6 +72,7 @@ def fold_runs(runs: list) -> list:
                   key=lambda r: (r.data.tags["cv_repeat"], r.data.tags["cv_fold"]))
 
 
+@pytest.mark.slow  # ~30 s: 2 x 2 folds, predict and pyfunc
 def test_repeated_cv_logs_an_ensemble_that_predict_and_mlflow_use(tmp_path, make_config):
     """cv.repeats=2: fold assignments differ between repeats and are disjoint within one; the
     parent's model is the mean of the four fold models' probabilities, fitted on pooled

@@ -114,6 +114,7 @@ def test_failing_job_ends_failed_and_leaves_no_active_run(tmp_path, make_config)
     assert finished.info.status == "FINISHED"
 
 
+@pytest.mark.slow  # ~30 s: the whole quickstart
 def test_quickstart_learns_the_demo(tmp_path):
     """The README's first command: well above chance on the synthetic demo."""
     result = run_cli(["experiment=quickstart", f"paths.root={tmp_path}", "trainer.verbose=2"],

@@ -174,6 +174,7 @@ def test_logged_model_has_a_valid_signature_and_input_example(trained, tmp_path)
         "benign", "malignant")
 
 
+@pytest.mark.slow  # ~25 s: three trainings
 def test_predict_in_a_fresh_process_for_every_layer_a_model_can_hold(tmp_path):
     """Stain normalisation and native patches put layers in front of the network: a fresh
     `experiments.predict` loads such a run's model and matches the run's own test numbers."""
