@@ -3,7 +3,7 @@
 The package is laid out by responsibility, each layer importing only the ones below it
 (tests/test_layers.py checks it):
 
-- entry points: `run`, `predict`, `compare`, `ensemble` (`python -m experiments.<name>`)
+- entry points: `run`, `predict`, `compare`, `ensemble`, `weights` (`python -m experiments.<name>`)
 - `orchestration`: one training run, cross-validation, refit, resume
 - `training`: build, fit loop, callbacks, fine-tuning, probes, distribution, runtime
 - `evaluation`: metrics, statistics, calibration, figures, Grad-CAM
