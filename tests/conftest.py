@@ -92,7 +92,7 @@ def run_cli(args: Sequence[str], cwd: Path, timeout: int = 600,
 def start_cli(args: Sequence[str], cwd: Path, env: dict[str, str] | None = None,
               merge_output: bool = False) -> subprocess.Popen[str]:
     """Start `python -m experiments.run ARGS` (output unbuffered, so it can be followed)."""
-    full_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1",
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1",
                 **(env or {})}
     return subprocess.Popen([sys.executable, "-m", "experiments.run", *args], cwd=cwd,
                             env=full_env, stdout=subprocess.PIPE, text=True,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 
 import keras
@@ -27,6 +28,7 @@ import tensorflow as tf
 from experiments.config.choices import DISTRIBUTE_KINDS
 from experiments.errors import ConfigError
 
+log = logging.getLogger(__name__)
 KINDS = DISTRIBUTE_KINDS
 _strategy: tf.distribute.Strategy | None = None
 
@@ -46,10 +48,14 @@ def configure(kind: str | None, logical_cpus: int | None) -> tf.distribute.Strat
     elif kind == "mirrored":
         devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
         _strategy = tf.distribute.MirroredStrategy([d.name for d in devices])
+        log.info("trainer.distribute=mirrored: %d replicas on %s", len(devices),
+                 ", ".join(d.name for d in devices))
     elif kind == "multi_worker":
         worker_role()  # a clear error when TF_CONFIG is missing or malformed
         repair_keras_for_multi_worker()
         _strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        log.info("trainer.distribute=multi_worker: %d replicas in the TF_CONFIG cluster",
+                 _strategy.num_replicas_in_sync)
     else:
         raise ConfigError(f"`trainer.distribute` must be null or one of {KINDS}. "
                           f"Received: trainer.distribute={kind!r}")
