@@ -20,12 +20,11 @@ from experiments.config.schema import Config
 from experiments.data import loading, pipeline
 from experiments.data import splits as splits_lib
 from experiments.evaluation import metrics
-from experiments.models import features
 from experiments.serving import export
 from experiments.tracking import epoch_logger, records, run_records, store
 from experiments.training import probe
 from experiments.training.build import compile_for_strategy, new_model, normalize_stains
-from experiments.training.frozen import cached_views, image_features
+from experiments.training.frozen import image_features, probe_views
 from experiments.training.loop import train_without_validation
 
 log = logging.getLogger(__name__)
@@ -52,9 +51,7 @@ def train_refit(settings: Config, components: Components, loaded: loading.Loaded
                                         len(splits.train))
     trainer = settings.trainer
     patch_size = settings.data.patch_size
-    train_ds = pipeline.training_dataset(splits.train.images, splits.train.labels, n_classes,
-                                         trainer.batch_size, components.augmentation(trainer.seed),
-                                         trainer.seed, patch_size)
+    augment = components.augmentation(trainer.seed)
     positive = metrics.positive_index(splits.class_names, settings.data.positive_class)
     tags = {**run_records.common_tags(settings.backbone.name, settings.backbone.weights,
                                       splits.class_names, positive,
@@ -70,10 +67,14 @@ def train_refit(settings: Config, components: Components, loaded: loading.Loaded
         if settings.finetune.strategy == "linear_probe":  # a regression: no epochs
             log.info(f"Refit the linear probe on all {len(splits.train)} images")
             stain = None if stain_layer is None else stain_layer.target
-            records.log_metrics({"probe_C": refit_probe(settings, components, model, precision,
-                                                        stain, splits.train)})
+            records.log_metrics({"probe_C": refit_probe(settings, model, precision, stain,
+                                                        probe_views(augment, settings.eval.tta),
+                                                        splits.train)})
         else:
             log.info(f"Refit on all {len(splits.train)} images for {epochs} epochs")
+            train_ds = pipeline.training_dataset(splits.train.images, splits.train.labels,
+                                                 n_classes, trainer.batch_size, augment,
+                                                 trainer.seed, patch_size)
             train_without_validation(model, train_ds, epochs,
                                      [epoch_logger.MlflowEpochLogger()], trainer.verbose,
                                      second_stage)
@@ -81,11 +82,10 @@ def train_refit(settings: Config, components: Components, loaded: loading.Loaded
     return export.deliverable(model, loaded.image_size, patch_size, stain_layer)
 
 
-def refit_probe(settings: Config, components: Components, model: keras.Model, precision: str,
-                stain_target: Sequence[float] | None, images: splits_lib.Split) -> float:
+def refit_probe(settings: Config, model: keras.Model, precision: str,
+                stain_target: Sequence[float] | None, views: int,
+                images: splits_lib.Split) -> float:
     """finetune=linear_probe: the regression on every image's cached features (the folds
     computed them), C chosen by cross-validation on them; returns C."""
-    augment = components.augmentation(settings.trainer.seed)
-    views = cached_views(features.training_views(augment)[0] or 1, settings.eval.tta)
     cached = image_features(settings, model, precision, stain_target, images, views)
     return probe.refit(model, cached, np.asarray(images.labels), settings.trainer.seed)

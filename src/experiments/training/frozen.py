@@ -26,16 +26,22 @@ def feature_views(settings: Config, prepared: Prepared, say_why: bool = False) -
     dihedral views of augmentation or TTA), or None when this run trains on images."""
     if settings.finetune.strategy not in ("frozen", "linear_probe"):
         return None
-    views, why = features.training_views(prepared.augment)
     if settings.finetune.strategy == "linear_probe":
-        views = views or 1  # the probe ignores random augmentation; dihedral views are data
-    elif views is not None and (why := images_only(settings)):
+        return probe_views(prepared.augment, settings.eval.tta)
+    views, why = features.training_views(prepared.augment)
+    if views is not None and (why := images_only(settings)):
         views = None
     if views is None:
         if say_why:
             log.info(f"finetune=frozen trains on images, not on cached features: {why}")
         return None
     return cached_views(views, settings.eval.tta)
+
+
+def probe_views(augment: object, tta: str) -> int:
+    """A linear probe's views per image: it ignores random augmentation, and dihedral views
+    (of augmentation or TTA) are exact, so they are data."""
+    return cached_views(features.training_views(augment)[0] or 1, tta)
 
 
 def cached_views(train_views: int, tta: str) -> int:
