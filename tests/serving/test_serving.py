@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import io
 import json
 import os
 import signal
@@ -12,11 +13,15 @@ import subprocess
 import sys
 import textwrap
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
+from experiments.serving.limits import PATH_OUTSIDE_ROOT, PATHS_REFUSED
 from tests.conftest import (
     SMALL,
     SMALL_TRAINING,
@@ -72,7 +77,43 @@ def post_json(url: str, payload: dict) -> dict:
         return json.loads(response.read())
 
 
-def test_mlflow_models_serve_answers_as_predict_does(trained, tmp_path):
+SERVE_LIMITS = {"EXPERIMENTS_SERVE_MAX_ROWS": "8", "EXPERIMENTS_SERVE_MAX_IMAGE_BYTES": "100000",
+                "EXPERIMENTS_SERVE_MAX_IMAGE_PIXELS": "1000000"}
+
+
+@pytest.fixture(scope="module")
+def served(trained, tmp_path_factory):
+    """`mlflow models serve --env-manager local` on the logged model, deployed as the README
+    says: paths allowed under one folder (holding one of the images and a symlink that
+    escapes it), rows, bytes and pixels limited. Yields (URL, allowed folder)."""
+    root, _, model_uri, images = trained
+    folder = tmp_path_factory.mktemp("serve")
+    allowed = folder / "allowed"
+    allowed.mkdir()
+    (allowed / images[0].name).write_bytes(images[0].read_bytes())
+    (allowed / "escape.jpg").symlink_to(images[1])
+    port, log = free_port(), folder / "serve.log"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root}/mlruns/mlflow.db",
+           "EXPERIMENTS_SERVE_PATH_ROOT": str(allowed), **SERVE_LIMITS}
+    with log.open("w") as handle:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri,
+             "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+            cwd=folder, env=env, stdout=handle, stderr=subprocess.STDOUT,
+            start_new_session=True)
+    try:
+        wait_for(f"http://127.0.0.1:{port}/ping", server, log)
+        yield f"http://127.0.0.1:{port}", allowed
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+
+
+def test_mlflow_models_serve_answers_as_predict_does(trained, served, tmp_path):
     """`mlflow models serve --env-manager local` on the logged model: two base64 images in,
     the same probabilities, class and decision as `experiments.predict` out (1e-5)."""
     root, run_id, model_uri, images = trained
@@ -85,27 +126,9 @@ def test_mlflow_models_serve_answers_as_predict_does(trained, tmp_path):
     assert cli.returncode == 0, cli.stderr[-3000:]
     expected = read_rows(expected_csv)
 
-    port, log = free_port(), tmp_path / "serve.log"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root}/mlruns/mlflow.db",
-           "TF_CPP_MIN_LOG_LEVEL": "2"}
-    with log.open("w") as handle:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri,
-             "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
-            cwd=tmp_path, env=env, stdout=handle, stderr=subprocess.STDOUT,
-            start_new_session=True)
-    try:
-        wait_for(f"http://127.0.0.1:{port}/ping", server, log)
-        records = [{"image": base64.b64encode(image.read_bytes()).decode()} for image in images]
-        answer = post_json(f"http://127.0.0.1:{port}/invocations",
-                           {"dataframe_records": records})["predictions"]
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+    url, _ = served
+    records = [{"image": base64.b64encode(image.read_bytes()).decode()} for image in images]
+    answer = post_json(f"{url}/invocations", {"dataframe_records": records})["predictions"]
     assert len(answer) == 2
     for image, row in zip(images, answer, strict=True):
         want = expected[image.name]
@@ -113,6 +136,57 @@ def test_mlflow_models_serve_answers_as_predict_does(trained, tmp_path):
             assert abs(row[column] - float(want[column])) < 1e-5, (column, row, want)
         assert row["predicted"] == want["predicted"] and row["decision"] == want["decision"]
         assert row["error"] == ""
+
+
+def png(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_served_model_refuses_paths_outside_its_folder_and_images_over_the_limits(
+        trained, served):
+    """Each refused row gets its reason, the same for a file that exists and one that does
+    not; the allowed image in the same request is answered."""
+    _, _, _, images = trained
+    url, allowed = served
+    noise = np.random.default_rng(0).integers(0, 256, (200, 200, 3), dtype=np.uint8)
+    records = [{"path": "/etc/passwd"}, {"path": "/no/such/file.png"},
+               {"path": str(images[1])},                    # exists, outside the folder
+               {"path": str(allowed / "escape.jpg")},       # a symlink out of the folder
+               {"path": str(allowed / ".." / "x.jpg")},
+               {"path": images[0].name},                     # inside: answered
+               {"image": png(Image.fromarray(noise))},      # ~120 KB > 100000 bytes
+               {"image": png(Image.new("RGB", (1200, 1000), (200, 120, 180)))}]  # 1.2 MP
+    rows = post_json(f"{url}/invocations", {"dataframe_records": records})["predictions"]
+    outside = "`path` must name a file inside the folder this server allows"
+    assert [r["error"] for r in rows[:5]] == [outside] * 5
+    assert rows[5]["error"] == "" and rows[5]["predicted"] in ("benign", "malignant")
+    assert "this server accepts at most 100000 per image" in rows[6]["error"]
+    assert rows[7]["error"] == "1200x1000 px is over the limit of 1000000 pixels per image"
+    assert all(r["predicted"] == "" for r in rows[:5] + rows[6:])
+
+
+def post_expecting_error(url: str, payload: dict) -> tuple[int, dict]:
+    request = urllib.request.Request(url, json.dumps(payload).encode(),
+                                     {"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=60)
+    return refused.value.code, json.loads(refused.value.read())
+
+
+@pytest.mark.parametrize(("records", "reason"), [
+    ([{"foo": 1}], "The input needs a column `image` (base64-encoded image file) or `path`"),
+    ([{"image": "aGVsbG8="}] * 9,
+     "The request has 9 rows; this server answers at most 8 per request: split it into "
+     "smaller requests"),
+])
+def test_a_malformed_or_oversized_request_is_a_400_with_one_line(served, records, reason):
+    url, _ = served
+    status, body = post_expecting_error(f"{url}/invocations", {"dataframe_records": records})
+    assert status == 400 and body["error_code"] == "INVALID_PARAMETER_VALUE"
+    assert body["message"].startswith(reason) and "\n" not in body["message"]
+    assert "stack_trace" not in body and "Traceback" not in json.dumps(body)
 
 
 CLEAN_PYTHON = textwrap.dedent("""
@@ -127,12 +201,15 @@ CLEAN_PYTHON = textwrap.dedent("""
     import pandas as pd
     mlflow.set_tracking_uri(sys.argv[1])
     model = mlflow.pyfunc.load_model(sys.argv[2])
-    files = sys.argv[3:]
+    folder, files = sys.argv[3], sys.argv[4:]
     by_bytes = model.predict(pd.DataFrame({"image": [open(f, "rb").read() for f in files]}))
-    by_path = model.predict(pd.DataFrame({"path": files + ["/no/such/file.png"]}))
+    refused = model.predict(pd.DataFrame({"path": files}))
+    model = mlflow.pyfunc.load_model(sys.argv[2], model_config={"path_root": folder})
+    by_path = model.predict(pd.DataFrame({"path": files + [folder + "/no_such_file.png",
+                                                           "/etc/passwd"]}))
     import experiments
     print(json.dumps({"bytes": by_bytes.to_dict("records"), "paths": by_path.to_dict("records"),
-                      "code": experiments.__file__}))
+                      "refused": refused["error"].tolist(), "code": experiments.__file__}))
 """)
 
 
@@ -141,12 +218,15 @@ def test_pyfunc_loads_and_predicts_where_the_project_is_not_installed(trained, t
     script = tmp_path / "clean.py"
     script.write_text(CLEAN_PYTHON)
     result = subprocess.run([sys.executable, str(script), f"sqlite:///{root}/mlruns/mlflow.db",
-                             model_uri, *map(str, images)], cwd=tmp_path, capture_output=True,
+                             model_uri, str(root / ".cache" / "demo"), *map(str, images)],
+                            cwd=tmp_path, capture_output=True,
                             text=True, timeout=300, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert "/artifacts/code/experiments/" in out["code"]  # the model brought its own code
-    assert [r["error"] for r in out["paths"]][-1].startswith("cannot read image")
+    assert out["refused"] == [PATHS_REFUSED] * len(images)  # paths need an allowed folder
+    assert out["paths"][-2]["error"].startswith("cannot read image")  # inside, missing
+    assert out["paths"][-1]["error"] == PATH_OUTSIDE_ROOT
     for by_bytes, by_path in zip(out["bytes"], out["paths"], strict=False):
         assert by_bytes == by_path and by_bytes["error"] == ""
         assert abs(by_bytes["p_benign"] + by_bytes["p_malignant"] - 1) < 1e-6

@@ -15,15 +15,19 @@ ImageSource = str | Path | bytes | BinaryIO
 
 
 def load_image(source: ImageSource, image_size: int, allow_upscale: bool = True,
-               name: str | None = None) -> np.ndarray:
+               name: str | None = None, max_pixels: int | None = None) -> np.ndarray:
     """Decode an image file, its bytes or a file object to RGB uint8 (grayscale, palette and
     RGBA converted) resized to (image_size, image_size). Raises ValueError naming the file
-    (`name`, else the path) and the reason."""
+    (`name`, else the path) and the reason; with `max_pixels`, before decoding an image with
+    more pixels (its header is read, not its pixels)."""
     label = name or (str(source) if isinstance(source, (str, Path)) else "image")
     opened = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
     try:
         with Image.open(opened) as image:
             width, height = image.size
+            if max_pixels is not None and width * height > max_pixels:
+                raise ValueError(f"{width}x{height} px is over the limit of {max_pixels} "
+                                 "pixels per image")
             if not allow_upscale and min(width, height) < image_size:
                 raise ValueError(f"{width}x{height} px is smaller than data.image_size="
                                  f"{image_size} (lower data.image_size, or set "

@@ -166,16 +166,18 @@ class Predictor:
         return apply_temperature(raw, self.info.temperature) if len(raw) else raw
 
     def score(self, sources: Sequence[ImageSource], names: Sequence[str] | None = None,
-              batch_size: int = 32) -> list[dict[str, object]]:
+              batch_size: int = 32, max_pixels: int | None = None) -> list[dict[str, object]]:
         """One row per source (file path, bytes or file object): p_<class>, predicted,
-        decision (at the validation threshold; two classes) and error (an unreadable image is
-        reported there, without probabilities, instead of failing the batch)."""
+        decision (at the validation threshold; two classes) and error (an unreadable image, or
+        one over `max_pixels`, is reported there, without probabilities, instead of failing
+        the batch)."""
         names = list(names) if names is not None else [
             str(s) if isinstance(s, (str, Path)) else f"image {i}" for i, s in enumerate(sources)]
         images, errors = [], {}
         for index, (source, name) in enumerate(zip(sources, names, strict=True)):
             try:
-                images.append(load_image(source, self.info.image_size, name=name))
+                images.append(load_image(source, self.info.image_size, name=name,
+                                         max_pixels=max_pixels))
             except ValueError as error:
                 errors[index] = str(error).removeprefix(f"{name}: ")
         probs = iter(self.probabilities(np.stack(images), batch_size) if images else [])

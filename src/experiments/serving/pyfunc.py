@@ -8,10 +8,13 @@ artifacts and this package as `code_paths` (only `inference` and the layer modul
 imported when it loads), so it loads and serves in a Python that never installed this project.
 
 Input: a DataFrame with a column `image` (the image file's bytes, base64-encoded; raw bytes also
-work from Python) and/or `path` (a file the server can read), one of them per row; any size,
-any format Pillow reads.
+work from Python) and/or `path` (a file inside the folder the deployment allows; refused by
+default), one of them per row; any format Pillow reads, within the limits of
+`experiments.serving.limits`.
 Output: one row per input, `p_<class>` for each class, `predicted`, `decision` (at the threshold
-chosen on validation; two classes) and `error` (an unreadable image is reported there).
+chosen on validation; two classes) and `error` (an unreadable or refused image is reported
+there). A request without either column, or with more rows than allowed, is refused as a whole
+(HTTP 400 from `mlflow models serve`, one line).
 """
 
 from __future__ import annotations
@@ -23,12 +26,35 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc.model import PythonModel
 from PIL import Image
 
 from experiments.serving.inference import Predictor
+from experiments.serving.limits import ServingLimits
 
 INPUT_COLUMNS = ("image", "path")
+
+
+class RequestRefused(MlflowException):
+    """A request refused as a whole: HTTP 400 whose message is this one line.
+
+    MLflow's scoring server prefixes the message of an MlflowException raised by `predict` with
+    the whole input ("Failed to predict data '<every row>'"), which would echo a client's images
+    back in the error; this exception keeps its message as it was raised."""
+
+    def __init__(self, reason: str) -> None:
+        self._reason = reason
+        super().__init__(reason, error_code=INVALID_PARAMETER_VALUE)
+
+    @property
+    def message(self) -> str:
+        return self._reason
+
+    @message.setter
+    def message(self, value: str) -> None:
+        """Ignored: the reason stays as raised."""
 
 
 class ImageClassifier(PythonModel):
@@ -37,23 +63,34 @@ class ImageClassifier(PythonModel):
 
     def load_context(self, context: Any) -> None:
         self.predictor = Predictor.load(context.artifacts["model"], context.artifacts["info"])
+        self.limits = ServingLimits.resolve(getattr(context, "model_config", None))
 
     def predict(self, context: Any, model_input: pd.DataFrame,
                 params: dict | None = None) -> pd.DataFrame:
         """One row of predictions per input row (`image` and/or `path`)."""
-        sources, names = read_sources(pd.DataFrame(model_input))
+        frame = pd.DataFrame(model_input)
+        try:
+            self.limits.check_rows(len(frame))
+            sources, names = read_sources(frame, self.limits)
+        except ValueError as error:
+            raise RequestRefused(str(error)) from None
         readable = [(source, name) for source, name in zip(sources, names, strict=True)
                     if not isinstance(source, ValueError)]
         scored = iter(self.predictor.score([source for source, _ in readable],
-                                           [name for _, name in readable]))
+                                           [name for _, name in readable],
+                                           max_pixels=self.limits.max_image_pixels))
         rows = [next(scored) if not isinstance(source, ValueError)
                 else self.predictor.failed_row(str(source)) for source in sources]
         return pd.DataFrame(rows, columns=self.predictor.columns)
 
 
-def read_sources(frame: pd.DataFrame) -> tuple[list[bytes | str | ValueError], list[str]]:
-    """Each row's image: its decoded `image` bytes, else its `path`; a row with neither, or
-    with text that is not base64, gets a ValueError in its place (reported per row)."""
+def read_sources(frame: pd.DataFrame, limits: ServingLimits | None = None,
+                 ) -> tuple[list[bytes | str | ValueError], list[str]]:
+    """Each row's image: its decoded `image` bytes, else the file its `path` names; a row with
+    neither, with text that is not base64, with a refused path or over the byte limit gets a
+    ValueError in its place (reported per row). Raises ValueError when neither column is
+    there."""
+    limits = limits or ServingLimits()
     present = [c for c in INPUT_COLUMNS if c in frame.columns]
     if not present:
         raise ValueError("The input needs a column `image` (base64-encoded image file) or "
@@ -63,14 +100,30 @@ def read_sources(frame: pd.DataFrame) -> tuple[list[bytes | str | ValueError], l
     for index, row in enumerate(frame[present].itertuples(index=False)):
         values = dict(zip(present, row, strict=True))
         image, path = values.get("image"), values.get("path")
-        names.append(str(path) if _given(path) else f"row {index}")
+        names.append(str(path) if _given(path) and not _given(image) else f"row {index}")
         if _given(image):
-            sources.append(_decode(image))
+            sources.append(_checked(_decode, image, limits))
         elif _given(path):
-            sources.append(str(path))
+            sources.append(_checked(_allowed_file, str(path), limits))
         else:
             sources.append(ValueError("neither `image` nor `path` given"))
     return sources, names
+
+
+def _checked(read: Any, value: object, limits: ServingLimits) -> Any:
+    try:
+        return read(value, limits)
+    except ValueError as error:
+        return error
+
+
+def _allowed_file(path: str, limits: ServingLimits) -> str:
+    """The resolved file a `path` row names, when the limits allow it and it is not over the
+    byte limit."""
+    resolved = limits.check_path(path)
+    if resolved.is_file():
+        limits.check_bytes(resolved.stat().st_size)
+    return str(resolved)
 
 
 def _given(value: object) -> bool:
@@ -78,16 +131,20 @@ def _given(value: object) -> bool:
         and value != ""
 
 
-def _decode(value: object) -> bytes | ValueError:
+def _decode(value: object, limits: ServingLimits) -> bytes:
     """Base64 text (or its ASCII bytes) -> the file's bytes; raw image bytes pass as they are
-    (an image file's bytes are never valid strict base64: they hold non-ASCII bytes)."""
+    (an image file's bytes are never valid strict base64: they hold non-ASCII bytes). Text
+    longer than the byte limit allows is refused before it is decoded."""
+    raw = value if isinstance(value, (bytes, bytearray)) else str(value)
+    limits.check_bytes(len(raw) * 3 // 4 - 2)  # the least base64 text of this length holds
     try:
-        return base64.b64decode(value if isinstance(value, (bytes, bytearray)) else str(value),
-                                validate=True)
+        decoded = base64.b64decode(raw, validate=True)
     except (binascii.Error, ValueError):
-        if isinstance(value, (bytes, bytearray)):
-            return bytes(value)
-        return ValueError("`image` is not base64-encoded bytes")
+        if not isinstance(raw, (bytes, bytearray)):
+            raise ValueError("`image` is not base64-encoded bytes") from None
+        decoded = bytes(raw)
+    limits.check_bytes(len(decoded))
+    return decoded
 
 
 def example_image(size: int = 32) -> str:

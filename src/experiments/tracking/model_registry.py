@@ -16,6 +16,7 @@ import pandas as pd
 from mlflow.models import ModelSignature
 from mlflow.types.schema import ColSpec, Schema
 
+from experiments.serving import limits
 from experiments.serving.inference import MODEL_FILE, MODEL_INFO
 
 
@@ -42,7 +43,8 @@ def log_model(model_dir: Path, info: Mapping[str, Any]) -> str:
             name="model", python_model=mlflow_model.__file__,
             artifacts={"model": str(model_dir / MODEL_FILE), "info": str(model_dir / MODEL_INFO)},
             code_paths=[str(code)], signature=signature, input_example=example,
-            metadata=dict(info), pip_requirements=serving_requirements())
+            metadata=dict(info), pip_requirements=serving_requirements(),
+            model_config=limits.unset())
     return logged.model_uri
 
 
