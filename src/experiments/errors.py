@@ -39,6 +39,10 @@ class ServerError(UserError, ConnectionError):
     """The tracking server does not answer."""
 
 
+class AccessError(UserError, PermissionError):
+    """A guarded tracking server refused the credentials, or the user may not do this."""
+
+
 class WeightsError(UserError, RuntimeError):
     """Pretrained weights are neither cached nor downloadable."""
 

@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +21,7 @@ from tests.conftest import (
     artifact_files,
     children_of,
     client_for,
-    free_port,
+    mlflow_server,
     run_cli,
     the_parent,
     write_image,
@@ -37,51 +33,22 @@ UNLABELED = SHARED_TRAIN.parent / "unlabeled"
 
 
 @pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
+def tracking_server(tmp_path_factory):
     """A real `mlflow server` on 127.0.0.1 with a SQLite backend; always stopped."""
-    root = tmp_path_factory.mktemp("server")
-    port = free_port()
-    log = open(root / "server.log", "w")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
-         f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("mlflow server did not start:\n" +
-                                   (root / "server.log").read_text()[-3000:])
-            time.sleep(0.5)
+    with mlflow_server(tmp_path_factory.mktemp("server")) as uri:
         yield uri
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-        log.close()
 
 
-def test_sweep_against_a_tracking_server(tmp_path, mlflow_server):
+def test_sweep_against_a_tracking_server(tmp_path, tracking_server):
     """A 2-job multirun (default launcher, one process) logged over HTTP: one parent with the
     report, one child run per job tagged with the sweep, one model registered; then the
     registered model loads for prediction, and the two seeds (one split) become an ensemble."""
     result = run_cli(["-m", *SMALL, "trainer.epochs=1", f"paths.root={tmp_path}",
-                      f"mlflow.tracking_uri={mlflow_server}", "mlflow.experiment_name=server",
+                      f"mlflow.tracking_uri={tracking_server}", "mlflow.experiment_name=server",
                       "mlflow.register_as=biopsy-best", "trainer.seed=1,2",
                       "data.split_seed=0"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    client = MlflowClient(mlflow_server)
+    client = MlflowClient(tracking_server)
     parent, experiment_id = the_parent(client, "server")
     assert parent.info.status == "FINISHED"
     assert "trainer.seed=1,2" in parent.data.tags["sweep_overrides"]
@@ -102,20 +69,20 @@ def test_sweep_against_a_tracking_server(tmp_path, mlflow_server):
     assert parent.data.tags["registered_model"] == "models:/biopsy-best/1"
     assert not (tmp_path / "mlruns").exists()  # nothing written to the local store
 
-    loaded = predict.load_predictor("models:/biopsy-best/1", mlflow_server)
+    loaded = predict.load_predictor("models:/biopsy-best/1", tracking_server)
     assert loaded.info.class_names == ("benign", "malignant") and loaded.info.image_size == 32
     experiment = client.get_experiment(experiment_id)
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
 
-    ensemble_id = ensemble.ensemble_sweep(mlflow_server, parent.info.run_id)
+    ensemble_id = ensemble.ensemble_sweep(tracking_server, parent.info.run_id)
     logged = client.get_run(ensemble_id)
     assert logged.data.tags["ensemble_of"] == parent.info.run_id
     assert set(logged.data.tags["members"].split(",")) == {c.info.run_id for c in children}
     metrics = logged.data.metrics  # one shared test split: the ensemble is evaluated on it
     assert metrics["test_accuracy_ci_low"] <= metrics["test_accuracy"] <= 1
     assert 0 <= metrics["model_threshold"] <= 1 and metrics["model_temperature"] > 0
-    combined = predict.load_predictor(ensemble_id, mlflow_server)
-    members = [predict.load_predictor(c.info.run_id, mlflow_server) for c in children]
+    combined = predict.load_predictor(ensemble_id, tracking_server)
+    members = [predict.load_predictor(c.info.run_id, tracking_server) for c in children]
     images = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
     np.testing.assert_allclose(
         combined.model.predict(images, verbose=0),

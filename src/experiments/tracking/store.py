@@ -5,6 +5,7 @@ processes at a time) and runs opened and always closed with the right status.
 from __future__ import annotations
 
 import fcntl
+import os
 import re
 import traceback
 import urllib.error
@@ -15,9 +16,10 @@ from pathlib import Path
 
 import mlflow
 import mlflow.pyfunc
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from experiments.errors import ServerError
+from experiments.errors import AccessError, ServerError
 
 LOCAL_SCHEMES = ("sqlite:", "file:", "postgresql", "mysql", "mssql")
 
@@ -32,11 +34,23 @@ def is_local_store(tracking_uri: str) -> bool:
     return tracking_uri.startswith(LOCAL_SCHEMES) or "://" not in tracking_uri
 
 
-def check_server(tracking_uri: str, timeout_s: float = 5.0) -> None:
+def check_server(tracking_uri: str, experiment_name: str | None = None,
+                 timeout_s: float = 5.0) -> None:
     """Fail fast when an HTTP tracking server does not answer (MLflow itself would retry for
-    minutes, or worse, only after training)."""
+    minutes, or worse, only after training), refuses our credentials, or does not let this
+    user read `experiment_name`."""
     if not tracking_uri.startswith(("http://", "https://")):
         return
+    _check_health(tracking_uri, timeout_s)
+    client = MlflowClient(tracking_uri)
+    with access_errors(tracking_uri, "read its experiments"):
+        client.search_experiments(max_results=1)
+    if experiment_name is not None:
+        with access_errors(tracking_uri, f"read experiment {experiment_name!r}"):
+            client.get_experiment_by_name(experiment_name)
+
+
+def _check_health(tracking_uri: str, timeout_s: float) -> None:
     url = tracking_uri.rstrip("/") + "/health"
     try:
         with urllib.request.urlopen(url, timeout=timeout_s) as response:
@@ -50,6 +64,28 @@ def check_server(tracking_uri: str, timeout_s: float = 5.0) -> None:
         "(e.g. `mlflow server --backend-store-uri sqlite:///$PWD/mlruns/mlflow.db --host "
         "127.0.0.1 --port 5000`) or use the local store by leaving mlflow.tracking_uri at its "
         "default.")
+
+
+@contextmanager
+def access_errors(tracking_uri: str, doing: str) -> Iterator[None]:
+    """A guarded server's (`mlflow server --app-name basic-auth`) 401 and 403 as one line that
+    says what to set, instead of MLflow's REST error."""
+    try:
+        yield
+    except MlflowException as error:
+        if error.error_code not in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
+            raise
+        user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+        if error.error_code == "UNAUTHENTICATED":
+            who = f"the password of user {user!r}" if user else "a request without credentials"
+            raise AccessError(
+                f"MLflow tracking server {tracking_uri} refused {who} (HTTP 401) when asked to "
+                f"{doing}. Set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to an "
+                "account on that server (README, \"A guarded tracking server\").") from error
+        raise AccessError(
+            f"MLflow tracking server {tracking_uri}: user {user!r} may not {doing} (HTTP 403). "
+            "Ask the server's admin for EDIT permission on the experiment, or log to one of "
+            "your own (mlflow.experiment_name=...).") from error
 
 
 # Tells the MLflow 3 UI that the experiment trains models (its model-training view, not the
@@ -70,7 +106,8 @@ def ensure_experiment(tracking_uri: str, experiment_name: str, artifact_root: st
     experiment is tagged as model training for the UI, unless it already says what it is.
     """
     mlflow.set_tracking_uri(tracking_uri)
-    with _store_setup_lock(tracking_uri):
+    with (_store_setup_lock(tracking_uri),
+          access_errors(tracking_uri, f"open or create experiment {experiment_name!r}")):
         experiment = mlflow.get_experiment_by_name(experiment_name)
         if experiment is not None:
             if not EXPERIMENT_KIND.keys() & experiment.tags.keys():
@@ -110,9 +147,12 @@ def open_run(experiment_id: str | None, run_name: str | None, tags: Mapping[str,
     active = mlflow.active_run()
     if active is not None:
         raise RuntimeError(f"MLflow run {active.info.run_id} is still active; refusing to nest")
-    with mlflow.start_run(run_id=run_id, experiment_id=None if run_id else experiment_id,
-                          run_name=None if run_id else run_name,
-                          tags=None if run_id else dict(tags)) as run:
+    with access_errors(mlflow.get_tracking_uri(), "start or resume a run in this experiment"):
+        started = mlflow.start_run(run_id=run_id,
+                                   experiment_id=None if run_id else experiment_id,
+                                   run_name=None if run_id else run_name,
+                                   tags=None if run_id else dict(tags))
+    with started as run:
         try:
             yield run.info.run_id
         except (KeyboardInterrupt, SystemExit) as error:
@@ -140,7 +180,8 @@ def created_run(experiment_id: str, run_name: str | None, tags: Mapping[str, str
     cross-validation's parent). The block finishes it by resuming it with `open_run(...,
     run_id)`; if the block raises, the run ends FAILED (KILLED when interrupted)."""
     client = MlflowClient()
-    run_id = client.create_run(experiment_id, run_name=run_name, tags=dict(tags)).info.run_id
+    with access_errors(mlflow.get_tracking_uri(), "start a run in this experiment"):
+        run_id = client.create_run(experiment_id, run_name=run_name, tags=dict(tags)).info.run_id
     try:
         yield run_id
     except (KeyboardInterrupt, SystemExit):

@@ -88,7 +88,7 @@ class MlflowSweep(Callback):
         if not HydraConfig.initialized():  # lets ${hydra:runtime.cwd} (paths.root) resolve
             HydraConfig.instance().set_config(config)
         ml = config.mlflow
-        store.check_server(ml.tracking_uri)
+        store.check_server(ml.tracking_uri, ml.experiment_name)
         experiment_id = store.ensure_experiment(ml.tracking_uri, ml.experiment_name,
                                                 ml.artifact_root)
         sweep_dir = Path(str(config.hydra.sweep.dir))
