@@ -13,7 +13,6 @@ import copy
 import logging
 import os
 import shutil
-import signal
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,7 +26,7 @@ from omegaconf.errors import MissingMandatoryValue
 from experiments.config.instantiate import components
 from experiments.config.schema import CONFIG_MODULE, Config, register_configs
 from experiments.errors import ConfigError, RunStateError, UserError, exit_with
-from experiments.orchestration import crossval, resume
+from experiments.orchestration import crossval, interrupt, resume
 from experiments.orchestration import single as single_lib
 from experiments.tracking import store as store_lib
 from experiments.training import distribute
@@ -93,7 +92,7 @@ def run_configured(cfg: DictConfig) -> float:
     threads = set_threads(thread_budget(trainer.threads))  # before any TF op
     log.info(f"Using {threads} CPU thread(s) (trainer.threads)")
     distribute.configure(trainer.distribute, trainer.logical_cpus)
-    store_lib.check_server(settings.mlflow.tracking_uri)
+    store_lib.check_server(settings.mlflow.tracking_uri, settings.mlflow.experiment_name)
     if settings.resume is not None and settings.finetune.strategy == "two_stage":
         raise RunStateError("resume is not supported for finetune.strategy=two_stage; "
                             f"start the run again. Received: resume={settings.resume!r}")
@@ -172,13 +171,9 @@ def print_summary(run_id: str, metrics: dict[str, float], best_epoch: int | None
     print(f"Open the MLflow UI: {store_lib.ui_command(tracking_uri)}")
 
 
-def _exit_on_sigterm(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)  # unwinds `with` blocks: the MLflow run ends KILLED
-
-
 @hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_MODULE}", config_name="config")
 def main(cfg: DictConfig) -> float:
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    interrupt.stop_on_signals()  # SIGTERM and Ctrl-C end the MLflow run KILLED
     try:
         return run(cfg, list(HydraConfig.get().overrides.task))
     except UserError as error:

@@ -1,0 +1,66 @@
+"""SIGTERM while MLflow writes: the run still ends KILLED. A process logs metrics to a SQLite
+store in a tight loop (nearly all its time inside MLflow's SQLAlchemy session) and is sent
+SIGTERM at a random moment; with a handler that raises at once, about 1 in 3 such runs stayed
+RUNNING ("database is locked" on the KILLED write, 2026-11-29)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from experiments.orchestration import interrupt
+
+LOOP = textwrap.dedent("""
+    import os, random, signal, sys, threading
+    import mlflow
+    from experiments.orchestration import interrupt
+    from experiments.tracking import store
+
+    root, seed = sys.argv[1], int(sys.argv[2])
+    interrupt.stop_on_signals()
+    experiment = store.ensure_experiment(f"sqlite:///{root}/mlflow.db", "loop", f"{root}/a")
+    with store.open_run(experiment, "loop", {}):
+        delay = random.Random(seed).uniform(0.3, 1.2)
+        threading.Timer(delay, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        for step in range(1_000_000):
+            mlflow.log_metric("x", step, step=step)
+""")
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_sigterm_during_a_store_write_still_ends_the_run_killed(tmp_path, seed):
+    script = tmp_path / "loop.py"
+    script.write_text(LOOP)
+    result = subprocess.run([sys.executable, str(script), str(tmp_path), str(seed)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 143, result.stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("loop").experiment_id])
+    assert run.info.status == "KILLED", result.stderr[-3000:]
+    assert len(client.get_metric_history(run.info.run_id, "x")) > 0
+
+
+def test_the_signal_waits_for_the_frame_that_called_into_mlflow_or_the_database():
+    """Our code -> MLflow -> our callback -> SQLAlchemy: the exception waits for the frame that
+    called MLflow, not for the callback inside it."""
+    def run_in(module: str, inner):
+        namespace = {"__name__": module, "inner": inner}
+        exec("def call():\n    return inner()", namespace)
+        return namespace["call"]()
+
+    here = sys._getframe()
+    assert interrupt.protected_callers_frame(here) is None  # not in protected code
+    frames = run_in("mlflow.tracking.fluent", lambda: run_in(
+        "experiments.callback", lambda: run_in("sqlalchemy.orm.session", sys._getframe)))
+    def called_from_here(caller) -> bool:  # run_in's frame, called by this test
+        return caller.f_code.co_name == "run_in" and caller.f_back is here
+
+    assert called_from_here(interrupt.protected_callers_frame(frames))
+    for module in ("sqlite3.dbapi2", "mlflow"):
+        assert called_from_here(interrupt.protected_callers_frame(run_in(module, sys._getframe)))
+    for module in ("experiments.tracking.store", "keras.src.trainers", "mlflowish"):
+        assert interrupt.protected_callers_frame(run_in(module, sys._getframe)) is None
