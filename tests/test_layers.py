@@ -19,7 +19,7 @@ MAX_LINES = 300
 
 def test_layers_import_only_downwards():
     """import-linter's layers contract in pyproject.toml: entry points -> orchestration ->
-    training -> evaluation -> tracking -> serving -> models -> data -> config."""
+    training -> tracking -> evaluation -> serving -> models -> data -> config."""
     lint = Path(sys.executable).parent / "lint-imports"
     result = subprocess.run([str(lint), "--config", str(REPO_ROOT / "pyproject.toml")],
                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)

@@ -41,7 +41,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     client = MlflowClient(args.tracking_uri or store_lib.default_store_uri())
     runs = find_runs(client, args.experiment, args.parent, args.filter)
-    text = write_report(client, runs, args.group_by, Path(args.output))
+    text, _ = write_report(client, runs, args.group_by, Path(args.output))
     print(text)
     print(f"Report written to {Path(args.output).resolve()}: {', '.join(FILES)}")
 

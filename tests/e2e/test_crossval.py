@@ -55,7 +55,8 @@ def test_cross_validation_pools_out_of_fold_predictions(tmp_path, make_config):
     # Comparisons count the cross-validation once, not once per fold as well.
     found = find_runs(MlflowClient(client.tracking_uri), "cv")
     assert [r.info.run_id for r in found] == [parent.info.run_id]
-    report = write_report(client, found, [], tmp_path / "comparison")
+    report, verdict_metrics = write_report(client, found, [], tmp_path / "comparison")
+    assert verdict_metrics == {}  # one group: nothing to pair
     assert f"{metrics['test_accuracy']:.3f}" in report
 
 

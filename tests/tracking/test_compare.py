@@ -27,7 +27,8 @@ from tests.conftest import (
     write_image,
 )
 
-REPORT = {"comparison/comparison.md", "comparison/comparison.csv", "comparison/roc_curves.png",
+REPORT = {"comparison/comparison.md", "comparison/comparison.csv", "comparison/verdict.md",
+          "comparison/verdict.csv", "comparison/roc_curves.png",
           "comparison/val_accuracy_curves.png", "comparison/lr_schedules.png"}
 UNLABELED = SHARED_TRAIN.parent / "unlabeled"
 
@@ -105,6 +106,12 @@ def test_sweep_with_a_launcher_in_other_processes_and_compare(tmp_path):
     (sweep_dir,) = (tmp_path / "outputs" / "multirun").glob("*/*")
     table = (sweep_dir / "comparison" / "comparison.md").read_text()
     assert "choice.augmentation=none" in table and "choice.augmentation=study" in table
+    # one seed, so one split: the two augmentations are paired image by image
+    for name in ("delta_roc_auc__none_vs_study", "p_delong__none_vs_study",
+                 "delta_accuracy__none_vs_study", "p_mcnemar__none_vs_study"):
+        assert name in parent.data.metrics, sorted(parent.data.metrics)
+    assert "choice.augmentation=none - choice.augmentation=study: AUC" in (
+        sweep_dir / "comparison" / "verdict.md").read_text()
 
     out = tmp_path / "report"
     cli = subprocess.run([sys.executable, "-m", "experiments.compare", "--experiment", "joblib",

@@ -1,5 +1,6 @@
 """Comparison of finished runs: group them by the keys that differ, summarise metrics as mean +-
-std over runs, and write `comparison.md`, `comparison.csv` and the overlaid curves.
+std over runs, and write `comparison.md`, `comparison.csv`, the paired verdict (`verdict.md`,
+`verdict.csv`: `experiments.tracking.verdict`) and the overlaid curves.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from sklearn import metrics as skm  # noqa: E402
 
 from experiments.errors import UserError
+from experiments.tracking import verdict
 
 matplotlib.use("Agg")
 
@@ -29,8 +31,8 @@ TABLE_METRICS = ("test_accuracy", "test_roc_auc", "test_f1", "test_recall", "tes
                  "best_epoch", "epoch_seconds", "n_parameters")
 
 
-FILES = ("comparison.md", "comparison.csv", "roc_curves.png", "val_accuracy_curves.png",
-         "lr_schedules.png")
+FILES = ("comparison.md", "comparison.csv", "verdict.md", "verdict.csv", "roc_curves.png",
+         "val_accuracy_curves.png", "lr_schedules.png")
 
 
 @dataclass(frozen=True)
@@ -189,8 +191,9 @@ def plot_history(client: MlflowClient, groups: Sequence[Group], metric: str, pat
 
 
 def write_report(client: MlflowClient, runs: Sequence[Run], group_by: Sequence[str],
-                 output: Path) -> str:
-    """Write the five report files into `output`; return the table text."""
+                 output: Path) -> tuple[str, dict[str, float]]:
+    """Write the report files (FILES) into `output`; return the table and paired verdict
+    text, and the verdict's metrics (for a sweep's parent run)."""
     if not runs:
         raise UserError("No finished runs with test metrics to compare")
     output.mkdir(parents=True, exist_ok=True)
@@ -205,4 +208,6 @@ def write_report(client: MlflowClient, runs: Sequence[Run], group_by: Sequence[s
     plot_roc(client, groups, output / "roc_curves.png")
     plot_history(client, groups, "val_accuracy", output / "val_accuracy_curves.png")
     plot_history(client, groups, "lr", output / "lr_schedules.png", log_scale=True)
-    return text
+    rows, refused = verdict.verdicts(client, [(g.key, g.runs) for g in groups])
+    summary = verdict.write_verdict(rows, refused, output)
+    return f"{text}\n{summary}", verdict.pair_metrics(rows)

@@ -14,12 +14,14 @@ import csv
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
+from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
@@ -123,10 +125,14 @@ class MlflowSweep(Callback):
             if runs:
                 group_by = group_by_keys(swept_keys(list(config.hydra.overrides.task)),
                                          runs[0].data.params)
-                text = comparison_lib.write_report(client, runs, group_by,
-                                                   sweep_dir / "comparison")
+                text, verdict_metrics = comparison_lib.write_report(
+                    client, runs, group_by, sweep_dir / "comparison")
                 client.log_artifacts(parent_id, str(sweep_dir / "comparison"),
                                      "comparison")
+                if verdict_metrics:  # delta_roc_auc__a_vs_b, p_delong__a_vs_b, ...
+                    client.log_batch(parent_id, metrics=[
+                        Metric(name, value, int(time.time() * 1000), 0)
+                        for name, value in verdict_metrics.items()])
                 print(f"\nSweep comparison (parent run {parent_id}):\n{text}")
                 if ml.register_as:
                     self._register_best(client, parent_id, runs, ml.register_as)

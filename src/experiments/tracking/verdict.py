@@ -1,0 +1,181 @@
+"""The paired verdict of a comparison: for every two groups of runs tested on the same images,
+how far apart they are and how sure we are - effect sizes with intervals first, p-values
+beside them (`experiments.evaluation.paired`), Holm-corrected over all pairs.
+
+Runs are paired image by image through their logged `test_predictions.csv` (a single run's
+test split, or a cross-validation's out-of-fold predictions). A group with several runs on the
+same images (seeds) scores each image by its runs' mean probability and majority decision.
+Groups tested on different images are not paired; the verdict says so and why.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import re
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
+from sklearn.metrics import accuracy_score, roc_auc_score
+
+from experiments.evaluation import paired
+
+LEVEL = 0.05
+RESAMPLES = 2000
+
+
+@dataclass(frozen=True)
+class Scored:
+    """A group's per-image test predictions, its runs pooled."""
+
+    key: str
+    files: tuple[str, ...]
+    truth: np.ndarray      # bool: the positive class
+    score: np.ndarray      # p(positive), after TTA and temperature when logged
+    decision: np.ndarray   # bool: decided positive (at the run's threshold when it had one)
+
+
+def read_predictions(path: Path, positive: str) -> dict[str, tuple[bool, float, bool]]:
+    """file -> (is positive, p(positive), decided positive) of one run's test predictions;
+    an image scored several times (repeated CV) gets its mean probability and majority vote."""
+    with path.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    score_column = f"final_p_{positive}" if rows and f"final_p_{positive}" in rows[0] \
+        else f"p_{positive}"
+    decided = "decision_at_threshold" if rows and "decision_at_threshold" in rows[0] \
+        else "predicted"
+    seen: dict[str, list[tuple[bool, float, bool]]] = {}
+    for row in rows:
+        seen.setdefault(row["file"], []).append(
+            (row["label"] == positive, float(row[score_column]), row[decided] == positive))
+    return {file: (values[0][0], float(np.mean([v[1] for v in values])),
+                   bool(np.mean([v[2] for v in values]) >= 0.5))
+            for file, values in seen.items()}
+
+
+def scored_group(client: MlflowClient, key: str, runs: Sequence[Run], folder: Path
+                 ) -> Scored | str:
+    """The group's pooled predictions, or why they cannot be pooled (runs tested on
+    different images)."""
+    tables = []
+    for index, run in enumerate(runs):
+        target = folder / f"{index}"
+        target.mkdir(parents=True, exist_ok=True)
+        path = client.download_artifacts(run.info.run_id, "test_predictions.csv", str(target))
+        tables.append(read_predictions(Path(path), run.data.tags["positive_class"]))
+    files = sorted(tables[0])
+    if any(sorted(table) != files for table in tables[1:]):
+        return (f"the runs of {key} were tested on different images (their splits differ: "
+                "fix data.split_seed so every run sees the same folds)")
+    truth = np.array([tables[0][f][0] for f in files])
+    score = np.array([np.mean([t[f][1] for t in tables]) for f in files])
+    decision = np.array([np.mean([t[f][2] for t in tables]) >= 0.5 for f in files])
+    return Scored(key, tuple(files), truth, score, decision)
+
+
+def _auc(truth: np.ndarray, score: np.ndarray) -> float:
+    return float(roc_auc_score(truth, score))
+
+
+def compare_pair(a: Scored, b: Scored, seed: int = 0) -> dict[str, Any]:
+    """The paired effect sizes, intervals and tests of a - b."""
+    row: dict[str, Any] = {"a": a.key, "b": b.key, "n_images": len(a.files)}
+    result = paired.delong(a.truth.astype(int), a.score, b.score)
+    _, low, high = paired.paired_bootstrap(a.truth.astype(int), a.score, b.score, _auc,
+                                           RESAMPLES, seed)
+    row.update(auc_a=result.auc_a, auc_b=result.auc_b, delta_roc_auc=result.difference,
+               delta_roc_auc_low=low, delta_roc_auc_high=high, p_delong=result.p_value)
+    correct_a, correct_b = a.decision == a.truth, b.decision == b.truth
+    test = paired.mcnemar(correct_a, correct_b)
+    delta, low, high = paired.paired_bootstrap(
+        a.truth.astype(int), a.decision.astype(int), b.decision.astype(int),
+        accuracy_score, RESAMPLES, seed)
+    row.update(accuracy_a=float(correct_a.mean()), accuracy_b=float(correct_b.mean()),
+               delta_accuracy=delta, delta_accuracy_low=low, delta_accuracy_high=high,
+               p_mcnemar=test.p_value, only_a_right=test.only_a, only_b_right=test.only_b)
+    return row
+
+
+def verdicts(client: MlflowClient, groups: Sequence[tuple[str, Sequence[Run]]]
+             ) -> tuple[list[dict[str, Any]], list[str]]:
+    """(a row per comparable pair, with Holm-adjusted p-values; why the others were not
+    paired). Pairs run in the groups' alphabetical order: a - b with a before b."""
+    refused: list[str] = []
+    with tempfile.TemporaryDirectory() as folder:
+        scored = []
+        for index, (key, runs) in enumerate(sorted(groups, key=lambda group: group[0])):
+            group = scored_group(client, key, runs, Path(folder) / str(index))
+            if isinstance(group, str):
+                refused.append(group)
+            else:
+                scored.append(group)
+    rows = []
+    for a, b in itertools.combinations(scored, 2):
+        if a.files != b.files:
+            refused.append(f"{a.key} and {b.key} were tested on different images (their "
+                           "splits differ: fix data.split_seed so both see the same folds)")
+            continue
+        rows.append(compare_pair(a, b))
+    if rows:
+        for test in ("p_delong", "p_mcnemar"):
+            adjusted = paired.holm(np.array([r[test] for r in rows]))
+            for row, value in zip(rows, adjusted, strict=True):
+                row[f"{test}_holm"] = float(value)
+    return rows, refused
+
+
+def sentence(row: dict[str, Any]) -> str:
+    """'a - b: AUC +0.012 [-0.02, +0.04], p = 0.41 (DeLong); accuracy ...: not
+    distinguishable on 200 images'."""
+    distinguishable = min(row["p_delong_holm"], row["p_mcnemar_holm"]) < LEVEL
+    return (f"{row['a']} - {row['b']}: AUC {row['delta_roc_auc']:+.3f} "
+            f"[{row['delta_roc_auc_low']:+.3f}, {row['delta_roc_auc_high']:+.3f}], "
+            f"p = {row['p_delong']:.3g} (DeLong); accuracy {row['delta_accuracy']:+.3f} "
+            f"[{row['delta_accuracy_low']:+.3f}, {row['delta_accuracy_high']:+.3f}], "
+            f"p = {row['p_mcnemar']:.3g} (McNemar): "
+            + ("distinguishable" if distinguishable else "not distinguishable")
+            + f" on {row['n_images']} images (Holm-corrected, {LEVEL})")
+
+
+def slug(key: str) -> str:
+    """A group key as part of a metric name: its values ('backbone.name=resnet50' ->
+    'resnet50')."""
+    values = [part.split("=", 1)[-1] for part in key.split(", ")]
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", "_".join(values))
+
+
+def pair_metrics(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """The parent run's verdict metrics: delta_roc_auc__a_vs_b, p_delong__a_vs_b, ..."""
+    metrics = {}
+    for row in rows:
+        pair = f"{slug(row['a'])}_vs_{slug(row['b'])}"
+        for name in ("delta_roc_auc", "delta_roc_auc_low", "delta_roc_auc_high", "p_delong",
+                     "delta_accuracy", "delta_accuracy_low", "delta_accuracy_high",
+                     "p_mcnemar"):
+            metrics[f"{name}__{pair}"] = float(row[name])
+    return metrics
+
+
+def write_verdict(rows: Sequence[dict[str, Any]], refused: Sequence[str], output: Path) -> str:
+    """verdict.md and verdict.csv; returns the Markdown."""
+    lines = ["# Paired verdict", "",
+             "Every two groups tested on the same images, paired image by image: effect "
+             f"(a - b) with a 95% paired bootstrap interval ({RESAMPLES} resamples), DeLong's "
+             "test for ROC-AUC and McNemar's exact test for accuracy at each model's "
+             "decisions; p-values Holm-corrected over all pairs.", ""]
+    lines += [f"- {sentence(row)}" for row in rows] or ["- no pair of groups could be paired"]
+    lines += [f"- not paired: {reason}" for reason in refused]
+    text = "\n".join(lines) + "\n"
+    (output / "verdict.md").write_text(text)
+    with (output / "verdict.csv").open("w", newline="") as handle:
+        columns = list(rows[0]) if rows else ["a", "b"]
+        writer = csv.DictWriter(handle, columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    return text

@@ -1,0 +1,101 @@
+"""The paired verdict over runs in a real MLflow store (SQLite, artifacts on disk): runs on the
+same images are paired and agree with the statistics computed directly; runs on different
+images are refused with the reason."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from experiments.evaluation import paired
+from experiments.tracking import verdict
+from experiments.tracking.comparison import write_report
+
+
+def log_run(client: MlflowClient, experiment_id: str, tmp_path, name: str, files, labels,
+            p_malignant, key: str) -> None:
+    """A finished run with a test_predictions.csv as the framework writes it."""
+    run = client.create_run(experiment_id, run_name=name,
+                            tags={"positive_class": "malignant"})
+    path = tmp_path / name / "test_predictions.csv"
+    path.parent.mkdir(parents=True)
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["file", "label", "predicted", "p_benign", "p_malignant"])
+        for file, label, p in zip(files, labels, p_malignant, strict=True):
+            writer.writerow([file, "malignant" if label else "benign",
+                             "malignant" if p >= 0.5 else "benign", f"{1 - p:.6f}", f"{p:.6f}"])
+    client.log_artifact(run.info.run_id, str(path))
+    client.log_param(run.info.run_id, "backbone.name", key)
+    for metric in ("test_accuracy", "test_roc_auc", "test_f1", "test_recall",
+                   "test_specificity", "best_epoch", "epoch_seconds", "n_parameters"):
+        client.log_metric(run.info.run_id, metric, 0.5)
+    client.set_terminated(run.info.run_id)
+
+
+@pytest.fixture
+def store(tmp_path):
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    experiment_id = client.create_experiment("verdict",
+                                             artifact_location=str(tmp_path / "artifacts"))
+    rng = np.random.default_rng(3)
+    files = [f"img_{i:03d}.png" for i in range(120)]
+    labels = rng.integers(0, 2, 120)
+    strong = 1 / (1 + np.exp(-(3 * labels - 1.5 + rng.normal(0, 1, 120))))
+    weak = 1 / (1 + np.exp(-(1 * labels - 0.5 + rng.normal(0, 1, 120))))
+    log_run(client, experiment_id, tmp_path, "dense", files, labels, strong, "densenet201")
+    log_run(client, experiment_id, tmp_path, "res", files, labels, weak, "resnet50")
+    other = [f"other_{i:03d}.png" for i in range(120)]
+    log_run(client, experiment_id, tmp_path, "elsewhere", other, labels, weak, "simplecnn")
+    return client, files, labels, strong, weak
+
+
+def test_runs_on_the_same_images_are_paired_and_others_refused(store, tmp_path):
+    client, _, labels, strong, weak = store
+    runs = client.search_runs([client.get_experiment_by_name("verdict").experiment_id])
+    text, metrics = write_report(client, runs, ["backbone.name"], tmp_path / "report")
+
+    expected = paired.delong(labels, strong, weak)
+    assert metrics["delta_roc_auc__densenet201_vs_resnet50"] == pytest.approx(
+        expected.difference, abs=1e-5)  # the CSV keeps 6 decimals
+    assert metrics["p_delong__densenet201_vs_resnet50"] == pytest.approx(expected.p_value,
+                                                                         rel=1e-3)
+    decided_strong, decided_weak = strong >= 0.5, weak >= 0.5
+    mc = paired.mcnemar(decided_strong == labels, decided_weak == labels)
+    assert metrics["p_mcnemar__densenet201_vs_resnet50"] == pytest.approx(mc.p_value)
+    low = metrics["delta_roc_auc_low__densenet201_vs_resnet50"]
+    high = metrics["delta_roc_auc_high__densenet201_vs_resnet50"]
+    assert low < expected.difference < high
+    assert len([k for k in metrics if k.startswith("p_delong__")]) == 1  # simplecnn unpaired
+
+    report = (tmp_path / "report" / "verdict.md").read_text()
+    assert "backbone.name=densenet201 - backbone.name=resnet50: AUC +" in report
+    assert "(DeLong)" in report and "(McNemar)" in report and "on 120 images" in report
+    assert "not paired: backbone.name=densenet201 and backbone.name=simplecnn were tested " \
+           "on different images" in report
+    assert "Paired verdict" in text
+    rows = list(csv.DictReader((tmp_path / "report" / "verdict.csv").open()))
+    assert len(rows) == 1 and float(rows[0]["p_delong_holm"]) >= float(rows[0]["p_delong"])
+
+
+def test_a_group_whose_runs_saw_different_images_is_refused(store, tmp_path):
+    client, *_ = store
+    runs = client.search_runs([client.get_experiment_by_name("verdict").experiment_id])
+    rows, refused = verdict.verdicts(client, [("all runs", runs)])
+    assert rows == []
+    assert refused == ["the runs of all runs were tested on different images (their splits "
+                       "differ: fix data.split_seed so every run sees the same folds)"]
+
+
+def test_sentence_reads_effect_then_p_value():
+    row = {"a": "x", "b": "y", "n_images": 200, "delta_roc_auc": 0.012,
+           "delta_roc_auc_low": -0.02, "delta_roc_auc_high": 0.04, "p_delong": 0.41,
+           "delta_accuracy": 0.01, "delta_accuracy_low": -0.03, "delta_accuracy_high": 0.05,
+           "p_mcnemar": 0.62, "p_delong_holm": 0.41, "p_mcnemar_holm": 0.62}
+    assert verdict.sentence(row) == (
+        "x - y: AUC +0.012 [-0.020, +0.040], p = 0.41 (DeLong); accuracy +0.010 "
+        "[-0.030, +0.050], p = 0.62 (McNemar): not distinguishable on 200 images "
+        "(Holm-corrected, 0.05)")
