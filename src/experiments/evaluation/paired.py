@@ -123,7 +123,7 @@ def paired_bootstrap(labels: np.ndarray, score_a: np.ndarray, score_b: np.ndarra
     names, members = np.unique(units, return_inverse=True)
     rows_of = [np.flatnonzero(members == g) for g in range(len(names))]
     rng = np.random.default_rng(seed)
-    differences = []
+    differences: list[float] = []
     while len(differences) < resamples:
         chosen = np.concatenate([rows_of[g] for g in rng.integers(0, len(names), len(names))])
         if len(np.unique(labels[chosen])) < 2:
