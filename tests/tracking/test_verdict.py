@@ -99,3 +99,59 @@ def test_sentence_reads_effect_then_p_value():
         "x - y: AUC +0.012 [-0.020, +0.040], p = 0.41 (DeLong); accuracy +0.010 "
         "[-0.030, +0.050], p = 0.62 (McNemar): not distinguishable on 200 images "
         "(Holm-corrected, 0.05)")
+
+
+def log_cv(client: MlflowClient, experiment_id: str, tmp_path, name: str, files, labels,
+           p_malignant, fold_aucs: dict[tuple[int, int], float]) -> None:
+    """A cross-validation parent (out-of-fold test_predictions.csv with repeat and fold) and
+    its fold runs, tagged as the framework tags them."""
+    parent = client.create_run(experiment_id, run_name=name, tags={
+        "positive_class": "malignant", "cv_folds": "2", "cv_repeats": "2"})
+    path = tmp_path / name / "test_predictions.csv"
+    path.parent.mkdir(parents=True)
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["file", "repeat", "fold", "label", "predicted", "p_benign",
+                         "p_malignant"])
+        for repeat in (1, 2):
+            for i, (file, label, p) in enumerate(zip(files, labels, p_malignant, strict=True)):
+                fold = 1 + (i + repeat) % 2
+                writer.writerow([file, repeat, fold, "malignant" if label else "benign",
+                                 "malignant" if p >= 0.5 else "benign", f"{1 - p:.6f}",
+                                 f"{p:.6f}"])
+    client.log_artifact(parent.info.run_id, str(path))
+    client.log_param(parent.info.run_id, "backbone.name", name)
+    client.log_metric(parent.info.run_id, "test_accuracy", 0.5)
+    client.set_terminated(parent.info.run_id)
+    for (repeat, fold), auc in fold_aucs.items():
+        child = client.create_run(experiment_id, tags={
+            "cv_parent": parent.info.run_id, "cv_fold": str(fold), "cv_repeat": str(repeat),
+            "n_train": "45", "n_val": "15", "n_test": "60"})
+        client.log_metric(child.info.run_id, "test_roc_auc", auc)
+        client.set_terminated(child.info.run_id)
+
+
+def test_two_cross_validations_on_the_same_folds_get_the_corrected_t_test(tmp_path):
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    experiment_id = client.create_experiment("cv", artifact_location=str(tmp_path / "a"))
+    rng = np.random.default_rng(5)
+    files = [f"img_{i:03d}.png" for i in range(120)]
+    labels = rng.integers(0, 2, 120)
+    scores = [1 / (1 + np.exp(-(s * labels - s / 2 + rng.normal(0, 1, 120)))) for s in (2, 1)]
+    keys = [(1, 1), (1, 2), (2, 1), (2, 2)]
+    aucs = {"dense": [0.90, 0.86, 0.88, 0.91], "res": [0.85, 0.86, 0.84, 0.87]}
+    for name, score in zip(aucs, scores, strict=True):
+        log_cv(client, experiment_id, tmp_path, name, files, labels, score,
+               dict(zip(keys, aucs[name], strict=True)))
+    parents = client.search_runs([experiment_id], "tags.cv_folds = '2'")
+    rows, refused = verdict.verdicts(client, [(r.data.params["backbone.name"], [r])
+                                              for r in parents])
+    assert refused == []
+    (row,) = rows
+    differences = np.array(aucs["dense"]) - np.array(aucs["res"])
+    t, p = paired.corrected_t(differences, 45 + 15, 60)
+    assert row["n_fold_results"] == 4
+    assert (row["t_corrected_roc_auc"], row["p_corrected_roc_auc"]) == pytest.approx((t, p))
+    assert "over 4 folds, p = " in verdict.sentence(row) and "(corrected t)" in \
+        verdict.sentence(row)
+    assert "p_corrected_roc_auc__dense_vs_res" in verdict.pair_metrics(rows)

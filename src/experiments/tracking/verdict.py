@@ -5,7 +5,9 @@ beside them (`experiments.evaluation.paired`), Holm-corrected over all pairs.
 Runs are paired image by image through their logged `test_predictions.csv` (a single run's
 test split, or a cross-validation's out-of-fold predictions). A group with several runs on the
 same images (seeds) scores each image by its runs' mean probability and majority decision.
-Groups tested on different images are not paired; the verdict says so and why.
+Groups tested on different images are not paired; the verdict says so and why. Two
+cross-validations on the same folds also get the Nadeau-Bengio corrected t-test on their
+per-fold test AUC differences.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ class Scored:
     truth: np.ndarray      # bool: the positive class
     score: np.ndarray      # p(positive), after TTA and temperature when logged
     decision: np.ndarray   # bool: decided positive (at the run's threshold when it had one)
+    folds: frozenset[tuple[str, str, str]] = frozenset()  # (file, repeat, fold) of a CV
+    fold_runs: tuple[Run, ...] = ()  # a single cross-validation's fold runs
 
 
 def read_predictions(path: Path, positive: str) -> dict[str, tuple[bool, float, bool]]:
@@ -59,16 +63,33 @@ def read_predictions(path: Path, positive: str) -> dict[str, tuple[bool, float, 
             for file, values in seen.items()}
 
 
+def fold_assignment(path: Path) -> frozenset[tuple[str, str, str]]:
+    """(file, repeat, fold) of a cross-validation's out-of-fold predictions (empty for a
+    single run's test split)."""
+    with path.open(newline="") as handle:
+        return frozenset((row["file"], row["repeat"], row["fold"])
+                         for row in csv.DictReader(handle) if "fold" in row)
+
+
+def fold_runs(client: MlflowClient, parent: Run) -> tuple[Run, ...]:
+    """The evaluated fold runs of a cross-validation parent (not its refit)."""
+    children = client.search_runs([parent.info.experiment_id],
+                                  f"tags.cv_parent = '{parent.info.run_id}'", max_results=5000)
+    return tuple(run for run in children
+                 if run.data.tags.get("cv_fold") and "test_roc_auc" in run.data.metrics)
+
+
 def scored_group(client: MlflowClient, key: str, runs: Sequence[Run], folder: Path
                  ) -> Scored | str:
     """The group's pooled predictions, or why they cannot be pooled (runs tested on
     different images)."""
-    tables = []
+    tables, assignments = [], []
     for index, run in enumerate(runs):
         target = folder / f"{index}"
         target.mkdir(parents=True, exist_ok=True)
         path = client.download_artifacts(run.info.run_id, "test_predictions.csv", str(target))
         tables.append(read_predictions(Path(path), run.data.tags["positive_class"]))
+        assignments.append(fold_assignment(Path(path)))
     files = sorted(tables[0])
     if any(sorted(table) != files for table in tables[1:]):
         return (f"the runs of {key} were tested on different images (their splits differ: "
@@ -76,11 +97,36 @@ def scored_group(client: MlflowClient, key: str, runs: Sequence[Run], folder: Pa
     truth = np.array([tables[0][f][0] for f in files])
     score = np.array([np.mean([t[f][1] for t in tables]) for f in files])
     decision = np.array([np.mean([t[f][2] for t in tables]) >= 0.5 for f in files])
-    return Scored(key, tuple(files), truth, score, decision)
+    single_cv = len(runs) == 1 and bool(assignments[0])
+    return Scored(key, tuple(files), truth, score, decision,
+                  assignments[0] if len(set(assignments)) == 1 else frozenset(),
+                  fold_runs(client, runs[0]) if single_cv else ())
 
 
 def _auc(truth: np.ndarray, score: np.ndarray) -> float:
     return float(roc_auc_score(truth, score))
+
+
+def corrected_across_folds(a: Scored, b: Scored) -> dict[str, Any]:
+    """The Nadeau-Bengio corrected t-test on the per-fold test AUC differences of two
+    cross-validations on the same folds (empty when either is not one)."""
+    if not (a.fold_runs and b.fold_runs):
+        return {}
+
+    def by_fold(runs: Sequence[Run]) -> dict[tuple[str, str], Run]:
+        return {(r.data.tags.get("cv_repeat", "1"), r.data.tags["cv_fold"]): r for r in runs}
+
+    fa, fb = by_fold(a.fold_runs), by_fold(b.fold_runs)
+    keys = sorted(fa.keys() & fb.keys())
+    if len(keys) < 2:
+        return {}
+    differences = np.array([fa[k].data.metrics["test_roc_auc"]
+                            - fb[k].data.metrics["test_roc_auc"] for k in keys])
+    tags = fa[keys[0]].data.tags
+    n_train = int(tags.get("n_train", 0)) + int(tags.get("n_val", 0))
+    t, p = paired.corrected_t(differences, n_train, int(tags.get("n_test", 1)))
+    return {"n_fold_results": len(keys), "mean_fold_delta_roc_auc": float(differences.mean()),
+            "t_corrected_roc_auc": t, "p_corrected_roc_auc": p}
 
 
 def compare_pair(a: Scored, b: Scored, seed: int = 0) -> dict[str, Any]:
@@ -99,6 +145,7 @@ def compare_pair(a: Scored, b: Scored, seed: int = 0) -> dict[str, Any]:
     row.update(accuracy_a=float(correct_a.mean()), accuracy_b=float(correct_b.mean()),
                delta_accuracy=delta, delta_accuracy_low=low, delta_accuracy_high=high,
                p_mcnemar=test.p_value, only_a_right=test.only_a, only_b_right=test.only_b)
+    row.update(corrected_across_folds(a, b))
     return row
 
 
@@ -117,8 +164,9 @@ def verdicts(client: MlflowClient, groups: Sequence[tuple[str, Sequence[Run]]]
                 scored.append(group)
     rows = []
     for a, b in itertools.combinations(scored, 2):
-        if a.files != b.files:
-            refused.append(f"{a.key} and {b.key} were tested on different images (their "
+        if a.files != b.files or a.folds != b.folds:
+            what = "images" if a.files != b.files else "folds"
+            refused.append(f"{a.key} and {b.key} were tested on different {what} (their "
                            "splits differ: fix data.split_seed so both see the same folds)")
             continue
         rows.append(compare_pair(a, b))
@@ -134,11 +182,14 @@ def sentence(row: dict[str, Any]) -> str:
     """'a - b: AUC +0.012 [-0.02, +0.04], p = 0.41 (DeLong); accuracy ...: not
     distinguishable on 200 images'."""
     distinguishable = min(row["p_delong_holm"], row["p_mcnemar_holm"]) < LEVEL
+    folds = "" if "p_corrected_roc_auc" not in row else (
+        f"; per fold AUC {row['mean_fold_delta_roc_auc']:+.3f} over {row['n_fold_results']} "
+        f"folds, p = {row['p_corrected_roc_auc']:.3g} (corrected t)")
     return (f"{row['a']} - {row['b']}: AUC {row['delta_roc_auc']:+.3f} "
             f"[{row['delta_roc_auc_low']:+.3f}, {row['delta_roc_auc_high']:+.3f}], "
             f"p = {row['p_delong']:.3g} (DeLong); accuracy {row['delta_accuracy']:+.3f} "
             f"[{row['delta_accuracy_low']:+.3f}, {row['delta_accuracy_high']:+.3f}], "
-            f"p = {row['p_mcnemar']:.3g} (McNemar): "
+            f"p = {row['p_mcnemar']:.3g} (McNemar){folds}: "
             + ("distinguishable" if distinguishable else "not distinguishable")
             + f" on {row['n_images']} images (Holm-corrected, {LEVEL})")
 
@@ -157,8 +208,9 @@ def pair_metrics(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
         pair = f"{slug(row['a'])}_vs_{slug(row['b'])}"
         for name in ("delta_roc_auc", "delta_roc_auc_low", "delta_roc_auc_high", "p_delong",
                      "delta_accuracy", "delta_accuracy_low", "delta_accuracy_high",
-                     "p_mcnemar"):
-            metrics[f"{name}__{pair}"] = float(row[name])
+                     "p_mcnemar", "p_corrected_roc_auc"):
+            if name in row:
+                metrics[f"{name}__{pair}"] = float(row[name])
     return metrics
 
 
@@ -174,8 +226,8 @@ def write_verdict(rows: Sequence[dict[str, Any]], refused: Sequence[str], output
     text = "\n".join(lines) + "\n"
     (output / "verdict.md").write_text(text)
     with (output / "verdict.csv").open("w", newline="") as handle:
-        columns = list(rows[0]) if rows else ["a", "b"]
-        writer = csv.DictWriter(handle, columns)
+        columns = list(dict.fromkeys(key for row in rows for key in row)) or ["a", "b"]
+        writer = csv.DictWriter(handle, columns, restval="")
         writer.writeheader()
         writer.writerows(rows)
     return text
