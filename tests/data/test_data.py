@@ -239,3 +239,18 @@ def test_lazy_images_index_like_an_array(tmp_path):
         np.testing.assert_array_equal(view[1:], full[[1, 3]])
         np.testing.assert_array_equal(view[0], full[4])
         assert len(view) == 3 and view.shape == (3, 8, 8, 3)
+
+
+def test_split_fingerprints_name_the_same_split_wherever_the_folder_lives():
+    pool = synthetic_pool(25)
+    moved = splits_lib.Split(tuple(f.replace("/data/", "/elsewhere/data/") for f in pool.files),
+                             pool.labels, pool.images)
+    names = ("benign", "malignant")
+    here = splits_lib.make_splits(names, pool, None, 0.2, 0.2, seed=0)
+    there = splits_lib.make_splits(names, moved, None, 0.2, 0.2, seed=0)
+    other = splits_lib.make_splits(names, pool, None, 0.2, 0.2, seed=1)
+    assert splits_lib.splits_sha256(here) == splits_lib.splits_sha256(there)
+    assert splits_lib.splits_sha256(here) != splits_lib.splits_sha256(other)
+    folds = [(1, n, s) for n, s in enumerate(splits_lib.make_folds(names, pool, 5, 0.2, 1), 1)]
+    assert len(splits_lib.folds_sha256(folds)) == 64
+    assert splits_lib.folds_sha256(folds) != splits_lib.folds_sha256(folds[::-1])

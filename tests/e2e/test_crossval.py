@@ -27,6 +27,9 @@ def test_cross_validation_pools_out_of_fold_predictions(tmp_path, make_config):
         assert fold.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert fold.data.tags["n_test"] == "20"  # half of the 40 demo images each
     assert parent.data.tags["cv_folds"] == "2"
+    # the folds' fingerprints, recorded to pair runs on the same folds
+    assert len({f.data.tags["splits_sha256"] for f in folds}) == 2
+    assert len(parent.data.tags["splits_sha256"]) == 64
 
     metrics = parent.data.metrics
     for prefix in ("test_", "test_tta_"):

@@ -75,6 +75,7 @@ def test_end_to_end_run_logs_the_whole_contract(tmp_path):
     tags = run_info.data.tags
     assert tags["backbone"] == "simplecnn"
     assert (tags["n_train"], tags["n_val"], tags["n_test"]) == ("24", "8", "8")
+    assert len(tags["splits_sha256"]) == 64  # which image went where, for pairing runs
     assert tags["class_counts_test"] == "benign=4,malignant=4"
     assert len(tags["git_commit"].removesuffix("-dirty")) == 40
 

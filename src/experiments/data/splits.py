@@ -5,6 +5,7 @@ patient when a group pattern names them, checked disjoint and written as `splits
 from __future__ import annotations
 
 import csv
+import hashlib
 import os
 import re
 from collections.abc import Iterator, Sequence
@@ -158,6 +159,23 @@ def check_disjoint(splits: Splits) -> None:
             if seen_groups.setdefault(group, name) != name:
                 raise DataError(f"Group {group!r} (data.group_pattern) is in both the "
                                 f"{seen_groups[group]} and the {name} split")
+
+
+def splits_sha256(splits: Splits) -> str:
+    """A fingerprint of which image went where (split, class, class folder / file name), the
+    same wherever the image folder lives: runs with equal fingerprints were trained, validated
+    and tested on the same images, so their predictions can be paired image by image."""
+    rows = sorted(f"{name}\t{splits.class_names[label]}\t{'/'.join(Path(file).parts[-2:])}"
+                  for name in ("train", "val", "test")
+                  for file, label in zip(getattr(splits, name).files,
+                                         getattr(splits, name).labels, strict=True))
+    return hashlib.sha256("\n".join(rows).encode()).hexdigest()
+
+
+def folds_sha256(folds: Sequence[tuple[int, int, Splits]]) -> str:
+    """The fingerprint of a (repeated) cross-validation: every (repeat, fold, splits)."""
+    return hashlib.sha256("\n".join(f"{repeat}\t{number}\t{splits_sha256(splits)}"
+                                     for repeat, number, splits in folds).encode()).hexdigest()
 
 
 def write_split_table(splits: Splits, path: Path) -> Path:

@@ -91,25 +91,26 @@ def run_cross_validation(settings: Config, components: Components) -> CVResult:
                                             ml.artifact_root)
     positive = metrics_lib.positive_index(loaded.class_names, settings.data.positive_class)
     repeats = f" x{cv.repeats}" if cv.repeats > 1 else ""
+    planned = [(repeat, number, splits) for repeat in range(1, cv.repeats + 1)
+               for number, splits in enumerate(splits_lib.make_folds(
+                   loaded.class_names, loaded.pool, cv.folds, settings.data.val_fraction,
+                   loading.split_seed(settings.data, settings.trainer.seed) + repeat - 1),
+                   start=1)]
     tags = {**run_records.common_tags(settings.backbone.name, settings.backbone.weights,
                                       loaded.class_names, positive,
                                       loaded.image_size),
             "cv_folds": str(cv.folds), "cv_repeats": str(cv.repeats),
-            "n_images": str(len(loaded.pool))}
+            "n_images": str(len(loaded.pool)), "splits_sha256": splits_lib.folds_sha256(planned)}
     run_name = f"{ml.run_name or settings.backbone.name} cv{cv.folds}{repeats}"
     folds: list[Fold] = []
     with store.created_run(experiment_id, run_name, tags) as parent_id:
         log.info(f"MLflow parent run {parent_id}: {cv.folds}-fold cross-validation{repeats} "
                  f"(experiment {ml.experiment_name!r})")
-        for repeat in range(1, cv.repeats + 1):
-            seeded, seeded_components = with_seed(settings, components,
-                                                  settings.trainer.seed + repeat - 1)
-            seed = loading.split_seed(settings.data, settings.trainer.seed) + repeat - 1
-            fold_splits = splits_lib.make_folds(loaded.class_names, loaded.pool, cv.folds,
-                                                settings.data.val_fraction, seed)
-            for number, splits in enumerate(fold_splits, start=1):
-                folds.append(run_fold(seeded, seeded_components, loaded, splits, repeat,
-                                      number, experiment_id, parent_id, run_name))
+        seeded = {repeat: with_seed(settings, components, settings.trainer.seed + repeat - 1)
+                  for repeat in range(1, cv.repeats + 1)}  # folds seeded by the split
+        for repeat, number, splits in planned:
+            folds.append(run_fold(*seeded[repeat], loaded, splits, repeat, number,
+                                  experiment_id, parent_id, run_name))
         refit = None
         if cv.refit:  # a child run of its own, before the parent is active again
             refit = train_refit(settings, components, loaded, folds, experiment_id, parent_id,

@@ -130,7 +130,7 @@ def run_tags(settings: Config, prepared: Prepared) -> dict[str, str]:
     splits = prepared.splits
     tags = {**common_tags(settings.backbone.name, settings.backbone.weights, splits.class_names,
                           prepared.positive, prepared.image_size),
-            "precision": prepared.precision,
+            "precision": prepared.precision, "splits_sha256": splits_lib.splits_sha256(splits),
             **{f"n_{name}": str(n) for name, n in splits.sizes().items()}}
     for name in ("train", "val", "test"):
         counts = getattr(splits, name).class_counts(splits.class_names)
