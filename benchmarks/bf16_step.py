@@ -24,7 +24,8 @@ import subprocess
 import sys
 import textwrap
 from collections import defaultdict
-from pathlib import Path
+
+from machine import cpu_line  # benchmarks/machine.py (scripts run from this folder)
 
 STEP = textwrap.dedent("""
     import json, os, sys, time
@@ -67,17 +68,6 @@ KINDS = {"convolution": "convolution", "deconvolution": "convolution", "gemm_api
          "pooling": "pooling", "binary": "binary (add, mul)", "sum": "binary (add, mul)",
          "concat": "concat", "softmax": "softmax", "shuffle": "other", "layer_normalization":
          "other", "resampling": "other", "prelu": "element-wise", "reduction": "other"}
-
-
-def cpu_line() -> str:
-    model, flags = "unknown", set()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            model = line.split(":", 1)[1].strip()
-        elif line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-    shown = [f for f in ("avx512_bf16", "amx_bf16", "amx_tile", "avx512f", "avx2") if f in flags]
-    return f"CPU: {model}, {os.cpu_count()} cores; flags: {', '.join(shown)}"
 
 
 def run_step(backbone: str, size: int, batch: int, steps: int, policy: str,

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import tempfile
 import textwrap
 import time
 from pathlib import Path
+
+from machine import cpu_line  # benchmarks/machine.py (scripts run from this folder)
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "biopsy-seed" / "train"
 
@@ -91,18 +92,6 @@ def framework_phases(work: Path) -> dict[str, float]:
     epochs = [m.value for m in client.get_metric_history(run.info.run_id, "epoch_seconds")]
     return {**{k: run.data.metrics.get(f"seconds_{k}", 0.0) for k in PHASES},
             "epochs": epochs}
-
-
-def cpu_line() -> str:
-    flags = set()
-    model = platform.processor()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            model = line.split(":", 1)[1].strip()
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-    bf16 = ", ".join(f for f in ("avx512_bf16", "amx_bf16", "amx_tile") if f in flags) or "none"
-    return f"CPU: {model}; bf16/AMX flags: {bf16}"
 
 
 def main(argv: list[str] | None = None) -> None:

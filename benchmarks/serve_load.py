@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from machine import cpu_line  # benchmarks/machine.py (scripts run from this folder)
 
 SHARED_IMAGES = (Path(__file__).resolve().parents[2] / "shared" / "data" / "biopsy-seed"
                  / "unlabeled")
@@ -50,18 +51,6 @@ TRAININGS = {  # name -> overrides of `python -m experiments.run`
 }
 SHORT_TRAINING = ["experiment=quickstart", "trainer.epochs=1", "data.images_per_class=10",
                   "data.image_size=32", "data.source_size=48"]
-
-
-def cpu_line() -> str:
-    """`lscpu`'s model name and the bf16/AMX flags: write it above every table."""
-    model, flags = "unknown", set()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            model = line.split(":", 1)[1].strip()
-        elif line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-    shown = [f for f in ("avx2", "avx512_bf16", "amx_bf16") if f in flags] or ["none"]
-    return f"CPU: {model}, {os.cpu_count()} cores; flags: {', '.join(shown)}"
 
 
 def train(name: str, overrides: Sequence[str], root: Path) -> str:

@@ -28,6 +28,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import tensorflow as tf
+from machine import cpu_line  # benchmarks/machine.py (scripts run from this folder)
 from scipy import ndimage
 
 from experiments.data import folders
@@ -39,18 +40,6 @@ from experiments.models.fused_bn import fuse_batchnorm
 from experiments.training.runtime import set_precision
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "biopsy-seed" / "train"
-
-
-def cpu_line() -> str:
-    """`lscpu`'s model name and the bf16/AMX flags: write it above every table."""
-    model, flags = "unknown", set()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            model = line.split(":", 1)[1].strip()
-        elif line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-    shown = [f for f in ("avx512_bf16", "amx_bf16", "amx_tile") if f in flags] or ["none"]
-    return f"CPU: {model}; bf16/AMX flags: {', '.join(shown)}"
 
 
 def peak_rss_gb() -> float:

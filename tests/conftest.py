@@ -110,6 +110,21 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def wait_for(url: str, process: subprocess.Popen, log: Path, seconds: float = 180) -> None:
+    """Until `url` answers 200; fails with the server's log if it exits or takes too long."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{url} did not answer:\n{log.read_text()[-3000:]}")
+        time.sleep(0.5)
+
+
 @contextmanager
 def mlflow_server(root: Path, *options: str, env: dict[str, str] | None = None) -> Iterator[str]:
     """A real `mlflow server` on 127.0.0.1 with a SQLite store and an artifact folder under
@@ -125,25 +140,21 @@ def mlflow_server(root: Path, *options: str, env: dict[str, str] | None = None) 
             env={**os.environ, **(env or {})})
     uri = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"mlflow server did not start:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.5)
+        wait_for(f"{uri}/health", process, log_path, seconds=120)
         yield uri
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        stop_process_group(process)
+
+
+def stop_process_group(process: subprocess.Popen, seconds: float = 30) -> None:
+    """SIGTERM a server started with start_new_session (it and its workers); SIGKILL if it
+    does not stop within `seconds`."""
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
 
 
 def write_image(path: Path, mode: str = "RGB", size: int = 40, seed: int = 0) -> Path:

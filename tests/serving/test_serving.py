@@ -8,11 +8,9 @@ import csv
 import io
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -29,6 +27,8 @@ from tests.conftest import (
     client_for,
     free_port,
     run_cli,
+    stop_process_group,
+    wait_for,
     write_image,
 )
 
@@ -54,20 +54,6 @@ def trained(tmp_path_factory):
     (finished,) = all_runs(client_for(root), "served")
     images = sorted((root / ".cache" / "demo").rglob("*.jpg"))
     return root, finished.info.run_id, finished.data.tags["model_uri"], [images[0], images[-1]]
-
-
-def wait_for(url: str, process: subprocess.Popen, log: Path, seconds: float = 180) -> None:
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"{url} did not answer:\n{log.read_text()[-3000:]}")
-        time.sleep(0.5)
 
 
 def post_json(url: str, payload: dict) -> dict:
@@ -105,12 +91,7 @@ def served(trained, tmp_path_factory):
         wait_for(f"http://127.0.0.1:{port}/ping", server, log)
         yield f"http://127.0.0.1:{port}", allowed
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+        stop_process_group(server)
 
 
 def test_mlflow_models_serve_answers_as_predict_does(trained, served, tmp_path):

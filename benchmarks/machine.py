@@ -1,0 +1,21 @@
+"""The line every benchmark table starts with: which CPU measured it (these machines change
+between sessions: AMX, AVX2-only, AVX512-BF16)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+FLAGS = ("avx512_bf16", "amx_bf16", "amx_tile", "avx512f", "avx2")
+
+
+def cpu_line() -> str:
+    """`lscpu`'s model name, the core count and the flags that decide bf16 speed."""
+    model, flags = "unknown", set()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+        elif line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+    shown = [f for f in FLAGS if f in flags] or ["none of " + ", ".join(FLAGS)]
+    return f"CPU: {model}, {os.cpu_count()} cores; flags: {', '.join(shown)}"
