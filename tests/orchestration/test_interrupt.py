@@ -31,7 +31,8 @@ LOOP = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("seed", [0, *(pytest.param(s, marks=pytest.mark.slow)
+                                       for s in range(1, 4))])  # ~8 s each
 def test_sigterm_during_a_store_write_still_ends_the_run_killed(tmp_path, seed):
     script = tmp_path / "loop.py"
     script.write_text(LOOP)
