@@ -84,7 +84,8 @@ def test_runs_on_the_same_images_are_paired_and_others_refused(store, tmp_path):
 def test_a_group_whose_runs_saw_different_images_is_refused(store, tmp_path):
     client, *_ = store
     runs = client.search_runs([client.get_experiment_by_name("verdict").experiment_id])
-    rows, refused = verdict.verdicts(client, [("all runs", runs)])
+    predictions = verdict.download_predictions(client, runs, tmp_path / "dl")
+    rows, refused = verdict.verdicts(client, [("all runs", runs)], predictions)
     assert rows == []
     assert refused == ["the runs of all runs were tested on different images (their splits "
                        "differ: fix data.split_seed so every run sees the same folds)"]
@@ -144,8 +145,9 @@ def test_two_cross_validations_on_the_same_folds_get_the_corrected_t_test(tmp_pa
         log_cv(client, experiment_id, tmp_path, name, files, labels, score,
                dict(zip(keys, aucs[name], strict=True)))
     parents = client.search_runs([experiment_id], "tags.cv_folds = '2'")
-    rows, refused = verdict.verdicts(client, [(r.data.params["backbone.name"], [r])
-                                              for r in parents])
+    rows, refused = verdict.verdicts(
+        client, [(r.data.params["backbone.name"], [r]) for r in parents],
+        verdict.download_predictions(client, parents, tmp_path / "dl"))
     assert refused == []
     (row,) = rows
     differences = np.array(aucs["dense"]) - np.array(aucs["res"])

@@ -8,7 +8,7 @@ from __future__ import annotations
 import csv
 import statistics
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,8 +78,7 @@ def group_runs(runs: Sequence[Run], group_by: Sequence[str]) -> list[Group]:
 
 def _run_value(client: MlflowClient, run: Run, name: str) -> float:
     if "cv_folds" in run.data.tags and name in ("epoch_seconds", "n_parameters"):
-        folds = client.search_runs([run.info.experiment_id],
-                                   f"tags.cv_parent = '{run.info.run_id}' and tags.cv_fold != ''")
+        folds = verdict.fold_runs(client, run)
         values = [_run_value(client, fold, name) for fold in folds]
         return statistics.median(values) if values else float("nan")  # the folds' own
     if name == "epoch_seconds":  # median epoch time, leaving out the first (graph tracing)
@@ -133,9 +132,8 @@ def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
                              *[v for name in TABLE_METRICS for v in row[name]]])
 
 
-def _predictions(client: MlflowClient, run: Run, folder: Path) -> tuple[np.ndarray, np.ndarray]:
+def _predictions(run: Run, path: Path) -> tuple[np.ndarray, np.ndarray]:
     """(is_positive, p_positive) of a run's logged test predictions."""
-    path = client.download_artifacts(run.info.run_id, "test_predictions.csv", str(folder))
     positive = run.data.tags["positive_class"]
     with open(path, newline="") as handle:
         rows = list(csv.DictReader(handle))
@@ -143,18 +141,16 @@ def _predictions(client: MlflowClient, run: Run, folder: Path) -> tuple[np.ndarr
             np.array([float(r[f"p_{positive}"]) for r in rows]))
 
 
-def plot_roc(client: MlflowClient, groups: Sequence[Group], path: Path) -> None:
-    """Each group's test ROC curve, pooling its runs' predictions."""
+def plot_roc(groups: Sequence[Group], predictions: Mapping[str, Path], path: Path) -> None:
+    """Each group's test ROC curve, pooling its runs' predictions (run id -> CSV)."""
     fig, ax = plt.subplots(figsize=(5.5, 5))
-    with tempfile.TemporaryDirectory() as folder:
-        for index, group in enumerate(groups):
-            parts = [_predictions(client, run, Path(folder) / f"{index}_{n}")
-                     for n, run in enumerate(group.runs)]
-            truth = np.concatenate([p[0] for p in parts])
-            score = np.concatenate([p[1] for p in parts])
-            fpr, tpr, _ = skm.roc_curve(truth, score)
-            ax.plot(fpr, tpr, label=f"{group.key} (AUC {skm.auc(fpr, tpr):.3f}, "
-                                    f"{len(group.runs)} runs)")
+    for group in groups:
+        parts = [_predictions(run, predictions[run.info.run_id]) for run in group.runs]
+        truth = np.concatenate([p[0] for p in parts])
+        score = np.concatenate([p[1] for p in parts])
+        fpr, tpr, _ = skm.roc_curve(truth, score)
+        ax.plot(fpr, tpr, label=f"{group.key} (AUC {skm.auc(fpr, tpr):.3f}, "
+                                f"{len(group.runs)} runs)")
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":")
     ax.set(xlabel="false positive rate (1 - specificity)", ylabel="true positive rate "
            "(sensitivity)", title="test ROC curves")
@@ -205,9 +201,11 @@ def write_report(client: MlflowClient, runs: Sequence[Run], group_by: Sequence[s
         "Test metrics are those of each run's best checkpoint (chosen on validation); "
         "mean ± std over the runs of a group. epoch_seconds: median epoch time.\n\n" + text)
     write_csv(rows, output / "comparison.csv")
-    plot_roc(client, groups, output / "roc_curves.png")
+    with tempfile.TemporaryDirectory() as folder:  # each run's predictions, downloaded once
+        predictions = verdict.download_predictions(client, runs, Path(folder))
+        plot_roc(groups, predictions, output / "roc_curves.png")
+        rows, refused = verdict.verdicts(client, [(g.key, g.runs) for g in groups], predictions)
     plot_history(client, groups, "val_accuracy", output / "val_accuracy_curves.png")
     plot_history(client, groups, "lr", output / "lr_schedules.png", log_scale=True)
-    rows, refused = verdict.verdicts(client, [(g.key, g.runs) for g in groups])
     summary = verdict.write_verdict(rows, refused, output)
     return f"{text}\n{summary}", verdict.pair_metrics(rows)

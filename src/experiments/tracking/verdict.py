@@ -15,8 +15,7 @@ from __future__ import annotations
 import csv
 import itertools
 import re
-import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,9 +44,28 @@ class Scored:
     fold_runs: tuple[Run, ...] = ()  # a single cross-validation's fold runs
 
 
-def read_predictions(path: Path, positive: str) -> dict[str, tuple[bool, float, bool]]:
-    """file -> (is positive, p(positive), decided positive) of one run's test predictions;
-    an image scored several times (repeated CV) gets its mean probability and majority vote."""
+Table = dict[str, tuple[bool, float, bool]]
+Assignment = frozenset[tuple[str, str, str]]
+
+
+def download_predictions(client: MlflowClient, runs: Sequence[Run], folder: Path
+                         ) -> dict[str, Path]:
+    """run id -> its logged test_predictions.csv, downloaded once into `folder` for everything
+    a report reads from it (ROC curves, the verdict)."""
+    paths = {}
+    for run in runs:
+        target = folder / run.info.run_id
+        target.mkdir(parents=True, exist_ok=True)
+        paths[run.info.run_id] = Path(client.download_artifacts(
+            run.info.run_id, "test_predictions.csv", str(target)))
+    return paths
+
+
+def read_predictions(path: Path, positive: str) -> tuple[Table, Assignment]:
+    """file -> (is positive, p(positive), decided positive) of one run's test predictions (an
+    image scored several times, in repeated CV, gets its mean probability and majority vote),
+    and the (file, repeat, fold) of a cross-validation's out-of-fold rows (empty for a single
+    run's test split)."""
     with path.open(newline="") as handle:
         rows = list(csv.DictReader(handle))
     score_column = f"final_p_{positive}" if rows and f"final_p_{positive}" in rows[0] \
@@ -58,38 +76,27 @@ def read_predictions(path: Path, positive: str) -> dict[str, tuple[bool, float, 
     for row in rows:
         seen.setdefault(row["file"], []).append(
             (row["label"] == positive, float(row[score_column]), row[decided] == positive))
-    return {file: (values[0][0], float(np.mean([v[1] for v in values])),
-                   bool(np.mean([v[2] for v in values]) >= 0.5))
-            for file, values in seen.items()}
+    table = {file: (values[0][0], float(np.mean([v[1] for v in values])),
+                    bool(np.mean([v[2] for v in values]) >= 0.5))
+             for file, values in seen.items()}
+    return table, frozenset((row["file"], row["repeat"], row["fold"])
+                            for row in rows if "fold" in row)
 
 
-def fold_assignment(path: Path) -> frozenset[tuple[str, str, str]]:
-    """(file, repeat, fold) of a cross-validation's out-of-fold predictions (empty for a
-    single run's test split)."""
-    with path.open(newline="") as handle:
-        return frozenset((row["file"], row["repeat"], row["fold"])
-                         for row in csv.DictReader(handle) if "fold" in row)
+def fold_runs(client: MlflowClient, parent: Run) -> list[Run]:
+    """The fold runs of a cross-validation parent (not its refit)."""
+    return client.search_runs([parent.info.experiment_id],
+                              f"tags.cv_parent = '{parent.info.run_id}' and tags.cv_fold != ''",
+                              max_results=5000)
 
 
-def fold_runs(client: MlflowClient, parent: Run) -> tuple[Run, ...]:
-    """The evaluated fold runs of a cross-validation parent (not its refit)."""
-    children = client.search_runs([parent.info.experiment_id],
-                                  f"tags.cv_parent = '{parent.info.run_id}'", max_results=5000)
-    return tuple(run for run in children
-                 if run.data.tags.get("cv_fold") and "test_roc_auc" in run.data.metrics)
-
-
-def scored_group(client: MlflowClient, key: str, runs: Sequence[Run], folder: Path
-                 ) -> Scored | str:
-    """The group's pooled predictions, or why they cannot be pooled (runs tested on
-    different images)."""
-    tables, assignments = [], []
-    for index, run in enumerate(runs):
-        target = folder / f"{index}"
-        target.mkdir(parents=True, exist_ok=True)
-        path = client.download_artifacts(run.info.run_id, "test_predictions.csv", str(target))
-        tables.append(read_predictions(Path(path), run.data.tags["positive_class"]))
-        assignments.append(fold_assignment(Path(path)))
+def scored_group(client: MlflowClient, key: str, runs: Sequence[Run],
+                 predictions: Mapping[str, Path]) -> Scored | str:
+    """The group's pooled predictions (`predictions`: run id -> test_predictions.csv), or why
+    they cannot be pooled (runs tested on different images)."""
+    read = [read_predictions(predictions[run.info.run_id], run.data.tags["positive_class"])
+            for run in runs]
+    tables, assignments = [table for table, _ in read], [folds for _, folds in read]
     files = sorted(tables[0])
     if any(sorted(table) != files for table in tables[1:]):
         return (f"the runs of {key} were tested on different images (their splits differ: "
@@ -100,11 +107,8 @@ def scored_group(client: MlflowClient, key: str, runs: Sequence[Run], folder: Pa
     single_cv = len(runs) == 1 and bool(assignments[0])
     return Scored(key, tuple(files), truth, score, decision,
                   assignments[0] if len(set(assignments)) == 1 else frozenset(),
-                  fold_runs(client, runs[0]) if single_cv else ())
-
-
-def _auc(truth: np.ndarray, score: np.ndarray) -> float:
-    return float(roc_auc_score(truth, score))
+                  tuple(run for run in fold_runs(client, runs[0])
+                        if "test_roc_auc" in run.data.metrics) if single_cv else ())
 
 
 def corrected_across_folds(a: Scored, b: Scored) -> dict[str, Any]:
@@ -133,7 +137,7 @@ def compare_pair(a: Scored, b: Scored, seed: int = 0) -> dict[str, Any]:
     """The paired effect sizes, intervals and tests of a - b."""
     row: dict[str, Any] = {"a": a.key, "b": b.key, "n_images": len(a.files)}
     result = paired.delong(a.truth.astype(int), a.score, b.score)
-    _, low, high = paired.paired_bootstrap(a.truth.astype(int), a.score, b.score, _auc,
+    _, low, high = paired.paired_bootstrap(a.truth.astype(int), a.score, b.score, roc_auc_score,
                                            RESAMPLES, seed)
     row.update(auc_a=result.auc_a, auc_b=result.auc_b, delta_roc_auc=result.difference,
                delta_roc_auc_low=low, delta_roc_auc_high=high, p_delong=result.p_value)
@@ -149,19 +153,19 @@ def compare_pair(a: Scored, b: Scored, seed: int = 0) -> dict[str, Any]:
     return row
 
 
-def verdicts(client: MlflowClient, groups: Sequence[tuple[str, Sequence[Run]]]
-             ) -> tuple[list[dict[str, Any]], list[str]]:
+def verdicts(client: MlflowClient, groups: Sequence[tuple[str, Sequence[Run]]],
+             predictions: Mapping[str, Path]) -> tuple[list[dict[str, Any]], list[str]]:
     """(a row per comparable pair, with Holm-adjusted p-values; why the others were not
-    paired). Pairs run in the groups' alphabetical order: a - b with a before b."""
+    paired), from the runs' test predictions (`download_predictions`). Pairs run in the
+    groups' alphabetical order: a - b with a before b."""
     refused: list[str] = []
-    with tempfile.TemporaryDirectory() as folder:
-        scored = []
-        for index, (key, runs) in enumerate(sorted(groups, key=lambda group: group[0])):
-            group = scored_group(client, key, runs, Path(folder) / str(index))
-            if isinstance(group, str):
-                refused.append(group)
-            else:
-                scored.append(group)
+    scored = []
+    for key, runs in sorted(groups, key=lambda group: group[0]):
+        group = scored_group(client, key, runs, predictions)
+        if isinstance(group, str):
+            refused.append(group)
+        else:
+            scored.append(group)
     rows = []
     for a, b in itertools.combinations(scored, 2):
         if a.files != b.files or a.folds != b.folds:
