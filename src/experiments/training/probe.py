@@ -12,6 +12,7 @@ is reported beside it (knn_test_*).
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -55,9 +56,7 @@ def fit(prepared: Prepared, cached: dict[str, np.ndarray], settings: EvalConfig,
     def val_loss(model) -> float:
         return float(log_loss(y_val, model.predict_proba(z_val), labels=labels))
 
-    regressions = [LogisticRegression(C=c, max_iter=5000, random_state=seed)
-                   .fit(z_train, y_train) for c in C_GRID]
-    best = min(regressions, key=val_loss)
+    best = min(regularisation_path(z_train, y_train, seed), key=val_loss)
     write_into_head(classifier, best, mean, scale)
     checkpoint = find_checkpoint(prepared.callbacks)
     Path(checkpoint.filepath).parent.mkdir(parents=True, exist_ok=True)
@@ -71,6 +70,18 @@ def fit(prepared: Prepared, cached: dict[str, np.ndarray], settings: EvalConfig,
     value = val_metrics.get(checkpoint.monitor, float("nan"))
     return TrainResult({}, 1, value, checkpoint.monitor, monitor_increases(checkpoint),
                        Path(checkpoint.filepath))
+
+
+def regularisation_path(z: np.ndarray, y: np.ndarray, seed: int) -> list[LogisticRegression]:
+    """One regression per C of C_GRID, in increasing C, each solved from the previous one's
+    coefficients (warm start): the same optima (the loss is convex), in a fraction of the
+    iterations - weakly regularised fits on wide features otherwise take seconds each."""
+    model = LogisticRegression(max_iter=5000, random_state=seed, warm_start=True)
+    fits = []
+    for c in sorted(C_GRID):
+        model.set_params(C=c).fit(z, y)
+        fits.append(copy.deepcopy(model))
+    return fits
 
 
 def write_into_head(classifier, regression: LogisticRegression, mean: np.ndarray,
