@@ -72,6 +72,23 @@ def test_temperature_scaling_calibrates_overconfident_predictions():
                                   np.argsort(apply_temperature(overconfident, 3)[:, 1]))
 
 
+def test_temperature_never_sharpens_a_model_on_a_separable_validation_split():
+    """Every validation image right: the likelihood keeps improving as the temperature falls,
+    so an unbounded fit sharpens the model as far as it may (the old fit: 0.05, and a served
+    image at p = 1e-120). The fit stays at >= 1 there; one mistake makes it a real fit again."""
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 40)
+    confident = np.where(labels[:, None] == np.arange(2), 0.8, 0.2)  # all right, p = 0.8
+    assert stats.fit_temperature(labels, confident) == pytest.approx(1.0, abs=1e-3)
+    sharpened = apply_temperature(confident, stats.TEMPERATURE_BOUNDS[0])
+    assert sharpened[:, 1].max() > 1 - 1e-11  # what the unbounded fit would have served
+    wrong = confident.copy()
+    wrong[0] = wrong[0, ::-1]  # one mistake in 40: a free fit, inside the bounds - the one
+    # that makes p(right) = 39/40, i.e. T = logit(0.8) / logit(0.975) = 0.38
+    assert stats.fit_temperature(labels, wrong) == pytest.approx(
+        np.log(4) / np.log(39), abs=0.01)
+
+
 def test_dihedral_tta_of_a_rotation_invariant_model_equals_its_plain_prediction():
     """Per-pixel 1x1 convolutions and global pooling see the same pixels in every view."""
     inputs = keras.Input((16, 16, 3))

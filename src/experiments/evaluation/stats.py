@@ -150,12 +150,24 @@ def negative_log_likelihood(labels: np.ndarray, probabilities: np.ndarray) -> fl
     return float(-np.mean(np.log(np.clip(picked, 1e-12, 1.0))))
 
 
+TEMPERATURE_BOUNDS = (0.05, 20.0)
+
+
 def fit_temperature(labels: np.ndarray, probabilities: np.ndarray) -> float:
-    """The temperature minimising the negative log-likelihood (fit on validation only)."""
+    """The temperature minimising the negative log-likelihood (fit on validation only).
+
+    When every validation image is already classified correctly, the likelihood only grows as
+    the temperature falls, so the fit would run to its lower bound and sharpen the model 20x
+    on the evidence of a few dozen images (a served image then gets p = 1e-120). There the
+    temperature may soften the model, never sharpen it: it is fitted in [1, 20].
+    """
+    low, high = TEMPERATURE_BOUNDS
+    if len(labels) and np.all(np.argmax(probabilities, axis=1) == labels):
+        low = 1.0
     result = optimize.minimize_scalar(
         lambda log_t: negative_log_likelihood(
             labels, apply_temperature(probabilities, float(np.exp(log_t)))),
-        bounds=(np.log(0.05), np.log(20.0)), method="bounded")
+        bounds=(np.log(low), np.log(high)), method="bounded")
     return float(np.exp(result.x))
 
 
