@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from experiments.config.instantiate import components
-from experiments.config.schema import CONFIG_MODULE
+from experiments.config.schema import CONFIG_MODULE, register_configs
 from experiments.data import loading
 from experiments.orchestration import single
 from experiments.training.build import Prepared, build
@@ -51,6 +51,7 @@ SMALL = [*SMALL_DEMO, *SMALL_TRAINING]
 
 def compose_config(tmp_path: Path, overrides: Sequence[str] = ()) -> DictConfig:
     """The real config, with every path under tmp_path (store, outputs, cache)."""
+    register_configs()  # the schemas, as `python -m experiments.run` registers them
     paths = [f"paths.root={tmp_path}", f"paths.output_dir={tmp_path / 'out'}"]
     with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
         return compose(config_name="config", overrides=[*paths, *overrides])

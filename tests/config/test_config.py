@@ -7,6 +7,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from hydra import compose, initialize_config_module
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from omegaconf.errors import (
@@ -17,7 +18,13 @@ from omegaconf.errors import (
 )
 
 from experiments.config.instantiate import instantiate_callbacks
-from experiments.config.schema import CONFIG_MODULE, Config, DemoDataConfig, config_folder
+from experiments.config.schema import (
+    CONFIG_MODULE,
+    Config,
+    DemoDataConfig,
+    config_folder,
+    register_configs,
+)
 from experiments.models.backbones import BACKBONES, get_spec, resolve_image_size
 from experiments.models.classifier import build_classifier
 from experiments.orchestration import single
@@ -262,3 +269,19 @@ def test_every_hparams_search_preset_composes_into_an_optuna_multirun(tmp_path, 
                                  else "maximize")
     for key in sweeper.params:  # every searched key exists in the composed config
         assert OmegaConf.select(cfg, key) is not None or key == "finetune.unfreeze_layers", key
+
+
+def test_compare_backbones_preset_sweeps_backbones_on_folds_fixed_by_the_split(tmp_path):
+    """One command for the backbone study: a multirun over backbones (the study's two unless
+    named), frozen ImageNet features and a probe, 5 folds x 2 repeats seeded by the split."""
+    register_configs()
+    with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
+        cfg = compose(config_name="config", return_hydra_config=True,
+                      overrides=["experiment=compare_backbones", "data.root=/x",
+                                 f"paths.root={tmp_path}"])
+    assert str(cfg.hydra.mode) in ("MULTIRUN", "RunMode.MULTIRUN")
+    assert cfg.hydra.sweeper.params.backbone == "densenet201,resnet50"
+    assert cfg.backbone.weights == "imagenet" and cfg.finetune.strategy == "linear_probe"
+    assert (cfg.cv.folds, cfg.cv.repeats, cfg.cv.refit) == (5, 2, True)
+    assert cfg.data.split_seed == 0  # not the model seed: sweeping trainer.seed keeps folds
+    assert cfg.augmentation.dihedral and cfg.data.image_size == 224
