@@ -1,9 +1,11 @@
-"""`python -m experiments.compare`: one table and three figures that compare groups of runs.
+"""`python -m experiments.compare`: the study report of groups of finished runs.
 
 Reads finished runs from the tracking store with the MLflow API, groups them by config keys
-(e.g. `backbone.name`), and writes `comparison.md`, `comparison.csv`, `roc_curves.png`,
-`val_accuracy_curves.png` and `lr_schedules.png`. Groups report mean +- std over their runs
-(e.g. over seeds), so one lucky split does not decide a comparison.
+(e.g. `backbone.name`), and writes the study report: `report.html` (one self-contained file:
+the paired verdict, the table, ROC curves with bands, calibration, a Grad-CAM gallery of the
+images the groups disagree on), `comparison.md`/`.csv`, `verdict.md`/`.csv` and the figures.
+Groups report mean +- std over their runs (e.g. over seeds), and every two groups tested on the
+same images are compared image by image (DeLong, McNemar, paired bootstrap).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from experiments.console import configure_logging
 from experiments.errors import report_user_errors
 from experiments.tracking import store as store_lib
 from experiments.tracking.comparison import FILES, find_runs, write_report
+from experiments.tracking.study_report import GALLERY_IMAGES
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -30,6 +33,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--group-by", nargs="*", default=["backbone.name"],
                         help="param keys to group by (default: backbone.name)")
     parser.add_argument("--output", default="comparison", help="folder for the report")
+    parser.add_argument("--gallery", type=int, default=GALLERY_IMAGES, metavar="N",
+                        help="images the groups disagree on, with Grad-CAM, in report.html "
+                        f"(default {GALLERY_IMAGES}; 0: none)")
     parser.add_argument("--tracking-uri", default=None,
                         help="default: the SQLite store under ./mlruns")
     return parser.parse_args(argv)
@@ -41,7 +47,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     client = MlflowClient(args.tracking_uri or store_lib.default_store_uri())
     runs = find_runs(client, args.experiment, args.parent, args.filter)
-    text, _ = write_report(client, runs, args.group_by, Path(args.output))
+    title = f"Comparison of {args.experiment}" + (f", sweep {args.parent}" if args.parent
+                                                  else "")
+    text, _ = write_report(client, runs, args.group_by, Path(args.output), title, args.gallery)
     print(text)
     print(f"Report written to {Path(args.output).resolve()}: {', '.join(FILES)}")
 

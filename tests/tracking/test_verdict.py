@@ -77,6 +77,13 @@ def test_runs_on_the_same_images_are_paired_and_others_refused(store, tmp_path):
     assert "not paired: backbone.name=densenet201 and backbone.name=simplecnn were tested " \
            "on different images" in report
     assert "Paired verdict" in text
+    page = (tmp_path / "report" / "report.html").read_text()
+    for key in ("densenet201", "resnet50", "simplecnn"):  # every configuration, by name
+        assert f"backbone.name={key}" in page
+    assert "backbone.name=densenet201 - backbone.name=resnet50: AUC +" in page
+    # the two paired backbones disagree on some images: each is a tile, and these test runs
+    # have neither the images nor models on disk, which the tiles say instead of a Grad-CAM
+    assert page.count("class='tile'") == 8 and "no image at" in page
     rows = list(csv.DictReader((tmp_path / "report" / "verdict.csv").open()))
     assert len(rows) == 1 and float(rows[0]["p_delong_holm"]) >= float(rows[0]["p_delong"])
 

@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from sklearn import metrics as skm  # noqa: E402
 
 from experiments.errors import UserError
-from experiments.tracking import verdict
+from experiments.tracking import study_report, verdict
 
 matplotlib.use("Agg")
 
@@ -31,8 +31,9 @@ TABLE_METRICS = ("test_accuracy", "test_roc_auc", "test_f1", "test_recall", "tes
                  "best_epoch", "epoch_seconds", "n_parameters")
 
 
-FILES = ("comparison.md", "comparison.csv", "verdict.md", "verdict.csv", "roc_curves.png",
-         "val_accuracy_curves.png", "lr_schedules.png")
+FILES = ("report.html", "comparison.md", "comparison.csv", "verdict.md", "verdict.csv",
+         "roc_curves.png", "roc_bands.png", "calibration.png", "val_accuracy_curves.png",
+         "lr_schedules.png", "gallery/")
 
 
 @dataclass(frozen=True)
@@ -161,8 +162,10 @@ def plot_roc(groups: Sequence[Group], predictions: Mapping[str, Path], path: Pat
 
 
 def plot_history(client: MlflowClient, groups: Sequence[Group], metric: str, path: Path,
-                 log_scale: bool = False) -> None:
-    """Per-epoch `metric` by group: the mean over runs, with a band for min-max."""
+                 log_scale: bool = False) -> bool:
+    """Per-epoch `metric` by group: the mean over runs, with a band for min-max. Returns
+    whether any group had such a curve (cross-validation parents and linear probes have
+    none)."""
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for group in groups:
         curves = [{m.step: m.value for m in client.get_metric_history(run.info.run_id, metric)}
@@ -179,15 +182,26 @@ def plot_history(client: MlflowClient, groups: Sequence[Group], metric: str, pat
     if log_scale:
         ax.set_yscale("log")
     ax.set(xlabel="epoch", ylabel=metric, title=f"{metric} per epoch (mean, min-max band)")
-    if ax.lines:  # runs without per-epoch curves (cross-validation parents) draw none
+    drawn = bool(ax.lines)
+    if drawn:  # runs without per-epoch curves (cross-validation parents) draw none
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return drawn
+
+
+def summary_cells(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """The summary table as header and cells (for the HTML report)."""
+    return (["group", "n", *TABLE_METRICS],
+            [[str(row["group"]), str(row["n_runs"]),
+              *[_format(name, row[name]) for name in TABLE_METRICS]] for row in rows])
 
 
 def write_report(client: MlflowClient, runs: Sequence[Run], group_by: Sequence[str],
-                 output: Path) -> tuple[str, dict[str, float]]:
+                 output: Path, title: str = "Comparison",
+                 gallery_images: int = study_report.GALLERY_IMAGES
+                 ) -> tuple[str, dict[str, float]]:
     """Write the report files (FILES) into `output`; return the table and paired verdict
     text, and the verdict's metrics (for a sweep's parent run)."""
     if not runs:
@@ -201,11 +215,27 @@ def write_report(client: MlflowClient, runs: Sequence[Run], group_by: Sequence[s
         "Test metrics are those of each run's best checkpoint (chosen on validation); "
         "mean ± std over the runs of a group. epoch_seconds: median epoch time.\n\n" + text)
     write_csv(rows, output / "comparison.csv")
+    curves = [(caption, path) for caption, path, drawn in [
+        ("validation accuracy per epoch", output / "val_accuracy_curves.png",
+         plot_history(client, groups, "val_accuracy", output / "val_accuracy_curves.png")),
+        ("learning rate per epoch", output / "lr_schedules.png",
+         plot_history(client, groups, "lr", output / "lr_schedules.png", log_scale=True))]
+        if drawn]
     with tempfile.TemporaryDirectory() as folder:  # each run's predictions, downloaded once
         predictions = verdict.download_predictions(client, runs, Path(folder))
         plot_roc(groups, predictions, output / "roc_curves.png")
-        rows, refused = verdict.verdicts(client, [(g.key, g.runs) for g in groups], predictions)
-    plot_history(client, groups, "val_accuracy", output / "val_accuracy_curves.png")
-    plot_history(client, groups, "lr", output / "lr_schedules.png", log_scale=True)
-    summary = verdict.write_verdict(rows, refused, output)
-    return f"{text}\n{summary}", verdict.pair_metrics(rows)
+        scored, refused = verdict.score_groups(client, [(g.key, g.runs) for g in groups],
+                                               predictions)
+        pairs, unpaired = verdict.paired_rows(scored)
+        refused += unpaired
+        plots = [("ROC curves with bands",
+                  study_report.plot_roc_bands(scored, output / "roc_bands.png")),
+                 ("calibration", study_report.plot_calibration(scored,
+                                                               output / "calibration.png")),
+                 *curves]
+        tiles = study_report.gallery(client, scored, predictions, gallery_images,
+                                     Path(folder) / "models", output / "gallery")
+    summary = verdict.write_verdict(pairs, refused, output)
+    study_report.write_html(output / "report.html", title, summary_cells(rows), pairs, refused,
+                            plots, tiles, scored)
+    return f"{text}\n{summary}", verdict.pair_metrics(pairs)

@@ -125,8 +125,10 @@ class MlflowSweep(Callback):
             if runs:
                 group_by = group_by_keys(swept_keys(list(config.hydra.overrides.task)),
                                          runs[0].data.params)
+                title = (f"Sweep {sweep_dir.parent.name}/{sweep_dir.name}: "
+                         + " ".join(config.hydra.overrides.task))
                 text, verdict_metrics = comparison_lib.write_report(
-                    client, runs, group_by, sweep_dir / "comparison")
+                    client, runs, group_by, sweep_dir / "comparison", title)
                 client.log_artifacts(parent_id, str(sweep_dir / "comparison"),
                                      "comparison")
                 if verdict_metrics:  # delta_roc_auc__a_vs_b, p_delong__a_vs_b, ...

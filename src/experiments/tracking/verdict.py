@@ -42,6 +42,15 @@ class Scored:
     decision: np.ndarray   # bool: decided positive (at the run's threshold when it had one)
     folds: frozenset[tuple[str, str, str]] = frozenset()  # (file, repeat, fold) of a CV
     fold_runs: tuple[Run, ...] = ()  # a single cross-validation's fold runs
+    runs: tuple[Run, ...] = ()  # the group's runs (several: seeds)
+
+    @property
+    def classes(self) -> tuple[str, str]:
+        """(other class, positive class) names, from the runs' tags."""
+        tags = self.runs[0].data.tags
+        positive = tags["positive_class"]
+        others = [c for c in tags.get("classes", "").split(",") if c and c != positive]
+        return (others[0] if len(others) == 1 else f"not {positive}", positive)
 
 
 Table = dict[str, tuple[bool, float, bool]]
@@ -108,7 +117,8 @@ def scored_group(client: MlflowClient, key: str, runs: Sequence[Run],
     return Scored(key, tuple(files), truth, score, decision,
                   assignments[0] if len(set(assignments)) == 1 else frozenset(),
                   tuple(run for run in fold_runs(client, runs[0])
-                        if "test_roc_auc" in run.data.metrics) if single_cv else ())
+                        if "test_roc_auc" in run.data.metrics) if single_cv else (),
+                  tuple(runs))
 
 
 def corrected_across_folds(a: Scored, b: Scored) -> dict[str, Any]:
@@ -153,11 +163,11 @@ def compare_pair(a: Scored, b: Scored, seed: int = 0) -> dict[str, Any]:
     return row
 
 
-def verdicts(client: MlflowClient, groups: Sequence[tuple[str, Sequence[Run]]],
-             predictions: Mapping[str, Path]) -> tuple[list[dict[str, Any]], list[str]]:
-    """(a row per comparable pair, with Holm-adjusted p-values; why the others were not
-    paired), from the runs' test predictions (`download_predictions`). Pairs run in the
-    groups' alphabetical order: a - b with a before b."""
+def score_groups(client: MlflowClient, groups: Sequence[tuple[str, Sequence[Run]]],
+                 predictions: Mapping[str, Path]) -> tuple[list[Scored], list[str]]:
+    """Each group's pooled predictions, in the groups' alphabetical order, from the runs'
+    test predictions (`download_predictions`); and why the groups that could not be pooled
+    were left out."""
     refused: list[str] = []
     scored = []
     for key, runs in sorted(groups, key=lambda group: group[0]):
@@ -166,6 +176,13 @@ def verdicts(client: MlflowClient, groups: Sequence[tuple[str, Sequence[Run]]],
             refused.append(group)
         else:
             scored.append(group)
+    return scored, refused
+
+
+def paired_rows(scored: Sequence[Scored]) -> tuple[list[dict[str, Any]], list[str]]:
+    """(a row per comparable pair, a - b with a before b, with Holm-adjusted p-values; why the
+    other pairs were not paired)."""
+    refused: list[str] = []
     rows = []
     for a, b in itertools.combinations(scored, 2):
         if a.files != b.files or a.folds != b.folds:
@@ -180,6 +197,15 @@ def verdicts(client: MlflowClient, groups: Sequence[tuple[str, Sequence[Run]]],
             for row, value in zip(rows, adjusted, strict=True):
                 row[f"{test}_holm"] = float(value)
     return rows, refused
+
+
+def verdicts(client: MlflowClient, groups: Sequence[tuple[str, Sequence[Run]]],
+             predictions: Mapping[str, Path]) -> tuple[list[dict[str, Any]], list[str]]:
+    """(a row per comparable pair; why the others were not paired): `score_groups`, then
+    `paired_rows`."""
+    scored, refused = score_groups(client, groups, predictions)
+    rows, unpaired = paired_rows(scored)
+    return rows, refused + unpaired
 
 
 def sentence(row: dict[str, Any]) -> str:
