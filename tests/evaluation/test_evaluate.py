@@ -115,6 +115,23 @@ def test_gradcam_returns_a_map_of_the_image_size(backbone, size):
     assert last_feature_layer(model, size).name == model.layers[2].name  # the backbone
 
 
+def test_gradcam_of_a_stain_normalising_model_is_that_of_its_network():
+    """The served model is stain normalisation in front of the network: its Grad-CAM is the
+    network's on the normalised image (the network's last feature map), not a map of the
+    stain layer's output."""
+    from experiments.data import stain
+    from experiments.serving import export
+
+    rng = np.random.default_rng(2)
+    images = rng.uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
+    network = build_classifier("simplecnn", None, True, 32, 2)
+    layer = stain.fit("reinhard", images.astype(np.uint8))
+    served = export.deliverable(network, 32, None, layer)
+    expected = gradcam(network, layer(images).numpy())
+    np.testing.assert_allclose(gradcam(served, images), expected, atol=1e-4)
+    assert expected.max() == pytest.approx(1.0)  # a real map, normalised to its peak
+
+
 def test_gradcam_examples_cover_both_classes_and_mistakes():
     labels = np.array([0, 0, 0, 1, 1, 1])
     predicted = np.array([0, 0, 1, 1, 1, 0])

@@ -46,6 +46,7 @@ def gradcam(model: keras.Model, images: np.ndarray,
     images = np.asarray(images, np.float32)
     if class_indices is None:
         class_indices = np.argmax(np.asarray(model(images, training=False)), axis=1)
+    model, images = unwrap(model, images)
     network = patches.patch_network(model)
     if network is None:
         cam = _raw_cam(model, images, np.asarray(class_indices))
@@ -53,6 +54,21 @@ def gradcam(model: keras.Model, images: np.ndarray,
         cam = _stitched_cam(network, images, np.asarray(class_indices))
     peak = np.max(cam, axis=(1, 2), keepdims=True)
     return cam / np.maximum(peak, 1e-12)
+
+
+def unwrap(model: keras.Model, images: np.ndarray) -> tuple[keras.Model, np.ndarray]:
+    """A delivered model is the network behind input transforms (stain normalisation:
+    `serving.export.deliverable`): run those on the images and return the network, so the map
+    comes from the network's own last feature map - not from the transform, whose output is
+    the last 4-D one of the outer chain."""
+    chain = _chain(model)
+    while len(chain) > 1 and isinstance(chain[-1], keras.Model):
+        x = images
+        for layer in chain[:-1]:
+            x = layer(x, training=False)
+        model, images = chain[-1], np.asarray(x, np.float32)
+        chain = _chain(model)
+    return model, images
 
 
 def _stitched_cam(network: keras.Model, images: np.ndarray,
