@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from experiments.evaluation import paired
 from experiments.tracking import verdict
-from experiments.tracking.comparison import write_report
+from experiments.tracking.comparison import find_runs, write_report
 
 
 def log_run(client: MlflowClient, experiment_id: str, tmp_path, name: str, files, labels,
@@ -164,3 +164,20 @@ def test_two_cross_validations_on_the_same_folds_get_the_corrected_t_test(tmp_pa
     assert "over 4 folds, p = " in verdict.sentence(row) and "(corrected t)" in \
         verdict.sentence(row)
     assert "p_corrected_roc_auc__dense_vs_res" in verdict.pair_metrics(rows)
+
+
+def test_a_sweeps_jobs_are_found_in_whichever_experiment_their_preset_chose(store, tmp_path):
+    """`-m experiment=transfer_cpu,histology_cpu`: the parent lives in the base config's
+    experiment, each job in its preset's own; the sweep's comparison still finds them all."""
+    client, files, labels, strong, weak = store
+    home = client.create_experiment("biopsy", artifact_location=str(tmp_path / "a2"))
+    parent = client.create_run(home, tags={"sweep_parent": "true"})
+    elsewhere = client.create_experiment("preset_b", artifact_location=str(tmp_path / "a3"))
+    log_run(client, home, tmp_path, "job_a", files, labels, strong, "densenet201")
+    log_run(client, elsewhere, tmp_path, "job_b", files, labels, weak, "resnet50")
+    jobs = client.search_runs([home, elsewhere], "attributes.run_name LIKE 'job_%'")
+    for job in jobs:
+        client.set_tag(job.info.run_id, "mlflow.parentRunId", parent.info.run_id)
+    found = find_runs(client, "biopsy", parent.info.run_id)
+    assert sorted(r.info.run_name for r in found) == ["job_a", "job_b"]
+    assert find_runs(client, "preset_b") and len(find_runs(client, "preset_b")) == 1

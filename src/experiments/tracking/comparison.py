@@ -45,8 +45,9 @@ class Group:
 def find_runs(client: MlflowClient, experiment_name: str, parent_run_id: str | None = None,
               filter_string: str = "") -> list[Run]:
     """Finished training runs (those with test metrics) of an experiment, optionally only the
-    children of one parent run (a sweep's jobs, a cross-validation's folds) and matching an
-    MLflow filter string."""
+    children of one parent run (a sweep's jobs, a cross-validation's folds; in any experiment
+    of the store, as a sweep over `experiment=` presets spreads them) and matching an MLflow
+    filter string."""
     experiment = client.get_experiment_by_name(experiment_name)
     if experiment is None:
         raise UserError(f"No MLflow experiment named {experiment_name!r} in "
@@ -56,8 +57,11 @@ def find_runs(client: MlflowClient, experiment_name: str, parent_run_id: str | N
         clauses.append(f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
     if filter_string:
         clauses.append(filter_string)
+    ids = [experiment.experiment_id]
+    if parent_run_id:  # a sweep over presets: each job logs to its preset's own experiment
+        ids = [e.experiment_id for e in client.search_experiments(max_results=1000)]
     try:
-        runs = client.search_runs([experiment.experiment_id], " and ".join(clauses),
+        runs = client.search_runs(ids, " and ".join(clauses),
                                   order_by=["attributes.start_time ASC"], max_results=5000)
     except MlflowException as error:  # a malformed filter string or parent id
         raise UserError(f"Cannot search the runs of {experiment_name!r}: {error.message}. "

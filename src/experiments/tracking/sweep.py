@@ -149,10 +149,11 @@ class MlflowSweep(Callback):
         """trials.csv (one row per job: its swept or searched params, the value it returned
         to the sweeper, its state) and the best trial's params, on the parent run."""
         exp = client.get_experiment_by_name(experiment)
-        if exp is None:  # the jobs' experiment: created before the parent run
+        if exp is None:  # the parent's experiment: created before the parent run
             raise RuntimeError(f"The sweep's experiment {experiment!r} is gone")
-        runs = client.search_runs(
-            [exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'",
+        runs = client.search_runs(  # jobs of `experiment=` presets log to their own ones
+            [e.experiment_id for e in client.search_experiments(max_results=1000)],
+            f"tags.`mlflow.parentRunId` = '{parent_id}'",
             order_by=["attributes.start_time ASC"], max_results=10000)
         if not runs:
             return
