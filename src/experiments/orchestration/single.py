@@ -219,7 +219,8 @@ def evaluate_and_log(settings: Config, prepared: Prepared, result: TrainResult,
     log.info(f"Evaluating the checkpoint of epoch {result.best_epoch} on the test split")
     phases = {} if phases is None else phases
     timer = functools.partial(timed, phases)
-    network = inference.load_model(result.checkpoint_path)
+    network = inference.in_memory(result.model) if result.model is not None \
+        else inference.load_model(result.checkpoint_path)
     patch_size = settings.data.patch_size
     model = export.deliverable(network, prepared.image_size, patch_size, None)
     folder = output_dir / "report"

@@ -48,6 +48,12 @@ def load_model(path: str | Path) -> keras.Model:
     return model
 
 
+def in_memory(model: keras.Model) -> keras.Model:
+    """A model that is already loaded, prepared as `load_model` prepares a loaded one."""
+    fuse_batchnorm(model)
+    return model
+
+
 def save_model(model: keras.Model, info: Mapping[str, Any], folder: Path) -> Path:
     """Write `model.keras` and `model_info.json` into `folder`, each replaced atomically (a
     run killed while saving never leaves half a file)."""

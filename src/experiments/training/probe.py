@@ -69,7 +69,7 @@ def fit(prepared: Prepared, cached: dict[str, np.ndarray], settings: EvalConfig,
                                     settings))
     value = val_metrics.get(checkpoint.monitor, float("nan"))
     return TrainResult({}, 1, value, checkpoint.monitor, monitor_increases(checkpoint),
-                       Path(checkpoint.filepath))
+                       Path(checkpoint.filepath), model=classifier)
 
 
 def regularisation_path(z: np.ndarray, y: np.ndarray, seed: int) -> list[LogisticRegression]:
