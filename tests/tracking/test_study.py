@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from experiments.tracking import study_report, verdict
+from experiments.tracking import gallery, study_report, verdict
 from tests.conftest import (
     SMALL,
     artifact_files,
@@ -68,9 +68,9 @@ def test_compare_backbones_ends_with_the_verdict_and_a_report_naming_every_backb
     # nothing to run or fetch: self-contained
     assert "<script" not in page and not re.search(r"""(src|href)=["']?(https?:|//)""", page)
     tiles = page.count("class='tile'")
-    gallery = sorted((sweep_dir / "comparison" / "gallery").glob("*.png")) \
+    overlays = sorted((sweep_dir / "comparison" / "gallery").glob("*.png")) \
         if tiles else []
-    assert len(gallery) == 2 * tiles  # every tile: both backbones' Grad-CAM
+    assert len(overlays) == 2 * tiles  # every tile: both backbones' Grad-CAM
     assert page.count("Grad-CAM of its fold model") == 2 * tiles
 
 
@@ -88,7 +88,7 @@ def test_the_gallery_shows_the_grad_cam_of_the_fold_model_that_scored_the_image(
         assert not refused and len(scored) == 2
         a, b = scored
         b = dataclasses.replace(b, decision=~a.decision)  # they disagree on every image
-        (tile,) = study_report.gallery(client, [a, b], predictions, 1, Path(folder) / "m")
+        (tile,) = gallery.gallery(client, [a, b], predictions, 1, Path(folder) / "m")
         (row,) = [r for r in csv.DictReader(predictions[runs[0][1][0].info.run_id].open())
                   if r["file"] == tile.file]
     assert tile.file == a.files[int(np.argmax(np.abs(a.score - b.score)))]
@@ -109,9 +109,9 @@ def test_disagreements_are_the_images_decided_differently_widest_spread_first():
                np.array([True, True, False, False]))
     b = Scored("b", ("w", "x", "y", "z"), truth, np.array([0.8, 0.2, 0.45, 0.3]),
                np.array([True, False, True, False]))
-    assert study_report.disagreements([a, b], 5) == [1, 2]
-    assert study_report.disagreements([a, b], 1) == [1]
-    assert study_report.disagreements([a], 5) == []
+    assert gallery.disagreements([a, b], 5) == [1, 2]
+    assert gallery.disagreements([a, b], 1) == [1]
+    assert gallery.disagreements([a], 5) == []
 
 
 def test_roc_band_holds_the_curve_and_narrows_with_more_images():

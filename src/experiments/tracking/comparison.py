@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from sklearn import metrics as skm  # noqa: E402
 
 from experiments.errors import UserError
-from experiments.tracking import study_report, verdict
+from experiments.tracking import gallery, study_report, verdict
 
 matplotlib.use("Agg")
 
@@ -237,8 +237,8 @@ def write_report(client: MlflowClient, runs: Sequence[Run], group_by: Sequence[s
                  ("calibration", study_report.plot_calibration(scored,
                                                                output / "calibration.png")),
                  *curves]
-        tiles = study_report.gallery(client, scored, predictions, gallery_images,
-                                     Path(folder) / "models", output / "gallery")
+        tiles = gallery.gallery(client, scored, predictions, gallery_images,
+                                Path(folder) / "models", output / "gallery")
     summary = verdict.write_verdict(pairs, refused, output)
     study_report.write_html(output / "report.html", title, summary_cells(rows), pairs, refused,
                             plots, tiles, scored)

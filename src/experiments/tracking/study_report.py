@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -19,17 +17,15 @@ from typing import Any
 import matplotlib
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from mlflow.entities import Run  # noqa: E402
-from mlflow.tracking import MlflowClient  # noqa: E402
 from sklearn import metrics as skm  # noqa: E402
 
-from experiments.evaluation import figures, gradcam, stats
-from experiments.tracking import verdict
+from experiments.evaluation import figures, stats
+from experiments.tracking import gallery, verdict
 from experiments.tracking.verdict import Scored
 
 matplotlib.use("Agg")
 
-GALLERY_IMAGES = 8
+GALLERY_IMAGES = gallery.IMAGES
 BAND_RESAMPLES = 500
 FPR_GRID = np.linspace(0.0, 1.0, 101)
 
@@ -77,150 +73,6 @@ def plot_calibration(scored: Sequence[Scored], path: Path, n_bins: int = 10) -> 
         group.truth.astype(int), np.stack([1 - group.score, group.score], axis=1), n_bins)
         for group in scored}
     return figures.plot_reliability(curves, path)
-
-
-def paired_groups(scored: Sequence[Scored]) -> list[Scored]:
-    """The largest set of groups tested on the same images (none when no two were)."""
-    sets: dict[tuple[str, ...], list[Scored]] = {}
-    for group in scored:
-        sets.setdefault(group.files, []).append(group)
-    largest = max(sets.values(), key=len, default=[])
-    return largest if len(largest) > 1 else []
-
-
-def disagreements(scored: Sequence[Scored], count: int) -> list[int]:
-    """Up to `count` images (indices into the groups' shared files) on which the groups'
-    decisions differ, the widest spread of their probabilities first."""
-    if len(scored) < 2 or count <= 0 or any(g.files != scored[0].files for g in scored):
-        return []
-    decisions = np.stack([group.decision for group in scored])
-    differ = np.flatnonzero(decisions.min(axis=0) != decisions.max(axis=0))
-    spread = np.ptp(np.stack([group.score for group in scored]), axis=0)
-    return [int(i) for i in differ[np.argsort(-spread[differ], kind="stable")][:count]]
-
-
-def scoring_run(client: MlflowClient, run: Run, predictions: Path, file: str) -> Run:
-    """The run whose model scored `file` in `run`'s test predictions: the run itself, or for a
-    cross-validation the fold run that had the image in its test fold (the first repeat)."""
-    if "cv_folds" not in run.data.tags:
-        return run
-    _, assignment = verdict.read_predictions(predictions, run.data.tags["positive_class"])
-    repeat, fold = min(((r, f) for name, r, f in assignment if name == file),
-                       key=lambda where: (int(where[0]), int(where[1])))
-    for candidate in verdict.fold_runs(client, run):
-        tags = candidate.data.tags
-        if (tags.get("cv_repeat", "1"), tags["cv_fold"]) == (repeat, fold):
-            return candidate
-    raise ValueError(f"Cross-validation run {run.info.run_id} has no fold run for repeat "
-                     f"{repeat}, fold {fold} (the fold that tested {file})")
-
-
-@dataclass(frozen=True)
-class Panel:
-    """One group's view of a gallery image: its probability and decision, and the Grad-CAM
-    overlay of the model that scored it (or why there is none)."""
-
-    group: str
-    p_positive: float
-    decision: str
-    png: bytes | None
-    note: str
-
-
-@dataclass(frozen=True)
-class Tile:
-    file: str
-    truth: str
-    panels: tuple[Panel, ...]
-
-
-class _Models:
-    """Logged models loaded once each (run id -> Predictor), downloaded into `folder`."""
-
-    def __init__(self, client: MlflowClient, folder: Path) -> None:
-        self.client = client  # the comparison's store, not the process default
-        self.folder = folder
-        self.loaded: dict[str, Any] = {}
-
-    def get(self, run: Run) -> Any:
-        import mlflow.artifacts
-
-        from experiments.serving import inference
-
-        run_id = run.info.run_id
-        if run_id not in self.loaded:
-            # MLflow resolves a models:/<id> URI in the process's default store whatever
-            # tracking_uri says: look the logged model up in ours first.
-            uri = run.data.tags["model_uri"]
-            model_id = uri.removeprefix("models:/")
-            if uri.startswith("models:/") and "/" not in model_id:
-                uri = self.client.get_logged_model(model_id).artifact_location
-            local = Path(mlflow.artifacts.download_artifacts(
-                uri, dst_path=str(self.folder / run_id),
-                tracking_uri=self.client.tracking_uri))
-            self.loaded[run_id] = inference.Predictor.load(
-                local / "artifacts" / inference.MODEL_FILE,
-                local / "artifacts" / inference.MODEL_INFO)
-        return self.loaded[run_id]
-
-
-def image_path(run: Run, file: str) -> Path:
-    """Where a predictions row's image is: its path, or under the run's data.root."""
-    path = Path(file)
-    return path if path.is_absolute() else Path(run.data.params.get("data.root", ".")) / path
-
-
-def _panel(client: MlflowClient, models: _Models, group: Scored, index: int,
-           predictions: Mapping[str, Path]) -> Panel:
-    from experiments.data.decode import load_image
-
-    file, run = group.files[index], group.runs[0]
-    negative, positive = group.classes
-    p, decided = float(group.score[index]), positive if group.decision[index] else negative
-    source = scoring_run(client, run, predictions[run.info.run_id], file)
-    what = "its model" if source is run else (
-        f"its fold model (repeat {source.data.tags.get('cv_repeat', '1')}, fold "
-        f"{source.data.tags['cv_fold']})")
-    if len(group.runs) > 1:
-        what += f" (of the first of {len(group.runs)} runs)"
-    path = image_path(source, file)
-    if not path.is_file():
-        return Panel(group.key, p, decided, None, f"no image at {path}")
-    if "model_uri" not in source.data.tags:
-        return Panel(group.key, p, decided, None, f"run {source.info.run_id} logged no model")
-    predictor = models.get(source)
-    image = load_image(path, predictor.info.image_size)
-    try:
-        heatmap = gradcam.gradcam(predictor.model, image[None].astype(np.float32))[0]
-    except ValueError as error:  # a model that is not a chain of layers: say so in the tile
-        return Panel(group.key, p, decided, None, f"no Grad-CAM: {error}")
-    overlay = gradcam.overlay_image(image, heatmap, f"{group.key}: p({positive}) {p:.2f}")
-    buffer = io.BytesIO()
-    overlay.save(buffer, format="PNG")
-    return Panel(group.key, p, decided, buffer.getvalue(),
-                 f"Grad-CAM of {what}, for the class it predicts")
-
-
-def gallery(client: MlflowClient, scored: Sequence[Scored], predictions: Mapping[str, Path],
-            count: int, models_folder: Path, output: Path | None = None) -> list[Tile]:
-    """Tiles of the images the paired groups (`paired_groups`) disagree on (`disagreements`),
-    each with every such group's Grad-CAM; with `output`, each overlay is also written there
-    as a PNG."""
-    models = _Models(client, models_folder)
-    scored = paired_groups(scored)
-    tiles = []
-    for index in disagreements(scored, count):
-        first = scored[0]
-        truth = first.classes[1] if first.truth[index] else first.classes[0]
-        panels = tuple(_panel(client, models, group, index, predictions) for group in scored)
-        tiles.append(Tile(first.files[index], truth, panels))
-        if output is not None:
-            output.mkdir(parents=True, exist_ok=True)
-            for number, panel in enumerate(panels):
-                if panel.png is not None:
-                    (output / f"{len(tiles):02d}_{number}_{verdict.slug(panel.group)}.png"
-                     ).write_bytes(panel.png)
-    return tiles
 
 
 def _img(png: bytes, alt: str) -> str:
@@ -272,7 +124,7 @@ th { background: #f3f3f3; }
 
 def write_html(path: Path, title: str, summary: tuple[Sequence[str], Sequence[Sequence[str]]],
                rows: Sequence[Mapping[str, Any]], refused: Sequence[str],
-               plots: Sequence[tuple[str, Path]], tiles: Sequence[Tile],
+               plots: Sequence[tuple[str, Path]], tiles: Sequence[gallery.Tile],
                groups: Sequence[Scored]) -> Path:
     """report.html: the verdict, the summary table, the figures and the gallery, one file."""
     names = ", ".join(group.key for group in groups) or "none"
