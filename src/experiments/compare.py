@@ -14,6 +14,7 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
+from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 from experiments.console import configure_logging
@@ -21,6 +22,7 @@ from experiments.errors import report_user_errors
 from experiments.tracking import store as store_lib
 from experiments.tracking.comparison import FILES, find_runs, write_report
 from experiments.tracking.study_report import GALLERY_IMAGES
+from experiments.tracking.sweep import group_by_keys, swept_keys
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -30,8 +32,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--parent", help="only the jobs of this sweep (parent run id)")
     parser.add_argument("--filter", default="", help="MLflow filter string, e.g. "
                         "\"params.`data.image_size` = '64'\"")
-    parser.add_argument("--group-by", nargs="*", default=["backbone.name"],
-                        help="param keys to group by (default: backbone.name)")
+    parser.add_argument("--group-by", nargs="*", default=None,
+                        help="param keys to group by (default: with --parent, the keys the "
+                        "sweep swept, as its own report; else backbone.name)")
     parser.add_argument("--output", default="comparison", help="folder for the report")
     parser.add_argument("--gallery", type=int, default=GALLERY_IMAGES, metavar="N",
                         help="images the groups disagree on, with Grad-CAM, in report.html "
@@ -41,15 +44,27 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def default_group_by(client: MlflowClient, parent: str | None, runs: Sequence[Run]
+                     ) -> list[str]:
+    """What a sweep's own report grouped by (the keys its overrides swept, seeds pooled), so
+    `--parent` gives the same report; backbone.name for anything else."""
+    overrides = client.get_run(parent).data.tags.get("sweep_overrides") if parent else None
+    if overrides is None or not runs:
+        return ["backbone.name"]
+    return group_by_keys(swept_keys(overrides.split(" ")), runs[0].data.params)
+
+
 @report_user_errors
 def main(argv: Sequence[str] | None = None) -> None:
     configure_logging()
     args = parse_args(argv)
     client = MlflowClient(args.tracking_uri or store_lib.default_store_uri())
     runs = find_runs(client, args.experiment, args.parent, args.filter)
+    group_by = args.group_by if args.group_by is not None else default_group_by(
+        client, args.parent, runs)
     title = f"Comparison of {args.experiment}" + (f", sweep {args.parent}" if args.parent
                                                   else "")
-    text, _ = write_report(client, runs, args.group_by, Path(args.output), title, args.gallery)
+    text, _ = write_report(client, runs, group_by, Path(args.output), title, args.gallery)
     print(text)
     print(f"Report written to {Path(args.output).resolve()}: {', '.join(FILES)}")
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
+from experiments import compare
 from experiments.evaluation import paired
 from experiments.tracking import verdict
 from experiments.tracking.comparison import find_runs, write_report
@@ -181,3 +182,22 @@ def test_a_sweeps_jobs_are_found_in_whichever_experiment_their_preset_chose(stor
     found = find_runs(client, "biopsy", parent.info.run_id)
     assert sorted(r.info.run_name for r in found) == ["job_a", "job_b"]
     assert find_runs(client, "preset_b") and len(find_runs(client, "preset_b")) == 1
+
+
+def test_compare_of_a_sweep_groups_by_what_the_sweep_swept(store, tmp_path):
+    """`experiments.compare --parent <sweep>` without --group-by gives the sweep's own report:
+    grouped by the swept keys (here the presets, `choice.experiment`), not by backbone."""
+    client, files, labels, strong, weak = store
+    home = client.get_experiment_by_name("verdict").experiment_id
+    parent = client.create_run(home, tags={
+        "sweep_parent": "true",
+        "sweep_overrides": "experiment=transfer_cpu,histology_cpu cv.repeats=2"})
+    for name, preset, p in (("job_t", "transfer_cpu", strong), ("job_h", "histology_cpu", weak)):
+        log_run(client, home, tmp_path, name, files, labels, p, "same_backbone")
+        (job,) = client.search_runs([home], f"attributes.run_name = '{name}'")
+        client.log_param(job.info.run_id, "choice.experiment", preset)
+        client.set_tag(job.info.run_id, "mlflow.parentRunId", parent.info.run_id)
+    compare.main(["--experiment", "verdict", "--parent", parent.info.run_id, "--gallery", "0",
+                  "--output", str(tmp_path / "out"), "--tracking-uri", client.tracking_uri])
+    assert ("choice.experiment=histology_cpu - choice.experiment=transfer_cpu: AUC"
+            in (tmp_path / "out" / "verdict.md").read_text())
