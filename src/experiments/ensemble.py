@@ -54,12 +54,7 @@ def read_predictions(path: Path, class_names: Sequence[str], prefix: str = "p_")
 
 
 def load_member(client: MlflowClient, run: Run, folder: Path) -> Member:
-    import mlflow.artifacts
-
-    local = Path(mlflow.artifacts.download_artifacts(run.data.tags["model_uri"],
-                                                     dst_path=str(folder / "model")))
-    predictor = inference.Predictor.load(local / "artifacts" / inference.MODEL_FILE,
-                                         local / "artifacts" / inference.MODEL_INFO)
+    predictor = model_registry.load_logged(client, run.data.tags["model_uri"], folder / "model")
     names = predictor.info.class_names
     val = read_predictions(Path(client.download_artifacts(
         run.info.run_id, "val_predictions.csv", str(folder))), names)

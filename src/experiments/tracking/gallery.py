@@ -10,14 +10,14 @@ import io
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 from experiments.evaluation import gradcam
-from experiments.tracking import verdict
+from experiments.serving.inference import Predictor
+from experiments.tracking import model_registry, verdict
 from experiments.tracking.verdict import Scored
 
 IMAGES = 8
@@ -79,32 +79,19 @@ class Tile:
 
 
 class _Models:
-    """Logged models loaded once each (run id -> Predictor), downloaded into `folder`."""
+    """Logged models loaded once each (run id -> Predictor), downloaded into `folder` from the
+    comparison's store (not the process default)."""
 
     def __init__(self, client: MlflowClient, folder: Path) -> None:
-        self.client = client  # the comparison's store, not the process default
+        self.client = client
         self.folder = folder
-        self.loaded: dict[str, Any] = {}
+        self.loaded: dict[str, Predictor] = {}
 
-    def get(self, run: Run) -> Any:
-        import mlflow.artifacts
-
-        from experiments.serving import inference
-
+    def get(self, run: Run) -> Predictor:
         run_id = run.info.run_id
         if run_id not in self.loaded:
-            # MLflow resolves a models:/<id> URI in the process's default store whatever
-            # tracking_uri says: look the logged model up in ours first.
-            uri = run.data.tags["model_uri"]
-            model_id = uri.removeprefix("models:/")
-            if uri.startswith("models:/") and "/" not in model_id:
-                uri = self.client.get_logged_model(model_id).artifact_location
-            local = Path(mlflow.artifacts.download_artifacts(
-                uri, dst_path=str(self.folder / run_id),
-                tracking_uri=self.client.tracking_uri))
-            self.loaded[run_id] = inference.Predictor.load(
-                local / "artifacts" / inference.MODEL_FILE,
-                local / "artifacts" / inference.MODEL_INFO)
+            self.loaded[run_id] = model_registry.load_logged(
+                self.client, run.data.tags["model_uri"], self.folder / run_id)
         return self.loaded[run_id]
 
 

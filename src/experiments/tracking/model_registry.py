@@ -14,10 +14,11 @@ import mlflow
 import mlflow.pyfunc
 import pandas as pd
 from mlflow.models import ModelSignature
+from mlflow.tracking import MlflowClient
 from mlflow.types.schema import ColSpec, Schema
 
 from experiments.serving import limits
-from experiments.serving.inference import MODEL_FILE, MODEL_INFO
+from experiments.serving.inference import MODEL_FILE, MODEL_INFO, Predictor
 
 
 def log_model(model_dir: Path, info: Mapping[str, Any]) -> str:
@@ -60,3 +61,18 @@ def serving_requirements() -> list[str]:
 def register_model(model_uri: str, name: str) -> str:
     """Register a logged model under `name`; return the new version."""
     return mlflow.register_model(model_uri, name).version
+
+
+def load_logged(client: MlflowClient, model_uri: str, folder: Path) -> Predictor:
+    """A logged model (`model_uri`, a run's `model_uri` tag) downloaded from `client`'s store
+    into `folder` and loaded with its info. MLflow resolves a models:/<id> URI in the
+    process's default store whatever tracking_uri says: the logged model is looked up
+    through `client` first."""
+    import mlflow.artifacts
+
+    model_id = model_uri.removeprefix("models:/")
+    if model_uri.startswith("models:/") and "/" not in model_id:
+        model_uri = client.get_logged_model(model_id).artifact_location
+    local = Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=str(folder),
+                                                     tracking_uri=client.tracking_uri))
+    return Predictor.load(local / "artifacts" / MODEL_FILE, local / "artifacts" / MODEL_INFO)
