@@ -43,20 +43,24 @@ def disagreements(scored: Sequence[Scored], count: int) -> list[int]:
     return [int(i) for i in differ[np.argsort(-spread[differ], kind="stable")][:count]]
 
 
-def scoring_run(client: MlflowClient, run: Run, predictions: Path, file: str) -> Run:
-    """The run whose model scored `file` in `run`'s test predictions: the run itself, or for a
-    cross-validation the fold run that had the image in its test fold (the first repeat)."""
+def scoring_runs(client: MlflowClient, run: Run, predictions: Path) -> dict[str, Run]:
+    """file -> the run whose model scored it in `run`'s test predictions: the run itself, or
+    for a cross-validation the fold run that had the image in its test fold (the first
+    repeat). Read once per run: one predictions file, one search for the fold runs."""
+    table, assignment = verdict.read_predictions(predictions, run.data.tags["positive_class"])
     if "cv_folds" not in run.data.tags:
-        return run
-    _, assignment = verdict.read_predictions(predictions, run.data.tags["positive_class"])
-    repeat, fold = min(((r, f) for name, r, f in assignment if name == file),
-                       key=lambda where: (int(where[0]), int(where[1])))
-    for candidate in verdict.fold_runs(client, run):
-        tags = candidate.data.tags
-        if (tags.get("cv_repeat", "1"), tags["cv_fold"]) == (repeat, fold):
-            return candidate
-    raise ValueError(f"Cross-validation run {run.info.run_id} has no fold run for repeat "
-                     f"{repeat}, fold {fold} (the fold that tested {file})")
+        return dict.fromkeys(table, run)
+    folds = {(r.data.tags.get("cv_repeat", "1"), r.data.tags["cv_fold"]): r
+             for r in verdict.fold_runs(client, run)}
+    first: dict[str, tuple[str, str]] = {}
+    for file, repeat, fold in assignment:
+        if file not in first or (int(repeat), int(fold)) < tuple(map(int, first[file])):
+            first[file] = (repeat, fold)
+    missing = sorted(set(first.values()) - set(folds))
+    if missing:
+        raise ValueError(f"Cross-validation run {run.info.run_id} has no fold run for "
+                         f"(repeat, fold) {missing}")
+    return {file: folds[where] for file, where in first.items()}
 
 
 @dataclass(frozen=True)
@@ -101,14 +105,13 @@ def image_path(run: Run, file: str) -> Path:
     return path if path.is_absolute() else Path(run.data.params.get("data.root", ".")) / path
 
 
-def _panel(client: MlflowClient, models: _Models, group: Scored, index: int,
-           predictions: Mapping[str, Path]) -> Panel:
+def _panel(models: _Models, group: Scored, index: int, sources: Mapping[str, Run]) -> Panel:
     from experiments.data.decode import load_image
 
     file, run = group.files[index], group.runs[0]
     negative, positive = group.classes
     p, decided = float(group.score[index]), positive if group.decision[index] else negative
-    source = scoring_run(client, run, predictions[run.info.run_id], file)
+    source = sources[file]
     what = "its model" if source is run else (
         f"its fold model (repeat {source.data.tags.get('cv_repeat', '1')}, fold "
         f"{source.data.tags['cv_fold']})")
@@ -139,11 +142,17 @@ def gallery(client: MlflowClient, scored: Sequence[Scored], predictions: Mapping
     as a PNG."""
     models = _Models(client, models_folder)
     scored = paired_groups(scored)
-    tiles = []
-    for index in disagreements(scored, count):
+    tiles: list[Tile] = []
+    chosen = disagreements(scored, count)
+    if not chosen:
+        return tiles
+    sources = [scoring_runs(client, group.runs[0], predictions[group.runs[0].info.run_id])
+               for group in scored]  # the first run of each group: its models are shown
+    for index in chosen:
         first = scored[0]
         truth = first.classes[1] if first.truth[index] else first.classes[0]
-        panels = tuple(_panel(client, models, group, index, predictions) for group in scored)
+        panels = tuple(_panel(models, group, index, source)
+                       for group, source in zip(scored, sources, strict=True))
         tiles.append(Tile(first.files[index], truth, panels))
         if output is not None:
             output.mkdir(parents=True, exist_ok=True)
