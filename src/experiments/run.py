@@ -168,7 +168,27 @@ def print_summary(run_id: str, metrics: dict[str, float], best_epoch: int | None
             print(f"    {prefix}{name:<14} {value:.4f}{interval}")
     if "val_threshold" in metrics:
         print(f"  threshold on p(positive), chosen on validation: {metrics['val_threshold']:.4f}")
+    print_cohorts(metrics)
     print(f"Open the MLflow UI: {store_lib.ui_command(tracking_uri)}")
+
+
+def print_cohorts(metrics: dict[str, float]) -> None:
+    """Each external cohort's headline metrics (eval.external) with their intervals."""
+    cohorts = sorted(name.removeprefix("ext_").removesuffix("_n_images") for name in metrics
+                     if name.startswith("ext_") and name.endswith("_n_images"))
+    if cohorts:
+        print("External cohorts (the final model; never used to train, select or calibrate):")
+    for cohort in cohorts:
+        cells = []
+        for name in ("accuracy", "roc_auc", "patient_accuracy", "ece"):
+            key = f"ext_{cohort}_{name}"
+            if key in metrics:
+                low = metrics.get(f"{key}_ci_low")
+                interval = "" if low is None else \
+                    f" [{low:.3f}, {metrics[f'{key}_ci_high']:.3f}]"
+                cells.append(f"{name} {metrics[key]:.3f}{interval}")
+        print(f"  {cohort} ({int(metrics[f'ext_{cohort}_n_images'])} images): "
+              + ", ".join(cells))
 
 
 @hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_MODULE}", config_name="config")

@@ -285,3 +285,25 @@ def test_compare_backbones_preset_sweeps_backbones_on_folds_fixed_by_the_split(t
     assert (cfg.cv.folds, cfg.cv.repeats, cfg.cv.refit) == (5, 2, True)
     assert cfg.data.split_seed == 0  # not the model seed: sweeping trainer.seed keeps folds
     assert cfg.augmentation.dihedral and cfg.data.image_size == 224
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["+eval.external.bad-name=/x"], "eval.external.bad-name"),
+    (["+eval.external.bh.rooot=/x"], "eval.external.bh.rooot"),
+    (["+eval.external.bh.group_pattern=P"], "eval.external.bh.root"),
+    (["+eval.external.bh.root=/x", "+eval.external.bh.group_pattern='(P'"],
+     r"eval.external.bh.group_pattern.*'\(P'"),
+])
+def test_external_cohort_mistakes_name_the_key(tmp_path, overrides, message):
+    cfg = compose_config(tmp_path, ["data.root=/x", *overrides])
+    with pytest.raises(ValueError, match=message):
+        OmegaConf.to_object(cfg)
+
+
+def test_external_cohorts_as_folders_or_with_options(tmp_path):
+    cfg = compose_config(tmp_path, [
+        "data.root=/x", "+eval.external.lab_b=/data/b", "+eval.external.bh.root=/data/bh",
+        "+eval.external.bh.group_pattern='SOB_[BM]_([^-]+-\\d+-[^-]+)-'"])
+    cohorts = OmegaConf.to_object(cfg).eval.cohorts
+    assert [(c.name, c.root, c.group_pattern) for c in cohorts] == [
+        ("bh", "/data/bh", "SOB_[BM]_([^-]+-\\d+-[^-]+)-"), ("lab_b", "/data/b", None)]

@@ -84,7 +84,7 @@ def test_missing_root_and_single_class_are_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match="does-not-exist"):
         folders_lib.scan_folder(tmp_path / "does-not-exist")
     write_image(tmp_path / "one" / "benign" / "a.jpg")
-    with pytest.raises(ValueError, match="at least two"):
+    with pytest.raises(ValueError, match="at least 2"):
         folders_lib.scan_folder(tmp_path / "one")
 
 

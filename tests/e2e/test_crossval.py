@@ -7,12 +7,15 @@ from mlflow.tracking import MlflowClient
 
 from experiments.run import run
 from experiments.tracking.comparison import find_runs, write_report
-from tests.conftest import all_runs, artifact_files, client_for, read_csv
+from tests.conftest import all_runs, artifact_files, client_for, read_csv, write_image
 
 
 def test_cross_validation_pools_out_of_fold_predictions(tmp_path, make_config):
+    for i in range(3):  # an external cohort, scored by the parent's model only
+        write_image(tmp_path / "lab" / "malignant" / f"m{i}.png", seed=i)
     cfg = make_config("cv.folds=2", "trainer.epochs=1", "eval.gradcam_images=2",
-                      "eval.bootstrap_resamples=200", "mlflow.experiment_name=cv")
+                      "eval.bootstrap_resamples=200", "mlflow.experiment_name=cv",
+                      f"+eval.external.lab={tmp_path / 'lab'}")
     best = run(cfg)
     assert 0.0 <= best <= 1.0
     client = client_for(tmp_path)
@@ -37,6 +40,8 @@ def test_cross_validation_pools_out_of_fold_predictions(tmp_path, make_config):
             assert (metrics[f"{prefix}{name}_ci_low"] <= metrics[f"{prefix}{name}"]
                     <= metrics[f"{prefix}{name}_ci_high"])
     assert 0 <= metrics["test_op_sensitivity"] <= 1
+    assert metrics["ext_lab_n_images"] == 3 and "ext_lab_sensitivity_ci_low" in metrics
+    assert not any(k.startswith("ext_") for f in folds for k in f.data.metrics)
     fold_accuracy = [f.data.metrics["test_accuracy"] for f in folds]
     assert metrics["cv_test_accuracy_mean"] == pytest.approx(sum(fold_accuracy) / 2)
     # Equal fold sizes: the pooled accuracy is the folds' mean.

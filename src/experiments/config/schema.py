@@ -23,6 +23,7 @@ from experiments.config.choices import (
     THRESHOLD_METHODS,
     TTA_MODES,
 )
+from experiments.config.cohorts import ExternalCohort, external_cohorts
 from experiments.config.training_schema import (
     AdamConfig,
     AdamWConfig,
@@ -134,6 +135,10 @@ class EvalConfig:
     # Grad-CAM overlays of this many test images (0: none), correct and wrong, both classes.
     gradcam_images: int = 8
     seed: int = MISSING
+    # Labeled folders of other sources scored by the run's final model after training (never
+    # used for training, selection, threshold or temperature): name -> folder, or name ->
+    # {root, group_pattern, include_pattern}. Logged as ext_<name>_* (experiments.config.cohorts).
+    external: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
 
@@ -147,6 +152,12 @@ class EvalConfig:
                 f"Received: eval.confidence={self.confidence!r}")
         check_at_least("eval.calibration_bins", self.calibration_bins, 2)
         check_at_least("eval.gradcam_images", self.gradcam_images, 0)
+        external_cohorts(self.external)
+
+    @property
+    def cohorts(self) -> tuple[ExternalCohort, ...]:
+        """`external` checked and typed."""
+        return external_cohorts(self.external)
 
 
 @dataclass

@@ -36,27 +36,28 @@ def _is_hidden(path: Path) -> bool:
     return path.name.startswith(".")
 
 
-def scan_folder(root: str | Path, include_pattern: str | None = None
-                ) -> tuple[tuple[str, ...], list[str], list[int]]:
+def scan_folder(root: str | Path, include_pattern: str | None = None, min_classes: int = 2,
+                key: str = "data") -> tuple[tuple[str, ...], list[str], list[int]]:
     """Class names (sorted subfolder names), files and labels of an image folder.
 
     The class is the first folder level; images may sit any number of levels below it (e.g.
     BreakHis' `malignant/SOB/ductal_carcinoma/<patient>/200X/<image>.png`). Files are listed by
     extension; hidden files (`.DS_Store`, `._x`) are ignored silently; with `include_pattern`,
-    only files whose path relative to `root` matches it (a regex, searched) are kept.
+    only files whose path relative to `root` matches it (a regex, searched) are kept. Errors
+    name the config keys under `key` (`data`, or an external cohort's `eval.external.<name>`).
     """
     root = Path(root)
     try:
         include = None if include_pattern is None else re.compile(include_pattern)
     except re.error as error:
-        raise ConfigError(f"`data.include_pattern` is not a valid regular expression ({error})."
-                          f" Received: data.include_pattern={include_pattern!r}") from error
+        raise ConfigError(f"`{key}.include_pattern` is not a valid regular expression ({error})."
+                          f" Received: {key}.include_pattern={include_pattern!r}") from error
     if not root.is_dir():
-        raise MissingFileError(f"Data folder does not exist: {root} (set data.root)")
+        raise MissingFileError(f"Data folder does not exist: {root} (set {key}.root)")
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not _is_hidden(p))
-    if len(class_dirs) < 2:
-        raise DataError(f"{root} must hold one subfolder per class, at least two; found "
-                        f"{[p.name for p in class_dirs]}")
+    if len(class_dirs) < min_classes:
+        raise DataError(f"{root} ({key}.root) must hold one subfolder per class, at least "
+                        f"{min_classes}; found {[p.name for p in class_dirs]}")
     files: list[str] = []
     labels: list[int] = []
     for label, class_dir in enumerate(class_dirs):
@@ -66,7 +67,8 @@ def scan_folder(root: str | Path, include_pattern: str | None = None
             and (include is None or include.search(p.relative_to(root).as_posix()))
         )
         if not found:
-            which = "" if include is None else f" matching data.include_pattern={include_pattern!r}"
+            which = "" if include is None else \
+                f" matching {key}.include_pattern={include_pattern!r}"
             raise DataError(f"Class folder {class_dir} holds no images{which} "
                             f"({', '.join(IMAGE_EXTENSIONS)})")
         files.extend(found)

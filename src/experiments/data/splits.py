@@ -49,20 +49,22 @@ class Split:
         return Split(self.files, self.labels, self.images, group_ids(self.files, pattern))
 
 
-def group_ids(files: Sequence[str], pattern: str) -> tuple[str, ...]:
+def group_ids(files: Sequence[str], pattern: str, key: str = "data.group_pattern"
+              ) -> tuple[str, ...]:
     """Each file's group from a regex searched in its file name: the first capture group if
-    the pattern has one, else the whole match (e.g. `^(P\\d+)_` -> patient "P12")."""
+    the pattern has one, else the whole match (e.g. `^(P\\d+)_` -> patient "P12"). Errors name
+    the config `key`."""
     try:
         compiled = re.compile(pattern)
     except re.error as error:
-        raise ConfigError(f"`data.group_pattern` is not a valid regular expression ({error}). "
-                          f"Received: data.group_pattern={pattern!r}") from error
+        raise ConfigError(f"`{key}` is not a valid regular expression ({error}). "
+                          f"Received: {key}={pattern!r}") from error
     groups = []
     for file in files:
         match = compiled.search(Path(file).name)
         if match is None:
-            raise DataError(f"{file}: file name does not match data.group_pattern="
-                            f"{pattern!r} (every image needs a group)")
+            raise DataError(f"{file}: file name does not match {key}={pattern!r} (every "
+                            "image needs a group)")
         groups.append(match.group(1) if compiled.groups else match.group(0))
     return tuple(groups)
 

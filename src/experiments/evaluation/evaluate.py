@@ -5,6 +5,7 @@ validation, figures (matplotlib) and Grad-CAM overlays.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,7 +84,8 @@ def evaluate_model(model: keras.Model, splits: Splits, positive: int, settings: 
 
     def predict_split(name: str, tta: str) -> Predictions:
         split = getattr(splits, name)
-        return Predictions(split.files, np.asarray(split.labels, dtype=int), predict(name, tta))
+        return Predictions(split.files, np.asarray(split.labels, dtype=int), predict(name, tta),
+                           split.groups)
 
     plain = predict_split("test", "none")
     metrics = {**classification_metrics(plain, positive, "test_"),
@@ -125,10 +127,10 @@ def calibrate(test: Predictions, val: Predictions, settings: EvalSettings,
     curves = {"as trained": before}
     if settings.temperature_scaling:
         temperature = stats.fit_temperature(val.labels, val.probabilities)
-        test = Predictions(test.files, test.labels,
-                           apply_temperature(test.probabilities, temperature))
-        val = Predictions(val.files, val.labels,
-                          apply_temperature(val.probabilities, temperature))
+        test = dataclasses.replace(
+            test, probabilities=apply_temperature(test.probabilities, temperature))
+        val = dataclasses.replace(
+            val, probabilities=apply_temperature(val.probabilities, temperature))
         after = stats.reliability_bins(test.labels, test.probabilities,
                                        settings.calibration_bins)
         metrics.update({"temperature": temperature, "test_ece_calibrated": after.ece,

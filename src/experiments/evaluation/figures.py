@@ -49,14 +49,14 @@ def plot_confusion_matrix(pred: Predictions, class_names: Sequence[str], path: P
 
 
 def plot_roc_curve(pred: Predictions, class_names: Sequence[str], positive: int,
-                   path: Path) -> Path:
+                   path: Path, title: str = "test ROC curve") -> Path:
     fig, ax = plt.subplots(figsize=(4.5, 4))
     targets = [positive] if len(class_names) == 2 else range(len(class_names))
     for index in targets:
         skm.RocCurveDisplay.from_predictions(
             pred.labels == index, pred.probabilities[:, index], name=class_names[index], ax=ax)
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":")
-    ax.set_title("test ROC curve")
+    ax.set_title(title)
     return _save(fig, path)
 
 

@@ -21,6 +21,8 @@ class Predictions:
     files: tuple[str, ...]
     labels: np.ndarray  # (n,) int
     probabilities: np.ndarray  # (n, n_classes) float
+    # Each image's group (patient, slide) when known: intervals then resample whole groups.
+    groups: tuple[str, ...] | None = None
 
 
 def positive_index(class_names: Sequence[str], positive_class: str | None) -> int:
@@ -71,10 +73,12 @@ def classification_metrics(pred: Predictions, positive: int,
 
 def interval_metrics(pred: Predictions, positive: int, settings: EvalSettings, prefix: str,
                      threshold: float = 0.5) -> dict[str, float]:
-    """Point estimates and bootstrap interval bounds: <prefix><metric>, _ci_low, _ci_high."""
+    """Point estimates and bootstrap interval bounds: <prefix><metric>, _ci_low, _ci_high
+    (resampling patients, not images, when the predictions know each image's group)."""
+    groups = None if pred.groups is None else np.asarray(pred.groups)
     intervals = stats.bootstrap_intervals(pred.labels, pred.probabilities, positive, threshold,
                                           settings.bootstrap_resamples, settings.confidence,
-                                          settings.seed)
+                                          settings.seed, groups)
     out = {}
     for name, (point, low, high) in intervals.items():
         out.update({f"{prefix}{name}": point, f"{prefix}{name}_ci_low": low,

@@ -44,16 +44,36 @@ def stratified_resamples(labels: np.ndarray, n_resamples: int, seed: int) -> np.
     return np.concatenate(columns, axis=1)
 
 
+def group_resamples(labels: np.ndarray, groups: np.ndarray, n_resamples: int,
+                    seed: int) -> list[np.ndarray]:
+    """Image indices of `n_resamples` cluster-bootstrap resamples: whole groups (patients)
+    drawn with replacement within each class stratum (a group's stratum: its most frequent
+    label), so images of one patient, which are strongly correlated, count as one unit."""
+    rng = np.random.default_rng(seed)
+    names, member = np.unique(np.asarray(groups), return_inverse=True)
+    rows = [np.flatnonzero(member == g) for g in range(len(names))]
+    strata: dict[int, list[int]] = {}
+    for g, index in enumerate(rows):
+        strata.setdefault(int(np.bincount(labels[index]).argmax()), []).append(g)
+    draws = [rng.choice(np.asarray(members), size=(n_resamples, len(members)))
+             for _, members in sorted(strata.items())]
+    picked = np.concatenate(draws, axis=1)
+    return [np.concatenate([rows[g] for g in row]) for row in picked]
+
+
 def bootstrap_intervals(labels: np.ndarray, probabilities: np.ndarray, positive: int,
                         threshold: float = 0.5, n_resamples: int = 2000,
-                        confidence: float = 0.95, seed: int = 0
+                        confidence: float = 0.95, seed: int = 0,
+                        groups: np.ndarray | None = None
                         ) -> dict[str, tuple[float, float, float]]:
-    """metric -> (point estimate, low, high), percentile bootstrap over stratified resamples.
+    """metric -> (point estimate, low, high), percentile bootstrap over stratified resamples
+    of images, or of whole groups (patients) when `groups` is given.
 
     Two classes: accuracy, roc_auc, sensitivity, specificity of p(positive) >= threshold.
     More classes: accuracy of the argmax only. `probabilities` (n, C), or (R, n, C) for R sets
     of predictions of the same images (repeated cross-validation): each metric is then the
-    mean over the R sets, and every resample draws the same images for all of them.
+    mean over the R sets, and every resample draws the same images for all of them. A metric
+    a class is missing for (one-class cohorts: ROC-AUC and one of the rates) is left out.
     """
     if n_resamples < 100:
         raise ConfigError(f"`eval.bootstrap_resamples` must be at least 100. "
@@ -63,26 +83,41 @@ def bootstrap_intervals(labels: np.ndarray, probabilities: np.ndarray, positive:
                           f"Received: confidence={confidence!r}")
     labels = np.asarray(labels, dtype=int)
     sets = probabilities if probabilities.ndim == 3 else probabilities[None]
-    index = stratified_resamples(labels, n_resamples, seed)
+    index: np.ndarray | list[np.ndarray] = (
+        stratified_resamples(labels, n_resamples, seed) if groups is None
+        else group_resamples(labels, np.asarray(groups), n_resamples, seed))
     points, samples = [], []
-    for probs in sets:
-        if probs.shape[1] == 2:
-            truth = (labels == positive).astype(int)
-            score = probs[:, positive]
-            points.append(_binary_scores(truth[None], score[None], threshold))
-            samples.append(_binary_scores(truth[index], score[index], threshold))
-        else:
-            correct = probs.argmax(axis=1) == labels
-            points.append({"accuracy": correct[None].mean(axis=1)})
-            samples.append({"accuracy": correct[index].mean(axis=1)})
+    with np.errstate(divide="ignore", invalid="ignore"):  # a missing class: NaN, left out
+        for probs in sets:
+            if probs.shape[1] == 2:
+                truth = (labels == positive).astype(int)
+                score = probs[:, positive]
+                points.append(_binary_scores(truth[None], score[None], threshold))
+                samples.append(_resampled(truth, score, index, threshold))
+            else:
+                correct = probs.argmax(axis=1) == labels
+                points.append({"accuracy": correct[None].mean(axis=1)})
+                samples.append({"accuracy": np.array([correct[i].mean() for i in index])})
     tail = (1 - confidence) / 2 * 100
     out: dict[str, tuple[float, float, float]] = {}
     for name in samples[0]:
         point = float(np.mean([p[name][0] for p in points]))
         values = np.mean([s[name] for s in samples], axis=0)
-        low, high = np.nanpercentile(values, [tail, 100 - tail])
+        if not np.isfinite(point) or not np.isfinite(values).any():
+            continue
+        low, high = np.nanpercentile(values[np.isfinite(values)], [tail, 100 - tail])
         out[name] = (point, float(low), float(high))
     return out
+
+
+def _resampled(truth: np.ndarray, score: np.ndarray, index: np.ndarray | list[np.ndarray],
+               threshold: float) -> dict[str, np.ndarray]:
+    """`_binary_scores` of every resample: one array operation for equal-size resamples, one
+    resample at a time for group resamples (their sizes differ)."""
+    if isinstance(index, np.ndarray):
+        return _binary_scores(truth[index], score[index], threshold)
+    each = [_binary_scores(truth[i][None], score[i][None], threshold) for i in index]
+    return {name: np.array([e[name][0] for e in each]) for name in each[0]}
 
 
 def choose_threshold(labels: np.ndarray, score: np.ndarray, method: str,

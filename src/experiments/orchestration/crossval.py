@@ -27,11 +27,13 @@ from experiments.config.instantiate import Components
 from experiments.config.schema import Config, EvalConfig
 from experiments.data import loading
 from experiments.data import splits as splits_lib
+from experiments.data.cohorts import scan_cohorts
 from experiments.errors import ConfigError
 from experiments.evaluation import figures as figures_lib
 from experiments.evaluation import metrics as metrics_lib
 from experiments.evaluation import stats
 from experiments.orchestration import single
+from experiments.orchestration.external import evaluate_cohorts
 from experiments.orchestration.oof import (
     Fold,
     concat_predictions,
@@ -85,6 +87,7 @@ def run_cross_validation(settings: Config, components: Components) -> CVResult:
     cv, ml = settings.cv, settings.mlflow
     loaded = single.load_run_data(settings)
     check_supported(settings, loaded)
+    cohorts = scan_cohorts(settings.eval.cohorts, loaded.class_names)
     output_dir = Path(settings.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     experiment_id = store.ensure_experiment(ml.tracking_uri, ml.experiment_name,
@@ -119,6 +122,9 @@ def run_cross_validation(settings: Config, components: Components) -> CVResult:
             metrics = log_cross_validation(settings, components, loaded, positive, folds,
                                            output_dir)
             log_parent_model(settings, loaded, positive, folds, output_dir, refit)
+            metrics.update(evaluate_cohorts(cohorts, output_dir / run_records.MODEL_DIR,
+                                            settings.eval, settings.trainer.batch_size,
+                                            output_dir / "external", parent_id))
     return CVResult(parent_id, metrics, folds)
 
 

@@ -48,9 +48,11 @@ class Fold:
 
 
 def concat_predictions(predictions: Sequence[Predictions]) -> Predictions:
+    known = all(p.groups is not None for p in predictions)
     return Predictions(tuple(f for p in predictions for f in p.files),
                        np.concatenate([p.labels for p in predictions]),
-                       np.concatenate([p.probabilities for p in predictions]))
+                       np.concatenate([p.probabilities for p in predictions]),
+                       tuple(g for p in predictions for g in p.groups or ()) if known else None)
 
 
 def at_half(pred: Predictions, threshold: float | None, positive: int) -> Predictions:
@@ -62,7 +64,7 @@ def at_half(pred: Predictions, threshold: float | None, positive: int) -> Predic
     probabilities = pred.probabilities.copy()
     probabilities[:, positive] = np.clip(probabilities[:, positive] - threshold + 0.5, 0, 1)
     probabilities[:, 1 - positive] = 1 - probabilities[:, positive]
-    return Predictions(pred.files, pred.labels, probabilities)
+    return dataclasses.replace(pred, probabilities=probabilities)
 
 
 def repeats_of(folds: Sequence[Fold]) -> list[list[Fold]]:
@@ -74,8 +76,10 @@ def pooled(folds: Sequence[Fold], part: str = "plain") -> Predictions:
     """One repeat's out-of-fold predictions of `part` (an Evaluation attribute), by file."""
     joined = concat_predictions([getattr(f.evaluation, part) for f in folds])
     order = np.argsort(joined.files, kind="stable")
+    groups = joined.groups
     return Predictions(tuple(joined.files[i] for i in order), joined.labels[order],
-                       joined.probabilities[order])
+                       joined.probabilities[order],
+                       None if groups is None else tuple(groups[i] for i in order))
 
 
 def stacked(folds: Sequence[Fold], part: str = "plain",
@@ -95,13 +99,14 @@ def stacked(folds: Sequence[Fold], part: str = "plain",
 
 
 def _metrics(labels: np.ndarray, sets: np.ndarray, positive: int, settings: EvalConfig,
-             prefix: str) -> dict[str, float]:
-    """Point metrics averaged over the sets of predictions, and bootstrap intervals."""
+             prefix: str, groups: tuple[str, ...] | None) -> dict[str, float]:
+    """Point metrics averaged over the sets of predictions, and bootstrap intervals (over
+    patients when `groups` are known)."""
     points = [metrics_lib.classification_metrics(Predictions((), labels, p), positive, prefix)
               for p in sets]
     out = {name: float(np.mean([p[name] for p in points])) for name in points[0]}
-    intervals = metrics_lib.interval_metrics(Predictions((), labels, sets), positive, settings,
-                                             prefix)
+    intervals = metrics_lib.interval_metrics(Predictions((), labels, sets, groups), positive,
+                                             settings, prefix)
     return {**out, **intervals}
 
 
@@ -111,14 +116,15 @@ def pooled_metrics(folds: Sequence[Fold], positive: int, settings: EvalConfig
     with bootstrap intervals, test_op_* at each fold's own threshold, and the spread over
     folds (cv_<name>_mean/_std) and over repeats (cv_repeat_<name>_std)."""
     labels, plain = stacked(folds, "plain")
-    metrics = _metrics(labels, plain, positive, settings, "test_")
+    groups = pooled(repeats_of(folds)[0]).groups  # each image's patient, when known
+    metrics = _metrics(labels, plain, positive, settings, "test_", groups)
     if folds[0].evaluation.tta is not None:
         metrics.update(_metrics(labels, stacked(folds, "tta")[1], positive, settings,
-                                "test_tta_"))
+                                "test_tta_", groups))
     if folds[0].evaluation.threshold is not None:
         op = metrics_lib.interval_metrics(
-            Predictions((), labels, stacked(folds, positive=positive)[1]), positive, settings,
-            "test_op_")
+            Predictions((), labels, stacked(folds, positive=positive)[1], groups), positive,
+            settings, "test_op_")
         metrics.update({k: v for k, v in op.items() if "roc_auc" not in k})
     for name in SPREAD_METRICS:
         values = [f.evaluation.metrics.get(name, float("nan")) if name != "best_epoch"

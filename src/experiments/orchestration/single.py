@@ -21,11 +21,13 @@ from experiments.config.instantiate import Components
 from experiments.config.schema import Config
 from experiments.data import folders, patches, pipeline
 from experiments.data import splits as splits_lib
+from experiments.data.cohorts import scan_cohorts
 from experiments.data.loading import LoadedData, load_data, split
 from experiments.evaluation import evaluate
 from experiments.evaluation import figures as figures_lib
 from experiments.models import features
 from experiments.models.backbones import input_size
+from experiments.orchestration.external import evaluate_cohorts
 from experiments.orchestration.resume import BACKUP_DIR, TRAINING_RECORD, run_lock
 from experiments.serving import export, inference
 from experiments.tracking import epoch_logger, store
@@ -62,6 +64,7 @@ def run_single(settings: Config, components: Components) -> JobResult:
     with timed(phases, "load_data"):
         loaded = load_run_data(settings)
     with timed(phases, "build"):
+        cohorts = scan_cohorts(settings.eval.cohorts, loaded.class_names)
         splits = split(settings.data, loaded, settings.trainer.seed)
         prepared = build(settings, components, splits, loaded.skipped, loaded.image_size)
 
@@ -81,6 +84,12 @@ def run_single(settings: Config, components: Components) -> JobResult:
                 log.info(f"MLflow run {run_id} (experiment {ml.experiment_name!r})")
             result, evaluation = train_and_evaluate(settings, components, prepared,
                                                     output_dir, run_id, phases)
+            with timed(phases, "external"):
+                evaluation.metrics.update(evaluate_cohorts(
+                    cohorts, output_dir / MODEL_DIR, settings.eval,
+                    settings.trainer.batch_size, output_dir / "external", run_id))
+            if cohorts:
+                records_lib.log_new_metrics(run_id, {"seconds_external": phases["external"]})
     return JobResult(run_id, result, evaluation)
 
 

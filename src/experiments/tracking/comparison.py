@@ -93,12 +93,32 @@ def _run_value(client: MlflowClient, run: Run, name: str) -> float:
     return run.data.metrics.get(name, float("nan"))
 
 
-def summarize(client: MlflowClient, groups: Sequence[Group]) -> list[dict[str, Any]]:
-    """One row per group: n runs and (mean, std) of every TABLE_METRICS entry."""
+# Per external cohort (eval.external), these columns follow the test metrics.
+COHORT_METRICS = ("accuracy", "roc_auc", "patient_accuracy", "ece")
+
+
+def table_metrics(runs: Sequence[Run]) -> list[str]:
+    """TABLE_METRICS, then ext_<cohort>_<COHORT_METRICS> of every cohort any run scored."""
+    logged = {name for run in runs for name in run.data.metrics}
+    cohorts = sorted({name.removeprefix("ext_").removesuffix("_n_images") for name in logged
+                      if name.startswith("ext_") and name.endswith("_n_images")})
+    extra = [f"ext_{cohort}_{metric}" for cohort in cohorts for metric in COHORT_METRICS
+             if f"ext_{cohort}_{metric}" in logged]
+    return [*TABLE_METRICS, *extra]
+
+
+def _names(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The metric columns of summary rows, in order."""
+    return [name for name in rows[0] if name not in ("group", "n_runs")] if rows else []
+
+
+def summarize(client: MlflowClient, groups: Sequence[Group],
+              names: Sequence[str] = TABLE_METRICS) -> list[dict[str, Any]]:
+    """One row per group: n runs and (mean, std) of every metric in `names`."""
     rows = []
     for group in groups:
         row: dict[str, Any] = {"group": group.key, "n_runs": len(group.runs)}
-        for name in TABLE_METRICS:
+        for name in names:
             values = np.array([_run_value(client, run, name) for run in group.runs])
             std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
             row[name] = (float(np.mean(values)), std)
@@ -118,11 +138,12 @@ def _format(name: str, value: tuple[float, float]) -> str:
 
 def table_text(rows: Sequence[dict[str, Any]]) -> str:
     """A Markdown table (also readable in a terminal)."""
-    header = ["group", "n", *TABLE_METRICS]
+    names = _names(rows)
+    header = ["group", "n", *names]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [str(row["group"]), str(row["n_runs"]),
-                 *[_format(name, row[name]) for name in TABLE_METRICS]]
+                 *[_format(name, row[name]) for name in names]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -130,11 +151,12 @@ def table_text(rows: Sequence[dict[str, Any]]) -> str:
 def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["group", "n_runs", *[f"{name}_{stat}" for name in TABLE_METRICS
+        names = _names(rows)
+        writer.writerow(["group", "n_runs", *[f"{name}_{stat}" for name in names
                                               for stat in ("mean", "std")]])
         for row in rows:
             writer.writerow([row["group"], row["n_runs"],
-                             *[v for name in TABLE_METRICS for v in row[name]]])
+                             *[v for name in names for v in row[name]]])
 
 
 def _predictions(run: Run, path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -197,9 +219,10 @@ def plot_history(client: MlflowClient, groups: Sequence[Group], metric: str, pat
 
 def summary_cells(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     """The summary table as header and cells (for the HTML report)."""
-    return (["group", "n", *TABLE_METRICS],
+    names = _names(rows)
+    return (["group", "n", *names],
             [[str(row["group"]), str(row["n_runs"]),
-              *[_format(name, row[name]) for name in TABLE_METRICS]] for row in rows])
+              *[_format(name, row[name]) for name in names]] for row in rows])
 
 
 def write_report(client: MlflowClient, runs: Sequence[Run], group_by: Sequence[str],
@@ -212,12 +235,13 @@ def write_report(client: MlflowClient, runs: Sequence[Run], group_by: Sequence[s
         raise UserError("No finished runs with test metrics to compare")
     output.mkdir(parents=True, exist_ok=True)
     groups = group_runs(runs, group_by)
-    rows = summarize(client, groups)
+    rows = summarize(client, groups, table_metrics(runs))
     text = table_text(rows)
     (output / "comparison.md").write_text(
         f"# Comparison of {len(runs)} runs by {', '.join(group_by) or 'nothing'}\n\n"
         "Test metrics are those of each run's best checkpoint (chosen on validation); "
-        "mean ± std over the runs of a group. epoch_seconds: median epoch time.\n\n" + text)
+        "mean ± std over the runs of a group. epoch_seconds: median epoch time. ext_<cohort>_*: "
+        "the run's final model on that external cohort (eval.external).\n\n" + text)
     write_csv(rows, output / "comparison.csv")
     curves = [(caption, path) for caption, path, drawn in [
         ("validation accuracy per epoch", output / "val_accuracy_curves.png",

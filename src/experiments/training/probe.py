@@ -112,7 +112,7 @@ def knn_metrics(z_train: np.ndarray, y_train: np.ndarray, z_val: np.ndarray, y_v
 
     best_k = max(ks, key=lambda k: (np.mean(knn(k).predict(z_val) == y_val), k))
     test = Predictions(splits.test.files, np.asarray(splits.test.labels),
-                       knn(best_k).predict_proba(z_test))
+                       knn(best_k).predict_proba(z_test), splits.test.groups)
     return {"knn_k": best_k,
             **metrics_lib.classification_metrics(test, prepared.positive, "knn_test_"),
             **metrics_lib.interval_metrics(test, prepared.positive, settings, "knn_test_")}

@@ -1,0 +1,77 @@
+"""`eval.external`: the labeled folders of other sources (laboratories, scanners,
+magnifications) a run's final model is scored on after training, never used to train, select
+or calibrate it.
+
+On the command line a cohort is a folder, or a folder with options:
+
+    +eval.external.breakhis=/data/breakhis-100x
+    +eval.external.breakhis.root=/data/breakhis-100x \
+        '+eval.external.breakhis.group_pattern=SOB_[BM]_([^-]+-\\d+-[^-]+)-'
+
+(the values are untyped in the schema because OmegaConf cannot add a key to a dictionary of
+dataclasses from the command line; `external_cohorts` checks them as strictly as a schema
+would, when the config is converted, before any image is read).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from experiments.config.checks import require
+from experiments.errors import ConfigError
+
+NAME = re.compile(r"^[A-Za-z0-9_]+$")  # cohort names are part of metric names
+
+
+@dataclass(frozen=True)
+class ExternalCohort:
+    """A labeled folder with the training classes' subfolders (all or some of them)."""
+
+    name: str
+    root: str
+    # A regex searched in each file name giving its patient (first capture group): patient-
+    # level metrics, and intervals that resample patients. null: every image on its own.
+    group_pattern: str | None = None
+    # A regex searched in each image's path below `root`: only matching images are scored.
+    include_pattern: str | None = None
+
+
+OPTIONS = ("root", "group_pattern", "include_pattern")
+
+
+def external_cohorts(external: Mapping[str, object]) -> tuple[ExternalCohort, ...]:
+    """The cohorts of `eval.external` (name -> folder, or name -> {root, group_pattern,
+    include_pattern}), in name order; a bad name, key or value is a ConfigError naming it."""
+    cohorts = []
+    for name, value in sorted(external.items()):
+        key = f"eval.external.{name}"
+        require(isinstance(name, str) and bool(NAME.match(name)),
+                f"`eval.external` names become metric names (ext_<name>_accuracy): use letters, "
+                f"digits and _. Received: {key}")
+        if isinstance(value, str):
+            value = {"root": value}
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"`{key}` must be a folder or a mapping with keys {OPTIONS}. "
+                              f"Received: {key}={value!r}")
+        unknown = sorted(set(value) - set(OPTIONS))
+        require(not unknown, f"`{key}` takes the keys {OPTIONS}. Received: "
+                f"{', '.join(f'{key}.{k}' for k in unknown)}")
+        require(isinstance(value.get("root"), str) and bool(value.get("root")),
+                f"`{key}.root` must be set to a labeled folder. Received: "
+                f"{key}.root={value.get('root')!r}")
+        for option in ("group_pattern", "include_pattern"):
+            pattern = value.get(option)
+            require(pattern is None or isinstance(pattern, str),
+                    f"`{key}.{option}` must be a regex or null. Received: "
+                    f"{key}.{option}={pattern!r}")
+            if isinstance(pattern, str):
+                try:
+                    re.compile(pattern)
+                except re.error as error:
+                    require(False, f"`{key}.{option}` is not a valid regular expression "
+                            f"({error}). Received: {key}.{option}={pattern!r}")
+        cohorts.append(ExternalCohort(name, str(value["root"]), value.get("group_pattern"),
+                                      value.get("include_pattern")))
+    return tuple(cohorts)

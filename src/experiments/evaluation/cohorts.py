@@ -1,0 +1,75 @@
+"""Metrics of a model on an external cohort: per image and, when patients are known, per
+patient, each with a bootstrap interval that resamples patients (images of one patient are
+strongly correlated; BreakHis reports a patient-level rate for that reason).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from experiments.config.schema import EvalConfig
+from experiments.evaluation import stats
+from experiments.evaluation.figures import plot_roc_curve
+from experiments.evaluation.metrics import Predictions, interval_metrics
+
+
+def decisions(probabilities: np.ndarray, positive: int, threshold: float | None) -> np.ndarray:
+    """Each image's class index as the model decides it: at the threshold on p(positive) for
+    two classes, else the most probable class."""
+    if probabilities.shape[1] == 2 and threshold is not None:
+        return np.where(probabilities[:, positive] >= threshold, positive, 1 - positive)
+    return probabilities.argmax(axis=1)
+
+
+def per_patient(pred: Predictions) -> Predictions:
+    """One row per patient and class: the mean of its images' probabilities (the patient's
+    label is its images' label; a patient with images of two classes gives a row per class).
+    Rows are named by patient and ordered by name."""
+    if pred.groups is None:
+        raise ValueError("per_patient needs each image's group. Received: groups=None")
+    keys = sorted({(g, int(y)) for g, y in zip(pred.groups, pred.labels, strict=True)})
+    rows = [np.flatnonzero((np.asarray(pred.groups) == g) & (pred.labels == y)) for g, y in keys]
+    return Predictions(tuple(g for g, _ in keys), np.array([y for _, y in keys], dtype=int),
+                       np.stack([pred.probabilities[r].mean(axis=0) for r in rows]))
+
+
+def patient_recognition_rate(pred: Predictions, positive: int,
+                             threshold: float | None) -> float:
+    """BreakHis' patient-level recognition rate (Spanhol et al. 2016): the mean over patients of
+    the fraction of each patient's images classified correctly."""
+    if pred.groups is None:
+        raise ValueError("patient_recognition_rate needs each image's group. Received: None")
+    correct = decisions(pred.probabilities, positive, threshold) == pred.labels
+    groups = np.asarray(pred.groups)
+    return float(np.mean([correct[groups == g].mean() for g in np.unique(groups)]))
+
+
+def cohort_metrics(pred: Predictions, positive: int, threshold: float | None,
+                   settings: EvalConfig, prefix: str) -> dict[str, float]:
+    """<prefix>accuracy, _roc_auc, _sensitivity, _specificity (at the model's threshold) with
+    _ci_low/_ci_high, _ece and _n_images; with groups also <prefix>patient_* (the mean
+    probability per patient) and <prefix>patient_recognition_rate. A metric a cohort lacks
+    the class for (ROC-AUC of a one-class cohort) is left out, not logged as NaN."""
+    cut = 0.5 if threshold is None else threshold
+    out = {**interval_metrics(pred, positive, settings, prefix, cut),
+           f"{prefix}ece": stats.reliability_bins(pred.labels, pred.probabilities,
+                                                  settings.calibration_bins).ece,
+           f"{prefix}n_images": float(len(pred.labels))}
+    if pred.groups is not None:
+        patients = per_patient(pred)
+        out.update(interval_metrics(patients, positive, settings, f"{prefix}patient_", cut))
+        out[f"{prefix}patient_recognition_rate"] = patient_recognition_rate(pred, positive,
+                                                                            threshold)
+        out[f"{prefix}n_patients"] = float(len(set(pred.groups)))
+    return out
+
+
+def cohort_roc(pred: Predictions, class_names: Sequence[str], positive: int, name: str,
+               path: Path) -> Path | None:
+    """The cohort's ROC curve, or None when it holds one class only."""
+    if len(np.unique(pred.labels)) < 2:
+        return None
+    return plot_roc_curve(pred, class_names, positive, path, f"ROC curve, cohort {name!r}")

@@ -1,0 +1,76 @@
+"""External-cohort metrics: patient aggregation, patient resampling, one-class cohorts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from experiments.config.schema import EvalConfig
+from experiments.evaluation import stats
+from experiments.evaluation.cohorts import cohort_metrics, patient_recognition_rate, per_patient
+from experiments.evaluation.metrics import Predictions
+
+
+def probs(p_positive: list[float]) -> np.ndarray:
+    p = np.asarray(p_positive)
+    return np.stack([1 - p, p], axis=1)
+
+
+def test_patient_aggregation_matches_a_hand_computed_example():
+    # patient A (benign): 0.2, 0.4, 0.9 -> mean 0.5; patient B (malignant): 0.8, 0.6 -> 0.7
+    pred = Predictions(("a1", "a2", "a3", "b1", "b2"), np.array([0, 0, 0, 1, 1]),
+                       probs([0.2, 0.4, 0.9, 0.8, 0.6]), ("A", "A", "A", "B", "B"))
+    patients = per_patient(pred)
+    assert patients.files == ("A", "B")
+    np.testing.assert_array_equal(patients.labels, [0, 1])
+    np.testing.assert_allclose(patients.probabilities[:, 1], [0.5, 0.7])
+    # BreakHis' rate at threshold 0.5: A has 2 of 3 right, B 2 of 2 -> (2/3 + 1) / 2
+    assert patient_recognition_rate(pred, 1, 0.5) == pytest.approx((2 / 3 + 1) / 2)
+    # at threshold 0.7: A still 2 of 3 (0.9 is called malignant), B 1 of 2 (0.6 is not)
+    assert patient_recognition_rate(pred, 1, 0.7) == pytest.approx((2 / 3 + 1 / 2) / 2)
+
+
+def test_a_patient_with_images_of_both_classes_counts_once_per_class():
+    pred = Predictions(("x1", "x2", "x3"), np.array([0, 1, 1]), probs([0.1, 0.7, 0.9]),
+                       ("X", "X", "X"))
+    patients = per_patient(pred)
+    np.testing.assert_array_equal(patients.labels, [0, 1])
+    np.testing.assert_allclose(patients.probabilities[:, 1], [0.1, 0.8])
+
+
+def test_group_resamples_draw_whole_patients_within_each_class():
+    labels = np.array([0] * 6 + [1] * 6)
+    groups = np.array(["p1"] * 3 + ["p2"] * 3 + ["p3"] * 2 + ["p4"] * 4)
+    for index in stats.group_resamples(labels, groups, 50, seed=1):
+        counts = {g: int(np.sum(groups[index] == g)) for g in np.unique(groups)}
+        for group, n in counts.items():  # every patient drawn whole, any number of times
+            assert n % int(np.sum(groups == group)) == 0
+        # two patients per class in every resample: both classes are always there
+        assert set(labels[index]) == {0, 1}
+
+
+def test_patient_resampling_widens_the_interval_of_correlated_images():
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1], 40)
+    groups = np.repeat([f"p{i}" for i in range(8)], 10)  # 8 patients, 10 images each
+    per_group = rng.uniform(0.2, 0.8, 8)  # every image of a patient scored alike
+    scores = np.repeat(per_group, 10) + rng.normal(0, 0.01, 80)
+    p = probs(np.clip(scores, 0, 1).tolist())
+    by_image = stats.bootstrap_intervals(labels, p, 1, n_resamples=500)["roc_auc"]
+    by_patient = stats.bootstrap_intervals(labels, p, 1, n_resamples=500,
+                                           groups=groups)["roc_auc"]
+    assert by_image[0] == pytest.approx(by_patient[0])
+    assert by_patient[2] - by_patient[1] > 1.5 * (by_image[2] - by_image[1])
+
+
+def test_one_class_cohort_logs_only_what_is_defined():
+    settings = EvalConfig(seed=0, bootstrap_resamples=200)
+    pred = Predictions(tuple("abcd"), np.zeros(4, dtype=int), probs([0.1, 0.2, 0.6, 0.3]),
+                       ("P", "P", "Q", "Q"))
+    metrics = cohort_metrics(pred, 1, 0.5, settings, "ext_benign_")
+    assert metrics["ext_benign_accuracy"] == pytest.approx(0.75)
+    assert metrics["ext_benign_specificity"] == pytest.approx(0.75)
+    assert "ext_benign_roc_auc" not in metrics and "ext_benign_sensitivity" not in metrics
+    assert metrics["ext_benign_patient_accuracy"] == pytest.approx(1.0)  # means 0.15, 0.45
+    assert metrics["ext_benign_n_patients"] == 2 and metrics["ext_benign_n_images"] == 4
+    assert all(np.isfinite(v) for v in metrics.values())

@@ -1,0 +1,106 @@
+"""eval.external end to end: the final model scores each cohort as `experiments.predict` does,
+the run logs per-cohort (and per-patient) metrics with intervals, and the cohorts take no part
+in training, selection or calibration."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from experiments import predict
+from experiments.errors import DataError
+from experiments.run import run
+from experiments.tracking.comparison import table_metrics
+from tests.conftest import all_runs, artifact_files, client_for, read_csv, write_image
+from tests.data.test_layouts import breakhis_tree
+
+PATIENT = "SOB_[BM]_[A-Z]+-(\\d+-\\d+)-"
+
+
+def benign_only(root: Path) -> Path:
+    for i in range(5):
+        write_image(root / "benign" / f"b_{i}.png", seed=500 + i)
+    return root
+
+
+def test_cohorts_are_scored_by_the_final_model_and_change_nothing_else(tmp_path, make_config):
+    breakhis_tree(tmp_path / "bh", patients_per_tumour=1, images=2)
+    benign_only(tmp_path / "benign_lab")
+    common = ["trainer.epochs=1", "eval.tta=none", "mlflow.experiment_name=ext"]
+    run(make_config(*common, f"+eval.external.bh.root={tmp_path / 'bh'}",
+                    f"+eval.external.bh.group_pattern='{PATIENT}'",
+                    "+eval.external.bh.include_pattern=/200X/",
+                    f"+eval.external.benign_lab={tmp_path / 'benign_lab'}"))
+    client = client_for(tmp_path)
+    (scored,) = all_runs(client, "ext")
+    metrics, run_id = scored.data.metrics, scored.info.run_id
+
+    for name in ("accuracy", "roc_auc", "sensitivity", "specificity", "patient_accuracy"):
+        key = f"ext_bh_{name}"
+        assert metrics[f"{key}_ci_low"] <= metrics[key] <= metrics[f"{key}_ci_high"]
+    assert metrics["ext_bh_n_images"] == 8 and metrics["ext_bh_n_patients"] == 4
+    assert 0 <= metrics["ext_bh_ece"] <= 1 and 0 <= metrics["ext_bh_patient_recognition_rate"]
+    # one class: specificity, no AUC or sensitivity (undefined, not NaN)
+    assert metrics["ext_benign_lab_n_images"] == 5 and "ext_benign_lab_specificity" in metrics
+    assert not {"ext_benign_lab_roc_auc", "ext_benign_lab_sensitivity"} & set(metrics)
+    files = artifact_files(client, run_id, "external")
+    assert files == {"external/bh/predictions.csv", "external/bh/roc_curve.png",
+                     "external/benign_lab/predictions.csv"}
+    assert {"ext_bh_accuracy", "ext_bh_roc_auc", "ext_benign_lab_accuracy"} <= set(
+        table_metrics([scored]))
+
+    # The numbers are experiments.predict's on the same files.
+    rows = read_csv(client, run_id, "external/bh/predictions.csv", tmp_path / "dl")
+    assert len(rows) == 8 and len({r["group"] for r in rows}) == 4
+    assert all(f"-{r['group']}-200-" in r["file"] for r in rows)
+    predictor = predict.load_predictor(run_id, f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    out = tmp_path / "predicted.csv"
+    predict.predict_files(predictor, [Path(r["file"]) for r in rows], out)
+    with out.open() as handle:
+        expected = list(csv.DictReader(handle))
+    np.testing.assert_allclose([float(r["p_malignant"]) for r in rows],
+                               [float(r["p_malignant"]) for r in expected], atol=1e-5)
+    assert [r["decision"] for r in rows] == [r["decision"] for r in expected]
+
+
+
+def test_a_cohort_changes_nothing_in_training_selection_or_calibration(tmp_path, make_config):
+    """Two linear probes (deterministic, unlike SGD on CPU threads) of the same images, one
+    with a one-class cohort: the same C, threshold, temperature and test predictions."""
+    benign_only(tmp_path / "benign_lab")
+    common = ["finetune=linear_probe", "eval.tta=none", "mlflow.experiment_name=same"]
+    run(make_config(*common, f"+eval.external.benign_lab={tmp_path / 'benign_lab'}"))
+    run(make_config(*common, f"paths.output_dir={tmp_path / 'plain'}"))
+    client = client_for(tmp_path)
+    with_cohort, plain = all_runs(client, "same")
+    assert "ext_benign_lab_accuracy" in with_cohort.data.metrics
+    assert not [k for k in plain.data.metrics if k.startswith("ext_")]
+    for key in ("probe_C", "val_threshold", "temperature", "test_accuracy", "test_roc_auc"):
+        assert plain.data.metrics[key] == pytest.approx(with_cohort.data.metrics[key]), key
+    predicted = [read_csv(client, r.info.run_id, "test_predictions.csv", tmp_path / r.info.run_id)
+                 for r in (with_cohort, plain)]
+    assert predicted[0] == predicted[1]
+
+
+def test_a_cohort_with_a_foreign_class_fails_before_training(tmp_path, make_config):
+    write_image(tmp_path / "lab" / "normal" / "n.png")
+    write_image(tmp_path / "lab" / "benign" / "b.png")
+    with pytest.raises(DataError, match=r"eval.external.lab.root.*\['normal'\]"):
+        run(make_config("mlflow.experiment_name=ext", f"+eval.external.lab={tmp_path / 'lab'}"))
+    assert not (tmp_path / "mlruns").exists() or not all_runs_or_none(tmp_path)
+
+
+def test_a_cohort_file_without_a_patient_names_the_file_and_key(tmp_path, make_config):
+    write_image(tmp_path / "lab" / "benign" / "no_patient_here.png")
+    with pytest.raises(DataError, match="no_patient_here.png.*eval.external.lab.group_pattern"):
+        run(make_config(f"+eval.external.lab.root={tmp_path / 'lab'}",
+                        f"+eval.external.lab.group_pattern='{PATIENT}'"))
+
+
+def all_runs_or_none(root: Path) -> list:
+    client = client_for(root)
+    experiment = client.get_experiment_by_name("ext")
+    return [] if experiment is None else all_runs(client, "ext")
