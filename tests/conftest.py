@@ -27,6 +27,7 @@ from experiments.config.instantiate import components
 from experiments.config.schema import CONFIG_MODULE, register_configs
 from experiments.data import loading
 from experiments.orchestration import single
+from experiments.run import run as _registers_resolvers  # noqa: F401  (${direction:...})
 from experiments.training.build import Prepared, build
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -98,7 +98,7 @@ def run_configured(cfg: DictConfig) -> float:
                             f"start the run again. Received: resume={settings.resume!r}")
     parts = components(cfg)
     report = distribute.is_chief(trainer.distribute)
-    if settings.cv.folds > 1:
+    if settings.cv.enabled:
         result = crossval.run_cross_validation(settings, parts)
         if report:
             print_summary(result.parent_id, result.metrics, None, settings.mlflow.tracking_uri)

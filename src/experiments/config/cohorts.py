@@ -1,6 +1,7 @@
-"""`eval.external`: the labeled folders of other sources (laboratories, scanners,
-magnifications) a run's final model is scored on after training, never used to train, select
-or calibrate it.
+"""Labeled folders named in a config: `eval.external`, the cohorts of other sources
+(laboratories, scanners, magnifications) a run's final model is scored on after training,
+never used to train, select or calibrate it; and `data.sources`, more sources trained on
+beside data.root.
 
 On the command line a cohort is a folder, or a folder with options:
 
@@ -23,6 +24,7 @@ from experiments.config.checks import require
 from experiments.errors import ConfigError
 
 NAME = re.compile(r"^[A-Za-z0-9_]+$")  # cohort names are part of metric names
+MAIN_SOURCE = "main"  # the source name of data.root's images
 
 
 @dataclass(frozen=True)
@@ -41,15 +43,16 @@ class ExternalCohort:
 OPTIONS = ("root", "group_pattern", "include_pattern")
 
 
-def external_cohorts(external: Mapping[str, object]) -> tuple[ExternalCohort, ...]:
-    """The cohorts of `eval.external` (name -> folder, or name -> {root, group_pattern,
+def external_cohorts(external: Mapping[str, object],
+                     where: str = "eval.external") -> tuple[ExternalCohort, ...]:
+    """The folders of `where` (name -> folder, or name -> {root, group_pattern,
     include_pattern}), in name order; a bad name, key or value is a ConfigError naming it."""
     cohorts = []
     for name, value in sorted(external.items()):
-        key = f"eval.external.{name}"
+        key = f"{where}.{name}"
         require(isinstance(name, str) and bool(NAME.match(name)),
-                f"`eval.external` names become metric names (ext_<name>_accuracy): use letters, "
-                f"digits and _. Received: {key}")
+                f"`{where}` names become metric names (ext_<name>_accuracy, "
+                f"test_source_<name>_accuracy): use letters, digits and _. Received: {key}")
         if isinstance(value, str):
             value = {"root": value}
         if not isinstance(value, Mapping):

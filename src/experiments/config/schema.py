@@ -20,10 +20,9 @@ from experiments.config.checks import check_at_least, check_choice, check_fracti
 from experiments.config.choices import (
     CACHE_MODES,
     STAIN_METHODS,
-    THRESHOLD_METHODS,
-    TTA_MODES,
 )
-from experiments.config.cohorts import ExternalCohort, external_cohorts
+from experiments.config.cohorts import MAIN_SOURCE, ExternalCohort, external_cohorts
+from experiments.config.evaluation_schema import CVConfig, EvalConfig
 from experiments.config.training_schema import (
     AdamConfig,
     AdamWConfig,
@@ -72,9 +71,22 @@ class DataConfig:
     # random patch_size crops of them and predicts by averaging a grid of crops that covers
     # the image (e.g. image_size=256, patch_size=128). null: the network sees the whole image.
     patch_size: int | None = None
+    # More labeled folders trained on beside data.root, each a source (data.root's images are
+    # source "main"): name -> folder, or name -> {root, group_pattern, include_pattern}.
+    # Splits and folds keep patients together and hold every source in proportion; test
+    # metrics are also reported per source (test_source_<name>_*).
+    sources: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def source_folders(self) -> tuple[ExternalCohort, ...]:
+        """`sources` checked and typed."""
+        return external_cohorts(self.sources, "data.sources")
 
     def __post_init__(self) -> None:
         check_fraction("data.val_fraction", self.val_fraction, allow_zero=False)
+        require(MAIN_SOURCE not in self.sources, f"`data.sources` names the other sources; "
+                f"data.root is {MAIN_SOURCE!r}. Received: data.sources.{MAIN_SOURCE}")
+        external_cohorts(self.sources, "data.sources")
         check_fraction("data.test_fraction", self.test_fraction, allow_zero=True)
         if self.test_root is None:
             require(self.test_fraction > 0,
@@ -113,71 +125,6 @@ class DemoDataConfig(DataConfig):
         super().__post_init__()
         require(self.images_per_class >= 10, "`data.images_per_class` must be at least 10. "
                 f"Received: data.images_per_class={self.images_per_class!r}")
-
-
-@dataclass
-class EvalConfig:
-    """How the test split is evaluated (see `experiments.evaluate.evaluate_model`)."""
-
-    # Test-time augmentation: "dihedral" averages the 8 rotations/flips ("none": off);
-    # metrics are logged both without (test_*) and with it (test_tta_*).
-    tta: str = "dihedral"
-    # Operating point, chosen on validation: "fixed" (fixed_threshold), "youden" (max
-    # sensitivity + specificity) or "target_sensitivity" (highest threshold reaching it).
-    threshold: str = "youden"
-    fixed_threshold: float = 0.5
-    target_sensitivity: float = 0.95
-    # Fit a softmax temperature on validation (calibration; does not change the ranking).
-    temperature_scaling: bool = True
-    bootstrap_resamples: int = 2000
-    confidence: float = 0.95
-    calibration_bins: int = 10
-    # Grad-CAM overlays of this many test images (0: none), correct and wrong, both classes.
-    gradcam_images: int = 8
-    seed: int = MISSING
-    # Labeled folders of other sources scored by the run's final model after training (never
-    # used for training, selection, threshold or temperature): name -> folder, or name ->
-    # {root, group_pattern, include_pattern}. Logged as ext_<name>_* (experiments.config.cohorts).
-    external: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-
-        check_choice("eval.tta", self.tta, TTA_MODES)
-        check_choice("eval.threshold", self.threshold, THRESHOLD_METHODS)
-        check_fraction("eval.fixed_threshold", self.fixed_threshold, allow_zero=True)
-        require(0 < self.target_sensitivity <= 1, "`eval.target_sensitivity` must be in "
-                f"(0, 1]. Received: eval.target_sensitivity={self.target_sensitivity!r}")
-        check_at_least("eval.bootstrap_resamples", self.bootstrap_resamples, 100)
-        require(0.5 <= self.confidence < 1, "`eval.confidence` must be in [0.5, 1). "
-                f"Received: eval.confidence={self.confidence!r}")
-        check_at_least("eval.calibration_bins", self.calibration_bins, 2)
-        check_at_least("eval.gradcam_images", self.gradcam_images, 0)
-        external_cohorts(self.external)
-
-    @property
-    def cohorts(self) -> tuple[ExternalCohort, ...]:
-        """`external` checked and typed."""
-        return external_cohorts(self.external)
-
-
-@dataclass
-class CVConfig:
-    """Stratified K-fold cross-validation over data.root (1: one train/val/test split)."""
-
-    folds: int = 1
-    # Repeated cross-validation: this many different fold assignments (repeat r is the
-    # cross-validation of trainer.seed + r).
-    repeats: int = 1
-    # After the folds, train one final model on every image for the folds' median best epoch
-    # (no validation split) and log it as the parent's model (scikit-learn's `refit`).
-    refit: bool = False
-
-    def __post_init__(self) -> None:
-        check_at_least("cv.folds", self.folds, 1)
-        check_at_least("cv.repeats", self.repeats, 1)
-        require(self.folds > 1 or (self.repeats == 1 and not self.refit),
-                "`cv.repeats` and `cv.refit` need a cross-validation (cv.folds > 1). Received: "
-                f"cv.folds={self.folds!r}, cv.repeats={self.repeats!r}, cv.refit={self.refit!r}")
 
 
 @dataclass
@@ -225,6 +172,11 @@ class Config:
     paths: PathsConfig = MISSING
     # An MLflow run id to continue after an interruption (its own config is restored).
     resume: str | None = None
+
+    def __post_init__(self) -> None:
+        require(not self.cv.leave_source_out or bool(self.data.sources),
+                "`cv.leave_source_out` needs sources to leave out: name them in data.sources. "
+                f"Received: data.sources={dict(self.data.sources)!r}")
 
 
 # Groups whose options have schemas of their own (named in each option's defaults list).

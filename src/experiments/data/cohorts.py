@@ -1,5 +1,6 @@
-"""External cohorts' files: each `eval.external` folder scanned against the training classes
-(before training starts, so a wrong folder fails in seconds, not after the last epoch).
+"""Named labeled folders' files (`eval.external` cohorts, `data.sources`), each scanned
+against the training classes before training starts, so a wrong folder fails in seconds, not
+after the last epoch.
 """
 
 from __future__ import annotations
@@ -26,10 +27,12 @@ class CohortFiles:
     groups: tuple[str, ...] | None
 
 
-def scan_cohort(cohort: ExternalCohort, class_names: Sequence[str]) -> CohortFiles:
+def scan_cohort(cohort: ExternalCohort, class_names: Sequence[str],
+                where: str = "eval.external") -> CohortFiles:
     """The cohort's class subfolders must be training classes (some may be missing: a cohort
-    of benign tissue only is a cohort); every image needs a group when a pattern is given."""
-    key = f"eval.external.{cohort.name}"
+    of benign tissue only is a cohort); every image needs a group when a pattern is given.
+    Errors name the config keys under `where`.<name>."""
+    key = f"{where}.{cohort.name}"
     names, files, labels = scan_folder(cohort.root, cohort.include_pattern, min_classes=1,
                                        key=key)
     unknown = [name for name in names if name not in class_names]

@@ -113,27 +113,40 @@ def read_folder(root: str | Path, image_size: int, on_invalid: str = "error",
     `<report_dir>/invalid_files.csv`; "skip" leaves them out and returns them. A class left
     without valid images is an error either way.
     """
+    class_names, files, labels = scan_folder(root, include_pattern)
+    split, invalid = decode_checked(files, labels, class_names, str(root), image_size,
+                                    on_invalid, allow_upscale, report_dir, cache, cache_folder)
+    return class_names, split, invalid
+
+
+def decode_checked(files: Sequence[str], labels: Sequence[int], class_names: Sequence[str],
+                   where: str, image_size: int, on_invalid: str = "error",
+                   allow_upscale: bool = True, report_dir: Path | None = None,
+                   cache: str = "memory", cache_folder: Path | None = None
+                   ) -> tuple[Split, list[Invalid]]:
+    """Decode and check `files` (of the folder(s) `where`, for messages): on_invalid as in
+    `read_folder`; a class left without valid images is an error."""
     if on_invalid not in ON_INVALID:
         raise ConfigError(f"data.on_invalid must be one of {ON_INVALID}. "
                           f"Received: data.on_invalid={on_invalid!r}")
-    class_names, files, labels = scan_folder(root, include_pattern)
     images, invalid = load_images(files, image_size, allow_upscale, cache, cache_folder)
     if invalid and on_invalid == "error":
         listing = None
         if report_dir is not None:
             report_dir.mkdir(parents=True, exist_ok=True)
             listing = write_invalid_table(invalid, report_dir / INVALID_TABLE)
-        where = f"; every one with its reason is listed in {listing}" if listing else ""
-        raise DataError(f"{len(invalid)} invalid image file(s) under {root} (fix or remove "
-                        f"them, or set data.on_invalid=skip{where}):\n{summarize_invalid(invalid)}")
+        where_listed = f"; every one with its reason is listed in {listing}" if listing else ""
+        raise DataError(f"{len(invalid)} invalid image file(s) under {where} (fix or remove "
+                        f"them, or set data.on_invalid=skip{where_listed}):\n"
+                        f"{summarize_invalid(invalid)}")
     bad = {item.file for item in invalid}
     kept = [i for i, file in enumerate(files) if file not in bad]
     split = Split(tuple(files[i] for i in kept), tuple(labels[i] for i in kept), images)
     counts = split.class_counts(class_names)
     empty = [name for name, n in counts.items() if n == 0]
     if empty:
-        raise DataError(f"No valid images left in class folder(s) {empty} under {root}")
-    return class_names, split, invalid
+        raise DataError(f"No valid images left in class folder(s) {empty} under {where}")
+    return split, invalid
 
 
 INVALID_TABLE = "invalid_files.csv"

@@ -4,14 +4,19 @@ split by the split seed.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
+from experiments.config.cohorts import MAIN_SOURCE, ExternalCohort
 from experiments.config.schema import DataConfig, DemoDataConfig
 from experiments.data import folders
 from experiments.data import splits as splits_lib
+from experiments.data.cohorts import CohortFiles, scan_cohort
 from experiments.data.demo import ensure_demo_dataset
 from experiments.errors import DataError
 
@@ -40,7 +45,10 @@ def load_data(data_cfg: DataConfig, image_size: int, report_dir: Path, cache_dir
                              on_invalid=data_cfg.on_invalid, allow_upscale=data_cfg.allow_upscale,
                              report_dir=report_dir, include_pattern=data_cfg.include_pattern,
                              cache=data_cfg.cache, cache_folder=cache_dir / "images")
-    class_names, pool, skipped = read(data_cfg.root)
+    if data_cfg.sources:
+        class_names, pool, skipped = read_sources(data_cfg, image_size, report_dir, cache_dir)
+    else:
+        class_names, pool, skipped = read(data_cfg.root)
     test = None
     if data_cfg.test_root is not None:
         test_classes, test, test_skipped = read(data_cfg.test_root)
@@ -53,9 +61,43 @@ def load_data(data_cfg: DataConfig, image_size: int, report_dir: Path, cache_dir
                     "the run's skipped_files.csv):\n%s", len(skipped),
                     folders.summarize_invalid(skipped))
     if data_cfg.group_pattern is not None:
-        pool = pool.with_groups(data_cfg.group_pattern)
+        if not data_cfg.sources:  # with sources, read_sources gives the groups
+            pool = pool.with_groups(data_cfg.group_pattern)
         test = test.with_groups(data_cfg.group_pattern) if test is not None else None
     return LoadedData(class_names, pool, test, skipped, image_size)
+
+
+def read_sources(data_cfg: DataConfig, image_size: int, report_dir: Path, cache_dir: Path
+                 ) -> tuple[tuple[str, ...], splits_lib.Split, list[folders.Invalid]]:
+    """data.root and every data.sources folder as one pool, each image with its source; with
+    any group pattern, every image gets a group named after its source (`breakhis:14-2523`;
+    an image of a source without a pattern is its own group), so patients of different
+    sources never merge and splits keep each patient on one side."""
+    class_names, files, labels = folders.scan_folder(data_cfg.root, data_cfg.include_pattern)
+    main = ExternalCohort(MAIN_SOURCE, data_cfg.root, data_cfg.group_pattern)
+    scanned = [CohortFiles(main, tuple(files), np.asarray(labels, dtype=int),
+                           None if main.group_pattern is None
+                           else splits_lib.group_ids(files, main.group_pattern))]
+    scanned += [scan_cohort(folder, class_names, "data.sources")
+                for folder in data_cfg.source_folders]
+    source_of, group_of = {}, {}
+    for part in scanned:
+        name = part.cohort.name
+        for index, file in enumerate(part.files):
+            source_of[file] = name
+            group_of[file] = f"{name}:{file if part.groups is None else part.groups[index]}"
+    pool, skipped = folders.decode_checked(
+        [f for part in scanned for f in part.files],
+        [int(y) for part in scanned for y in part.labels], class_names,
+        ", ".join(part.cohort.root for part in scanned), image_size, data_cfg.on_invalid,
+        data_cfg.allow_upscale, report_dir, data_cfg.cache, cache_dir / "images")
+    grouped = any(part.groups is not None for part in scanned)
+    counts = {part.cohort.name: sum(source_of[f] == part.cohort.name for f in pool.files)
+              for part in scanned}
+    log.info("Training sources: " + ", ".join(f"{k} {n} images" for k, n in counts.items()))
+    return class_names, dataclasses.replace(
+        pool, sources=tuple(source_of[f] for f in pool.files),
+        groups=tuple(group_of[f] for f in pool.files) if grouped else None), skipped
 
 
 def split(data_cfg: DataConfig, loaded: LoadedData, trainer_seed: int) -> splits_lib.Splits:

@@ -5,6 +5,7 @@ patient when a group pattern names them, checked disjoint and written as `splits
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import os
 import re
@@ -23,12 +24,14 @@ from experiments.errors import ConfigError, DataError
 @dataclass(frozen=True)
 class Split:
     """Files, integer labels (indices into `class_names`) and decoded uint8 images of a split;
-    with `data.group_pattern`, each file's group (patient or slide id)."""
+    with `data.group_pattern`, each file's group (patient or slide id); with `data.sources`,
+    each file's source (`main` for data.root)."""
 
     files: tuple[str, ...]
     labels: tuple[int, ...]
     images: np.ndarray | LazyImages = field(compare=False, repr=False)
     groups: tuple[str, ...] | None = None
+    sources: tuple[str, ...] | None = None
 
     def __len__(self) -> int:
         return len(self.files)
@@ -40,13 +43,23 @@ class Split:
     def subset(self, indices: Sequence[int] | np.ndarray) -> Split:
         index = np.asarray(indices, dtype=int)
         groups = None if self.groups is None else tuple(self.groups[i] for i in index)
+        sources = None if self.sources is None else tuple(self.sources[i] for i in index)
         images = (self.images.subset(index) if isinstance(self.images, LazyImages)
                   else self.images[index])
         return Split(tuple(self.files[i] for i in index), tuple(self.labels[i] for i in index),
-                     images, groups)
+                     images, groups, sources)
 
     def with_groups(self, pattern: str) -> Split:
-        return Split(self.files, self.labels, self.images, group_ids(self.files, pattern))
+        return dataclasses.replace(self, groups=group_ids(self.files, pattern))
+
+    def strata(self) -> np.ndarray:
+        """What splits and folds stratify on: the label, and the source when there are several
+        (each split then holds every source in proportion)."""
+        labels = np.asarray(self.labels, dtype=int)
+        if self.sources is None:
+            return labels
+        _, source = np.unique(np.asarray(self.sources), return_inverse=True)
+        return source * (labels.max(initial=0) + 1) + labels
 
 
 def group_ids(files: Sequence[str], pattern: str, key: str = "data.group_pattern"
@@ -87,7 +100,7 @@ def _split_off(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
     indices = np.arange(len(split))
     try:
         if split.groups is None:
-            rest, part = train_test_split(indices, test_size=fraction, stratify=split.labels,
+            rest, part = train_test_split(indices, test_size=fraction, stratify=split.strata(),
                                           random_state=seed)
         else:
             rest, part = next(stratified_kfold(split, max(2, round(1 / fraction)), seed))
@@ -118,9 +131,9 @@ def stratified_kfold(split: Split, n_splits: int,
     indices = np.arange(len(split))
     if split.groups is None:
         return StratifiedKFold(n_splits, shuffle=True, random_state=seed).split(
-            indices, split.labels)
+            indices, split.strata())
     return StratifiedGroupKFold(n_splits, shuffle=True, random_state=seed).split(
-        indices, split.labels, split.groups)
+        indices, split.strata(), split.groups)
 
 
 def make_folds(class_names: tuple[str, ...], pool: Split, folds: int, val_fraction: float,
@@ -143,6 +156,30 @@ def make_folds(class_names: tuple[str, ...], pool: Split, folds: int, val_fracti
         splits = Splits(class_names, train, val, pool.subset(test_index))
         check_disjoint(splits)
         out.append(splits)
+    return out
+
+
+def source_folds(class_names: tuple[str, ...], pool: Split, val_fraction: float,
+                 seed: int) -> list[tuple[str, Splits]]:
+    """Leave-one-source-out: per source (by name), a fold testing on all its images and
+    training/validating on the other sources' (validation `val_fraction` of them, whole
+    patients, every source and class in proportion)."""
+    if pool.sources is None or len(set(pool.sources)) < 2:
+        raise ConfigError("cv.leave_source_out needs images of two or more sources "
+                          "(data.sources)")
+    sources = np.asarray(pool.sources)
+    out = []
+    for name in sorted(set(pool.sources)):
+        test = pool.subset(np.flatnonzero(sources == name))
+        missing = [c for c, n in test.class_counts(class_names).items() if n == 0]
+        if missing:
+            raise DataError(f"Source {name!r} has no images of class(es) {missing}: leaving it "
+                            "out cannot be scored as a test fold (cv.leave_source_out)")
+        train, val = _split_off(pool.subset(np.flatnonzero(sources != name)), val_fraction,
+                                seed)
+        splits = Splits(class_names, train, val, test)
+        check_disjoint(splits)
+        out.append((name, splits))
     return out
 
 
@@ -181,13 +218,15 @@ def folds_sha256(folds: Sequence[tuple[int, int, Splits]]) -> str:
 
 
 def write_split_table(splits: Splits, path: Path) -> Path:
-    """file, split, label for every image: which image was used for what, for auditing."""
+    """file, split, label, group, source for every image: which image was used for what."""
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["file", "split", "label", "group"])
+        writer.writerow(["file", "split", "label", "group", "source"])
         for name in ("train", "val", "test"):
             split = getattr(splits, name)
             groups = split.groups or ("",) * len(split)
-            for file, label, group in zip(split.files, split.labels, groups, strict=True):
-                writer.writerow([file, name, splits.class_names[label], group])
+            sources = split.sources or ("main",) * len(split)
+            for file, label, group, source in zip(split.files, split.labels, groups, sources,
+                                                  strict=True):
+                writer.writerow([file, name, splits.class_names[label], group, source])
     return path

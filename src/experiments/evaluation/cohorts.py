@@ -67,6 +67,20 @@ def cohort_metrics(pred: Predictions, positive: int, threshold: float | None,
     return out
 
 
+def per_source_metrics(pred: Predictions, positive: int, threshold: float | None,
+                       settings: EvalConfig) -> dict[str, float]:
+    """`cohort_metrics` of each source's test images as test_source_<name>_* (none when the
+    run trained on one source)."""
+    if pred.sources is None:
+        return {}
+    sources = np.asarray(pred.sources)
+    out: dict[str, float] = {}
+    for name in np.unique(sources):
+        part = pred.subset(np.flatnonzero(sources == name))
+        out.update(cohort_metrics(part, positive, threshold, settings, f"test_source_{name}_"))
+    return out
+
+
 def cohort_roc(pred: Predictions, class_names: Sequence[str], positive: int, name: str,
                path: Path) -> Path | None:
     """The cohort's ROC curve, or None when it holds one class only."""

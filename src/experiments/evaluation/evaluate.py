@@ -19,6 +19,7 @@ from experiments.evaluation import (
     gradcam,  # noqa: E402
     stats,  # noqa: E402
 )
+from experiments.evaluation.cohorts import per_source_metrics
 from experiments.evaluation.figures import plot_reliability
 from experiments.evaluation.metrics import Predictions, classification_metrics, interval_metrics
 from experiments.evaluation.tables import write_predictions
@@ -85,7 +86,7 @@ def evaluate_model(model: keras.Model, splits: Splits, positive: int, settings: 
     def predict_split(name: str, tta: str) -> Predictions:
         split = getattr(splits, name)
         return Predictions(split.files, np.asarray(split.labels, dtype=int), predict(name, tta),
-                           split.groups)
+                           split.groups, split.sources)
 
     plain = predict_split("test", "none")
     metrics = {**classification_metrics(plain, positive, "test_"),
@@ -106,6 +107,7 @@ def evaluate_model(model: keras.Model, splits: Splits, positive: int, settings: 
                                            settings.target_sensitivity)
         metrics["val_threshold"] = threshold
         metrics.update(interval_metrics(test, positive, settings, "test_op_", threshold))
+    metrics.update(per_source_metrics(test, positive, threshold, settings))
     files = [write_predictions(plain, class_names, folder / "test_predictions.csv",
                                final=test, threshold=threshold, positive=positive),
              write_predictions(val_raw, class_names, folder / "val_predictions.csv"),

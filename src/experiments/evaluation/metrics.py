@@ -23,6 +23,14 @@ class Predictions:
     probabilities: np.ndarray  # (n, n_classes) float
     # Each image's group (patient, slide) when known: intervals then resample whole groups.
     groups: tuple[str, ...] | None = None
+    # Each image's source (data.sources) when the run trained on several.
+    sources: tuple[str, ...] | None = None
+
+    def subset(self, index: np.ndarray) -> Predictions:
+        def pick(values: tuple[str, ...] | None) -> tuple[str, ...] | None:
+            return None if values is None else tuple(values[i] for i in index)
+        return Predictions(tuple(self.files[i] for i in index), self.labels[index],
+                           self.probabilities[index], pick(self.groups), pick(self.sources))
 
 
 def positive_index(class_names: Sequence[str], positive_class: str | None) -> int:

@@ -94,20 +94,19 @@ def run_cross_validation(settings: Config, components: Components) -> CVResult:
                                             ml.artifact_root)
     positive = metrics_lib.positive_index(loaded.class_names, settings.data.positive_class)
     repeats = f" x{cv.repeats}" if cv.repeats > 1 else ""
-    planned = [(repeat, number, splits) for repeat in range(1, cv.repeats + 1)
-               for number, splits in enumerate(splits_lib.make_folds(
-                   loaded.class_names, loaded.pool, cv.folds, settings.data.val_fraction,
-                   loading.split_seed(settings.data, settings.trainer.seed) + repeat - 1),
-                   start=1)]
+    planned = plan_folds(settings, loaded)
+    n_folds = len(planned) // cv.repeats
     tags = {**run_records.common_tags(settings.backbone.name, settings.backbone.weights,
                                       loaded.class_names, positive,
                                       loaded.image_size),
-            "cv_folds": str(cv.folds), "cv_repeats": str(cv.repeats),
+            "cv_folds": str(n_folds), "cv_repeats": str(cv.repeats),
+            **({"cv_leave_source_out": "true"} if cv.leave_source_out else {}),
             "n_images": str(len(loaded.pool)), "splits_sha256": splits_lib.folds_sha256(planned)}
-    run_name = f"{ml.run_name or settings.backbone.name} cv{cv.folds}{repeats}"
+    kind = "loso" if cv.leave_source_out else f"cv{n_folds}"
+    run_name = f"{ml.run_name or settings.backbone.name} {kind}{repeats}"
     folds: list[Fold] = []
     with store.created_run(experiment_id, run_name, tags) as parent_id:
-        log.info(f"MLflow parent run {parent_id}: {cv.folds}-fold cross-validation{repeats} "
+        log.info(f"MLflow parent run {parent_id}: {n_folds}-fold cross-validation{repeats} "
                  f"(experiment {ml.experiment_name!r})")
         seeded = {repeat: with_seed(settings, components, settings.trainer.seed + repeat - 1)
                   for repeat in range(1, cv.repeats + 1)}  # folds seeded by the split
@@ -128,6 +127,24 @@ def run_cross_validation(settings: Config, components: Components) -> CVResult:
     return CVResult(parent_id, metrics, folds)
 
 
+def plan_folds(settings: Config, loaded: loading.LoadedData
+               ) -> list[tuple[int, int, splits_lib.Splits]]:
+    """(repeat, fold number, splits) of every fold, in order: stratified K-fold per repeat,
+    seeded by the split seed + repeat, or one fold per source (cv.leave_source_out)."""
+    cv, data = settings.cv, settings.data
+    seed = loading.split_seed(data, settings.trainer.seed)
+    if cv.leave_source_out:
+        by_source = splits_lib.source_folds(loaded.class_names, loaded.pool, data.val_fraction,
+                                            seed)
+        for number, (name, _) in enumerate(by_source, start=1):
+            log.info(f"Fold {number} tests on source {name!r}")
+        return [(1, number, splits) for number, (_, splits) in enumerate(by_source, start=1)]
+    return [(repeat, number, splits) for repeat in range(1, cv.repeats + 1)
+            for number, splits in enumerate(splits_lib.make_folds(
+                loaded.class_names, loaded.pool, cv.folds, data.val_fraction,
+                seed + repeat - 1), start=1)]
+
+
 def train_refit(settings: Config, components: Components, loaded: loading.LoadedData,
                 folds: Sequence[Fold], experiment_id: str, parent_id: str, run_name: str,
                 output_dir: Path) -> tuple[keras.Model, int]:
@@ -146,12 +163,14 @@ def run_fold(settings: Config, components: Components, loaded: loading.LoadedDat
     prepared = build(settings, components, splits, loaded.skipped, loaded.image_size)
     fold_tags = {**single.run_tags(settings, prepared), "mlflow.parentRunId": parent_id,
                  "cv_parent": parent_id, "cv_fold": str(number), "cv_repeat": str(repeat)}
+    if settings.cv.leave_source_out and splits.test.sources:
+        fold_tags["cv_test_source"] = splits.test.sources[0]
     output_dir = Path(settings.paths.output_dir)
     many = settings.cv.repeats > 1
     fold_dir = output_dir / (f"repeat_{repeat}" if many else "") / f"fold_{number}"
     label = f"repeat {repeat} fold {number}" if many else f"fold {number}"
     with store.open_run(experiment_id, f"{run_name} {label}", fold_tags) as run_id:
-        log.info(f"{label.capitalize()}/{settings.cv.folds}: MLflow run {run_id}")
+        log.info(f"{label.capitalize()}: MLflow run {run_id}")
         result, evaluation = single.train_and_evaluate(settings, components, prepared, fold_dir,
                                                        run_id)
     return Fold(repeat, number, evaluation, result, fold_dir / run_records.MODEL_DIR)

@@ -15,6 +15,7 @@ import numpy as np
 from experiments.config.schema import EvalConfig
 from experiments.evaluation import metrics as metrics_lib
 from experiments.evaluation import tables
+from experiments.evaluation.cohorts import per_source_metrics
 from experiments.evaluation.evaluate import Evaluation
 from experiments.evaluation.metrics import Predictions
 from experiments.serving.inference import decide
@@ -48,11 +49,14 @@ class Fold:
 
 
 def concat_predictions(predictions: Sequence[Predictions]) -> Predictions:
-    known = all(p.groups is not None for p in predictions)
+    def joined(part: str) -> tuple[str, ...] | None:
+        if any(getattr(p, part) is None for p in predictions):
+            return None
+        return tuple(value for p in predictions for value in getattr(p, part))
     return Predictions(tuple(f for p in predictions for f in p.files),
                        np.concatenate([p.labels for p in predictions]),
                        np.concatenate([p.probabilities for p in predictions]),
-                       tuple(g for p in predictions for g in p.groups or ()) if known else None)
+                       joined("groups"), joined("sources"))
 
 
 def at_half(pred: Predictions, threshold: float | None, positive: int) -> Predictions:
@@ -76,10 +80,7 @@ def pooled(folds: Sequence[Fold], part: str = "plain") -> Predictions:
     """One repeat's out-of-fold predictions of `part` (an Evaluation attribute), by file."""
     joined = concat_predictions([getattr(f.evaluation, part) for f in folds])
     order = np.argsort(joined.files, kind="stable")
-    groups = joined.groups
-    return Predictions(tuple(joined.files[i] for i in order), joined.labels[order],
-                       joined.probabilities[order],
-                       None if groups is None else tuple(groups[i] for i in order))
+    return joined.subset(order)
 
 
 def stacked(folds: Sequence[Fold], part: str = "plain",
@@ -110,6 +111,20 @@ def _metrics(labels: np.ndarray, sets: np.ndarray, positive: int, settings: Eval
     return {**out, **intervals}
 
 
+def source_metrics(folds: Sequence[Fold], positive: int, settings: EvalConfig
+                   ) -> dict[str, float]:
+    """test_source_<name>_* of the pooled out-of-fold final predictions (each fold's own
+    threshold), the mean over repeats."""
+    per_repeat = []
+    for repeat in repeats_of(folds):
+        shifted = [dataclasses.replace(f, evaluation=dataclasses.replace(
+            f.evaluation, test=at_half(f.evaluation.test, f.evaluation.threshold, positive)))
+            for f in repeat]
+        per_repeat.append(per_source_metrics(pooled(shifted, "test"), positive, 0.5, settings))
+    return {name: float(np.mean([m[name] for m in per_repeat])) for name in per_repeat[0]
+            if all(name in m for m in per_repeat)}
+
+
 def pooled_metrics(folds: Sequence[Fold], positive: int, settings: EvalConfig
                    ) -> dict[str, float]:
     """The parent run's metrics: test_* and test_tta_* of the pooled out-of-fold predictions
@@ -126,6 +141,8 @@ def pooled_metrics(folds: Sequence[Fold], positive: int, settings: EvalConfig
             Predictions((), labels, stacked(folds, positive=positive)[1], groups), positive,
             settings, "test_op_")
         metrics.update({k: v for k, v in op.items() if "roc_auc" not in k})
+    if folds[0].evaluation.test.sources is not None:
+        metrics.update(source_metrics(folds, positive, settings))
     for name in SPREAD_METRICS:
         values = [f.evaluation.metrics.get(name, float("nan")) if name != "best_epoch"
                   else f.best_epoch for f in folds]

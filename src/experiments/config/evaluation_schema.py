@@ -1,0 +1,91 @@
+"""Structured-config schemas of how runs are evaluated: the test evaluation and external
+cohorts (`eval`), and cross-validation (`cv`). Checks run in `__post_init__` (see `schema`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import MISSING
+
+from experiments.config.checks import check_at_least, check_choice, check_fraction, require
+from experiments.config.choices import THRESHOLD_METHODS, TTA_MODES
+from experiments.config.cohorts import ExternalCohort, external_cohorts
+
+
+@dataclass
+class EvalConfig:
+    """How the test split is evaluated (see `experiments.evaluate.evaluate_model`)."""
+
+    # Test-time augmentation: "dihedral" averages the 8 rotations/flips ("none": off);
+    # metrics are logged both without (test_*) and with it (test_tta_*).
+    tta: str = "dihedral"
+    # Operating point, chosen on validation: "fixed" (fixed_threshold), "youden" (max
+    # sensitivity + specificity) or "target_sensitivity" (highest threshold reaching it).
+    threshold: str = "youden"
+    fixed_threshold: float = 0.5
+    target_sensitivity: float = 0.95
+    # Fit a softmax temperature on validation (calibration; does not change the ranking).
+    temperature_scaling: bool = True
+    bootstrap_resamples: int = 2000
+    confidence: float = 0.95
+    calibration_bins: int = 10
+    # Grad-CAM overlays of this many test images (0: none), correct and wrong, both classes.
+    gradcam_images: int = 8
+    seed: int = MISSING
+    # Labeled folders of other sources scored by the run's final model after training (never
+    # used for training, selection, threshold or temperature): name -> folder, or name ->
+    # {root, group_pattern, include_pattern}. Logged as ext_<name>_* (experiments.config.cohorts).
+    external: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+
+        check_choice("eval.tta", self.tta, TTA_MODES)
+        check_choice("eval.threshold", self.threshold, THRESHOLD_METHODS)
+        check_fraction("eval.fixed_threshold", self.fixed_threshold, allow_zero=True)
+        require(0 < self.target_sensitivity <= 1, "`eval.target_sensitivity` must be in "
+                f"(0, 1]. Received: eval.target_sensitivity={self.target_sensitivity!r}")
+        check_at_least("eval.bootstrap_resamples", self.bootstrap_resamples, 100)
+        require(0.5 <= self.confidence < 1, "`eval.confidence` must be in [0.5, 1). "
+                f"Received: eval.confidence={self.confidence!r}")
+        check_at_least("eval.calibration_bins", self.calibration_bins, 2)
+        check_at_least("eval.gradcam_images", self.gradcam_images, 0)
+        external_cohorts(self.external)
+
+    @property
+    def cohorts(self) -> tuple[ExternalCohort, ...]:
+        """`external` checked and typed."""
+        return external_cohorts(self.external)
+
+
+@dataclass
+class CVConfig:
+    """Stratified K-fold cross-validation over data.root (1: one train/val/test split)."""
+
+    folds: int = 1
+    # Repeated cross-validation: this many different fold assignments (repeat r is the
+    # cross-validation of trainer.seed + r).
+    repeats: int = 1
+    # After the folds, train one final model on every image for the folds' median best epoch
+    # (no validation split) and log it as the parent's model (scikit-learn's `refit`).
+    refit: bool = False
+    # Leave-one-source-out: one fold per source of data.sources (and data.root), each tested
+    # on the whole source it never trained on - how a model fares in a laboratory it has not
+    # seen. Replaces cv.folds (keep it 1).
+    leave_source_out: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the run is a cross-validation (a parent run with fold children)."""
+        return self.folds > 1 or self.leave_source_out
+
+    def __post_init__(self) -> None:
+        check_at_least("cv.folds", self.folds, 1)
+        check_at_least("cv.repeats", self.repeats, 1)
+        require(self.enabled or (self.repeats == 1 and not self.refit),
+                "`cv.repeats` and `cv.refit` need a cross-validation (cv.folds > 1). Received: "
+                f"cv.folds={self.folds!r}, cv.repeats={self.repeats!r}, cv.refit={self.refit!r}")
+        require(not self.leave_source_out or (self.folds == 1 and self.repeats == 1),
+                "`cv.leave_source_out` makes one fold per source: keep cv.folds=1 and "
+                f"cv.repeats=1. Received: cv.folds={self.folds!r}, cv.repeats={self.repeats!r}")

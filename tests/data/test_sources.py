@@ -1,0 +1,87 @@
+"""data.sources: several labeled folders trained on together, splits grouped by patient and
+stratified by source, per-source test metrics, leave-one-source-out cross-validation."""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+from omegaconf import OmegaConf
+
+from experiments.errors import ConfigError, DataError
+from experiments.run import run
+from tests.conftest import all_runs, client_for, compose_config, read_csv, write_image
+from tests.data.test_layouts import breakhis_tree
+
+PATIENT = "SOB_[BM]_[A-Z]+-(\\d+-\\d+)-"
+
+
+def with_breakhis(tmp_path, make_config, *overrides: str):
+    root = tmp_path / "bh"
+    breakhis_tree(root, patients_per_tumour=3, images=2)  # 12 patients, 24 images at 200X
+    return make_config(f"+data.sources.bh.root={root}", "+data.sources.bh.include_pattern=/200X/",
+                       f"+data.sources.bh.group_pattern='{PATIENT}'", "trainer.epochs=1",
+                       "eval.tta=none", "mlflow.experiment_name=sources", *overrides)
+
+
+def test_a_second_source_is_trained_on_with_patients_kept_together(tmp_path, make_config):
+    run(with_breakhis(tmp_path, make_config))
+    client = client_for(tmp_path)
+    (finished,) = all_runs(client, "sources")
+    rows = read_csv(client, finished.info.run_id, "splits.csv", tmp_path / "dl")
+    by = collections.Counter((r["split"], r["source"]) for r in rows)
+    assert sum(n for (_, source), n in by.items() if source == "bh") == 24
+    assert sum(n for (_, source), n in by.items() if source == "main") == 40
+    for split in ("train", "val", "test"):  # every split holds both sources
+        assert by[split, "bh"] > 0 and by[split, "main"] > 0
+    split_of = {}
+    for row in rows:  # bh patients whole; demo images each their own group
+        assert split_of.setdefault(row["group"], row["split"]) == row["split"]
+        assert row["group"].startswith(row["source"] + ":")
+    metrics = finished.data.metrics
+    for source in ("main", "bh"):
+        key = f"test_source_{source}_accuracy"
+        assert metrics[f"{key}_ci_low"] <= metrics[key] <= metrics[f"{key}_ci_high"]
+    assert metrics["test_source_bh_n_patients"] == len(
+        {r["group"] for r in rows if r["split"] == "test" and r["source"] == "bh"})
+    assert "test_source_main_n_patients" not in metrics or metrics[
+        "test_source_main_n_patients"] == metrics["test_source_main_n_images"]
+
+
+def test_leave_one_source_out_tests_each_source_on_a_model_that_never_saw_it(tmp_path,
+                                                                              make_config):
+    run(with_breakhis(tmp_path, make_config, "cv.leave_source_out=true"))
+    client = client_for(tmp_path)
+    runs = all_runs(client, "sources")
+    (parent,) = [r for r in runs if "cv_fold" not in r.data.tags]
+    folds = {r.data.tags["cv_test_source"]: r for r in runs if "cv_fold" in r.data.tags}
+    assert set(folds) == {"bh", "main"} and parent.data.tags["cv_folds"] == "2"
+    for source, fold in folds.items():
+        rows = read_csv(client, fold.info.run_id, "splits.csv", tmp_path / source)
+        assert {r["source"] for r in rows if r["split"] == "test"} == {source}
+        assert {r["source"] for r in rows if r["split"] != "test"} == {"bh", "main"} - {source}
+    assert {"test_source_bh_roc_auc", "test_source_main_roc_auc",
+            "test_source_bh_patient_accuracy"} <= set(parent.data.metrics)
+
+
+@pytest.mark.parametrize(("overrides", "error", "message"), [
+    (["+data.sources.main=/x"], ConfigError, "data.sources.main"),
+    (["cv.leave_source_out=true"], ConfigError, "data.sources"),
+    (["cv.leave_source_out=true", "cv.folds=5", "+data.sources.b=/x"], ConfigError, "cv.folds"),
+])
+def test_source_mistakes_name_the_key(tmp_path, overrides, error, message):
+    cfg = compose_config(tmp_path, ["data.root=/x", *overrides])
+    with pytest.raises(error, match=message):
+        OmegaConf.to_object(cfg)
+
+
+def test_a_source_with_a_foreign_class_fails_before_training(tmp_path, make_config):
+    write_image(tmp_path / "lab" / "normal" / "n.png")
+    with pytest.raises(DataError, match=r"data.sources.lab.root.*\['normal'\]"):
+        run(make_config(f"+data.sources.lab={tmp_path / 'lab'}"))
+    assert not (tmp_path / "mlruns" / "mlflow.db").exists() or not all_runs_named(tmp_path)
+
+
+def all_runs_named(tmp_path):
+    client = client_for(tmp_path)
+    return [e for e in client.search_experiments() if e.name != "Default"]
