@@ -180,7 +180,8 @@ def print_cohorts(metrics: dict[str, float]) -> None:
         print("External cohorts (the final model; never used to train, select or calibrate):")
     for cohort in cohorts:
         cells = []
-        for name in ("accuracy", "roc_auc", "patient_accuracy", "ece"):
+        for name in ("accuracy", "roc_auc", "patient_accuracy", "ece", "referred",
+                     "accepted_accuracy", "ood_auroc"):
             key = f"ext_{cohort}_{name}"
             if key in metrics:
                 low = metrics.get(f"{key}_ci_low")

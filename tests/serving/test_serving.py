@@ -226,7 +226,7 @@ def test_logged_model_has_a_valid_signature_and_input_example(trained, tmp_path)
     meta = Model.load(local / "MLmodel")
     assert [c.name for c in meta.signature.inputs.inputs] == ["image", "path"]
     assert [c.name for c in meta.signature.outputs.inputs] == [
-        "p_benign", "p_malignant", "predicted", "decision", "error"]
+        "p_benign", "p_malignant", "predicted", "decision", "ood_score", "error"]
     served = mlflow.pyfunc.load_model(str(local))
     example = json.loads(load_serving_example(str(local)))  # what a client would post
     answer = served.predict(pd.DataFrame(example["dataframe_split"]["data"],

@@ -149,7 +149,7 @@ def test_predict_writes_a_row_per_image_and_reports_bad_files(tmp_path, make_con
                          timeout=300)
     assert cli.returncode == 0, cli.stderr[-3000:]
     lines = output.read_text().splitlines()
-    assert lines[0] == "file,p_benign,p_malignant,predicted,decision,error"
+    assert lines[0] == "file,p_benign,p_malignant,predicted,decision,ood_score,error"
     assert len(lines) == 7
     broken = next(line for line in lines if "broken.jpg" in line)
     assert "not a readable image" in broken
@@ -159,8 +159,12 @@ def test_predict_writes_a_row_per_image_and_reports_bad_files(tmp_path, make_con
     for row in good:
         assert abs(float(row[1]) + float(row[2]) - 1) < 1e-4 and row[3] in ("benign",
                                                                             "malignant")
-        # The decision is taken at the threshold chosen on validation.
-        assert row[4] == ("malignant" if float(row[2]) >= info["threshold"] else "benign")
+        # The decision is taken at the threshold chosen on validation, unless the image is
+        # unlike the training images (random noise, here): then it is referred.
+        if float(row[5]) > info["ood"]["threshold"]:
+            assert row[4] == "refer"
+        else:
+            assert row[4] == ("malignant" if float(row[2]) >= info["threshold"] else "benign")
     # The run's model file, with model_info.json beside it, gives the same numbers.
     loaded = predict.load_predictor(str(tmp_path / "out" / "model" / "model.keras"), None)
     again = tmp_path / "again.csv"

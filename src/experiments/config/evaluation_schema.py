@@ -34,6 +34,10 @@ class EvalConfig:
     # Grad-CAM overlays of this many test images (0: none), correct and wrong, both classes.
     gradcam_images: int = 8
     seed: int = MISSING
+    # Out-of-distribution referral: the share of new same-source images the model should still
+    # answer; images farther from the training images (k-NN distance of pooled features) get
+    # decision `refer`. null: no referral (experiments.serving.ood).
+    ood_coverage: float | None = 0.95
     # Labeled folders of other sources scored by the run's final model after training (never
     # used for training, selection, threshold or temperature): name -> folder, or name ->
     # {root, group_pattern, include_pattern}. Logged as ext_<name>_* (experiments.config.cohorts).
@@ -52,6 +56,8 @@ class EvalConfig:
         check_at_least("eval.calibration_bins", self.calibration_bins, 2)
         check_at_least("eval.gradcam_images", self.gradcam_images, 0)
         external_cohorts(self.external)
+        if self.ood_coverage is not None:
+            check_fraction("eval.ood_coverage", self.ood_coverage, allow_zero=False)
 
     @property
     def cohorts(self) -> tuple[ExternalCohort, ...]:

@@ -9,11 +9,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from sklearn.metrics import roc_auc_score
 
 from experiments.config.schema import EvalConfig
 from experiments.evaluation import stats
 from experiments.evaluation.figures import plot_roc_curve
 from experiments.evaluation.metrics import Predictions, interval_metrics
+from experiments.serving.ood import OodReference
 
 
 def decisions(probabilities: np.ndarray, positive: int, threshold: float | None) -> np.ndarray:
@@ -78,6 +80,22 @@ def per_source_metrics(pred: Predictions, positive: int, threshold: float | None
     for name in np.unique(sources):
         part = pred.subset(np.flatnonzero(sources == name))
         out.update(cohort_metrics(part, positive, threshold, settings, f"test_source_{name}_"))
+    return out
+
+
+def referral_metrics(scores: np.ndarray, correct: np.ndarray, ood: OodReference, prefix: str,
+                     foreign: bool) -> dict[str, float]:
+    """<prefix>referred (the share of images over the out-of-distribution threshold) and
+    <prefix>accepted_accuracy (accuracy on the others); for a foreign cohort also
+    <prefix>ood_auroc, how well the score tells its images from same-source images the
+    reference did not contain (its held-out scores)."""
+    referred = ood.refer(scores)
+    out = {f"{prefix}referred": float(referred.mean()) if len(scores) else float("nan")}
+    if (~referred).any():
+        out[f"{prefix}accepted_accuracy"] = float(np.asarray(correct)[~referred].mean())
+    if foreign and len(scores):
+        truth = np.r_[np.zeros(len(ood.held_out)), np.ones(len(scores))]
+        out[f"{prefix}ood_auroc"] = float(roc_auc_score(truth, np.r_[ood.held_out, scores]))
     return out
 
 

@@ -33,7 +33,7 @@ from experiments.evaluation import figures as figures_lib
 from experiments.evaluation import metrics as metrics_lib
 from experiments.evaluation import stats
 from experiments.orchestration import single
-from experiments.orchestration.external import evaluate_cohorts
+from experiments.orchestration.external import evaluate_cohorts, fit_ood
 from experiments.orchestration.oof import (
     Fold,
     concat_predictions,
@@ -232,8 +232,10 @@ def log_parent_model(settings: Config, loaded: loading.LoadedData, positive: int
                          **({"model_threshold": threshold} if threshold is not None else {}),
                          f"best_{training.monitor}": float(np.mean([f.best_value
                                                                     for f in folds]))})
+    ood = fit_ood(settings, model, loaded.pool.images)  # the final model's training images
     run_records.log_run_model(model, info, output_dir / run_records.MODEL_DIR,
                               settings.mlflow.register_as,
                               {"model_kind": str(kind["kind"]),
                                "checkpoint_monitor": training.monitor,
-                               "checkpoint_mode": "max" if training.higher_is_better else "min"})
+                               "checkpoint_mode": "max" if training.higher_is_better else "min"},
+                              ood)

@@ -11,13 +11,18 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+import keras
 import numpy as np
 
-from experiments.config.schema import EvalConfig
+from experiments.config.schema import Config, EvalConfig
 from experiments.data.cohorts import CohortFiles
-from experiments.evaluation.cohorts import cohort_metrics, cohort_roc
+from experiments.data.image_store import ImageArray
+from experiments.evaluation import evaluate
+from experiments.evaluation.cohorts import cohort_metrics, cohort_roc, decisions, referral_metrics
 from experiments.evaluation.metrics import Predictions
+from experiments.serving import export
 from experiments.serving.inference import MODEL_FILE, Predictor
+from experiments.serving.ood import OodReference
 from experiments.tracking import records
 
 log = logging.getLogger(__name__)
@@ -47,19 +52,35 @@ def cohort_predictions(cohort: CohortFiles, rows: Sequence[dict[str, object]],
 
 def write_cohort_table(cohort: CohortFiles, rows: Sequence[dict[str, object]],
                        class_names: Sequence[str], path: Path) -> Path:
-    """One row per image: file, group, label, p_<class>..., predicted, decision, error."""
+    """One row per image: file, group, label, p_<class>..., predicted, decision, ood_score
+    (when the model has a reference), error."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    probability = [f"p_{c}" for c in class_names]
+    scored = [f"p_{c}" for c in class_names] + (["ood_score"] if rows and "ood_score" in rows[0]
+                                                 else [])
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["file", "group", "label", *probability, "predicted", "decision",
-                         "error"])
+        writer.writerow(["file", "group", "label", *scored[:len(class_names)], "predicted",
+                         "decision", *scored[len(class_names):], "error"])
         for i, row in enumerate(rows):
             group = "" if cohort.groups is None else cohort.groups[i]
-            scores = ["" if row["error"] else f"{row[p]:.6f}" for p in probability]
-            writer.writerow([cohort.files[i], group, class_names[cohort.labels[i]], *scores,
-                             row["predicted"], row["decision"], row["error"]])
+            values = ["" if row["error"] else f"{row[p]:.6f}" for p in scored]
+            writer.writerow([cohort.files[i], group, class_names[cohort.labels[i]],
+                             *values[:len(class_names)], row["predicted"], row["decision"],
+                             *values[len(class_names):], row["error"]])
     return path
+
+
+def cohort_referral(ood: OodReference, rows: Sequence[dict[str, object]],
+                    cohort: CohortFiles, class_names: Sequence[str],
+                    prefix: str) -> dict[str, float]:
+    """<prefix>referred, _accepted_accuracy (the model's own decision, else its most probable
+    class, against the label) and _ood_auroc of the cohort's readable images."""
+    readable = [i for i, row in enumerate(rows) if not row["error"]]
+    scores = np.array([rows[i]["ood_score"] for i in readable], dtype=float)
+    answer = [str(rows[i]["decision"] or rows[i]["predicted"]) for i in readable]
+    truth = [class_names[cohort.labels[i]] for i in readable]
+    correct = np.array([a == t for a, t in zip(answer, truth, strict=True)])
+    return referral_metrics(scores, correct, ood, prefix, foreign=True)
 
 
 def evaluate_cohorts(cohorts: Sequence[CohortFiles], model_dir: Path, settings: EvalConfig,
@@ -84,6 +105,8 @@ def evaluate_cohorts(cohorts: Sequence[CohortFiles], model_dir: Path, settings: 
         found = {f"{prefix}n_unreadable": float(len(rows) - len(pred.labels))}
         if len(pred.labels):
             found.update(cohort_metrics(pred, positive, info.threshold, settings, prefix))
+        if predictor.ood is not None and len(pred.labels):
+            found.update(cohort_referral(predictor.ood, rows, cohort, class_names, prefix))
         metrics.update(found)
         out = folder / name
         paths = [write_cohort_table(cohort, rows, class_names, out / "predictions.csv")]
@@ -98,3 +121,23 @@ def evaluate_cohorts(cohorts: Sequence[CohortFiles], model_dir: Path, settings: 
     records.log_new_metrics(run_id, metrics)
     return metrics
 
+
+def fit_ood(settings: Config, model: keras.Model, images: ImageArray) -> OodReference | None:
+    """The model's out-of-distribution reference on its training images (eval.ood_coverage;
+    not for native-patch models, whose features are per crop)."""
+    coverage = settings.eval.ood_coverage
+    if coverage is None or settings.data.patch_size is not None:
+        return None
+    return export.ood_reference(model, np.asarray(images), coverage, settings.eval.seed)
+
+
+def test_referral(model: keras.Model, ood: OodReference, evaluation: evaluate.Evaluation,
+                  images: ImageArray, positive: int) -> dict[str, float]:
+    """test_referred and test_accepted_accuracy: how many same-source test images the model
+    would refer, and its accuracy on the rest (at the validation threshold)."""
+    features = export.pooled_features(model, np.asarray(images))
+    if features is None:
+        return {}
+    test = evaluation.test
+    correct = decisions(test.probabilities, positive, evaluation.threshold) == test.labels
+    return referral_metrics(ood.score(features), correct, ood, "test_", foreign=False)

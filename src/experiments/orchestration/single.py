@@ -27,7 +27,7 @@ from experiments.evaluation import evaluate
 from experiments.evaluation import figures as figures_lib
 from experiments.models import features
 from experiments.models.backbones import input_size
-from experiments.orchestration.external import evaluate_cohorts
+from experiments.orchestration.external import evaluate_cohorts, fit_ood, test_referral
 from experiments.orchestration.resume import BACKUP_DIR, TRAINING_RECORD, run_lock
 from experiments.serving import export, inference
 from experiments.tracking import epoch_logger, store
@@ -255,6 +255,11 @@ def evaluate_and_log(settings: Config, prepared: Prepared, result: TrainResult,
             subfolder = path.parent.relative_to(folder).as_posix()
             records_lib.log_artifact(path, None if subfolder == "." else subfolder)
     served = export.deliverable(network, prepared.image_size, patch_size, prepared.stain)
+    with timer("ood"):
+        ood = fit_ood(settings, served, splits.train.images)
+        if ood is not None:
+            records_lib.log_new_metrics(run_id, test_referral(
+                served, ood, evaluation, splits.test.images, prepared.positive))
     info = export.model_info(
         splits.class_names, prepared.image_size, prepared.positive, settings.eval.tta,
         evaluation.metrics.get("temperature", 1.0), evaluation.threshold,
@@ -263,5 +268,6 @@ def evaluate_and_log(settings: Config, prepared: Prepared, result: TrainResult,
     with timer("log_model"):
         log_run_model(served, info, output_dir / MODEL_DIR, settings.mlflow.register_as,
                       {"checkpoint_monitor": result.monitor,
-                       "checkpoint_mode": "max" if result.higher_is_better else "min"})
+                       "checkpoint_mode": "max" if result.higher_is_better else "min"}, ood)
     return evaluation
+

@@ -14,9 +14,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import keras
+import numpy as np
 
 from experiments.data import patches, stain
 from experiments.errors import DataError
+from experiments.serving import inference
+from experiments.serving.ood import OodReference, fit_reference
 
 
 def deliverable(network: keras.Model, image_size: int, patch_size: int | None,
@@ -58,3 +61,21 @@ def model_info(class_names: Sequence[str], image_size: int, positive: int, tta: 
     return {"class_names": list(class_names), "image_size": image_size,
             "positive_class": class_names[positive], "tta": tta,
             "temperature": float(temperature), "threshold": threshold, **extra}
+
+
+def pooled_features(model: keras.Model, images: np.ndarray,
+                    batch_size: int = 64) -> np.ndarray | None:
+    """The pooled backbone features `model` classifies, of uint8 images as they are (view 0);
+    None when the model has none (`inference.feature_extractor`)."""
+    extractor = inference.feature_extractor(model)
+    if extractor is None:
+        return None
+    return inference.predict_views(extractor, images, batch_size, 1)[0]
+
+
+def ood_reference(model: keras.Model, images: np.ndarray, coverage: float,
+                  seed: int) -> OodReference | None:
+    """The out-of-distribution reference of `model` fitted on its training images' pooled
+    features (`experiments.serving.ood`); None when the model has no pooled features."""
+    features = pooled_features(model, images)
+    return None if features is None else fit_reference(features, coverage, seed=seed)

@@ -12,6 +12,7 @@ define the layers a saved model may hold, so serving needs nothing else of this 
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from experiments.data.decode import ImageSource, load_image
 from experiments.data.transforms import dihedral_view, dihedral_view_tensor
 from experiments.models import backbones  # noqa: F401  (register the layers saved models hold)
 from experiments.models.fused_bn import fuse_batchnorm
+from experiments.serving.ood import OOD_FILE, OodReference
 
 # Up to this many image views, models run eagerly: tracing `predict`'s graph costs more than
 # it saves (a served request, a few files, MLflow's check of the input example).
@@ -38,6 +40,10 @@ MODEL_FILE = "model.keras"
 
 
 MODEL_INFO = "model_info.json"
+
+
+# The decision for an image unlike the training images (its ood_score over the threshold).
+REFER = "refer"
 
 
 def load_model(path: str | Path) -> keras.Model:
@@ -102,6 +108,24 @@ def predict_views(model: keras.Model, images: np.ndarray, batch_size: int,
     return probs.reshape(views, len(images), -1)
 
 
+def feature_extractor(model: keras.Model) -> keras.Model | None:
+    """image -> the pooled backbone features (`gap`) the model classifies: its own, or those of
+    the network inside a wrapper (stain normalisation in front) or of an ensemble's first
+    member. None when the model has no such layer."""
+    if "gap" in {layer.name for layer in model.layers}:
+        return keras.Model(model.input, model.get_layer("gap").output)
+    inputs = keras.Input(model.input_shape[1:])
+    x = inputs
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.InputLayer):
+            continue
+        if isinstance(layer, keras.Model):
+            inner = feature_extractor(layer)
+            return None if inner is None else keras.Model(inputs, inner(x))
+        x = layer(x)
+    return None
+
+
 def apply_temperature(probabilities: np.ndarray, temperature: float) -> np.ndarray:
     """softmax(log p / T): T > 1 softens over-confident predictions, ranking unchanged."""
     logits = np.log(np.clip(probabilities, 1e-12, 1.0)) / temperature
@@ -144,14 +168,18 @@ class ModelInfo:
 @dataclass(frozen=True)
 class Predictor:
     """A loaded model with its info: images in, the run's final probabilities and decisions
-    out (the same numbers wherever it runs)."""
+    out (the same numbers wherever it runs); with an out-of-distribution reference, also each
+    image's `ood_score` and the decision `refer` over its threshold."""
 
     model: keras.Model
     info: ModelInfo
+    ood: OodReference | None = None
 
     @classmethod
-    def load(cls, model_path: str | Path, info_path: str | Path | None = None) -> Predictor:
-        """The model file and the model_info.json beside it (or at `info_path`)."""
+    def load(cls, model_path: str | Path, info_path: str | Path | None = None,
+             ood_path: str | Path | None = None) -> Predictor:
+        """The model file and the model_info.json (and ood.npz, when the run fitted one)
+        beside it, or at the paths given."""
         info_path = Path(info_path or Path(model_path).with_name(MODEL_INFO))
         model = load_model(model_path)
         info = ModelInfo.read(info_path)
@@ -159,12 +187,26 @@ class Predictor:
         if size != info.image_size:
             raise ValueError(f"{model_path}: model input {size} px but {info_path} says "
                              f"{info.image_size}")
-        return cls(model, info)
+        ood_path = Path(ood_path or Path(model_path).with_name(OOD_FILE))
+        return cls(model, info, OodReference.load(ood_path) if ood_path.is_file() else None)
 
     @property
     def columns(self) -> list[str]:
         """The output columns, in order."""
-        return [*(f"p_{c}" for c in self.info.class_names), "predicted", "decision", "error"]
+        ood = ["ood_score"] if self.ood is not None else []
+        return [*(f"p_{c}" for c in self.info.class_names), "predicted", "decision", *ood,
+                "error"]
+
+    @functools.cached_property
+    def features(self) -> keras.Model | None:
+        """image -> pooled features, for the out-of-distribution score."""
+        return feature_extractor(self.model) if self.ood is not None else None
+
+    def ood_scores(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
+        """Each image's distance to the training images (on the image as it is, view 0)."""
+        if self.ood is None or self.features is None:
+            raise ValueError("This model has no out-of-distribution reference (ood.npz)")
+        return self.ood.score(predict_views(self.features, images, batch_size, 1)[0])
 
     def probabilities(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
         """Final probabilities of uint8 images: test-time augmentation, then temperature."""
@@ -186,21 +228,30 @@ class Predictor:
                                          max_pixels=max_pixels))
             except ValueError as error:
                 errors[index] = str(error).removeprefix(f"{name}: ")
-        probs = iter(self.probabilities(np.stack(images), batch_size) if images else [])
-        return [self.failed_row(errors[i]) if i in errors else self._row(next(probs))
-                for i in range(len(names))]
+        stacked = np.stack(images) if images else None
+        probs = iter(self.probabilities(stacked, batch_size) if stacked is not None else [])
+        scores = iter(self.ood_scores(stacked, batch_size)
+                      if stacked is not None and self.ood is not None else [])
+        return [self.failed_row(errors[i]) if i in errors
+                else self._row(next(probs), next(scores, None)) for i in range(len(names))]
 
     def failed_row(self, error: str) -> dict[str, object]:
         """The row of an image that could not be read: no probabilities, the reason."""
+        ood = {"ood_score": float("nan")} if self.ood is not None else {}
         return {**{f"p_{c}": float("nan") for c in self.info.class_names}, "predicted": "",
-                "decision": "", "error": error}
+                "decision": "", **ood, "error": error}
 
-    def _row(self, p: np.ndarray) -> dict[str, object]:
+    def _row(self, p: np.ndarray, ood_score: float | None = None) -> dict[str, object]:
         names = self.info.class_names
         decision = ""
         threshold = self.info.threshold
         if self.info.decides and threshold is not None:
             positive = names.index(self.info.positive_class or names[-1])
             decision = names[int(decide(p[None], positive, threshold)[0])]
+        ood: dict[str, object] = {}
+        if self.ood is not None and ood_score is not None:
+            ood = {"ood_score": float(ood_score)}
+            if self.ood.refer(np.array([ood_score]))[0]:
+                decision = REFER
         return {**{f"p_{c}": float(v) for c, v in zip(names, p, strict=True)},
-                "predicted": names[int(np.argmax(p))], "decision": decision, "error": ""}
+                "predicted": names[int(np.argmax(p))], "decision": decision, **ood, "error": ""}

@@ -12,9 +12,10 @@ work from Python) and/or `path` (a file inside the folder the deployment allows;
 default), one of them per row; any format Pillow reads, within the limits of
 `experiments.serving.limits`.
 Output: one row per input, `p_<class>` for each class, `predicted`, `decision` (at the threshold
-chosen on validation; two classes) and `error` (an unreadable or refused image is reported
-there). A request without either column, or with more rows than allowed, is refused as a whole
-(HTTP 400 from `mlflow models serve`, one line).
+chosen on validation; two classes; `refer` for an image unlike the training images), `ood_score`
+(when the run fitted an out-of-distribution reference) and `error` (an unreadable or refused
+image is reported there). A request without either column, or with more rows than allowed, is
+refused as a whole (HTTP 400 from `mlflow models serve`, one line).
 """
 
 from __future__ import annotations
@@ -62,7 +63,8 @@ class ImageClassifier(PythonModel):
     out."""
 
     def load_context(self, context: Any) -> None:
-        self.predictor = Predictor.load(context.artifacts["model"], context.artifacts["info"])
+        self.predictor = Predictor.load(context.artifacts["model"], context.artifacts["info"],
+                                        context.artifacts.get("ood"))
         self.limits = ServingLimits.resolve(getattr(context, "model_config", None))
 
     def predict(self, context: Any, model_input: pd.DataFrame,

@@ -19,10 +19,12 @@ from mlflow.types.schema import ColSpec, Schema
 
 from experiments.serving import limits
 from experiments.serving.inference import MODEL_FILE, MODEL_INFO, Predictor
+from experiments.serving.ood import OOD_FILE
 
 
 def log_model(model_dir: Path, info: Mapping[str, Any]) -> str:
-    """Log the run's model folder (`model.keras` + `model_info.json`) as an MLflow pyfunc model
+    """Log the run's model folder (`model.keras` + `model_info.json`, and `ood.npz` when the
+    run fitted an out-of-distribution reference) as an MLflow pyfunc model
     (`experiments.serving.ImageClassifier`, logged from code, not pickled): image bytes or
     paths in, the run's predictions out, loadable and servable without this project
     installed. Returns the model URI."""
@@ -34,7 +36,12 @@ def log_model(model_dir: Path, info: Mapping[str, Any]) -> str:
         Schema([ColSpec("string", "image", required=False),  # base64: we decode it ourselves
                 ColSpec("string", "path", required=False)]),
         Schema([*(ColSpec("double", f"p_{c}") for c in names), ColSpec("string", "predicted"),
-                ColSpec("string", "decision"), ColSpec("string", "error")]))
+                ColSpec("string", "decision"),
+                *([ColSpec("double", "ood_score")] if info.get("ood") else []),
+                ColSpec("string", "error")]))
+    artifacts = {"model": str(model_dir / MODEL_FILE), "info": str(model_dir / MODEL_INFO)}
+    if (model_dir / OOD_FILE).is_file():  # the out-of-distribution reference
+        artifacts["ood"] = str(model_dir / OOD_FILE)
     example = pd.DataFrame({"image": [pyfunc.example_image()]})
     with tempfile.TemporaryDirectory() as folder:
         # The whole package (serving imports models and data); not its config files.
@@ -42,7 +49,7 @@ def log_model(model_dir: Path, info: Mapping[str, Any]) -> str:
                                ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "conf"))
         logged = mlflow.pyfunc.log_model(
             name="model", python_model=mlflow_model.__file__,
-            artifacts={"model": str(model_dir / MODEL_FILE), "info": str(model_dir / MODEL_INFO)},
+            artifacts=artifacts,
             code_paths=[str(code)], signature=signature, input_example=example,
             metadata=dict(info), pip_requirements=serving_requirements(),
             model_config=limits.unset())

@@ -16,6 +16,7 @@ from hydra.types import RunMode
 from experiments.config.instantiate import Components
 from experiments.models.backbones import weights_provenance
 from experiments.serving import inference
+from experiments.serving.ood import OOD_FILE, OodReference
 from experiments.tracking import model_registry
 from experiments.tracking import records as records_lib
 
@@ -71,10 +72,18 @@ def log_config(components: Components, output_dir: Path, backbone: str, weights:
 
 
 def log_run_model(model: object, info: dict, model_dir: Path, register_as: str | None,
-                  tags: dict[str, str] | None = None) -> str:
-    """Save the run's model with its info, log it as the run's MLflow model (tag
-    `model_uri`), register it when asked (in a sweep the sweep registers its best job)."""
+                  tags: dict[str, str] | None = None, ood: OodReference | None = None) -> str:
+    """Save the run's model with its info (and out-of-distribution reference), log it as the
+    run's MLflow model (tag `model_uri`), register it when asked (in a sweep the sweep
+    registers its best job)."""
+    if ood is not None:
+        info = {**info, "ood": {"k": ood.k, "threshold": ood.threshold,
+                                "coverage": ood.coverage}}
     inference.save_model(model, info, model_dir)
+    if ood is not None:
+        ood.save(model_dir / OOD_FILE)
+    else:  # a file of an earlier attempt does not belong to this model
+        (model_dir / OOD_FILE).unlink(missing_ok=True)
     model_uri = model_registry.log_model(model_dir, info)
     records_lib.set_tags({"model_uri": model_uri, **(tags or {})})
     if register_as and not records_lib.parent_run_tags():

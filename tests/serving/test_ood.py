@@ -1,0 +1,106 @@
+"""Knowing when not to answer: the out-of-distribution reference, its features from every kind
+of model, and `refer` in every output."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from experiments import predict
+from experiments.run import run
+from experiments.serving import export, inference
+from experiments.serving.ood import OodReference, fit_reference, knn_distance, normalized
+from tests.conftest import all_runs, client_for
+
+
+def test_threshold_answers_the_stated_share_of_held_out_images(tmp_path):
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(400, 16)) + 5  # one cluster
+    ood = fit_reference(features, coverage=0.9, seed=1)
+    assert np.mean(ood.held_out <= ood.threshold) == pytest.approx(0.9, abs=0.01)
+    fresh = rng.normal(size=(400, 16)) + 5
+    assert np.mean(~ood.refer(ood.score(fresh))) == pytest.approx(0.9, abs=0.06)
+    assert ood.refer(ood.score(-features[:20])).all()  # the opposite direction: all referred
+    loaded = OodReference.load(ood.save(tmp_path / "ood.npz"))
+    np.testing.assert_allclose(loaded.score(fresh), ood.score(fresh))
+    assert (loaded.k, loaded.threshold, loaded.coverage) == (ood.k, ood.threshold, 0.9)
+
+
+def test_knn_distance_is_the_kth_nearest_cosine_distance():
+    reference = normalized(np.array([[1.0, 0], [0, 1.0], [1.0, 1.0]]))
+    (d1,), (d2,) = knn_distance(reference, np.array([[1.0, 0]]), 1), \
+        knn_distance(reference, np.array([[1.0, 0]]), 2)
+    assert d1 == pytest.approx(0.0, abs=1e-6)
+    assert d2 == pytest.approx(1 - np.sqrt(0.5), abs=1e-6)
+    with pytest.raises(ValueError, match="ood_coverage"):
+        fit_reference(reference, coverage=1.0)
+
+
+def tiny_classifier(seed: int) -> keras.Model:
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((16, 16, 3))
+    x = keras.layers.Conv2D(4, 3, name="conv")(inputs)
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    return keras.Model(inputs, keras.layers.Dense(2, activation="softmax",
+                                                  name="predictions")(x))
+
+
+def test_features_of_wrapped_and_ensembled_models_are_their_networks():
+    images = np.random.default_rng(0).uniform(0, 255, (3, 16, 16, 3)).astype("float32")
+    first, second = tiny_classifier(0), tiny_classifier(1)
+    own = keras.Model(first.input, first.get_layer("gap").output).predict(images, verbose=0)
+    wrapped = keras.Model(inputs := keras.Input((16, 16, 3)),
+                          first(keras.layers.Rescaling(1.0)(inputs)))
+    for model in (first, wrapped, export.ensemble([first, second])):
+        features = inference.feature_extractor(model).predict(images, verbose=0)
+        np.testing.assert_allclose(features, own, rtol=1e-5)
+    assert inference.feature_extractor(keras.Sequential([keras.Input((4,)),
+                                                         keras.layers.Dense(2)])) is None
+
+
+def solid_colours(root, n: int = 8) -> None:
+    rng = np.random.default_rng(3)
+    for i in range(n):
+        colour = rng.integers(0, 256, 3, dtype=np.uint8)
+        label = "benign" if i % 2 else "malignant"
+        (root / label).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.tile(colour, (48, 48, 1))).save(root / label / f"solid_{i}.png")
+
+
+def test_an_off_domain_folder_is_referred_and_the_test_split_is_answered(tmp_path,
+                                                                          make_config):
+    solid_colours(tmp_path / "solid")
+    run(make_config("trainer.epochs=2", "eval.tta=none", "mlflow.experiment_name=ood",
+                    f"+eval.external.solid={tmp_path / 'solid'}"))
+    client = client_for(tmp_path)
+    (finished,) = all_runs(client, "ood")
+    metrics = finished.data.metrics
+    assert metrics["ext_solid_referred"] >= 0.75 and metrics["ext_solid_ood_auroc"] >= 0.9
+    assert metrics["test_referred"] <= 0.3 and "test_accepted_accuracy" in metrics
+
+    # predict and the served MLflow model give the score and `refer`
+    predictor = predict.load_predictor(finished.info.run_id,
+                                       f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    assert predictor.ood is not None and "ood_score" in predictor.columns
+    files = sorted((tmp_path / "solid").rglob("*.png"))
+    rows = predictor.score(files)
+    assert sum(r["decision"] == inference.REFER for r in rows) >= 6
+    import mlflow.pyfunc
+
+    served = mlflow.pyfunc.load_model(finished.data.tags["model_uri"])
+    out = served.predict(pd.DataFrame({"image": [f.read_bytes() for f in files[:2]]}))
+    assert list(out.columns) == predictor.columns
+    np.testing.assert_allclose(out["ood_score"], [r["ood_score"] for r in rows[:2]], rtol=1e-4)
+
+
+def test_no_reference_when_switched_off(tmp_path, make_config):
+    run(make_config("trainer.epochs=1", "eval.tta=none", "eval.ood_coverage=null",
+                    "mlflow.experiment_name=off"))
+    (finished,) = all_runs(client_for(tmp_path), "off")
+    predictor = predict.load_predictor(finished.info.run_id,
+                                       f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    assert predictor.ood is None and "ood_score" not in predictor.columns
+    assert "test_referred" not in finished.data.metrics
