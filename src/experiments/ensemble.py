@@ -84,9 +84,10 @@ def sweep_members(client: MlflowClient, parent_id: str) -> list[Run]:
 def build(members: Sequence[Member], eval_params: dict[str, str]) -> tuple[object, dict]:
     """The ensemble model and its info, the operating point fitted on pooled validation."""
     infos = {(m.predictor.info.class_names, m.predictor.info.image_size,
-              m.predictor.info.positive_class) for m in members}
+              m.predictor.info.positive_class, m.predictor.info.resize) for m in members}
     if len(infos) != 1:
-        raise DataError(f"The members disagree on classes, input size or positive class: "
+        raise DataError(f"The members disagree on classes, input size, positive class or "
+                        "resize: "
                         f"{sorted(infos)}")
     first = members[0].predictor.info
     positive = list(first.class_names).index(first.positive_class or first.class_names[-1])
@@ -99,7 +100,7 @@ def build(members: Sequence[Member], eval_params: dict[str, str]) -> tuple[objec
         eval_params.get("eval.temperature_scaling", "True") == "True")
     model = export.ensemble([m.predictor.model for m in members])
     info = export.model_info(first.class_names, first.image_size, positive, first.tta,
-                             temperature, threshold, kind="sweep_ensemble",
+                             temperature, threshold, kind="sweep_ensemble", resize=first.resize,
                              members=len(members),
                              member_runs=[m.run.info.run_id for m in members])
     return model, info
@@ -117,7 +118,8 @@ def evaluate_on_shared_test(predictor: inference.Predictor, members: Sequence[Me
     files = sorted(shared.pop())
     if not all(Path(f).is_file() for f in files):
         return "none: the members' test images are not readable here"
-    images = np.stack([decode.load_image(f, predictor.info.image_size) for f in files])
+    images = np.stack([decode.load_image(f, predictor.info.image_size,
+                                         resize=predictor.info.resize) for f in files])
     labels = np.array([labels_of[f] for f in files])
     info = predictor.info
     positive = list(info.class_names).index(info.positive_class or info.class_names[-1])

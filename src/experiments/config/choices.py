@@ -19,6 +19,8 @@ LR_SCHEDULES = ("constant", "warmup_cosine")
 STAIN_METHODS = ("reinhard", "macenko")
 CACHE_MODES = ("auto", "memory", "disk", "none")
 ON_INVALID = ("error", "skip")
+# data.resize: keep the aspect ratio (centre square) or squash to a square
+RESIZE_MODES = ("crop", "squash")
 # eval.tta and eval.threshold
 TTA_MODES = ("none", "dihedral")
 THRESHOLD_METHODS = ("fixed", "youden", "target_sensitivity")

@@ -19,6 +19,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from experiments.config.checks import check_at_least, check_choice, check_fraction, require
 from experiments.config.choices import (
     CACHE_MODES,
+    RESIZE_MODES,
     STAIN_METHODS,
 )
 from experiments.config.cohorts import MAIN_SOURCE, ExternalCohort, external_cohorts
@@ -62,6 +63,9 @@ class DataConfig:
     # A regex searched in each image's path below `root`: only matching images are used (e.g.
     # `200X` for one BreakHis magnification). null: every image.
     include_pattern: str | None = None
+    # Images that are not square: "crop" scales the shorter side to image_size and keeps the
+    # centre square (cells keep their shape); "squash" scales each side (distorts them).
+    resize: str = "crop"
     # Where decoded images live: memory, disk (decoded once into <paths.cache_dir>/images and
     # memory-mapped), none (decoded again when needed), or auto (memory up to 4 GB, else disk).
     cache: str = "auto"
@@ -100,6 +104,7 @@ class DataConfig:
         check_choice("data.stain_normalization", self.stain_normalization, (None, *STAIN_METHODS))
 
         check_choice("data.cache", self.cache, CACHE_MODES)
+        check_choice("data.resize", self.resize, RESIZE_MODES)
         require(self.on_invalid in ("error", "skip"), "`data.on_invalid` must be 'error' or "
                 f"'skip'. Received: data.on_invalid={self.on_invalid!r}")
         if self.image_size is not None:

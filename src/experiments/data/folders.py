@@ -77,8 +77,8 @@ def scan_folder(root: str | Path, include_pattern: str | None = None, min_classe
 
 
 def load_images(files: Sequence[str], image_size: int, allow_upscale: bool = True,
-                cache: str = "memory", cache_folder: Path | None = None
-                ) -> tuple[np.ndarray | LazyImages, list[Invalid]]:
+                cache: str = "memory", cache_folder: Path | None = None,
+                resize: str = "squash") -> tuple[np.ndarray | LazyImages, list[Invalid]]:
     """Check every file (decoding it), keeping the decoded images as `cache` says (see
     `experiments.image_store`: memory, disk, none; auto picks by size). Returns the images of
     the readable files, in order, and every unreadable file with why."""
@@ -88,23 +88,24 @@ def load_images(files: Sequence[str], image_size: int, allow_upscale: bool = Tru
         if cache_folder is None:
             raise ConfigError("data.cache=disk needs a cache folder (paths.cache_dir)")
         stored, problems = image_store.disk_images(files, image_size, allow_upscale,
-                                                   cache_folder)
+                                                   cache_folder, resize)
     else:
         stored = (np.empty((len(files), image_size, image_size, 3), dtype=np.uint8)
                   if mode == "memory" else None)
-        problems = image_store.decode_all(files, image_size, allow_upscale, stored)
+        problems = image_store.decode_all(files, image_size, allow_upscale, stored,
+                                          resize=resize)
     keep = [i for i in range(len(files)) if i not in problems]
     invalid = [Invalid(files[i], problems[i]) for i in sorted(problems)]
     if mode == "memory" and stored is not None:
         return stored[keep], invalid
     source = stored if mode == "disk" and stored is not None else list(files)
-    return LazyImages(source, image_size, np.asarray(keep, int), allow_upscale), invalid
+    return LazyImages(source, image_size, np.asarray(keep, int), allow_upscale, resize), invalid
 
 
 def read_folder(root: str | Path, image_size: int, on_invalid: str = "error",
                 allow_upscale: bool = True, report_dir: Path | None = None,
                 include_pattern: str | None = None, cache: str = "memory",
-                cache_folder: Path | None = None
+                cache_folder: Path | None = None, resize: str = "squash"
                 ) -> tuple[tuple[str, ...], Split, list[Invalid]]:
     """Scan and decode a class folder; every file is checked before any training starts.
 
@@ -115,21 +116,22 @@ def read_folder(root: str | Path, image_size: int, on_invalid: str = "error",
     """
     class_names, files, labels = scan_folder(root, include_pattern)
     split, invalid = decode_checked(files, labels, class_names, str(root), image_size,
-                                    on_invalid, allow_upscale, report_dir, cache, cache_folder)
+                                    on_invalid, allow_upscale, report_dir, cache, cache_folder,
+                                    resize)
     return class_names, split, invalid
 
 
 def decode_checked(files: Sequence[str], labels: Sequence[int], class_names: Sequence[str],
                    where: str, image_size: int, on_invalid: str = "error",
                    allow_upscale: bool = True, report_dir: Path | None = None,
-                   cache: str = "memory", cache_folder: Path | None = None
-                   ) -> tuple[Split, list[Invalid]]:
+                   cache: str = "memory", cache_folder: Path | None = None,
+                   resize: str = "squash") -> tuple[Split, list[Invalid]]:
     """Decode and check `files` (of the folder(s) `where`, for messages): on_invalid as in
     `read_folder`; a class left without valid images is an error."""
     if on_invalid not in ON_INVALID:
         raise ConfigError(f"data.on_invalid must be one of {ON_INVALID}. "
                           f"Received: data.on_invalid={on_invalid!r}")
-    images, invalid = load_images(files, image_size, allow_upscale, cache, cache_folder)
+    images, invalid = load_images(files, image_size, allow_upscale, cache, cache_folder, resize)
     if invalid and on_invalid == "error":
         listing = None
         if report_dir is not None:

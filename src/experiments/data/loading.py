@@ -44,7 +44,8 @@ def load_data(data_cfg: DataConfig, image_size: int, report_dir: Path, cache_dir
     read = functools.partial(folders.read_folder, image_size=image_size,
                              on_invalid=data_cfg.on_invalid, allow_upscale=data_cfg.allow_upscale,
                              report_dir=report_dir, include_pattern=data_cfg.include_pattern,
-                             cache=data_cfg.cache, cache_folder=cache_dir / "images")
+                             cache=data_cfg.cache, cache_folder=cache_dir / "images",
+                             resize=data_cfg.resize)
     if data_cfg.sources:
         class_names, pool, skipped = read_sources(data_cfg, image_size, report_dir, cache_dir)
     else:
@@ -90,7 +91,8 @@ def read_sources(data_cfg: DataConfig, image_size: int, report_dir: Path, cache_
         [f for part in scanned for f in part.files],
         [int(y) for part in scanned for y in part.labels], class_names,
         ", ".join(part.cohort.root for part in scanned), image_size, data_cfg.on_invalid,
-        data_cfg.allow_upscale, report_dir, data_cfg.cache, cache_dir / "images")
+        data_cfg.allow_upscale, report_dir, data_cfg.cache, cache_dir / "images",
+        data_cfg.resize)
     grouped = any(part.groups is not None for part in scanned)
     counts = {part.cohort.name: sum(source_of[f] == part.cohort.name for f in pool.files)
               for part in scanned}

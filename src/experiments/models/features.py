@@ -129,7 +129,7 @@ def image_key(file: str) -> str:
 
 
 def model_key(backbone: str, weights: str | None, seed: int, image_size: int, precision: str,
-              stain_target: Sequence[float] | None) -> str:
+              stain_target: Sequence[float] | None, resize: str = "squash") -> str:
     """The identity of a frozen feature extractor: what changes a feature changes the key."""
     if weights is not None:  # the weights' identity is their content (also when imported)
         weights = weights_provenance(backbone, weights)["weights_sha256"]
@@ -137,7 +137,9 @@ def model_key(backbone: str, weights: str | None, seed: int, image_size: int, pr
              # random initial weights are the seed's
              "seed": seed if weights is None else None, "image_size": image_size,
              "precision": precision, "keras": keras.__version__, "tensorflow": tf.__version__,
-             "stain": None if stain_target is None else [round(v, 6) for v in stain_target]}
+             "stain": None if stain_target is None else [round(v, 6) for v in stain_target],
+             # squash: the key features cached before crop existed had
+             **({} if resize == "squash" else {"resize": resize})}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
 

@@ -214,6 +214,7 @@ def log_parent_model(settings: Config, loaded: loading.LoadedData, positive: int
     models."""
     temperature, threshold = operating_point(folds, positive, settings.eval)
     describe = {"backbone": settings.backbone.name, "patch_size": settings.data.patch_size,
+                "resize": settings.data.resize,
                 "stain_normalization": settings.data.stain_normalization}
     if refit is not None:
         model, epochs = refit

@@ -264,6 +264,7 @@ def evaluate_and_log(settings: Config, prepared: Prepared, result: TrainResult,
         splits.class_names, prepared.image_size, prepared.positive, settings.eval.tta,
         evaluation.metrics.get("temperature", 1.0), evaluation.threshold,
         backbone=settings.backbone.name, kind="single", patch_size=patch_size,
+        resize=settings.data.resize,
         stain_normalization=settings.data.stain_normalization)
     with timer("log_model"):
         log_run_model(served, info, output_dir / MODEL_DIR, settings.mlflow.register_as,

@@ -151,13 +151,14 @@ class ModelInfo:
     temperature: float = 1.0
     threshold: float | None = None  # on p(positive_class), chosen on validation
     positive_class: str | None = None
+    resize: str = "squash"  # how images become squares (models saved before it: squash)
 
     @classmethod
     def read(cls, path: str | Path) -> ModelInfo:
         raw = json.loads(Path(path).read_text())
         return cls(tuple(raw["class_names"]), int(raw["image_size"]), raw.get("tta", "none"),
                    float(raw.get("temperature") or 1.0), raw.get("threshold"),
-                   raw.get("positive_class"))
+                   raw.get("positive_class"), raw.get("resize", "squash"))
 
     @property
     def decides(self) -> bool:
@@ -225,7 +226,7 @@ class Predictor:
         for index, (source, name) in enumerate(zip(sources, names, strict=True)):
             try:
                 images.append(load_image(source, self.info.image_size, name=name,
-                                         max_pixels=max_pixels))
+                                         max_pixels=max_pixels, resize=self.info.resize))
             except ValueError as error:
                 errors[index] = str(error).removeprefix(f"{name}: ")
         stacked = np.stack(images) if images else None

@@ -123,7 +123,7 @@ def _panel(models: _Models, group: Scored, index: int, sources: Mapping[str, Run
     if "model_uri" not in source.data.tags:
         return Panel(group.key, p, decided, None, f"run {source.info.run_id} logged no model")
     predictor = models.get(source)
-    image = load_image(path, predictor.info.image_size)
+    image = load_image(path, predictor.info.image_size, resize=predictor.info.resize)
     try:
         heatmap = gradcam.gradcam(predictor.model, image[None].astype(np.float32))[0]
     except ValueError as error:  # a model that is not a chain of layers: say so in the tile

@@ -87,7 +87,7 @@ def image_features(settings: Config, classifier: keras.Model, precision: str,
     backbone = settings.backbone
     size = settings.data.patch_size or int(classifier.input_shape[1])
     key = features.model_key(backbone.name, backbone.weights, settings.trainer.seed, size,
-                             precision, stain_target)
+                             precision, stain_target, settings.data.resize)
     cache = features.FeatureCache(key, Path(settings.paths.cache_dir) / "features")
     compute = functools.partial(features.compute_features, features.feature_model(classifier))
     return cache.get(split.files, split.images, views, compute)
