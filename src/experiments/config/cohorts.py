@@ -38,9 +38,12 @@ class ExternalCohort:
     group_pattern: str | None = None
     # A regex searched in each image's path below `root`: only matching images are scored.
     include_pattern: str | None = None
+    # eval.external only: also score the cohort with the model's BatchNorm statistics adapted
+    # to the cohort's own images (AdaBN, no labels used), logged as cohort <name>_adabn.
+    adapt: bool = False
 
 
-OPTIONS = ("root", "group_pattern", "include_pattern")
+OPTIONS = ("root", "group_pattern", "include_pattern", "adapt")
 
 
 def external_cohorts(external: Mapping[str, object],
@@ -75,6 +78,9 @@ def external_cohorts(external: Mapping[str, object],
                 except re.error as error:
                     require(False, f"`{key}.{option}` is not a valid regular expression "
                             f"({error}). Received: {key}.{option}={pattern!r}")
+        adapt = value.get("adapt", False)
+        require(isinstance(adapt, bool), f"`{key}.adapt` must be true or false. Received: "
+                f"{key}.adapt={adapt!r}")
         cohorts.append(ExternalCohort(name, str(value["root"]), value.get("group_pattern"),
-                                      value.get("include_pattern")))
+                                      value.get("include_pattern"), adapt))
     return tuple(cohorts)

@@ -17,9 +17,11 @@ import numpy as np
 from experiments.config.schema import Config, EvalConfig
 from experiments.data.cohorts import CohortFiles
 from experiments.data.image_store import ImageArray
+from experiments.errors import DataError
 from experiments.evaluation import evaluate
 from experiments.evaluation.cohorts import cohort_metrics, cohort_roc, decisions, referral_metrics
 from experiments.evaluation.metrics import Predictions
+from experiments.models.adapt import adapt_batchnorm
 from experiments.serving import export
 from experiments.serving.inference import MODEL_FILE, Predictor
 from experiments.serving.ood import OodReference
@@ -85,41 +87,57 @@ def cohort_referral(ood: OodReference, rows: Sequence[dict[str, object]],
 
 def evaluate_cohorts(cohorts: Sequence[CohortFiles], model_dir: Path, settings: EvalConfig,
                      batch_size: int, folder: Path, run_id: str) -> dict[str, float]:
-    """Score every cohort with the model in `model_dir` and log, into the active run `run_id`, its
-    metrics (each once: a resumed run does not log them twice), ROC curve and predictions
-    under external/<name>/. Returns the metrics."""
+    """Score every cohort with the model in `model_dir` and log, into the active run `run_id`,
+    its metrics (each once: a resumed run does not log them twice), ROC curve and predictions
+    under external/<name>/; a cohort with `adapt` also as <name>_adabn, by the model with its
+    BatchNorm statistics adapted to the cohort's images. Returns the metrics."""
     if not cohorts:
         return {}
     predictor = Predictor.load(model_dir / MODEL_FILE)
+    metrics: dict[str, float] = {}
+    for cohort in cohorts:
+        metrics.update(score_cohort(predictor, cohort, cohort.cohort.name, settings,
+                                    batch_size, folder))
+        if cohort.cohort.adapt:
+            adapted = Predictor.load(model_dir / MODEL_FILE)  # a fresh copy to adapt
+            images, _ = adapted.decode(cohort.files, cohort.files)
+            if images is None or len(images) < 2:
+                raise DataError(f"eval.external.{cohort.cohort.name}.adapt needs 2 readable "
+                                "images")
+            adapt_batchnorm(adapted.model, images, batch_size)
+            metrics.update(score_cohort(adapted, cohort, f"{cohort.cohort.name}_adabn",
+                                        settings, batch_size, folder))
+    records.log_new_metrics(run_id, metrics)
+    return metrics
+
+
+def score_cohort(predictor: Predictor, cohort: CohortFiles, name: str, settings: EvalConfig,
+                 batch_size: int, folder: Path) -> dict[str, float]:
+    """One cohort's ext_<name>_* metrics; its table and ROC curve logged as artifacts."""
     info = predictor.info
     class_names = list(info.class_names)
     positive = class_names.index(info.positive_class or class_names[-1])
-    metrics: dict[str, float] = {}
-    for cohort in cohorts:
-        name = cohort.cohort.name
-        log.info(f"External cohort {name!r}: scoring {len(cohort.files)} images "
-                 f"({cohort.cohort.root})")
-        rows = score_files(predictor, cohort.files, batch_size)
-        pred = cohort_predictions(cohort, rows, class_names)
-        prefix = f"ext_{name}_"
-        found = {f"{prefix}n_unreadable": float(len(rows) - len(pred.labels))}
-        if len(pred.labels):
-            found.update(cohort_metrics(pred, positive, info.threshold, settings, prefix))
-        if predictor.ood is not None and len(pred.labels):
-            found.update(cohort_referral(predictor.ood, rows, cohort, class_names, prefix))
-        metrics.update(found)
-        out = folder / name
-        paths = [write_cohort_table(cohort, rows, class_names, out / "predictions.csv")]
-        roc = cohort_roc(pred, class_names, positive, name, out / "roc_curve.png")
-        paths += [roc] if roc is not None else []
-        for path in paths:
-            records.log_artifact(path, f"external/{name}")
-        accuracy = found.get(f"{prefix}accuracy", float("nan"))
-        auc = found.get(f"{prefix}roc_auc", float("nan"))
-        log.info(f"  {name}: accuracy {accuracy:.3f}, ROC-AUC {auc:.3f} "
-                 f"({int(found[f'{prefix}n_unreadable'])} unreadable)")
-    records.log_new_metrics(run_id, metrics)
-    return metrics
+    log.info(f"External cohort {name!r}: scoring {len(cohort.files)} images "
+             f"({cohort.cohort.root})")
+    rows = score_files(predictor, cohort.files, batch_size)
+    pred = cohort_predictions(cohort, rows, class_names)
+    prefix = f"ext_{name}_"
+    found = {f"{prefix}n_unreadable": float(len(rows) - len(pred.labels))}
+    if len(pred.labels):
+        found.update(cohort_metrics(pred, positive, info.threshold, settings, prefix))
+    if predictor.ood is not None and len(pred.labels):
+        found.update(cohort_referral(predictor.ood, rows, cohort, class_names, prefix))
+    out = folder / name
+    paths = [write_cohort_table(cohort, rows, class_names, out / "predictions.csv")]
+    roc = cohort_roc(pred, class_names, positive, name, out / "roc_curve.png")
+    paths += [roc] if roc is not None else []
+    for path in paths:
+        records.log_artifact(path, f"external/{name}")
+    accuracy = found.get(f"{prefix}accuracy", float("nan"))
+    auc = found.get(f"{prefix}roc_auc", float("nan"))
+    log.info(f"  {name}: accuracy {accuracy:.3f}, ROC-AUC {auc:.3f} "
+             f"({int(found[f'{prefix}n_unreadable'])} unreadable)")
+    return found
 
 
 def fit_ood(settings: Config, model: keras.Model, images: ImageArray) -> OodReference | None:

@@ -222,6 +222,17 @@ class Predictor:
         the batch)."""
         names = list(names) if names is not None else [
             str(s) if isinstance(s, (str, Path)) else f"image {i}" for i, s in enumerate(sources)]
+        stacked, errors = self.decode(sources, names, max_pixels)
+        probs = iter(self.probabilities(stacked, batch_size) if stacked is not None else [])
+        scores = iter(self.ood_scores(stacked, batch_size)
+                      if stacked is not None and self.ood is not None else [])
+        return [self.failed_row(errors[i]) if i in errors
+                else self._row(next(probs), next(scores, None)) for i in range(len(names))]
+
+    def decode(self, sources: Sequence[ImageSource], names: Sequence[str],
+               max_pixels: int | None = None) -> tuple[np.ndarray | None, dict[int, str]]:
+        """The readable images as the model takes them (None: none readable), and why each
+        other one (by index) could not be read."""
         images, errors = [], {}
         for index, (source, name) in enumerate(zip(sources, names, strict=True)):
             try:
@@ -229,12 +240,7 @@ class Predictor:
                                          max_pixels=max_pixels, resize=self.info.resize))
             except ValueError as error:
                 errors[index] = str(error).removeprefix(f"{name}: ")
-        stacked = np.stack(images) if images else None
-        probs = iter(self.probabilities(stacked, batch_size) if stacked is not None else [])
-        scores = iter(self.ood_scores(stacked, batch_size)
-                      if stacked is not None and self.ood is not None else [])
-        return [self.failed_row(errors[i]) if i in errors
-                else self._row(next(probs), next(scores, None)) for i in range(len(names))]
+        return (np.stack(images) if images else None), errors
 
     def failed_row(self, error: str) -> dict[str, object]:
         """The row of an image that could not be read: no probabilities, the reason."""

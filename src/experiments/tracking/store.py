@@ -29,6 +29,14 @@ def default_store_uri(root: str | Path | None = None) -> str:
     return f"sqlite:///{Path(root or Path.cwd()).resolve() / 'mlruns' / 'mlflow.db'}"
 
 
+def artifact_root_of(tracking_uri: str) -> Path:
+    """Where new experiments of a local SQLite store keep artifacts: `artifacts/` beside the
+    database (as runs do); the current folder's mlruns/artifacts otherwise."""
+    if tracking_uri.startswith("sqlite:///"):
+        return Path(tracking_uri.removeprefix("sqlite:///")).parent / "artifacts"
+    return Path.cwd() / "mlruns" / "artifacts"
+
+
 def is_local_store(tracking_uri: str) -> bool:
     """True for stores this process writes itself (artifacts go to a local folder)."""
     return tracking_uri.startswith(LOCAL_SCHEMES) or "://" not in tracking_uri
