@@ -85,3 +85,16 @@ def test_schedule_refuses_reduce_lr_and_label_smoothing_reaches_the_loss(make_co
     assert prepared.model.loss.label_smoothing == pytest.approx(0.1)
     trainable = {w.path.split("/")[0] for w in prepared.model.trainable_weights}
     assert trainable == {"head_bn", "predictions"}
+
+
+def test_the_refit_probe_chooses_c_on_folds_of_whole_patients():
+    from experiments.training.probe import view_folds
+
+    groups = [f"p{i // 4}" for i in range(40)]  # 10 patients of 4 images
+    strata = np.array([int(g[1:]) % 2 for g in groups])
+    def patients(rows: np.ndarray) -> set[str]:
+        return {groups[r // 8] for r in rows}
+
+    for rest, held_out in view_folds(strata, 8, 5, seed=0, groups=groups):
+        assert not patients(rest) & patients(held_out)
+        assert len(held_out) % 8 == 0

@@ -88,4 +88,5 @@ def refit_probe(settings: Config, model: keras.Model, precision: str,
     """finetune=linear_probe: the regression on every image's cached features (the folds
     computed them), C chosen by cross-validation on them; returns C."""
     cached = image_features(settings, model, precision, stain_target, images, views)
-    return probe.refit(model, cached, np.asarray(images.labels), settings.trainer.seed)
+    return probe.refit(model, cached, np.asarray(images.labels), settings.trainer.seed,
+                       strata=images.strata(), groups=images.groups)

@@ -13,12 +13,13 @@ is reported beside it (knn_test_*).
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
 from sklearn.metrics import log_loss
-from sklearn.model_selection import StratifiedKFold
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 from sklearn.neighbors import KNeighborsClassifier
 
 from experiments.config.schema import EvalConfig
@@ -118,20 +119,36 @@ def knn_metrics(z_train: np.ndarray, y_train: np.ndarray, z_val: np.ndarray, y_v
             **metrics_lib.interval_metrics(test, prepared.positive, settings, "knn_test_")}
 
 
+def view_folds(strata: np.ndarray, views: int, folds: int, seed: int,
+               groups: Sequence[str] | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(train, held-out) row indices of a stratified K-fold over images whose `views` rows
+    each sit together (image i: rows i*views .. i*views + views - 1); whole groups stay in one
+    fold when `groups` is given."""
+    index = np.zeros(len(strata))
+    by_image = (StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(
+        index, strata) if groups is None else StratifiedGroupKFold(
+        n_splits=folds, shuffle=True, random_state=seed).split(index, strata, groups))
+    return [(np.concatenate([np.arange(i * views, (i + 1) * views) for i in train]),
+             np.concatenate([np.arange(i * views, (i + 1) * views) for i in held_out]))
+            for train, held_out in by_image]
+
+
 def refit(classifier, features: np.ndarray, labels: np.ndarray, seed: int,
-          folds: int = 5) -> float:
+          folds: int = 5, strata: np.ndarray | None = None,
+          groups: Sequence[str] | None = None) -> float:
     """cv.refit for finetune=linear_probe: the regression on every image's features, its C
     chosen by a stratified `folds`-fold cross-validation of the log-loss on these images (an
-    image's dihedral views stay in one fold), written into the classifier's head. Returns C."""
+    image's dihedral views stay in one fold; with `groups`, a patient's images too - else C is
+    chosen on patients the regression has already seen, too weakly regularised; stratified
+    on `strata`, e.g. label x source, else the labels), written into the classifier's head.
+    Returns C."""
     views = features.shape[1]
     x = features.reshape(-1, features.shape[-1]).astype(np.float64)
     y = np.repeat(np.asarray(labels), views)
     mean, scale = standardize(x, classifier.get_layer("head_bn").epsilon)
     z = (x - mean) / scale
-    by_image = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    splits = [(np.concatenate([np.arange(i * views, (i + 1) * views) for i in train]),
-               np.concatenate([np.arange(i * views, (i + 1) * views) for i in held_out]))
-              for train, held_out in by_image.split(np.zeros(len(labels)), labels)]
+    splits = view_folds(np.asarray(labels) if strata is None else strata, views, folds, seed,
+                        groups)
     search = LogisticRegressionCV(Cs=list(C_GRID), cv=splits, scoring="neg_log_loss",
                                   max_iter=5000, random_state=seed).fit(z, y)
     chosen = float(np.atleast_1d(search.C_)[0])
