@@ -7,6 +7,8 @@ folder (searched recursively). Writes one row per image: file, p_<class> for eac
 predicted class (the most probable), decision (at the decision threshold chosen on validation,
 for two classes), and error. Probabilities use the run's test-time augmentation and temperature
 (from model_info.json; `tta=none` turns TTA off): the same numbers as the MLflow model serves.
+mpp=<micrometres per pixel of the input images> rescales them to the model's training scale
+(a model trained with data.mpp).
 Unreadable files get an error and no prediction instead of stopping the job.
 """
 
@@ -33,7 +35,7 @@ log = logging.getLogger(__name__)
 
 # key=value arguments and their defaults ("": not given)
 OPTIONS = {"model": "", "input": "", "output": "predictions.csv", "batch_size": "32",
-           "tracking_uri": "", "tta": "auto"}
+           "tracking_uri": "", "tta": "auto", "mpp": ""}
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
@@ -112,7 +114,7 @@ def list_inputs(source: str | Path) -> list[Path]:
 
 
 def predict_files(predictor: Predictor, files: Sequence[Path], output: Path,
-                  batch_size: int = 32) -> int:
+                  batch_size: int = 32, mpp: float | None = None) -> int:
     """Write predictions for `files` to `output` (CSV); return how many files failed."""
     output.parent.mkdir(parents=True, exist_ok=True)
     progress = keras.utils.Progbar(len(files), unit_name="image")
@@ -123,7 +125,7 @@ def predict_files(predictor: Predictor, files: Sequence[Path], output: Path,
         writer.writerow(["file", *columns])
         for start in range(0, len(files), batch_size):
             batch = files[start:start + batch_size]
-            for file, row in zip(batch, predictor.score(batch, batch_size=batch_size),
+            for file, row in zip(batch, predictor.score(batch, batch_size=batch_size, mpp=mpp),
                                  strict=True):
                 failed += bool(row["error"])
                 writer.writerow([file, *(_cell(row[c]) for c in columns)])
@@ -152,6 +154,13 @@ def parse_args(argv: Sequence[str]) -> dict[str, str]:
     for key in ("model", "input"):
         if not values[key]:
             raise UserError(f"Missing {key}=...\n{__doc__}")
+    if values["mpp"]:
+        try:
+            if float(values["mpp"]) <= 0:
+                raise ValueError
+        except ValueError:
+            raise UserError("mpp must be a positive number (micrometres per pixel of the "
+                            f"images). Received: mpp={values['mpp']!r}") from None
     if not values["batch_size"].isdigit() or int(values["batch_size"]) < 1:
         raise UserError(f"batch_size must be a positive integer. "
                         f"Received: batch_size={values['batch_size']!r}")
@@ -168,7 +177,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             predictor, info=dataclasses.replace(predictor.info, tta=args["tta"]))
     files = list_inputs(args["input"])
     output = Path(args["output"])
-    failed = predict_files(predictor, files, output, int(args["batch_size"]))
+    mpp = float(args["mpp"]) if args["mpp"] else None
+    if mpp is not None and predictor.info.input_mpp is None:
+        raise UserError(f"mpp={mpp} given but model={args['model']!r} does not know its "
+                        "training scale (train it with data.mpp=...)")
+    failed = predict_files(predictor, files, output, int(args["batch_size"]), mpp)
     print(f"Wrote {len(files)} rows to {output.resolve()} ({failed} unreadable)")
 
 

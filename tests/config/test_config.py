@@ -212,6 +212,9 @@ def test_missing_data_root_names_the_key(tmp_path):
     ("trainer.lr_schedule=cosine", "trainer.lr_schedule"),
     ("data.stain_normalization=vahadane", "data.stain_normalization"),
     ("cv.folds=0", "cv.folds"),
+    ("data.mpp=-0.5", "data.mpp"),
+    ("data.resize=pad", "data.resize"),
+    ("eval.ood_coverage=1.5", "eval.ood_coverage"),
 ])
 def test_out_of_range_values_name_key_and_value(tmp_path, override, key):
     cfg = compose_config(tmp_path, ["data.root=/x", override])
@@ -293,6 +296,8 @@ def test_compare_backbones_preset_sweeps_backbones_on_folds_fixed_by_the_split(t
     (["+eval.external.bh.group_pattern=P"], "eval.external.bh.root"),
     (["+eval.external.bh.root=/x", "+eval.external.bh.group_pattern='(P'"],
      r"eval.external.bh.group_pattern.*'\(P'"),
+    (["+eval.external.bh.root=/x", "+eval.external.bh.mpp=-1"], "eval.external.bh.mpp=-1"),
+    (["+eval.external.bh.root=/x", "+eval.external.bh.adapt=maybe"], "eval.external.bh.adapt"),
 ])
 def test_external_cohort_mistakes_name_the_key(tmp_path, overrides, message):
     cfg = compose_config(tmp_path, ["data.root=/x", *overrides])

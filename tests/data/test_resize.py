@@ -66,3 +66,45 @@ def test_a_model_predicts_the_crop_it_trained_on_and_old_models_squash(tmp_path,
     info = tmp_path / "model_info.json"
     info.write_text(json.dumps({"class_names": ["a", "b"], "image_size": 32}))
     assert ModelInfo.read(info).resize == "squash"
+
+
+def test_a_half_resolution_copy_at_twice_the_mpp_predicts_like_the_original(tmp_path,
+                                                                             make_config):
+    run(make_config("trainer.epochs=2", "eval.tta=none", "data.mpp=0.5",
+                    "mlflow.experiment_name=mpp"))
+    (finished,) = all_runs(client_for(tmp_path), "mpp")
+    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    predictor = predict.load_predictor(finished.info.run_id, uri)
+    assert predictor.info.input_mpp == pytest.approx(0.5 * 48 / 32)  # demo tiles 48 -> 32 px
+    originals = sorted((tmp_path / ".cache" / "demo").rglob("*.jpg"))[::7]
+    assert len(originals) >= 5
+    copies = []
+    for path in originals:
+        half = tmp_path / "half" / f"{path.stem}.png"
+        half.parent.mkdir(exist_ok=True)
+        Image.open(path).resize((24, 24), Image.Resampling.LANCZOS).save(half)
+        copies.append(half)
+    as_trained = [r["p_malignant"] for r in predictor.score(originals)]
+    stated = [r["p_malignant"] for r in predictor.score(originals, mpp=0.5)]
+    halves = [r["p_malignant"] for r in predictor.score(copies, mpp=1.0)]
+    np.testing.assert_allclose(stated, as_trained, atol=1e-5)  # its own scale: unchanged
+    np.testing.assert_allclose(halves, as_trained, atol=0.15)
+    # served: an `mpp` column per row (a number: the signature refuses text); a negative one
+    # is that row's error
+    import mlflow.pyfunc
+    import pandas as pd
+
+    served = mlflow.pyfunc.load_model(finished.data.tags["model_uri"])
+    out = served.predict(pd.DataFrame({"image": [copies[0].read_bytes()] * 2,
+                                       "mpp": [1.0, -2.0]}))
+    assert out["p_malignant"][0] == pytest.approx(halves[0], abs=1e-4)
+    assert "mpp must be positive" in out["error"][1]
+
+
+def test_mpp_for_a_model_that_does_not_know_its_scale_is_refused(tmp_path, make_config):
+    run(make_config("trainer.epochs=1", "eval.tta=none", "mlflow.experiment_name=nompp"))
+    (finished,) = all_runs(client_for(tmp_path), "nompp")
+    predictor = predict.load_predictor(finished.info.run_id,
+                                       f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    (row,) = predictor.score([striped(tmp_path / "w.png")], mpp=0.25)
+    assert "data.mpp" in row["error"]

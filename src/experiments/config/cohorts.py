@@ -41,9 +41,12 @@ class ExternalCohort:
     # eval.external only: also score the cohort with the model's BatchNorm statistics adapted
     # to the cohort's own images (AdaBN, no labels used), logged as cohort <name>_adabn.
     adapt: bool = False
+    # Micrometres per pixel of this folder's images: rescaled to the model's input scale
+    # (needs data.mpp in training). null: decoded like the training images.
+    mpp: float | None = None
 
 
-OPTIONS = ("root", "group_pattern", "include_pattern", "adapt")
+OPTIONS = ("root", "group_pattern", "include_pattern", "adapt", "mpp")
 
 
 def external_cohorts(external: Mapping[str, object],
@@ -81,6 +84,11 @@ def external_cohorts(external: Mapping[str, object],
         adapt = value.get("adapt", False)
         require(isinstance(adapt, bool), f"`{key}.adapt` must be true or false. Received: "
                 f"{key}.adapt={adapt!r}")
+        mpp = value.get("mpp")
+        require(mpp is None or (isinstance(mpp, (int, float)) and not isinstance(mpp, bool)
+                                and mpp > 0),
+                f"`{key}.mpp` must be a positive number or null. Received: {key}.mpp={mpp!r}")
         cohorts.append(ExternalCohort(name, str(value["root"]), value.get("group_pattern"),
-                                      value.get("include_pattern"), adapt))
+                                      value.get("include_pattern"), adapt,
+                                      None if mpp is None else float(mpp)))
     return tuple(cohorts)

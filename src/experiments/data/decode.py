@@ -5,6 +5,7 @@ one decoder shared by training, evaluation, predict and serving.
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -18,11 +19,15 @@ ImageSource = str | Path | bytes | BinaryIO
 
 def load_image(source: ImageSource, image_size: int, allow_upscale: bool = True,
                name: str | None = None, max_pixels: int | None = None,
-               resize: str = "squash") -> np.ndarray:
+               resize: str = "squash", scale: float | None = None) -> np.ndarray:
     """Decode an image file, its bytes or a file object to RGB uint8 (grayscale, palette and
     RGBA converted) of (image_size, image_size): `resize="crop"` scales the shorter side to
     image_size and keeps the centre square (nuclei keep their shape), "squash" scales each
-    side to image_size (a non-square image is distorted). Raises ValueError naming the file
+    side to image_size (a non-square image is distorted). With `scale` (the image's
+    micrometres per pixel over the model's input's), the image is first rescaled to the
+    model's pixel size and its centre image_size square kept: the model sees the same tissue
+    area at the same magnification as in training (an image too small for that square is
+    scaled up to fill it). Raises ValueError naming the file
     (`name`, else the path) and the reason; with `max_pixels`, before decoding an image with
     more pixels (its header is read, not its pixels)."""
     if resize not in RESIZE_MODES:
@@ -39,7 +44,10 @@ def load_image(source: ImageSource, image_size: int, allow_upscale: bool = True,
                 raise ValueError(f"{width}x{height} px is smaller than data.image_size="
                                  f"{image_size} (lower data.image_size, or set "
                                  "data.allow_upscale=true)")
-            image.draft("RGB", (image_size, image_size))  # fast JPEG downscale while decoding
+            if scale is None:  # fast JPEG downscale while decoding
+                image.draft("RGB", (image_size, image_size))
+            if scale is not None:
+                return rescaled(image.convert("RGB"), image_size, scale)
             rgb = image.convert("RGB")
             if resize == "crop" and rgb.size[0] != rgb.size[1]:
                 rgb = centre_square(rgb)
@@ -63,3 +71,30 @@ def centre_square(image: Image.Image) -> Image.Image:
     side = min(width, height)
     left, top = (width - side) // 2, (height - side) // 2
     return image.crop((left, top, left + side, top + side))
+
+
+def rescaled(image: Image.Image, image_size: int, scale: float) -> np.ndarray:
+    """The centre image_size square of `image` resized by `scale`."""
+    if not scale > 0:
+        raise ValueError(f"mpp must be positive. Received: scale={scale!r}")
+    width, height = image.size
+    side = max(image_size, round(min(width, height) * scale))  # at least the input square
+    factor = side / min(width, height)
+    resized = image.resize((max(side, round(width * factor)), max(side, round(height * factor))),
+                           Image.Resampling.BILINEAR)
+    left = (resized.size[0] - image_size) // 2
+    top = (resized.size[1] - image_size) // 2
+    return np.asarray(resized.crop((left, top, left + image_size, top + image_size)),
+                      dtype=np.uint8)
+
+
+def input_mpp(mpp: float | None, files: Sequence[str], image_size: int) -> float | None:
+    """The micrometres per pixel of the model's input: training images at `mpp` whose shorter
+    side (the median over `files`, from their headers) became image_size. None when unknown."""
+    if mpp is None or not files:
+        return None
+    sides = []
+    for file in files:
+        with Image.open(file) as image:
+            sides.append(min(image.size))
+    return float(mpp * np.median(sides) / image_size)

@@ -52,6 +52,12 @@ class Split:
     def with_groups(self, pattern: str) -> Split:
         return dataclasses.replace(self, groups=group_ids(self.files, pattern))
 
+    def files_of(self, source: str) -> tuple[str, ...]:
+        """The files of one source (all of them when the split has no sources)."""
+        if self.sources is None:
+            return self.files
+        return tuple(f for f, s in zip(self.files, self.sources, strict=True) if s == source)
+
     def strata(self) -> np.ndarray:
         """What splits and folds stratify on: the label, and the source when there are several
         (each split then holds every source in proportion)."""

@@ -23,11 +23,13 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from experiments.config.cohorts import MAIN_SOURCE
 from experiments.config.instantiate import Components
 from experiments.config.schema import Config, EvalConfig
 from experiments.data import loading
 from experiments.data import splits as splits_lib
 from experiments.data.cohorts import scan_cohorts
+from experiments.data.decode import input_mpp
 from experiments.errors import ConfigError
 from experiments.evaluation import figures as figures_lib
 from experiments.evaluation import metrics as metrics_lib
@@ -214,7 +216,8 @@ def log_parent_model(settings: Config, loaded: loading.LoadedData, positive: int
     models."""
     temperature, threshold = operating_point(folds, positive, settings.eval)
     describe = {"backbone": settings.backbone.name, "patch_size": settings.data.patch_size,
-                "resize": settings.data.resize,
+                "resize": settings.data.resize, "input_mpp": input_mpp(
+                    settings.data.mpp, loaded.pool.files_of(MAIN_SOURCE), loaded.image_size),
                 "stain_normalization": settings.data.stain_normalization}
     if refit is not None:
         model, epochs = refit

@@ -32,12 +32,12 @@ log = logging.getLogger(__name__)
 CHUNK = 128  # images decoded and scored at a time: a cohort of any size fits in memory
 
 
-def score_files(predictor: Predictor, files: Sequence[str],
-                batch_size: int) -> list[dict[str, object]]:
+def score_files(predictor: Predictor, files: Sequence[str], batch_size: int,
+                mpp: float | None = None) -> list[dict[str, object]]:
     """`Predictor.score` rows of every file (an unreadable one gets its error, no scores)."""
     rows: list[dict[str, object]] = []
     for start in range(0, len(files), CHUNK):
-        rows += predictor.score(files[start:start + CHUNK], batch_size=batch_size)
+        rows += predictor.score(files[start:start + CHUNK], batch_size=batch_size, mpp=mpp)
     return rows
 
 
@@ -100,7 +100,7 @@ def evaluate_cohorts(cohorts: Sequence[CohortFiles], model_dir: Path, settings: 
                                     batch_size, folder))
         if cohort.cohort.adapt:
             adapted = Predictor.load(model_dir / MODEL_FILE)  # a fresh copy to adapt
-            images, _ = adapted.decode(cohort.files, cohort.files)
+            images, _ = adapted.decode(cohort.files, cohort.files, mpp=cohort.cohort.mpp)
             if images is None or len(images) < 2:
                 raise DataError(f"eval.external.{cohort.cohort.name}.adapt needs 2 readable "
                                 "images")
@@ -119,7 +119,7 @@ def score_cohort(predictor: Predictor, cohort: CohortFiles, name: str, settings:
     positive = class_names.index(info.positive_class or class_names[-1])
     log.info(f"External cohort {name!r}: scoring {len(cohort.files)} images "
              f"({cohort.cohort.root})")
-    rows = score_files(predictor, cohort.files, batch_size)
+    rows = score_files(predictor, cohort.files, batch_size, cohort.cohort.mpp)
     pred = cohort_predictions(cohort, rows, class_names)
     prefix = f"ext_{name}_"
     found = {f"{prefix}n_unreadable": float(len(rows) - len(pred.labels))}

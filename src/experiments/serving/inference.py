@@ -47,9 +47,10 @@ REFER = "refer"
 
 
 def load_model(path: str | Path) -> keras.Model:
-    """Load a saved `.keras` model with Keras' safe mode on (no arbitrary code); its
+    """Load a saved `.keras` model with Keras' safe mode on (no arbitrary code) and without its
+    training state (predicting needs no optimizer; restoring one only warns); its
     BatchNormalization layers run as TensorFlow's fused op (same numbers, faster)."""
-    model = keras.saving.load_model(str(path), safe_mode=True)
+    model = keras.saving.load_model(str(path), compile=False, safe_mode=True)
     fuse_batchnorm(model)
     return model
 
@@ -152,13 +153,15 @@ class ModelInfo:
     threshold: float | None = None  # on p(positive_class), chosen on validation
     positive_class: str | None = None
     resize: str = "squash"  # how images become squares (models saved before it: squash)
+    input_mpp: float | None = None  # micrometres per pixel of the model's input, when known
 
     @classmethod
     def read(cls, path: str | Path) -> ModelInfo:
         raw = json.loads(Path(path).read_text())
         return cls(tuple(raw["class_names"]), int(raw["image_size"]), raw.get("tta", "none"),
                    float(raw.get("temperature") or 1.0), raw.get("threshold"),
-                   raw.get("positive_class"), raw.get("resize", "squash"))
+                   raw.get("positive_class"), raw.get("resize", "squash"),
+                   raw.get("input_mpp"))
 
     @property
     def decides(self) -> bool:
@@ -215,14 +218,15 @@ class Predictor:
         return apply_temperature(raw, self.info.temperature) if len(raw) else raw
 
     def score(self, sources: Sequence[ImageSource], names: Sequence[str] | None = None,
-              batch_size: int = 32, max_pixels: int | None = None) -> list[dict[str, object]]:
+              batch_size: int = 32, max_pixels: int | None = None,
+              mpp: float | Sequence[float | None] | None = None) -> list[dict[str, object]]:
         """One row per source (file path, bytes or file object): p_<class>, predicted,
         decision (at the validation threshold; two classes) and error (an unreadable image, or
         one over `max_pixels`, is reported there, without probabilities, instead of failing
         the batch)."""
         names = list(names) if names is not None else [
             str(s) if isinstance(s, (str, Path)) else f"image {i}" for i, s in enumerate(sources)]
-        stacked, errors = self.decode(sources, names, max_pixels)
+        stacked, errors = self.decode(sources, names, max_pixels, mpp)
         probs = iter(self.probabilities(stacked, batch_size) if stacked is not None else [])
         scores = iter(self.ood_scores(stacked, batch_size)
                       if stacked is not None and self.ood is not None else [])
@@ -230,17 +234,31 @@ class Predictor:
                 else self._row(next(probs), next(scores, None)) for i in range(len(names))]
 
     def decode(self, sources: Sequence[ImageSource], names: Sequence[str],
-               max_pixels: int | None = None) -> tuple[np.ndarray | None, dict[int, str]]:
+               max_pixels: int | None = None,
+               mpp: float | Sequence[float | None] | None = None
+               ) -> tuple[np.ndarray | None, dict[int, str]]:
         """The readable images as the model takes them (None: none readable), and why each
-        other one (by index) could not be read."""
+        other one (by index) could not be read. `mpp`: the images' micrometres per pixel (one
+        for all, or one per image; None: as the training images), rescaled to the model's."""
+        each = list(mpp) if isinstance(mpp, Sequence) else [mpp] * len(sources)
         images, errors = [], {}
         for index, (source, name) in enumerate(zip(sources, names, strict=True)):
             try:
                 images.append(load_image(source, self.info.image_size, name=name,
-                                         max_pixels=max_pixels, resize=self.info.resize))
+                                         max_pixels=max_pixels, resize=self.info.resize,
+                                         scale=self.scale(each[index])))
             except ValueError as error:
                 errors[index] = str(error).removeprefix(f"{name}: ")
         return (np.stack(images) if images else None), errors
+
+    def scale(self, mpp: float | None) -> float | None:
+        """How much an image at `mpp` is resized to the model's input scale (None: not)."""
+        if mpp is None or mpp != mpp:  # None or NaN (a serving row without mpp)
+            return None
+        if self.info.input_mpp is None:
+            raise ValueError(f"mpp={mpp} given but the model does not know its training scale "
+                             "(train with data.mpp)")
+        return float(mpp) / self.info.input_mpp
 
     def failed_row(self, error: str) -> dict[str, object]:
         """The row of an image that could not be read: no probabilities, the reason."""

@@ -10,7 +10,8 @@ imported when it loads), so it loads and serves in a Python that never installed
 Input: a DataFrame with a column `image` (the image file's bytes, base64-encoded; raw bytes also
 work from Python) and/or `path` (a file inside the folder the deployment allows; refused by
 default), one of them per row; any format Pillow reads, within the limits of
-`experiments.serving.limits`.
+`experiments.serving.limits`. An optional column `mpp` gives an image's micrometres per pixel:
+it is rescaled to the model's training scale (a model trained with data.mpp).
 Output: one row per input, `p_<class>` for each class, `predicted`, `decision` (at the threshold
 chosen on validation; two classes; `refer` for an image unlike the training images), `ood_score`
 (when the run fitted an out-of-distribution reference) and `error` (an unreadable or refused
@@ -76,14 +77,28 @@ class ImageClassifier(PythonModel):
             sources, names = read_sources(frame, self.limits)
         except ValueError as error:
             raise RequestRefused(str(error)) from None
-        readable = [(source, name) for source, name in zip(sources, names, strict=True)
+        scales = row_mpp(frame)
+        readable = [(source, name, mpp) for source, name, mpp
+                    in zip(sources, names, scales, strict=True)
                     if not isinstance(source, ValueError)]
-        scored = iter(self.predictor.score([source for source, _ in readable],
-                                           [name for _, name in readable],
-                                           max_pixels=self.limits.max_image_pixels))
+        scored = iter(self.predictor.score([source for source, _, _ in readable],
+                                           [name for _, name, _ in readable],
+                                           max_pixels=self.limits.max_image_pixels,
+                                           mpp=[mpp for _, _, mpp in readable]))
         rows = [next(scored) if not isinstance(source, ValueError)
                 else self.predictor.failed_row(str(source)) for source in sources]
         return pd.DataFrame(rows, columns=self.predictor.columns)
+
+
+def row_mpp(frame: pd.DataFrame) -> list[float | None]:
+    """Each row's optional `mpp` (micrometres per pixel of its image; empty: as trained)."""
+    if "mpp" not in frame.columns:
+        return [None] * len(frame)
+    values = pd.to_numeric(frame["mpp"], errors="coerce")
+    given = [_given(v) for v in frame["mpp"]]
+    # not a number: -1, which the row's scoring reports as an error (never silently ignored)
+    return [None if not g else (-1.0 if np.isnan(v) else float(v))
+            for v, g in zip(values, given, strict=True)]
 
 
 def read_sources(frame: pd.DataFrame, limits: ServingLimits | None = None,

@@ -34,7 +34,8 @@ def log_model(model_dir: Path, info: Mapping[str, Any]) -> str:
     names = info["class_names"]
     signature = ModelSignature(
         Schema([ColSpec("string", "image", required=False),  # base64: we decode it ourselves
-                ColSpec("string", "path", required=False)]),
+                ColSpec("string", "path", required=False),
+                ColSpec("double", "mpp", required=False)]),
         Schema([*(ColSpec("double", f"p_{c}") for c in names), ColSpec("string", "predicted"),
                 ColSpec("string", "decision"),
                 *([ColSpec("double", "ood_score")] if info.get("ood") else []),
