@@ -66,6 +66,7 @@ def test_leave_one_source_out_tests_each_source_on_a_model_that_never_saw_it(tmp
 
 @pytest.mark.parametrize(("overrides", "error", "message"), [
     (["+data.sources.main=/x"], ConfigError, "data.sources.main"),
+    (["+data.sources.b.root=/x", "+data.sources.b.mpp=0.5"], ConfigError, "data.sources.b.mpp"),
     (["cv.leave_source_out=true"], ConfigError, "data.sources"),
     (["cv.leave_source_out=true", "cv.folds=5", "+data.sources.b=/x"], ConfigError, "cv.folds"),
 ])

@@ -47,6 +47,7 @@ class ExternalCohort:
 
 
 OPTIONS = ("root", "group_pattern", "include_pattern", "adapt", "mpp")
+SOURCE_OPTIONS = OPTIONS[:3]  # data.sources: training folders are decoded as data.root's
 
 
 def external_cohorts(external: Mapping[str, object],
@@ -62,10 +63,12 @@ def external_cohorts(external: Mapping[str, object],
         if isinstance(value, str):
             value = {"root": value}
         if not isinstance(value, Mapping):
-            raise ConfigError(f"`{key}` must be a folder or a mapping with keys {OPTIONS}. "
+            raise ConfigError(f"`{key}` must be a folder or a mapping with keys "
+                              f"{OPTIONS if where == 'eval.external' else SOURCE_OPTIONS}. "
                               f"Received: {key}={value!r}")
-        unknown = sorted(set(value) - set(OPTIONS))
-        require(not unknown, f"`{key}` takes the keys {OPTIONS}. Received: "
+        allowed = OPTIONS if where == "eval.external" else SOURCE_OPTIONS
+        unknown = sorted(set(value) - set(allowed))
+        require(not unknown, f"`{key}` takes the keys {allowed}. Received: "
                 f"{', '.join(f'{key}.{k}' for k in unknown)}")
         require(isinstance(value.get("root"), str) and bool(value.get("root")),
                 f"`{key}.root` must be set to a labeled folder. Received: "
