@@ -46,3 +46,9 @@ def test_breakhis_layout_one_magnification_patients_kept_together(tmp_path, make
     for row in rows:  # a patient's images all sit in one split
         assert split_of.setdefault(row["group"], row["split"]) == row["split"]
     assert len(split_of) == 8
+    # patient-level test metrics: the mean probability of each test patient's images
+    metrics = finished.data.metrics
+    test_patients = {r["group"] for r in rows if r["split"] == "test"}
+    assert metrics["test_n_patients"] == len(test_patients)
+    assert (metrics["test_patient_accuracy_ci_low"] <= metrics["test_patient_accuracy"]
+            <= metrics["test_patient_accuracy_ci_high"])

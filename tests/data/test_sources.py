@@ -61,7 +61,8 @@ def test_leave_one_source_out_tests_each_source_on_a_model_that_never_saw_it(tmp
         assert {r["source"] for r in rows if r["split"] == "test"} == {source}
         assert {r["source"] for r in rows if r["split"] != "test"} == {"bh", "main"} - {source}
     assert {"test_source_bh_roc_auc", "test_source_main_roc_auc",
-            "test_source_bh_patient_accuracy"} <= set(parent.data.metrics)
+            "test_source_bh_patient_accuracy", "test_patient_accuracy"} <= set(
+        parent.data.metrics)
 
 
 @pytest.mark.parametrize(("overrides", "error", "message"), [

@@ -60,13 +60,20 @@ def cohort_metrics(pred: Predictions, positive: int, threshold: float | None,
            f"{prefix}ece": stats.reliability_bins(pred.labels, pred.probabilities,
                                                   settings.calibration_bins).ece,
            f"{prefix}n_images": float(len(pred.labels))}
-    if pred.groups is not None:
-        patients = per_patient(pred)
-        out.update(interval_metrics(patients, positive, settings, f"{prefix}patient_", cut))
-        out[f"{prefix}patient_recognition_rate"] = patient_recognition_rate(pred, positive,
-                                                                            threshold)
-        out[f"{prefix}n_patients"] = float(len(set(pred.groups)))
-    return out
+    return {**out, **patient_metrics(pred, positive, threshold, settings, prefix)}
+
+
+def patient_metrics(pred: Predictions, positive: int, threshold: float | None,
+                    settings: EvalConfig, prefix: str) -> dict[str, float]:
+    """<prefix>patient_* metrics of the mean probability per patient with intervals over
+    patients, <prefix>patient_recognition_rate and <prefix>n_patients; none without groups."""
+    if pred.groups is None:
+        return {}
+    cut = 0.5 if threshold is None else threshold
+    return {**interval_metrics(per_patient(pred), positive, settings, f"{prefix}patient_", cut),
+            f"{prefix}patient_recognition_rate": patient_recognition_rate(pred, positive,
+                                                                          threshold),
+            f"{prefix}n_patients": float(len(set(pred.groups)))}
 
 
 def per_source_metrics(pred: Predictions, positive: int, threshold: float | None,

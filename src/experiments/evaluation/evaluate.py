@@ -19,7 +19,7 @@ from experiments.evaluation import (
     gradcam,  # noqa: E402
     stats,  # noqa: E402
 )
-from experiments.evaluation.cohorts import per_source_metrics
+from experiments.evaluation.cohorts import patient_metrics, per_source_metrics
 from experiments.evaluation.figures import plot_reliability
 from experiments.evaluation.metrics import Predictions, classification_metrics, interval_metrics
 from experiments.evaluation.tables import write_predictions
@@ -108,6 +108,7 @@ def evaluate_model(model: keras.Model, splits: Splits, positive: int, settings: 
         metrics["val_threshold"] = threshold
         metrics.update(interval_metrics(test, positive, settings, "test_op_", threshold))
     metrics.update(per_source_metrics(test, positive, threshold, settings))
+    metrics.update(patient_metrics(test, positive, threshold, settings, "test_"))
     files = [write_predictions(plain, class_names, folder / "test_predictions.csv",
                                final=test, threshold=threshold, positive=positive),
              write_predictions(val_raw, class_names, folder / "val_predictions.csv"),

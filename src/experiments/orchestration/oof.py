@@ -15,7 +15,7 @@ import numpy as np
 from experiments.config.schema import EvalConfig
 from experiments.evaluation import metrics as metrics_lib
 from experiments.evaluation import tables
-from experiments.evaluation.cohorts import per_source_metrics
+from experiments.evaluation.cohorts import patient_metrics, per_source_metrics
 from experiments.evaluation.evaluate import Evaluation
 from experiments.evaluation.metrics import Predictions
 from experiments.serving.inference import decide
@@ -113,14 +113,16 @@ def _metrics(labels: np.ndarray, sets: np.ndarray, positive: int, settings: Eval
 
 def source_metrics(folds: Sequence[Fold], positive: int, settings: EvalConfig
                    ) -> dict[str, float]:
-    """test_source_<name>_* of the pooled out-of-fold final predictions (each fold's own
-    threshold), the mean over repeats."""
+    """test_source_<name>_* and test_patient_* of the pooled out-of-fold final predictions
+    (each fold's own threshold), the mean over repeats."""
     per_repeat = []
     for repeat in repeats_of(folds):
         shifted = [dataclasses.replace(f, evaluation=dataclasses.replace(
             f.evaluation, test=at_half(f.evaluation.test, f.evaluation.threshold, positive)))
             for f in repeat]
-        per_repeat.append(per_source_metrics(pooled(shifted, "test"), positive, 0.5, settings))
+        final = pooled(shifted, "test")
+        per_repeat.append({**per_source_metrics(final, positive, 0.5, settings),
+                           **patient_metrics(final, positive, 0.5, settings, "test_")})
     return {name: float(np.mean([m[name] for m in per_repeat])) for name in per_repeat[0]
             if all(name in m for m in per_repeat)}
 
@@ -141,7 +143,7 @@ def pooled_metrics(folds: Sequence[Fold], positive: int, settings: EvalConfig
             Predictions((), labels, stacked(folds, positive=positive)[1], groups), positive,
             settings, "test_op_")
         metrics.update({k: v for k, v in op.items() if "roc_auc" not in k})
-    if folds[0].evaluation.test.sources is not None:
+    if folds[0].evaluation.test.sources is not None or folds[0].evaluation.test.groups:
         metrics.update(source_metrics(folds, positive, settings))
     for name in SPREAD_METRICS:
         values = [f.evaluation.metrics.get(name, float("nan")) if name != "best_epoch"
