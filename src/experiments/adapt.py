@@ -5,8 +5,9 @@ statistics are re-estimated on the folder's images (no labels needed; nothing el
 the adapted model is logged as a new MLflow run and model - registered as a new version with
 `register_as=NAME` - tagged with what it was adapted from and the folder's fingerprint (the
 sha256 of its images' bytes). model: anything `experiments.predict` takes (a run id, a
-models:/ or runs:/ URI, a .keras file). The model keeps its classes, threshold, temperature
-and out-of-distribution reference. Options: tracking_uri (default ./mlruns/mlflow.db),
+models:/ or runs:/ URI, a .keras file). The model keeps its classes, threshold and
+temperature; it has no out-of-distribution reference (the source's describes features the
+adaptation moved). Options: tracking_uri (default ./mlruns/mlflow.db),
 experiment (default: the source run's, else "adapted"), batch_size (32).
 """
 
@@ -94,8 +95,9 @@ def adapt(spec: str, folder: str, tracking_uri: str, register_as: str | None = N
     with (store.open_run(experiment_id, f"adapted to {Path(folder).name}", tags) as run_id,
           tempfile.TemporaryDirectory() as scratch):
         records.log_params({"adapted_from": spec, "adaptation_folder": tags["adaptation_folder"]})
+        # no out-of-distribution reference: it describes the unadapted model's features
         model_uri = run_records.log_run_model(predictor.model, info, Path(scratch) / "model",
-                                              register_as or None, {}, predictor.ood)
+                                              register_as or None, {}, None)
     print(f"Adapted model: MLflow run {run_id}, {model_uri}"
           + (f" (registered as {register_as})" if register_as else ""))
     return run_id

@@ -7,6 +7,7 @@ the predictions CSV per cohort. Cohorts are scanned before training and take no 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -99,7 +100,9 @@ def evaluate_cohorts(cohorts: Sequence[CohortFiles], model_dir: Path, settings: 
         metrics.update(score_cohort(predictor, cohort, cohort.cohort.name, settings,
                                     batch_size, folder))
         if cohort.cohort.adapt:
-            adapted = Predictor.load(model_dir / MODEL_FILE)  # a fresh copy to adapt
+            # a fresh copy to adapt; its features move, so the reference of the training
+            # images' features no longer describes them: no referral for it
+            adapted = dataclasses.replace(Predictor.load(model_dir / MODEL_FILE), ood=None)
             images, _ = adapted.decode(cohort.files, cohort.files, mpp=cohort.cohort.mpp)
             if images is None or len(images) < 2:
                 raise DataError(f"eval.external.{cohort.cohort.name}.adapt needs 2 readable "
