@@ -224,7 +224,7 @@ def test_logged_model_has_a_valid_signature_and_input_example(trained, tmp_path)
     mlflow.set_tracking_uri(f"sqlite:///{root}/mlruns/mlflow.db")
     local = Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=str(tmp_path)))
     meta = Model.load(local / "MLmodel")
-    assert [c.name for c in meta.signature.inputs.inputs] == ["image", "path"]
+    assert [c.name for c in meta.signature.inputs.inputs] == ["image", "path", "mpp"]
     assert [c.name for c in meta.signature.outputs.inputs] == [
         "p_benign", "p_malignant", "predicted", "decision", "ood_score", "error"]
     served = mlflow.pyfunc.load_model(str(local))
