@@ -27,6 +27,8 @@ def command(module: str, *args: str, cwd: Path) -> subprocess.CompletedProcess[s
     ("compare", ["--experiment", "no-such-experiment"]),
     ("compare", ["--experiment", "e", "--filter", "this is not a filter"]),
     ("ensemble", ["--parent", "0123456789abcdef0123456789abcdef"]),
+    ("adapt", ["model=/no/such/model.keras", "input=."]),
+    ("predict", ["model=/no/such/model.keras", "input=.", "mpp=0"]),
 ])
 def test_a_user_error_is_one_line_and_exit_code_2(module, args, tmp_path):
     store = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
@@ -35,7 +37,8 @@ def test_a_user_error_is_one_line_and_exit_code_2(module, args, tmp_path):
         subprocess.run([sys.executable, "-c", "import mlflow; mlflow.set_tracking_uri("
                         f"{store!r}); mlflow.create_experiment('e')"], check=True, timeout=120)
     extra = {"run": [f"paths.root={tmp_path}"], "predict": [f"tracking_uri={store}"],
-             "compare": ["--tracking-uri", store], "ensemble": ["--tracking-uri", store]}
+             "compare": ["--tracking-uri", store], "ensemble": ["--tracking-uri", store],
+             "adapt": [f"tracking_uri={store}"]}
     result = command(module, *args, *extra[module], cwd=tmp_path)
     assert result.returncode == 2, result.stderr[-3000:]
     lines = [line for line in result.stderr.splitlines() if line.strip()]

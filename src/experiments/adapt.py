@@ -26,7 +26,7 @@ import numpy as np
 from experiments.console import configure_logging
 from experiments.errors import DataError, UserError, report_user_errors
 from experiments.models.adapt import adapt_batchnorm
-from experiments.predict import RUN_ID, list_inputs, load_predictor
+from experiments.predict import RUN_ID, key_values, list_inputs, load_predictor
 from experiments.serving.inference import Predictor
 from experiments.tracking import records, run_records, store
 
@@ -37,16 +37,8 @@ OPTIONS = {"model": "", "input": "", "tracking_uri": "", "register_as": "", "exp
 
 
 def parse_args(argv: Sequence[str]) -> dict[str, str]:
-    values = dict(OPTIONS)
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if not sep or key not in OPTIONS:
-            raise UserError(f"Unknown argument {arg!r}; use key=value with keys "
-                            f"{', '.join(OPTIONS)}.\n{__doc__}")
-        values[key] = value
-    for key in ("model", "input"):
-        if not values[key]:
-            raise UserError(f"Missing {key}=...\n{__doc__}")
+    """adapt's key=value arguments, checked."""
+    values = key_values(argv, OPTIONS, __doc__)
     if not values["batch_size"].isdigit() or int(values["batch_size"]) < 2:
         raise UserError("batch_size must be an integer >= 2 (batch statistics need two images)."
                         f" Received: batch_size={values['batch_size']!r}")

@@ -139,21 +139,29 @@ def _cell(value: object) -> str:
     return str(value)
 
 
-def parse_args(argv: Sequence[str]) -> dict[str, str]:
-    """key=value arguments, as Hydra-style overrides; unknown keys are refused."""
-    values = dict(OPTIONS)
+def key_values(argv: Sequence[str], options: dict[str, str], usage: str | None,
+               required: Sequence[str] = ("model", "input")) -> dict[str, str]:
+    """key=value arguments, as Hydra-style overrides, over `options`' defaults; an unknown
+    key or a missing required one is refused with the `usage`."""
+    values = dict(options)
     for arg in argv:
         key, sep, value = arg.partition("=")
-        if not sep or key not in OPTIONS:
+        if not sep or key not in options:
             raise UserError(f"Unknown argument {arg!r}; use key=value with keys "
-                            f"{', '.join(OPTIONS)}.\n{__doc__}")
+                            f"{', '.join(options)}.\n{usage}")
         values[key] = value
+    for key in required:
+        if not values[key]:
+            raise UserError(f"Missing {key}=...\n{usage}")
+    return values
+
+
+def parse_args(argv: Sequence[str]) -> dict[str, str]:
+    """predict's key=value arguments, checked."""
+    values = key_values(argv, OPTIONS, __doc__)
     if values["tta"] not in ("auto", *TTA_MODES):
         raise UserError(f"tta must be auto (as the run evaluated), none or dihedral. "
                         f"Received: tta={values['tta']!r}")
-    for key in ("model", "input"):
-        if not values[key]:
-            raise UserError(f"Missing {key}=...\n{__doc__}")
     if values["mpp"]:
         try:
             if float(values["mpp"]) <= 0:
