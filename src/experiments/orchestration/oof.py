@@ -83,6 +83,15 @@ def pooled(folds: Sequence[Fold], part: str = "plain") -> Predictions:
     return joined.subset(order)
 
 
+def pooled_final(folds: Sequence[Fold], positive: int) -> Predictions:
+    """One repeat's final out-of-fold predictions, each fold's shifted to decide at 0.5 as it
+    did at its own threshold."""
+    shifted = [dataclasses.replace(f, evaluation=dataclasses.replace(
+        f.evaluation, test=at_half(f.evaluation.test, f.evaluation.threshold, positive)))
+        for f in folds]
+    return pooled(shifted, "test")
+
+
 def stacked(folds: Sequence[Fold], part: str = "plain",
             positive: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(labels (n,), probabilities (R, n, C)) over repeats, aligned by file; with `positive`,
@@ -92,10 +101,7 @@ def stacked(folds: Sequence[Fold], part: str = "plain",
         if positive is None:
             sets.append(pooled(repeat, part))
         else:
-            shifted = [dataclasses.replace(f, evaluation=dataclasses.replace(
-                f.evaluation, test=at_half(f.evaluation.test, f.evaluation.threshold,
-                                           positive))) for f in repeat]
-            sets.append(pooled(shifted, "test"))
+            sets.append(pooled_final(repeat, positive))
     return sets[0].labels, np.stack([s.probabilities for s in sets])
 
 
@@ -117,10 +123,7 @@ def source_metrics(folds: Sequence[Fold], positive: int, settings: EvalConfig
     (each fold's own threshold), the mean over repeats."""
     per_repeat = []
     for repeat in repeats_of(folds):
-        shifted = [dataclasses.replace(f, evaluation=dataclasses.replace(
-            f.evaluation, test=at_half(f.evaluation.test, f.evaluation.threshold, positive)))
-            for f in repeat]
-        final = pooled(shifted, "test")
+        final = pooled_final(repeat, positive)
         per_repeat.append({**per_source_metrics(final, positive, 0.5, settings),
                            **patient_metrics(final, positive, 0.5, settings, "test_")})
     return {name: float(np.mean([m[name] for m in per_repeat])) for name in per_repeat[0]
