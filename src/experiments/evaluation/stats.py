@@ -97,7 +97,9 @@ def bootstrap_intervals(labels: np.ndarray, probabilities: np.ndarray, positive:
             else:
                 correct = probs.argmax(axis=1) == labels
                 points.append({"accuracy": correct[None].mean(axis=1)})
-                samples.append({"accuracy": np.array([correct[i].mean() for i in index])})
+                samples.append({"accuracy": correct[index].mean(axis=1)
+                                if isinstance(index, np.ndarray)
+                                else np.array([correct[i].mean() for i in index])})
     tail = (1 - confidence) / 2 * 100
     out: dict[str, tuple[float, float, float]] = {}
     for name in samples[0]:

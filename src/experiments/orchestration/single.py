@@ -274,4 +274,3 @@ def evaluate_and_log(settings: Config, prepared: Prepared, result: TrainResult,
                       {"checkpoint_monitor": result.monitor,
                        "checkpoint_mode": "max" if result.higher_is_better else "min"}, ood)
     return evaluation
-
