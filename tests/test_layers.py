@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 import experiments
-from experiments.config.choices import BACKBONE_NAMES
+from experiments.config.choices import BACKBONE_NAMES, TOKEN_POOLINGS
+from experiments.models import external
 from experiments.models.backbones import BACKBONES
 from tests.conftest import REPO_ROOT
 
@@ -49,4 +50,5 @@ def test_no_module_is_a_warehouse():
 
 
 def test_backbone_choices_are_the_registry():
-    assert set(BACKBONE_NAMES) == set(BACKBONES)
+    assert set(BACKBONE_NAMES) == set(BACKBONES) | set(external.KINDS)
+    assert external.POOLINGS == TOKEN_POOLINGS

@@ -25,6 +25,7 @@ from experiments.config.schema import (
     config_folder,
     register_configs,
 )
+from experiments.models import external
 from experiments.models.backbones import BACKBONES, get_spec, resolve_image_size
 from experiments.models.classifier import build_classifier
 from experiments.orchestration import single
@@ -38,7 +39,7 @@ def options(group: str) -> list[str]:
 def test_required_groups_and_options_exist():
     assert {"densenet201", "resnet50", "densenet121", "efficientnetv2b0", "mobilenetv3large",
             "convnexttiny", "xception"} <= set(options("backbone"))
-    assert set(options("backbone")) == set(BACKBONES)
+    assert set(options("backbone")) == set(BACKBONES) | set(external.KINDS)
     assert options("optimizer") == ["adam", "adamw", "sgd"]
     assert options("augmentation") == ["dihedral", "hed", "histology", "histology_strong", "none",
                                        "randaugment", "study"]
@@ -228,7 +229,7 @@ def test_unknown_backbone_lists_known_ones():
         get_spec("vgg")
 
 
-@pytest.mark.parametrize("name", options("backbone"))
+@pytest.mark.parametrize("name", sorted(BACKBONES))  # backbones from files: test_external.py
 def test_demo_data_serves_every_backbone_at_its_input_size(tmp_path, name):
     """`data=demo backbone=<any>`: the demo tiles are large enough for each default size."""
 

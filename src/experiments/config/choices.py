@@ -5,9 +5,13 @@ lists, so a new option is added in one place).
 
 from __future__ import annotations
 
-# backbone.name: the keys of `experiments.models.backbones.BACKBONES` (a test keeps them equal).
+# backbone.name: the keys of `experiments.models.backbones.BACKBONES` and the backbones from
+# files, `experiments.models.external.KINDS` (a test keeps them equal).
 BACKBONE_NAMES = ("densenet201", "densenet121", "resnet50", "efficientnetv2b0",
-                  "mobilenetv3large", "convnexttiny", "xception", "simplecnn")
+                  "mobilenetv3large", "convnexttiny", "xception", "simplecnn", "keras_hub",
+                  "keras_file")
+# backbone.pooling of a backbone that outputs tokens (`experiments.models.external.POOLINGS`)
+TOKEN_POOLINGS = ("cls", "mean", "cls_mean")
 # trainer.precision
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 # trainer.distribute (besides null)

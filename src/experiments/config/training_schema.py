@@ -16,6 +16,7 @@ from experiments.config.choices import (
     FINETUNE_STRATEGIES,
     LR_SCHEDULES,
     PRECISIONS,
+    TOKEN_POOLINGS,
 )
 
 
@@ -31,9 +32,26 @@ class BackboneConfig:
     bn_momentum: float | None = None
     # The head's dropout rate (the study: 0.5).
     dropout: float = 0.5
+    # backbone=keras_hub: a local KerasHub preset folder; backbone=keras_file: a saved Keras
+    # feature extractor (.keras, from RGB pixels in [0, 255]). Their `weights` is that location.
+    preset: str | None = None
+    path: str | None = None
+    # How a backbone that outputs tokens (a ViT) is pooled: cls, mean (patch tokens) or
+    # cls_mean (both, concatenated).
+    pooling: str = "cls"
 
     def __post_init__(self) -> None:
         check_choice("backbone.name", self.name, BACKBONE_NAMES)
+        check_choice("backbone.pooling", self.pooling, TOKEN_POOLINGS)
+        location = {"keras_hub": ("preset", self.preset),
+                    "keras_file": ("path", self.path)}.get(self.name)
+        if location is not None:
+            key, value = location
+            require(value is not None, f"backbone={self.name} needs backbone.{key}. "
+                    f"Received: backbone.{key}=None")
+            require(self.weights == value, f"A {self.name} backbone's weights are its "
+                    f"backbone.{key} (leave backbone.weights at ${{.{key}}}). Received: "
+                    f"backbone.weights={self.weights!r}")
         require(0 <= self.dropout < 1, "`backbone.dropout` must be in [0, 1). "
                 f"Received: backbone.dropout={self.dropout!r}")
         if self.bn_momentum is not None:

@@ -19,7 +19,7 @@ import keras
 import numpy as np
 
 from experiments.errors import ConfigError, MissingFileError, WeightsError
-from experiments.models import weights_registry
+from experiments.models import external, weights_registry
 
 
 @dataclass(frozen=True)
@@ -74,19 +74,31 @@ BACKBONES: dict[str, BackboneSpec] = {
 }
 
 
+# Backbones from files (`experiments.models.external`): any input size their network takes.
+EXTERNAL_DEFAULT_SIZE, EXTERNAL_MIN_SIZE = 224, 16
+
+
 def get_spec(name: str) -> BackboneSpec:
+    if name in external.KINDS:
+        raise ConfigError(f"{name} is a backbone from a file, not a keras.applications "
+                          f"architecture (its weights come from backbone.preset or "
+                          f"backbone.path). Received: backbone.name={name!r}")
     if name not in BACKBONES:
-        raise ConfigError(f"Unknown backbone; known: {', '.join(sorted(BACKBONES))}. "
+        known = sorted([*BACKBONES, *external.KINDS])
+        raise ConfigError(f"Unknown backbone; known: {', '.join(known)}. "
                           f"Received: backbone.name={name!r}")
     return BACKBONES[name]
 
 
 def resolve_image_size(name: str, image_size: int | None) -> int:
     """The input size to use: the configured one, else the backbone's default."""
-    spec = get_spec(name)
-    size = spec.default_size if image_size is None else image_size
-    if size < spec.min_size:
-        raise ConfigError(f"{name} needs inputs of at least {spec.min_size} px. "
+    if name in external.KINDS:
+        default, minimum = EXTERNAL_DEFAULT_SIZE, EXTERNAL_MIN_SIZE
+    else:
+        default, minimum = get_spec(name).default_size, get_spec(name).min_size
+    size = default if image_size is None else image_size
+    if size < minimum:
+        raise ConfigError(f"{name} needs inputs of at least {minimum} px. "
                           f"Received: data.image_size={size!r}")
     return size
 
@@ -129,6 +141,11 @@ def preprocessing_layer(module: str) -> keras.layers.Layer:
     probe = np.random.default_rng(0).uniform(0, 255, (64, 3))
     if not np.allclose(apply(probe), probe @ kernel + bias, atol=1e-4):
         raise ValueError(f"keras.applications.{module}.preprocess_input is not affine per pixel")
+    return affine_layer(kernel, bias)
+
+
+def affine_layer(kernel: np.ndarray, bias: np.ndarray) -> keras.layers.Layer:
+    """pixel @ kernel + bias on the channel axis as a frozen float32 Dense layer."""
     layer = keras.layers.Dense(3, name="preprocess", dtype="float32", trainable=False)
     layer.build((None, 3))
     layer.set_weights([kernel.astype(np.float32), bias.astype(np.float32)])
@@ -215,6 +232,9 @@ def weights_provenance(name: str, weights: str | None) -> dict[str, str]:
     `weights_sha256`): what a run records so that its model can be reproduced and audited."""
     if weights is None:
         return {"weights_source": "none (random initialisation)", "weights_sha256": "none"}
+    if name in external.KINDS:  # the preset folder or model file holds the weights
+        return {"weights_source": f"{name}:{Path(weights).expanduser().resolve()}",
+                "weights_sha256": external.fingerprint(weights)}
     if weights != "imagenet":
         path = _resolve_weights(name, weights)
         return {"weights_source": f"file:{Path(str(path)).resolve()}",

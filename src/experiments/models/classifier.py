@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import keras
+import numpy as np
 
 from experiments.errors import DataError
-from experiments.models.backbones import build_backbone, get_spec, preprocessing_layer
+from experiments.models import external
+from experiments.models.backbones import (
+    affine_layer,
+    build_backbone,
+    get_spec,
+    preprocessing_layer,
+)
 
 
 def set_bn_momentum(model: keras.Model, momentum: float) -> int:
@@ -22,21 +29,33 @@ def set_bn_momentum(model: keras.Model, momentum: float) -> int:
 
 def build_classifier(backbone_name: str, weights: str | None, trainable: bool, image_size: int,
                      n_classes: int, bn_momentum: float | None = None,
-                     dropout: float = 0.5) -> keras.Model:
-    """The classifier on raw RGB inputs in [0, 255]; preprocessing is part of the model."""
+                     dropout: float = 0.5, pooling: str = "cls") -> keras.Model:
+    """The classifier on raw RGB inputs in [0, 255]; preprocessing is part of the model.
+    `pooling` applies to backbones that output tokens (`experiments.models.external`)."""
     if n_classes < 2:
         raise DataError(f"Need at least two classes. Received: n_classes={n_classes!r}")
-    spec = get_spec(backbone_name)
-    backbone = build_backbone(backbone_name, weights, image_size)
+    if backbone_name in external.KINDS:
+        if weights is None:
+            raise DataError(f"A {backbone_name} backbone's weights are its file. Received: "
+                            "backbone.weights=None")
+        backbone, scale, offset = external.build(backbone_name, weights)
+        external.check_input_size(backbone, image_size, backbone_name)
+        preprocess = affine_layer(np.diag(scale), offset)
+    else:
+        backbone = build_backbone(backbone_name, weights, image_size)
+        preprocess = preprocessing_layer(get_spec(backbone_name).preprocess_module)
     if bn_momentum is not None:
         set_bn_momentum(backbone, bn_momentum)
     backbone.trainable = trainable
     inputs = keras.Input((image_size, image_size, 3), name="image")
     # Preprocessing (mean/std arithmetic on 0-255 values) stays float32 under mixed precision.
-    x = preprocessing_layer(spec.preprocess_module)(inputs)
+    x = preprocess(inputs)
     # A frozen backbone also keeps its BatchNorm layers in inference mode.
+    if backbone_name in external.KINDS:
+        x = external.network_input(backbone, x)
     x = backbone(x, training=None if trainable else False)
-    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    x = (external.pooled(x, backbone, image_size, pooling) if backbone_name in external.KINDS
+         else keras.layers.GlobalAveragePooling2D(name="gap")(x))
     x = keras.layers.Dropout(dropout, name="dropout")(x)
     x = keras.layers.BatchNormalization(name="head_bn")(x)
     outputs = keras.layers.Dense(n_classes, activation="softmax", dtype="float32",

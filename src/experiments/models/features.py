@@ -129,8 +129,10 @@ def image_key(file: str) -> str:
 
 
 def model_key(backbone: str, weights: str | None, seed: int, image_size: int, precision: str,
-              stain_target: Sequence[float] | None, resize: str = "squash") -> str:
-    """The identity of a frozen feature extractor: what changes a feature changes the key."""
+              stain_target: Sequence[float] | None, resize: str = "squash",
+              pooling: str | None = None) -> str:
+    """The identity of a frozen feature extractor: what changes a feature changes the key
+    (`pooling`: of a backbone's tokens, None for a feature map)."""
     if weights is not None:  # the weights' identity is their content (also when imported)
         weights = weights_provenance(backbone, weights)["weights_sha256"]
     parts = {"version": CACHE_VERSION, "backbone": backbone, "weights": weights,
@@ -139,7 +141,8 @@ def model_key(backbone: str, weights: str | None, seed: int, image_size: int, pr
              "precision": precision, "keras": keras.__version__, "tensorflow": tf.__version__,
              "stain": None if stain_target is None else [round(v, 6) for v in stain_target],
              # squash: the key features cached before crop existed had
-             **({} if resize == "squash" else {"resize": resize})}
+             **({} if resize == "squash" else {"resize": resize}),
+             **({} if pooling is None else {"pooling": pooling})}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
 

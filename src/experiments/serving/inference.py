@@ -27,7 +27,10 @@ from experiments.config.choices import TTA_MODES
 from experiments.data import stain  # noqa: F401  (register the layers saved models hold)
 from experiments.data.decode import ImageSource, load_image
 from experiments.data.transforms import dihedral_view, dihedral_view_tensor
-from experiments.models import backbones  # noqa: F401  (register the layers saved models hold)
+from experiments.models import (
+    backbones,  # noqa: F401  (register the layers saved models hold)
+    external,
+)
 from experiments.models.fused_bn import fuse_batchnorm
 from experiments.serving.ood import OOD_FILE, OodReference
 
@@ -49,7 +52,10 @@ REFER = "refer"
 def load_model(path: str | Path) -> keras.Model:
     """Load a saved `.keras` model with Keras' safe mode on (no arbitrary code) and without its
     training state (predicting needs no optimizer; restoring one only warns); its
-    BatchNormalization layers run as TensorFlow's fused op (same numbers, faster)."""
+    BatchNormalization layers run as TensorFlow's fused op (same numbers, faster). A model
+    with a KerasHub backbone imports keras_hub first (it registers the layers)."""
+    if external.needs_keras_hub(path):
+        external.import_keras_hub()
     model = keras.saving.load_model(str(path), compile=False, safe_mode=True)
     fuse_batchnorm(model)
     return model

@@ -17,6 +17,7 @@ from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types.schema import ColSpec, Schema
 
+from experiments.models import external
 from experiments.serving import limits
 from experiments.serving.inference import MODEL_FILE, MODEL_INFO, Predictor
 from experiments.serving.ood import OOD_FILE
@@ -52,18 +53,21 @@ def log_model(model_dir: Path, info: Mapping[str, Any]) -> str:
             name="model", python_model=mlflow_model.__file__,
             artifacts=artifacts,
             code_paths=[str(code)], signature=signature, input_example=example,
-            metadata=dict(info), pip_requirements=serving_requirements(),
+            metadata=dict(info), pip_requirements=serving_requirements(
+                external.needs_keras_hub(model_dir / MODEL_FILE)),
             model_config=limits.unset())
     return logged.model_uri
 
 
-def serving_requirements() -> list[str]:
+def serving_requirements(keras_hub: bool = False) -> list[str]:
     """What the MLflow model needs to load and predict, pinned to what trained it (stated,
-    not inferred: inference would re-import the model in a subprocess)."""
+    not inferred: inference would re-import the model in a subprocess); keras-hub for a
+    model with a KerasHub backbone."""
     from importlib.metadata import version
 
-    return [f"{name}=={version(name)}"
-            for name in ("mlflow", "tensorflow", "keras", "numpy", "pandas", "pillow")]
+    names = ("mlflow", "tensorflow", "keras", "numpy", "pandas", "pillow",
+             *(("keras-hub",) if keras_hub else ()))
+    return [f"{name}=={version(name)}" for name in names]
 
 
 def register_model(model_uri: str, name: str) -> str:
