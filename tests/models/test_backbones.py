@@ -6,6 +6,7 @@ import keras
 import numpy as np
 import pytest
 
+from experiments.errors import ConfigError
 from experiments.models.backbones import (
     BACKBONES,
     build_backbone,
@@ -102,3 +103,19 @@ def test_loading_keeps_keras_safe_mode_on(tmp_path):
     model.save(path)
     with pytest.raises(ValueError, match="safe_mode"):
         load_checkpoint(path)
+
+
+def test_feature_layer_cuts_the_backbone_there_and_grad_cam_maps_it():
+    from experiments.evaluation.gradcam import gradcam
+    from experiments.models import features
+
+    model = build_classifier("simplecnn", None, False, 32, 2, feature_layer="block3_relu2")
+    assert model.get_layer("gap").output.shape[-1] == 128  # block 3's channels, not 256
+    images = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    assert gradcam(model, images).shape == (2, 32, 32)
+    keys = {features.model_key("simplecnn", None, 0, 32, "float32", None, "crop", None, layer)
+            for layer in (None, "block3_relu2", "block2_relu2")}
+    assert len(keys) == 3  # cached features of one cut are never read for another
+    with pytest.raises(ConfigError, match="backbone.feature_layer.*block4_relu2.*"
+                                          "Received: backbone.feature_layer='pool9'"):
+        build_classifier("simplecnn", None, False, 32, 2, feature_layer="pool9")

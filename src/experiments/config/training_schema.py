@@ -39,6 +39,9 @@ class BackboneConfig:
     # How a backbone that outputs tokens (a ViT) is pooled: cls, mean (patch tokens) or
     # cls_mean (both, concatenated).
     pooling: str = "cls"
+    # Cut the backbone at this layer (its feature map is pooled) instead of using its last
+    # block, e.g. pool4_relu for DenseNet121's third dense block; null: the whole backbone.
+    feature_layer: str | None = None
 
     def __post_init__(self) -> None:
         check_choice("backbone.name", self.name, BACKBONE_NAMES)

@@ -215,6 +215,22 @@ def build_backbone(name: str, weights: str | None, image_size: int) -> keras.Mod
         ) from error
 
 
+def cut_at(network: keras.Model, layer: str) -> keras.Model:
+    """`network` cut at `layer`: its feature map instead of the last block's. Mid-level
+    features often transfer better to histology than the last block's."""
+    known = [item.name for item in network.layers]
+    if layer not in known:
+        ends = [n for n in known if "relu" in n or n.endswith(("_out", "_concat"))][-8:]
+        raise ConfigError(f"backbone.feature_layer must name a layer of {network.name} (e.g. "
+                          f"{', '.join(ends)}). Received: backbone.feature_layer={layer!r}")
+    output = network.get_layer(layer).output
+    if len(output.shape) != 4:
+        raise ConfigError(f"backbone.feature_layer must name a feature map (a 4-D output). "
+                          f"Received: backbone.feature_layer={layer!r} of shape "
+                          f"{tuple(output.shape)}")
+    return keras.Model(network.input, output, name=network.name)
+
+
 def _looks_like_download_failure(error: BaseException) -> bool:
     """Keras' get_file wraps URL errors in a plain Exception whose text names the URL."""
     chain: BaseException | None = error

@@ -10,6 +10,7 @@ from experiments.models import external
 from experiments.models.backbones import (
     affine_layer,
     build_backbone,
+    cut_at,
     get_spec,
     preprocessing_layer,
 )
@@ -29,9 +30,11 @@ def set_bn_momentum(model: keras.Model, momentum: float) -> int:
 
 def build_classifier(backbone_name: str, weights: str | None, trainable: bool, image_size: int,
                      n_classes: int, bn_momentum: float | None = None,
-                     dropout: float = 0.5, pooling: str = "cls") -> keras.Model:
+                     dropout: float = 0.5, pooling: str = "cls",
+                     feature_layer: str | None = None) -> keras.Model:
     """The classifier on raw RGB inputs in [0, 255]; preprocessing is part of the model.
-    `pooling` applies to backbones that output tokens (`experiments.models.external`)."""
+    `pooling` applies to backbones that output tokens (`experiments.models.external`);
+    `feature_layer` cuts the backbone at that layer (its feature map is pooled)."""
     if n_classes < 2:
         raise DataError(f"Need at least two classes. Received: n_classes={n_classes!r}")
     if backbone_name in external.KINDS:
@@ -44,6 +47,8 @@ def build_classifier(backbone_name: str, weights: str | None, trainable: bool, i
     else:
         backbone = build_backbone(backbone_name, weights, image_size)
         preprocess = preprocessing_layer(get_spec(backbone_name).preprocess_module)
+    if feature_layer is not None:
+        backbone = cut_at(backbone, feature_layer)
     if bn_momentum is not None:
         set_bn_momentum(backbone, bn_momentum)
     backbone.trainable = trainable

@@ -130,9 +130,10 @@ def image_key(file: str) -> str:
 
 def model_key(backbone: str, weights: str | None, seed: int, image_size: int, precision: str,
               stain_target: Sequence[float] | None, resize: str = "squash",
-              pooling: str | None = None) -> str:
+              pooling: str | None = None, feature_layer: str | None = None) -> str:
     """The identity of a frozen feature extractor: what changes a feature changes the key
-    (`pooling`: of a backbone's tokens, None for a feature map)."""
+    (`pooling`: of a backbone's tokens, None for a feature map; `feature_layer`: where the
+    backbone is cut, None for its last block)."""
     if weights is not None:  # the weights' identity is their content (also when imported)
         weights = weights_provenance(backbone, weights)["weights_sha256"]
     parts = {"version": CACHE_VERSION, "backbone": backbone, "weights": weights,
@@ -142,7 +143,8 @@ def model_key(backbone: str, weights: str | None, seed: int, image_size: int, pr
              "stain": None if stain_target is None else [round(v, 6) for v in stain_target],
              # squash: the key features cached before crop existed had
              **({} if resize == "squash" else {"resize": resize}),
-             **({} if pooling is None else {"pooling": pooling})}
+             **({} if pooling is None else {"pooling": pooling}),
+             **({} if feature_layer is None else {"feature_layer": feature_layer})}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
 

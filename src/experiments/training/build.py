@@ -71,7 +71,8 @@ def new_model(settings: Config, n_classes: int, image_size: int) -> tuple[keras.
         model = build_classifier(backbone.name, backbone.weights,
                                  settings.finetune.strategy == "full",
                                  settings.data.patch_size or image_size, n_classes,
-                                 backbone.bn_momentum, backbone.dropout, backbone.pooling)
+                                 backbone.bn_momentum, backbone.dropout, backbone.pooling,
+                                 backbone.feature_layer)
     if settings.trainer.fused_batchnorm:
         fuse_batchnorm(model)
     return model, precision

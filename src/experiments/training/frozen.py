@@ -88,7 +88,8 @@ def image_features(settings: Config, classifier: keras.Model, precision: str,
     size = settings.data.patch_size or int(classifier.input_shape[1])
     key = features.model_key(backbone.name, backbone.weights, settings.trainer.seed, size,
                              precision, stain_target, settings.data.resize,
-                             backbone.pooling if backbone.name in external.KINDS else None)
+                             backbone.pooling if backbone.name in external.KINDS else None,
+                             backbone.feature_layer)
     cache = features.FeatureCache(key, Path(settings.paths.cache_dir) / "features")
     compute = functools.partial(features.compute_features, features.feature_model(classifier))
     return cache.get(split.files, split.images, views, compute)
