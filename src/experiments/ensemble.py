@@ -30,7 +30,7 @@ from experiments.errors import DataError, UserError, report_user_errors
 from experiments.evaluation import evaluate, stats
 from experiments.evaluation import metrics as metrics_lib
 from experiments.evaluation.metrics import Predictions
-from experiments.serving import export, inference
+from experiments.serving import export, inference, views
 from experiments.tracking import model_registry, records, store
 
 log = logging.getLogger(__name__)
@@ -126,7 +126,7 @@ def evaluate_on_shared_test(predictor: inference.Predictor, members: Sequence[Me
 
     def predictions(tta: str) -> Predictions:
         return Predictions(tuple(files), labels,
-                           inference.predict_probabilities(predictor.model, images, 32, tta))
+                           views.predict_probabilities(predictor.model, images, 32, tta))
 
     plain = predictions("none")
     metrics = {**metrics_lib.classification_metrics(plain, positive, "test_"),

@@ -25,10 +25,11 @@ from pathlib import Path
 
 import keras
 
+from experiments.config.choices import TTA_MODES
 from experiments.console import configure_logging
 from experiments.data.folders import IMAGE_EXTENSIONS
 from experiments.errors import UserError, report_user_errors
-from experiments.serving.inference import MODEL_INFO, TTA_MODES, ModelInfo, Predictor, load_model
+from experiments.serving.inference import MODEL_INFO, ModelInfo, Predictor, load_model
 from experiments.tracking.store import default_store_uri
 
 log = logging.getLogger(__name__)

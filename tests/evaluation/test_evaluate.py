@@ -9,7 +9,8 @@ import pytest
 from experiments.evaluation import stats
 from experiments.evaluation.gradcam import gradcam, last_feature_layer, pick_examples
 from experiments.models.classifier import build_classifier
-from experiments.serving.inference import apply_temperature, predict_probabilities
+from experiments.serving.inference import apply_temperature
+from experiments.serving.views import predict_probabilities
 
 
 def noisy_scores(n_per_class: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

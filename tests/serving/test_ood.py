@@ -61,6 +61,23 @@ def test_features_of_wrapped_and_ensembled_models_are_their_networks():
                                                          keras.layers.Dense(2)])) is None
 
 
+@pytest.mark.parametrize("tta", ["none", "dihedral"])
+def test_one_pass_gives_the_probabilities_and_scores_of_two(tta):
+    """A model whose own `gap` feeds the score runs once per view for both (no extra pass
+    for the plain view's features), with the numbers the two separate passes give."""
+    rng = np.random.default_rng(0)
+    model = tiny_classifier(0)
+    reference = fit_reference(rng.normal(size=(40, 4)), coverage=0.9)
+    predictor = inference.Predictor(model, inference.ModelInfo(("a", "b"), 16, tta, 1.5),
+                                    reference)
+    assert predictor.joint is not None
+    for n in (3, 40):  # eager (a request) and traced (a folder)
+        images = rng.uniform(0, 255, (n, 16, 16, 3)).astype("uint8")
+        probs, scores = predictor.probabilities_and_scores(images)
+        np.testing.assert_allclose(probs, predictor.probabilities(images), rtol=1e-5)
+        np.testing.assert_allclose(scores, predictor.ood_scores(images), rtol=1e-5, atol=1e-7)
+
+
 def solid_colours(root, n: int = 8) -> None:
     rng = np.random.default_rng(3)
     for i in range(n):

@@ -23,7 +23,8 @@ from experiments.evaluation.cohorts import patient_metrics, per_source_metrics
 from experiments.evaluation.figures import plot_reliability
 from experiments.evaluation.metrics import Predictions, classification_metrics, interval_metrics
 from experiments.evaluation.tables import write_predictions
-from experiments.serving.inference import apply_temperature, predict_views  # noqa: E402
+from experiments.serving.inference import apply_temperature  # noqa: E402
+from experiments.serving.views import predict_views  # noqa: E402
 
 
 @dataclass

@@ -18,7 +18,7 @@ import numpy as np
 
 from experiments.data import patches, stain
 from experiments.errors import DataError
-from experiments.serving import inference
+from experiments.serving import inference, views
 from experiments.serving.ood import OodReference, fit_reference
 
 
@@ -70,7 +70,7 @@ def pooled_features(model: keras.Model, images: np.ndarray,
     extractor = inference.feature_extractor(model)
     if extractor is None:
         return None
-    return inference.predict_views(extractor, images, batch_size, 1)[0]
+    return views.predict_views(extractor, images, batch_size, 1)[0]
 
 
 def ood_reference(model: keras.Model, images: np.ndarray, coverage: float,

@@ -21,23 +21,20 @@ from typing import Any
 
 import keras
 import numpy as np
-import tensorflow as tf
 
-from experiments.config.choices import TTA_MODES
 from experiments.data import stain  # noqa: F401  (register the layers saved models hold)
 from experiments.data.decode import ImageSource, load_image
-from experiments.data.transforms import dihedral_view, dihedral_view_tensor
 from experiments.models import (
     backbones,  # noqa: F401  (register the layers saved models hold)
     external,
 )
 from experiments.models.fused_bn import fuse_batchnorm
 from experiments.serving.ood import OOD_FILE, OodReference
-
-# Up to this many image views, models run eagerly: tracing `predict`'s graph costs more than
-# it saves (a served request, a few files, MLflow's check of the input example).
-EAGER_LIMIT = 64
-
+from experiments.serving.views import (
+    predict_probabilities,
+    predict_view_outputs,
+    predict_views,
+)
 
 MODEL_FILE = "model.keras"
 
@@ -78,41 +75,6 @@ def save_model(model: keras.Model, info: Mapping[str, Any], folder: Path) -> Pat
     staging_info.write_text(json.dumps(dict(info), indent=2))
     staging_info.replace(folder / MODEL_INFO)
     return folder / MODEL_FILE
-
-
-def image_batches(images: np.ndarray, batch_size: int) -> tf.data.Dataset:
-    """Unshuffled float32 batches of uint8 images."""
-    ds = tf.data.Dataset.from_tensor_slices(images)
-    return ds.batch(batch_size).map(lambda x: tf.cast(x, tf.float32))
-
-
-def predict_probabilities(model: keras.Model, images: np.ndarray, batch_size: int,
-                          tta: str = "none") -> np.ndarray:
-    """p(class) for uint8 images; tta="dihedral" averages over the 8 dihedral views."""
-    if tta not in TTA_MODES:
-        raise ValueError(f"`eval.tta` must be one of {TTA_MODES}. Received: eval.tta={tta!r}")
-    return predict_views(model, images, batch_size, 1 if tta == "none" else 8).mean(axis=0)
-
-
-def predict_views(model: keras.Model, images: np.ndarray, batch_size: int,
-                  views: int) -> np.ndarray:
-    """(views, n, classes) p(class) of each dihedral view of uint8 images (view 0: the image
-    as it is), all views in one `predict` call, so the per-call overhead is paid once."""
-    if len(images) == 0:
-        return np.empty((views, 0, int(model.output_shape[-1])))
-    if len(images) * views <= EAGER_LIMIT:  # a request's few images: no graph to trace
-        batch = tf.convert_to_tensor(images, tf.float32)
-        stacked = tf.concat([dihedral_view(batch, v) for v in range(views)], axis=0)
-        probs = np.asarray(model(stacked, training=False), np.float64)
-        return probs.reshape(views, len(images), -1)
-    ds = image_batches(images, batch_size)
-    if views > 1:
-        ds = tf.data.Dataset.from_tensor_slices(tf.range(views)).flat_map(
-            lambda v: image_batches(images, batch_size).map(lambda x: dihedral_view_tensor(x, v)))
-        batches = -(-len(images) // batch_size)
-        ds = ds.apply(tf.data.experimental.assert_cardinality(views * batches))
-    probs = np.asarray(model.predict(ds.prefetch(tf.data.AUTOTUNE), verbose=0), np.float64)
-    return probs.reshape(views, len(images), -1)
 
 
 def feature_extractor(model: keras.Model) -> keras.Model | None:
@@ -212,6 +174,15 @@ class Predictor:
         """image -> pooled features, for the out-of-distribution score."""
         return feature_extractor(self.model) if self.ood is not None else None
 
+    @functools.cached_property
+    def joint(self) -> keras.Model | None:
+        """image -> (probabilities, pooled features) in one pass, for a model with a
+        reference whose `gap` layer is its own (not inside a wrapper or an ensemble)."""
+        if self.ood is None or "gap" not in {layer.name for layer in self.model.layers}:
+            return None
+        return keras.Model(self.model.input,
+                           [self.model.output, self.model.get_layer("gap").output])
+
     def ood_scores(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
         """Each image's distance to the training images (on the image as it is, view 0)."""
         if self.ood is None or self.features is None:
@@ -223,6 +194,20 @@ class Predictor:
         raw = predict_probabilities(self.model, images, batch_size, self.info.tta)
         return apply_temperature(raw, self.info.temperature) if len(raw) else raw
 
+    def probabilities_and_scores(self, images: np.ndarray, batch_size: int = 32
+                                 ) -> tuple[np.ndarray, np.ndarray | None]:
+        """`probabilities` and, with a reference, `ood_scores` - from one pass over the
+        images when the model allows (the plain view's features come with its
+        probabilities), else two."""
+        if self.ood is None:
+            return self.probabilities(images, batch_size), None
+        if self.joint is None or len(images) == 0:
+            return self.probabilities(images, batch_size), self.ood_scores(images, batch_size)
+        views = 1 if self.info.tta == "none" else 8
+        probs, features = predict_view_outputs(self.joint, images, batch_size, views)
+        raw = probs.mean(axis=0)
+        return apply_temperature(raw, self.info.temperature), self.ood.score(features[0])
+
     def score(self, sources: Sequence[ImageSource], names: Sequence[str] | None = None,
               batch_size: int = 32, max_pixels: int | None = None,
               mpp: float | Sequence[float | None] | None = None) -> list[dict[str, object]]:
@@ -233,9 +218,9 @@ class Predictor:
         names = list(names) if names is not None else [
             str(s) if isinstance(s, (str, Path)) else f"image {i}" for i, s in enumerate(sources)]
         stacked, errors = self.decode(sources, names, max_pixels, mpp)
-        probs = iter(self.probabilities(stacked, batch_size) if stacked is not None else [])
-        scores = iter(self.ood_scores(stacked, batch_size)
-                      if stacked is not None and self.ood is not None else [])
+        found, distances = (self.probabilities_and_scores(stacked, batch_size)
+                            if stacked is not None else (np.empty((0, 0)), None))
+        probs, scores = iter(found), iter(distances if distances is not None else [])
         return [self.failed_row(errors[i]) if i in errors
                 else self._row(next(probs), next(scores, None)) for i in range(len(names))]
 

@@ -1,0 +1,67 @@
+"""Running a model over images and their dihedral views: one `predict` call for all views
+(the per-call overhead paid once), eagerly for a request's few images."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from experiments.config.choices import TTA_MODES
+from experiments.data.transforms import dihedral_view, dihedral_view_tensor
+
+# Up to this many image views, models run eagerly: tracing `predict`'s graph costs more than
+# it saves (a served request, a few files, MLflow's check of the input example).
+EAGER_LIMIT = 64
+
+
+def image_batches(images: np.ndarray, batch_size: int) -> tf.data.Dataset:
+    """Unshuffled float32 batches of uint8 images."""
+    ds = tf.data.Dataset.from_tensor_slices(images)
+    return ds.batch(batch_size).map(lambda x: tf.cast(x, tf.float32))
+
+
+def predict_probabilities(model: keras.Model, images: np.ndarray, batch_size: int,
+                          tta: str = "none") -> np.ndarray:
+    """p(class) for uint8 images; tta="dihedral" averages over the 8 dihedral views."""
+    if tta not in TTA_MODES:
+        raise ValueError(f"`eval.tta` must be one of {TTA_MODES}. Received: eval.tta={tta!r}")
+    return predict_views(model, images, batch_size, 1 if tta == "none" else 8).mean(axis=0)
+
+
+def predict_views(model: keras.Model, images: np.ndarray, batch_size: int,
+                  views: int) -> np.ndarray:
+    """(views, n, classes) p(class) of each dihedral view of uint8 images (view 0: the image
+    as it is), all views in one `predict` call, so the per-call overhead is paid once."""
+    return predict_view_outputs(model, images, batch_size, views)[0]
+
+
+def predict_view_outputs(model: keras.Model, images: np.ndarray, batch_size: int,
+                         views: int) -> list[np.ndarray]:
+    """`predict_views` for a model with one or more outputs: a (views, n, width) array per
+    output."""
+    if len(images) == 0:
+        return [np.empty((views, 0, int(shape[-1]))) for shape in _output_shapes(model)]
+    if len(images) * views <= EAGER_LIMIT:  # a request's few images: no graph to trace
+        batch = tf.convert_to_tensor(images, tf.float32)
+        stacked = tf.concat([dihedral_view(batch, v) for v in range(views)], axis=0)
+        return _by_view(model(stacked, training=False), views, len(images))
+    ds = image_batches(images, batch_size)
+    if views > 1:
+        ds = tf.data.Dataset.from_tensor_slices(tf.range(views)).flat_map(
+            lambda v: image_batches(images, batch_size).map(lambda x: dihedral_view_tensor(x, v)))
+        batches = -(-len(images) // batch_size)
+        ds = ds.apply(tf.data.experimental.assert_cardinality(views * batches))
+    return _by_view(model.predict(ds.prefetch(tf.data.AUTOTUNE), verbose=0), views,
+                    len(images))
+
+
+def _output_shapes(model: keras.Model) -> list[tuple]:
+    shapes = model.output_shape
+    return list(shapes) if isinstance(shapes, list) else [shapes]
+
+
+def _by_view(outputs, views: int, n: int) -> list[np.ndarray]:
+    """A model's output(s) for `views` stacked copies of n images, as (views, n, width)."""
+    outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+    return [np.asarray(o, np.float64).reshape(views, n, -1) for o in outputs]
