@@ -50,11 +50,11 @@ def measure(backbone: str, precision: str, batch: int, images: int, repeats: int
     """One row, in this process (the caller starts a fresh one per precision)."""
     import keras
     import numpy as np
+    from throughput import forward_gflops, peak_rss_gb
 
     from experiments.models import features
     from experiments.models.classifier import build_classifier
     from experiments.models.fused_bn import fuse_batchnorm
-    from throughput import forward_gflops, peak_rss_gb
 
     keras.mixed_precision.set_global_policy(
         "mixed_bfloat16" if precision == "mixed_bfloat16" else "float32")
@@ -75,7 +75,6 @@ def measure(backbone: str, precision: str, batch: int, images: int, repeats: int
 
 def peaks() -> dict[str, float]:
     import tensorflow as tf
-
     from throughput import matmul_gflops
 
     return {"bf16": matmul_gflops(tf.bfloat16), "fp32": matmul_gflops(tf.float32)}

@@ -85,6 +85,20 @@ def test_study_presets(tmp_path, name):
     assert set(cfg.callbacks) == {"model_checkpoint", "reduce_lr"}
 
 
+def test_transfer_cpu_preset_cuts_densenet121_and_the_readme_cuts_exist(tmp_path):
+    settings = OmegaConf.to_object(compose_config(tmp_path, ["experiment=transfer_cpu",
+                                                             "data.root=/x"]))
+    assert (settings.backbone.name, settings.backbone.feature_layer) == ("densenet121",
+                                                                         "pool4_relu")
+    assert settings.finetune.strategy == "linear_probe" and settings.cv.refit
+    # the cut as the preset uses it, and those the README suggests for other backbones
+    for name, layer, width in (("densenet121", "pool4_relu", 1024),
+                               ("densenet201", "pool4_relu", 1792),
+                               ("resnet50", "conv4_block6_out", 1024)):
+        model = build_classifier(name, None, False, 64, 2, feature_layer=layer)
+        assert model.get_layer("gap").output.shape[-1] == width
+
+
 def test_histology_cpu_preset_selects_on_validation_loss_without_imagenet(tmp_path):
     cfg = compose_config(tmp_path, ["experiment=histology_cpu", "data.root=/x"])
     settings = OmegaConf.to_object(cfg)
