@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from machine import cpu_line  # benchmarks/machine.py (scripts run from this folder)
+from machine import cpu_line, print_row, print_table  # benchmarks/ (run from there)
 
 PRECISIONS = ("float32", "mixed_bfloat16", "fpmath_bf16")
 
@@ -133,9 +133,8 @@ def main(argv: list[str] | None = None) -> None:
                        f"{100 * gflops / peak['bf16']:.0f}%",
                        f"{100 * gflops / peak['fp32']:.0f}%", f"{r['rss_gb']:.1f}")
                 rows.append(row)
-                print("  " + " | ".join(row), flush=True)
-    print("\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))
-    print("\n".join("| " + " | ".join(row) + " |" for row in rows))
+                print_row(row)
+    print_table(header, rows)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 """The line every benchmark table starts with: which CPU measured it (these machines change
-between sessions: AMX, AVX2-only, AVX512-BF16)."""
+between sessions: AMX, AVX2-only, AVX512-BF16) - and the table itself."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 FLAGS = ("avx512_bf16", "amx_bf16", "amx_tile", "avx512f", "avx2")
@@ -19,3 +20,14 @@ def cpu_line() -> str:
             flags = set(line.split(":", 1)[1].split())
     shown = [f for f in FLAGS if f in flags] or ["none of " + ", ".join(FLAGS)]
     return f"CPU: {model}, {os.cpu_count()} cores; flags: {', '.join(shown)}"
+
+
+def print_row(row: Sequence[str]) -> None:
+    """A table row as it is measured (long benchmarks show progress)."""
+    print("  " + " | ".join(row), flush=True)
+
+
+def print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    """The rows again as a markdown table, for benchmarks/README.md."""
+    print("\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    print("\n".join("| " + " | ".join(row) + " |" for row in rows))

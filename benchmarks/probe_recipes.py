@@ -26,7 +26,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from machine import cpu_line  # benchmarks/machine.py (scripts run from this folder)
+from machine import cpu_line, print_row, print_table  # benchmarks/ (run from there)
 from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold
@@ -160,9 +160,8 @@ def main(argv: list[str] | None = None) -> None:
                        *(f"{v:.3f}" for v in scores(*by_group(external, ye, groups))),
                        f"{time.perf_counter() - start:.0f}")
                 rows.append(row)
-                print("  " + " | ".join(row), flush=True)
-    print("\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))
-    print("\n".join("| " + " | ".join(row) + " |" for row in rows))
+                print_row(row)
+    print_table(header, rows)
 
 
 if __name__ == "__main__":
