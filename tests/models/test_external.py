@@ -11,6 +11,7 @@ import pytest
 from experiments import predict
 from experiments.data import decode
 from experiments.errors import ConfigError, MissingFileError
+from experiments.evaluation import gradcam
 from experiments.models import external, features
 from experiments.models.classifier import build_classifier
 from experiments.run import run
@@ -68,6 +69,12 @@ def test_token_pooling_takes_the_class_token_and_the_mean_of_the_patches(tmp_pat
         classifier = build_classifier("keras_hub", str(preset), False, 32, 2, pooling=pooling)
         got = features.feature_model(classifier).predict(images, verbose=0)
         np.testing.assert_allclose(got, want, atol=1e-4)
+        # tokens have no spatial map: evaluation skips Grad-CAM, a direct call says why
+        assert not gradcam.has_feature_map(classifier)
+        assert gradcam.save_overlays(classifier, images, ["a", "b", "c"], np.array([0, 1, 0]),
+                                     np.full((3, 2), 0.5), ["a", "b"], 2, tmp_path) == []
+        with pytest.raises(ValueError, match="pools tokens"):
+            gradcam.gradcam(classifier, images)
 
 
 def test_keras_hub_linear_probe_runs_predicts_and_serves(tmp_path, make_config):

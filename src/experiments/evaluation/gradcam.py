@@ -7,6 +7,7 @@ backbone's last convolutional stage, found by walking the model, not by a layer 
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import keras
@@ -16,6 +17,8 @@ from PIL import Image, ImageDraw
 
 from experiments.data import patches
 from experiments.data.image_store import ImageArray
+
+log = logging.getLogger(__name__)
 
 
 def _chain(model: keras.Model) -> list[keras.layers.Layer]:
@@ -37,12 +40,24 @@ def last_feature_layer(model: keras.Model, image_size: int) -> keras.layers.Laye
     return found
 
 
+def has_feature_map(model: keras.Model) -> bool:
+    """Whether Grad-CAM applies: the network (or a network inside a wrapper, an ensemble or a
+    patch grid) pools a spatial feature map. A ViT's tokens (`backbone.pooling`) have none."""
+    if "gap" in {layer.name for layer in model.layers}:
+        pooled = model.get_layer("gap").input
+        return not isinstance(pooled, (list, tuple)) and len(pooled.shape) == 4
+    return any(isinstance(layer, keras.Model) and has_feature_map(layer)
+               for layer in model.layers)
+
+
 def gradcam(model: keras.Model, images: np.ndarray,
             class_indices: np.ndarray | None = None) -> np.ndarray:
     """(n, h, w) heatmaps in [0, 1] at the images' size, for `class_indices` (default: the
     predicted class of each image). `images` are raw RGB in [0, 255], as the model takes them.
     A native-patch model (`data.patch_size`) gets the maps of its grid crops stitched together.
     """
+    if not has_feature_map(model):
+        raise ValueError(f"Grad-CAM needs a spatial feature map; {model.name!r} pools tokens")
     images = np.asarray(images, np.float32)
     if class_indices is None:
         class_indices = np.argmax(np.asarray(model(images, training=False)), axis=1)
@@ -140,6 +155,10 @@ def save_overlays(model: keras.Model, images: ImageArray, files: list[str], labe
     predicted = probabilities.argmax(axis=1)
     chosen = pick_examples(labels, predicted, count)
     if not chosen:
+        return []
+    if not has_feature_map(model):
+        log.info("No Grad-CAM overlays: %s pools a transformer's tokens, not a spatial "
+                    "feature map", model.name)
         return []
     heatmaps = gradcam(model, images[chosen], predicted[chosen])
     folder.mkdir(parents=True, exist_ok=True)
