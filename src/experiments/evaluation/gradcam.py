@@ -158,7 +158,7 @@ def save_overlays(model: keras.Model, images: ImageArray, files: list[str], labe
         return []
     if not has_feature_map(model):
         log.info("No Grad-CAM overlays: %s pools a transformer's tokens, not a spatial "
-                    "feature map", model.name)
+                 "feature map", model.name)
         return []
     heatmaps = gradcam(model, images[chosen], predicted[chosen])
     folder.mkdir(parents=True, exist_ok=True)

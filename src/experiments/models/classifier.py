@@ -5,7 +5,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from experiments.errors import DataError
+from experiments.errors import ConfigError, DataError
 from experiments.models import external
 from experiments.models.backbones import (
     affine_layer,
@@ -37,10 +37,11 @@ def build_classifier(backbone_name: str, weights: str | None, trainable: bool, i
     `feature_layer` cuts the backbone at that layer (its feature map is pooled)."""
     if n_classes < 2:
         raise DataError(f"Need at least two classes. Received: n_classes={n_classes!r}")
-    if backbone_name in external.KINDS:
+    from_file = backbone_name in external.KINDS
+    if from_file:
         if weights is None:
-            raise DataError(f"A {backbone_name} backbone's weights are its file. Received: "
-                            "backbone.weights=None")
+            raise ConfigError(f"A {backbone_name} backbone's weights are its file. Received: "
+                              "backbone.weights=None")
         backbone, scale, offset = external.build(backbone_name, weights)
         external.check_input_size(backbone, image_size, backbone_name)
         preprocess = affine_layer(np.diag(scale), offset)
@@ -56,10 +57,9 @@ def build_classifier(backbone_name: str, weights: str | None, trainable: bool, i
     # Preprocessing (mean/std arithmetic on 0-255 values) stays float32 under mixed precision.
     x = preprocess(inputs)
     # A frozen backbone also keeps its BatchNorm layers in inference mode.
-    if backbone_name in external.KINDS:
-        x = external.network_input(backbone, x)
-    x = backbone(x, training=None if trainable else False)
-    x = (external.pooled(x, backbone, image_size, pooling) if backbone_name in external.KINDS
+    x = backbone(external.network_input(backbone, x) if from_file else x,
+                 training=None if trainable else False)
+    x = (external.pooled(x, backbone, image_size, pooling) if from_file
          else keras.layers.GlobalAveragePooling2D(name="gap")(x))
     x = keras.layers.Dropout(dropout, name="dropout")(x)
     x = keras.layers.BatchNormalization(name="head_bn")(x)

@@ -55,13 +55,13 @@ def load_preset(preset: str) -> tuple[keras.Model, np.ndarray, np.ndarray]:
         raise MissingFileError(f"backbone.preset must be a local KerasHub preset folder (with "
                                f"config.json); offline, no preset is downloaded. Received: "
                                f"backbone.preset={preset!r}")
-    hub = import_keras_hub()
-    network = hub.models.Backbone.from_preset(str(folder))
     if not (folder / "image_converter.json").is_file():
         raise ConfigError(f"{folder} has no image_converter.json: without the preset's image "
                           "converter its preprocessing is unknown (save it with "
                           "converter.save_to_preset). Received: "
                           f"backbone.preset={preset!r}")
+    hub = import_keras_hub()
+    network = hub.models.Backbone.from_preset(str(folder))
     converter = hub.layers.ImageConverter.from_preset(str(folder))
     return network, _per_channel(converter.scale, 1.0), _per_channel(converter.offset, 0.0)
 
