@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import experiments
-from experiments.config.choices import BACKBONE_NAMES, TOKEN_POOLINGS
+from experiments.config.choices import BACKBONE_NAMES
 from experiments.models import external
 from experiments.models.backbones import BACKBONES
 from tests.conftest import REPO_ROOT
@@ -51,4 +51,3 @@ def test_no_module_is_a_warehouse():
 
 def test_backbone_choices_are_the_registry():
     assert set(BACKBONE_NAMES) == set(BACKBONES) | set(external.KINDS)
-    assert external.POOLINGS == TOKEN_POOLINGS

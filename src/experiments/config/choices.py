@@ -10,7 +10,7 @@ from __future__ import annotations
 BACKBONE_NAMES = ("densenet201", "densenet121", "resnet50", "efficientnetv2b0",
                   "mobilenetv3large", "convnexttiny", "xception", "simplecnn", "keras_hub",
                   "keras_file")
-# backbone.pooling of a backbone that outputs tokens (`experiments.models.external.POOLINGS`)
+# backbone.pooling of a backbone that outputs tokens (`experiments.models.external.pooled`)
 TOKEN_POOLINGS = ("cls", "mean", "cls_mean")
 # trainer.precision
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")

@@ -28,7 +28,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from experiments.config.choices import TOKEN_POOLINGS as POOLINGS  # noqa: F401 (re-export)
+from experiments.config.choices import TOKEN_POOLINGS
 from experiments.errors import ConfigError, MissingFileError, WeightsError
 from experiments.models import weights_registry
 
@@ -79,13 +79,19 @@ def load_file(path: str) -> keras.Model:
     if not file.is_file() or file.suffix != ".keras":
         raise MissingFileError(f"backbone.path must be a saved Keras model file (.keras). "
                                f"Received: backbone.path={path!r}")
-    if needs_keras_hub(file):
-        import_keras_hub()
     try:
-        return keras.saving.load_model(str(file), compile=False, safe_mode=True)
+        return load_saved(file)
     except Exception as error:  # Keras raises ValueError/TypeError for unknown objects
         raise WeightsError(f"Could not load backbone.path={path!r} with Keras (safe mode; "
                            f"custom layers must be registered): {error}") from error
+
+
+def load_saved(path: str | Path) -> keras.Model:
+    """A saved `.keras` model in Keras' safe mode (no arbitrary code), without its training
+    state; keras_hub imported first when the file holds KerasHub layers (it registers them)."""
+    if needs_keras_hub(path):
+        import_keras_hub()
+    return keras.saving.load_model(str(path), compile=False, safe_mode=True)
 
 
 def needs_keras_hub(path: str | Path) -> bool:
@@ -127,6 +133,9 @@ def check_input_size(network: keras.Model, image_size: int, kind: str) -> None:
 
 def pooled(features, network: keras.Model, image_size: int, pooling: str):
     """The `gap` layer's output for an external network's output `features`."""
+    if pooling not in TOKEN_POOLINGS:
+        raise ConfigError(f"backbone.pooling must be one of {TOKEN_POOLINGS}. Received: "
+                          f"backbone.pooling={pooling!r}")
     rank = len(features.shape)
     if rank == 4:
         return keras.layers.GlobalAveragePooling2D(name="gap")(features)

@@ -32,6 +32,7 @@ from experiments.data.augment import NoAugmentation, TissueAugmentation
 from experiments.data.image_store import ImageArray
 from experiments.data.pipeline import batch_seeds, one_hot
 from experiments.data.transforms import dihedral_view, dihedral_views
+from experiments.models import external
 from experiments.models.backbones import weights_provenance
 
 CACHE_VERSION = 1
@@ -132,8 +133,8 @@ def model_key(backbone: str, weights: str | None, seed: int, image_size: int, pr
               stain_target: Sequence[float] | None, resize: str = "squash",
               pooling: str | None = None, feature_layer: str | None = None) -> str:
     """The identity of a frozen feature extractor: what changes a feature changes the key
-    (`pooling`: of a backbone's tokens, None for a feature map; `feature_layer`: where the
-    backbone is cut, None for its last block)."""
+    (`pooling`: of a backbone's tokens; `feature_layer`: where the backbone is cut, None for
+    its last block)."""
     if weights is not None:  # the weights' identity is their content (also when imported)
         weights = weights_provenance(backbone, weights)["weights_sha256"]
     parts = {"version": CACHE_VERSION, "backbone": backbone, "weights": weights,
@@ -143,7 +144,8 @@ def model_key(backbone: str, weights: str | None, seed: int, image_size: int, pr
              "stain": None if stain_target is None else [round(v, 6) for v in stain_target],
              # squash: the key features cached before crop existed had
              **({} if resize == "squash" else {"resize": resize}),
-             **({} if pooling is None else {"pooling": pooling}),
+             # token pooling: only backbones from files output tokens
+             **({"pooling": pooling} if backbone in external.KINDS else {}),
              **({} if feature_layer is None else {"feature_layer": feature_layer})}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 

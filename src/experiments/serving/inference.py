@@ -51,9 +51,7 @@ def load_model(path: str | Path) -> keras.Model:
     training state (predicting needs no optimizer; restoring one only warns); its
     BatchNormalization layers run as TensorFlow's fused op (same numbers, faster). A model
     with a KerasHub backbone imports keras_hub first (it registers the layers)."""
-    if external.needs_keras_hub(path):
-        external.import_keras_hub()
-    model = keras.saving.load_model(str(path), compile=False, safe_mode=True)
+    model = external.load_saved(path)
     fuse_batchnorm(model)
     return model
 

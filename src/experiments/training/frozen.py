@@ -14,7 +14,7 @@ import numpy as np
 
 from experiments.config.schema import Config
 from experiments.data.splits import Split
-from experiments.models import external, features
+from experiments.models import features
 from experiments.tracking import records
 from experiments.training.build import Prepared
 
@@ -88,7 +88,7 @@ def image_features(settings: Config, classifier: keras.Model, precision: str,
     size = settings.data.patch_size or int(classifier.input_shape[1])
     key = features.model_key(backbone.name, backbone.weights, settings.trainer.seed, size,
                              precision, stain_target, settings.data.resize,
-                             backbone.pooling if backbone.name in external.KINDS else None,
+                             backbone.pooling,
                              backbone.feature_layer)
     cache = features.FeatureCache(key, Path(settings.paths.cache_dir) / "features")
     compute = functools.partial(features.compute_features, features.feature_model(classifier))
