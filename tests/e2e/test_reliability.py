@@ -141,14 +141,16 @@ def test_run_killed_during_its_final_evaluation_resumes_by_evaluating(tmp_path, 
 
 
 def test_resume_refuses_a_run_whose_process_still_lives(tmp_path):
-    args = [*SMALL, "trainer.epochs=30", "trainer.verbose=2", "data.images_per_class=30",
+    # Far more epochs than the test lasts: on a fast machine 30 epochs of this tiny model ended
+    # while the second command was starting, and the "still running" run had finished.
+    args = [*SMALL, "trainer.epochs=1000", "trainer.verbose=2", "data.images_per_class=30",
             f"paths.root={tmp_path}", "mlflow.experiment_name=alive"]
     first = start_cli(args, tmp_path, merge_output=True)
     try:
         seen = []
         for line in first.stdout:
             seen.append(line)
-            if "Epoch 2/30" in line:
+            if "Epoch 2/1000" in line:
                 break
         (running,) = all_runs(client_for(tmp_path), "alive")
         run_id = running.info.run_id
