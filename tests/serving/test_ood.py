@@ -7,12 +7,18 @@ import keras
 import numpy as np
 import pandas as pd
 import pytest
+from omegaconf import OmegaConf
 from PIL import Image
 
 from experiments import predict
+from experiments.config.instantiate import components
+from experiments.data import loading
+from experiments.orchestration import single
 from experiments.run import run
 from experiments.serving import export, inference
 from experiments.serving.ood import OodReference, fit_reference, knn_distance, normalized
+from experiments.training.build import build
+from experiments.training.frozen import split_features
 from tests.conftest import all_runs, client_for
 
 
@@ -111,6 +117,25 @@ def test_an_off_domain_folder_is_referred_and_the_test_split_is_answered(tmp_pat
     out = served.predict(pd.DataFrame({"image": [f.read_bytes() for f in files[:2]]}))
     assert list(out.columns) == predictor.columns
     np.testing.assert_allclose(out["ood_score"], [r["ood_score"] for r in rows[:2]], rtol=1e-4)
+
+
+@pytest.mark.parametrize("stain", [None, "reinhard"])
+def test_the_feature_cache_holds_what_the_served_model_computes(make_config, stain):
+    """A frozen backbone's OOD reference and test referral read the feature cache's plain view
+    instead of passing the images through the backbone again: that view must be the served
+    model's pooled features of the raw images, the stain normaliser in front included."""
+    cfg = make_config("finetune=linear_probe", "augmentation=dihedral", "eval.tta=dihedral",
+                      f"data.stain_normalization={stain or 'null'}")
+    settings = OmegaConf.to_object(cfg)
+    loaded = single.load_run_data(settings)
+    raw = loading.split(settings.data, loaded, settings.trainer.seed)
+    prepared = build(settings, components(cfg), raw, loaded.skipped, loaded.image_size)
+    assert (prepared.stain is None) == (stain is None)
+    cached = split_features(settings, prepared, 8)
+    served = export.deliverable(prepared.model, prepared.image_size, None, prepared.stain)
+    for name in ("train", "test"):
+        own = export.pooled_features(served, np.asarray(getattr(raw, name).images))
+        np.testing.assert_allclose(cached[name][:, 0], own, rtol=1e-4, atol=1e-4)
 
 
 def test_no_reference_when_switched_off(tmp_path, make_config):

@@ -63,6 +63,16 @@ class CVResult:
         return float(np.mean([fold.best_value for fold in self.folds]))
 
 
+@dataclass(frozen=True)
+class Refit:
+    """The refit model, its epochs, and its pooled features of every image when a frozen
+    backbone's cache held them (the OOD reference's, without a second pass)."""
+
+    model: keras.Model
+    epochs: int
+    features: np.ndarray | None
+
+
 def check_supported(settings: Config, loaded: loading.LoadedData) -> None:
     if settings.resume is not None:
         raise ConfigError("resume is not supported for cross-validation (cv.folds > 1); start "
@@ -149,13 +159,14 @@ def plan_folds(settings: Config, loaded: loading.LoadedData
 
 def train_refit(settings: Config, components: Components, loaded: loading.LoadedData,
                 folds: Sequence[Fold], experiment_id: str, parent_id: str, run_name: str,
-                output_dir: Path) -> tuple[keras.Model, int]:
+                output_dir: Path) -> Refit:
     """cv.refit: one model on every image for the folds' median best epoch."""
     from experiments.orchestration import refit  # trains a model: only when asked
 
     epochs = max(1, round(statistics.median(f.best_epoch for f in folds)))
-    return refit.train_refit(settings, components, loaded, epochs, experiment_id, parent_id,
-                             run_name, output_dir), epochs
+    model, features = refit.train_refit(settings, components, loaded, epochs, experiment_id,
+                                        parent_id, run_name, output_dir)
+    return Refit(model, epochs, features)
 
 
 def run_fold(settings: Config, components: Components, loaded: loading.LoadedData,
@@ -211,7 +222,7 @@ def operating_point(folds: Sequence[Fold], positive: int,
 
 def log_parent_model(settings: Config, loaded: loading.LoadedData, positive: int,
                      folds: list[Fold], output_dir: Path,
-                     refit: tuple[keras.Model, int] | None) -> None:
+                     refit: Refit | None) -> None:
     """The parent's model: the refit model when there is one, else the ensemble of the fold
     models."""
     temperature, threshold = operating_point(folds, positive, settings.eval)
@@ -219,9 +230,10 @@ def log_parent_model(settings: Config, loaded: loading.LoadedData, positive: int
                 "resize": settings.data.resize, "input_mpp": input_mpp(
                     settings.data.mpp, loaded.pool.files_of(MAIN_SOURCE), loaded.image_size),
                 "stain_normalization": settings.data.stain_normalization}
+    reference = None
     if refit is not None:
-        model, epochs = refit
-        kind = {"kind": "cv_refit", "epochs": epochs}
+        model, reference = refit.model, refit.features
+        kind = {"kind": "cv_refit", "epochs": refit.epochs}
         records.set_tags({"estimate": "cross-validation: the refit model trained on every "
                           "image and has no test split of its own; its expected performance "
                           "is the pooled out-of-fold estimate of this run"})
@@ -236,7 +248,7 @@ def log_parent_model(settings: Config, loaded: loading.LoadedData, positive: int
                          **({"model_threshold": threshold} if threshold is not None else {}),
                          f"best_{training.monitor}": float(np.mean([f.best_value
                                                                     for f in folds]))})
-    ood = fit_ood(settings, model, loaded.pool.images)  # the final model's training images
+    ood = fit_ood(settings, model, loaded.pool.images, reference)  # the model's training images
     run_records.log_run_model(model, info, output_dir / run_records.MODEL_DIR,
                               settings.mlflow.register_as,
                               {"model_kind": str(kind["kind"]),

@@ -25,7 +25,7 @@ from experiments.evaluation.metrics import Predictions
 from experiments.models.adapt import adapt_batchnorm
 from experiments.serving import export
 from experiments.serving.inference import MODEL_FILE, Predictor
-from experiments.serving.ood import OodReference
+from experiments.serving.ood import OodReference, fit_reference
 from experiments.tracking import records
 
 log = logging.getLogger(__name__)
@@ -143,20 +143,27 @@ def score_cohort(predictor: Predictor, cohort: CohortFiles, name: str, settings:
     return found
 
 
-def fit_ood(settings: Config, model: keras.Model, images: ImageArray) -> OodReference | None:
+def fit_ood(settings: Config, model: keras.Model, images: ImageArray,
+            features: np.ndarray | None = None) -> OodReference | None:
     """The model's out-of-distribution reference on its training images (eval.ood_coverage;
-    not for native-patch models, whose features are per crop)."""
+    not for native-patch models, whose features are per crop). `features`: the model's pooled
+    features of `images` when a frozen backbone's cache already holds them (no second pass)."""
     coverage = settings.eval.ood_coverage
     if coverage is None or settings.data.patch_size is not None:
         return None
+    if features is not None:
+        return fit_reference(features, coverage, seed=settings.eval.seed)
     return export.ood_reference(model, np.asarray(images), coverage, settings.eval.seed)
 
 
 def test_referral(model: keras.Model, ood: OodReference, evaluation: evaluate.Evaluation,
-                  images: ImageArray, positive: int) -> dict[str, float]:
+                  images: ImageArray, positive: int,
+                  features: np.ndarray | None = None) -> dict[str, float]:
     """test_referred and test_accepted_accuracy: how many same-source test images the model
-    would refer, and its accuracy on the rest (at the validation threshold)."""
-    features = export.pooled_features(model, np.asarray(images))
+    would refer, and its accuracy on the rest (at the validation threshold); `features` as for
+    `fit_ood`."""
+    if features is None:
+        features = export.pooled_features(model, np.asarray(images))
     if features is None:
         return {}
     test = evaluation.test

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Sequence
 from pathlib import Path
 
 import keras
@@ -39,9 +38,10 @@ def everything(loaded: loading.LoadedData) -> splits_lib.Splits:
 
 def train_refit(settings: Config, components: Components, loaded: loading.LoadedData, epochs: int,
                 experiment_id: str, parent_id: str, run_name: str,
-                output_dir: Path) -> keras.Model:
+                output_dir: Path) -> tuple[keras.Model, np.ndarray | None]:
     """Train the refit model in its own child run; return the model users get (stain
-    normalisation and patch grid in front, as for every run)."""
+    normalisation and patch grid in front, as for every run) and, for a linear probe, its
+    pooled features of every image (plain view, from the cache: the OOD reference's)."""
     settings = dataclasses.replace(
         settings, trainer=dataclasses.replace(settings.trainer, epochs=epochs))
     splits, stain_layer = normalize_stains(settings.data.stain_normalization, everything(loaded))
@@ -60,6 +60,7 @@ def train_refit(settings: Config, components: Components, loaded: loading.Loaded
             "precision": precision, "n_train": str(len(splits.train)), "n_val": "0",
             "n_test": "0"}
     output_dir.mkdir(parents=True, exist_ok=True)
+    plain = None
     with store.open_run(experiment_id, f"{run_name} refit", tags):
         run_records.log_config(components, output_dir, settings.backbone.name,
                                settings.backbone.weights, refit_epochs=epochs)
@@ -67,9 +68,11 @@ def train_refit(settings: Config, components: Components, loaded: loading.Loaded
         if settings.finetune.strategy == "linear_probe":  # a regression: no epochs
             log.info(f"Refit the linear probe on all {len(splits.train)} images")
             stain = None if stain_layer is None else stain_layer.target
-            records.log_metrics({"probe_C": refit_probe(settings, model, precision, stain,
-                                                        probe_views(augment, settings.eval.tta),
+            cached = image_features(settings, model, precision, stain,
+                                    splits.train, probe_views(augment, settings.eval.tta))
+            records.log_metrics({"probe_C": refit_probe(settings, model, cached,
                                                         splits.train)})
+            plain = cached[:, 0]
         else:
             log.info(f"Refit on all {len(splits.train)} images for {epochs} epochs")
             train_ds = pipeline.training_dataset(splits.train.images, splits.train.labels,
@@ -79,14 +82,12 @@ def train_refit(settings: Config, components: Components, loaded: loading.Loaded
                                      [epoch_logger.MlflowEpochLogger()], trainer.verbose,
                                      second_stage)
         records.log_artifact(splits_lib.write_split_table(splits, output_dir / "splits.csv"))
-    return export.deliverable(model, loaded.image_size, patch_size, stain_layer)
+    return export.deliverable(model, loaded.image_size, patch_size, stain_layer), plain
 
 
-def refit_probe(settings: Config, model: keras.Model, precision: str,
-                stain_target: Sequence[float] | None, views: int,
+def refit_probe(settings: Config, model: keras.Model, cached: np.ndarray,
                 images: splits_lib.Split) -> float:
     """finetune=linear_probe: the regression on every image's cached features (the folds
     computed them), C chosen by cross-validation on them; returns C."""
-    cached = image_features(settings, model, precision, stain_target, images, views)
     return probe.refit(model, cached, np.asarray(images.labels), settings.trainer.seed,
                        strata=images.strata(), groups=images.groups)

@@ -236,8 +236,10 @@ def evaluate_and_log(settings: Config, prepared: Prepared, result: TrainResult,
     model = export.deliverable(network, prepared.image_size, patch_size, None)
     folder = output_dir / "report"
     predict = None
+    plain: dict[str, np.ndarray] = {}  # the plain view's cached features: no second pass
     if (views := feature_views(settings, prepared)) is not None:  # the head on the cache
         cached, head = split_features(settings, prepared, views), features.head_model(network)
+        plain = {name: split[:, 0] for name, split in cached.items()}
 
         def predict(name: str, tta: str) -> np.ndarray:
             return features.head_probabilities(head, cached[name], tta)
@@ -258,10 +260,11 @@ def evaluate_and_log(settings: Config, prepared: Prepared, result: TrainResult,
             records_lib.log_artifact(path, None if subfolder == "." else subfolder)
     served = export.deliverable(network, prepared.image_size, patch_size, prepared.stain)
     with timer("ood"):
-        ood = fit_ood(settings, served, splits.train.images)
+        ood = fit_ood(settings, served, splits.train.images, plain.get("train"))
         if ood is not None:
             records_lib.log_new_metrics(run_id, test_referral(
-                served, ood, evaluation, splits.test.images, prepared.positive))
+                served, ood, evaluation, splits.test.images, prepared.positive,
+                plain.get("test")))
     info = export.model_info(
         splits.class_names, prepared.image_size, prepared.positive, settings.eval.tta,
         evaluation.metrics.get("temperature", 1.0), evaluation.threshold,
