@@ -151,9 +151,11 @@ def fit_ood(settings: Config, model: keras.Model, images: ImageArray,
     coverage = settings.eval.ood_coverage
     if coverage is None or settings.data.patch_size is not None:
         return None
-    if features is not None:
-        return fit_reference(features, coverage, seed=settings.eval.seed)
-    return export.ood_reference(model, np.asarray(images), coverage, settings.eval.seed)
+    if features is None:
+        features = export.pooled_features(model, np.asarray(images))
+    if features is None:  # the model has no pooled features
+        return None
+    return fit_reference(features, coverage, seed=settings.eval.seed)
 
 
 def test_referral(model: keras.Model, ood: OodReference, evaluation: evaluate.Evaluation,
