@@ -29,6 +29,8 @@ from pathlib import Path
 
 from machine import cpu_line
 
+from experiments.models.weights_registry import HOME_ENV
+
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "biopsy-seed" / "train"
 
 
@@ -51,8 +53,7 @@ def weights_home(work: Path, backbones: str, files: dict[str, Path]) -> Path:
             keras.backend.clear_session()
         subprocess.run([sys.executable, "-m", "experiments.weights", "import", str(file),
                         "--backbone", name, "--note", "benchmarks/study.py"], check=True,
-                       capture_output=True, env={**os.environ, "EXPERIMENTS_WEIGHTS_HOME":
-                                                 str(home)})
+                       capture_output=True, env={**os.environ, HOME_ENV: str(home)})
     return home
 
 
@@ -65,7 +66,7 @@ def run_study(work: Path, data: Path, backbones: str, home: Path | None,
          f"backbone={backbones}", f"data.root={data}", "trainer.verbose=0", *overrides],
         cwd=work, capture_output=True, text=True,
         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2",
-             **({"EXPERIMENTS_WEIGHTS_HOME": str(home)} if home is not None else {})})
+             **({HOME_ENV: str(home)} if home is not None else {})})
     seconds = time.perf_counter() - start
     if result.returncode != 0:
         raise RuntimeError(result.stderr[-3000:])
@@ -135,11 +136,11 @@ def main() -> None:
         work = Path(folder)
         home = weights_home(work, args.backbones, files) if files else None
         for cache in ("cold", "warm"):
-            warm_start_ms = int(time.time() * 1000)
+            started_ms = int(time.time() * 1000)  # the last study is the warm one
             seconds, verdict = run_study(work, args.data.resolve(), args.backbones, home,
                                          overrides)
             rows.append((cache, seconds, verdict))
-        phases = fold_phases(work, warm_start_ms)
+        phases = fold_phases(work, started_ms)
         reports = sorted(work.glob("outputs/multirun/*/*/comparison/report.html"))
         size = reports[-1].stat().st_size / 1024
         if args.screenshot is not None:
