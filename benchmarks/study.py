@@ -72,7 +72,7 @@ def run_study(work: Path, data: Path, backbones: str, home: Path | None,
         raise RuntimeError(result.stderr[-3000:])
     verdicts = [line for line in result.stdout.splitlines() if line.startswith("- ")
                 and " - " in line and "distinguishable" in line]
-    return seconds, verdicts[-1] if verdicts else "(no verdict)"
+    return seconds, verdicts[-1].removeprefix("- ") if verdicts else "(no verdict: one backbone)"
 
 
 def fold_phases(work: Path, since_ms: int) -> list[tuple[str, str]]:
@@ -153,7 +153,7 @@ def main() -> None:
     print("| feature cache | wall time | verdict |")
     print("|---|---|---|")
     for cache, seconds, verdict in rows:
-        print(f"| {cache} | {seconds / 60:.1f} min ({seconds:.0f} s) | {verdict[2:]} |")
+        print(f"| {cache} | {seconds / 60:.1f} min ({seconds:.0f} s) | {verdict} |")
     print("\nWhere a warm fold's time goes (mean seconds per fold run):\n")
     print("| backbone | phases |")
     print("|---|---|")

@@ -320,6 +320,15 @@ def test_external_cohort_mistakes_name_the_key(tmp_path, overrides, message):
         OmegaConf.to_object(cfg)
 
 
+def test_fold_models_can_be_left_out_only_when_a_refit_is_the_model(tmp_path):
+    cfg = compose_config(tmp_path, ["data.root=/x", "cv.folds=5", "cv.fold_models=false"])
+    with pytest.raises(ValueError, match="cv.fold_models=false. needs cv.refit=true.*Received: "
+                                         "cv.fold_models=False, cv.refit=False"):
+        OmegaConf.to_object(cfg)
+    cfg = compose_config(tmp_path, ["data.root=/x", "experiment=compare_backbones"])
+    assert OmegaConf.to_object(cfg).cv.fold_models is False
+
+
 def test_external_cohorts_as_folders_or_with_options(tmp_path):
     cfg = compose_config(tmp_path, [
         "data.root=/x", "+eval.external.lab_b=/data/b", "+eval.external.bh.root=/data/bh",

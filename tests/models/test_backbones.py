@@ -119,3 +119,40 @@ def test_feature_layer_cuts_the_backbone_there_and_grad_cam_maps_it():
     with pytest.raises(ConfigError, match="backbone.feature_layer.*block4_relu2.*"
                                           "Received: backbone.feature_layer='pool9'"):
         build_classifier("simplecnn", None, False, 32, 2, feature_layer="pool9")
+
+
+def test_a_frozen_pretrained_backbone_is_built_once_and_the_head_is_seeded_alike(tmp_path):
+    """Folds of a frozen or linear-probe cross-validation share one backbone (building it is
+    seconds per fold); their heads start where a fresh build's would, and other weights, a
+    trainable backbone or no weights build anew."""
+    weights = tmp_path / "a.weights.h5"
+    build_classifier("simplecnn", None, False, 32, 2).get_layer("simplecnn").save_weights(
+        weights)
+
+    def classifier(path=weights, trainable=False, seed=7):
+        return build_classifier("simplecnn", str(path) if path else None, trainable, 32, 2,
+                                share_frozen=True, head_seed=seed)
+
+    first, second = classifier(), classifier()
+    assert first.get_layer("simplecnn") is second.get_layer("simplecnn")
+    for layer in ("head_bn", "predictions"):
+        for a, b in zip(first.get_layer(layer).get_weights(),
+                        second.get_layer(layer).get_weights(), strict=True):
+            np.testing.assert_array_equal(a, b)
+    unshared = build_classifier("simplecnn", str(weights), False, 32, 2, head_seed=7)
+    np.testing.assert_array_equal(unshared.get_layer("predictions").get_weights()[0],
+                                  first.get_layer("predictions").get_weights()[0])
+    images = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    np.testing.assert_allclose(first.predict(images, verbose=0),
+                               unshared.predict(images, verbose=0), rtol=1e-5, atol=1e-6)
+    other = tmp_path / "b.weights.h5"
+    build_classifier("simplecnn", None, False, 32, 2).get_layer("simplecnn").save_weights(other)
+    assert classifier(other).get_layer("simplecnn") is not first.get_layer("simplecnn")
+    assert classifier(trainable=True).get_layer("simplecnn") is not \
+        first.get_layer("simplecnn")
+    assert classifier(path=None).get_layer("simplecnn") is not \
+        classifier(path=None).get_layer("simplecnn")
+    saved = tmp_path / "second.keras"
+    second.save(saved)  # a classifier sharing its backbone saves and loads like any other
+    np.testing.assert_allclose(keras.saving.load_model(saved).predict(images, verbose=0),
+                               second.predict(images, verbose=0), rtol=1e-5, atol=1e-6)

@@ -71,16 +71,34 @@ def test_compare_backbones_ends_with_the_verdict_and_a_report_naming_every_backb
     overlays = sorted((sweep_dir / "comparison" / "gallery").glob("*.png")) \
         if tiles else []
     assert len(overlays) == 2 * tiles  # every tile: both backbones' Grad-CAM
-    assert page.count("Grad-CAM of its fold model") == 2 * tiles
+    # the preset logs no fold models (cv.fold_models=false): the refit model draws them
+    assert page.count("Grad-CAM of the refit model (trained on every image") == 2 * tiles
+    for child in children:
+        folds = children_of(client, child.info.run_id, experiment_id)
+        assert len(folds) == 3  # two folds and the refit
+        assert [f for f in folds if "model_uri" in f.data.tags] == []
+        assert child.data.tags["model_uri"].startswith("models:/m-")
 
 
-def test_the_gallery_shows_the_grad_cam_of_the_fold_model_that_scored_the_image(study):
-    """An image the backbones decide differently gets, per backbone, the Grad-CAM of the fold
-    model that had it in its test fold (loaded from MLflow), beside the pooled probability."""
-    client = client_for(study)
+@pytest.fixture(scope="module")
+def with_fold_models(tmp_path_factory):
+    """One backbone's cross-validation of the study, its fold models logged."""
+    tmp_path = tmp_path_factory.mktemp("fold_models")
+    result = run_cli([*STUDY, "backbone=simplecnn", "cv.fold_models=true",
+                      f"paths.root={tmp_path}"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return tmp_path
+
+
+def test_the_gallery_shows_the_grad_cam_of_the_fold_model_that_scored_the_image(
+        with_fold_models):
+    """An image two configurations decide differently gets, per configuration, the Grad-CAM
+    of the fold model that had it in its test fold (loaded from MLflow), beside the pooled
+    probability (here one cross-validation twice, the second's decisions flipped)."""
+    client = client_for(with_fold_models)
     parent, experiment_id = the_parent(client, "compare_backbones")
-    runs = [(f"backbone.name={c.data.params['backbone.name']}", [c])
-            for c in children_of(client, parent.info.run_id, experiment_id)]
+    (cv,) = children_of(client, parent.info.run_id, experiment_id)
+    runs = [(name, [cv]) for name in ("a", "b")]
     with tempfile.TemporaryDirectory() as folder:
         predictions = verdict.download_predictions(client, [r for _, (r,) in runs],
                                                    Path(folder))

@@ -80,6 +80,10 @@ class CVConfig:
     # on the whole source it never trained on - how a model fares in a laboratory it has not
     # seen. Replaces cv.folds (keep it 1).
     leave_source_out: bool = False
+    # Log every fold's model (model.keras, an MLflow model: 3-6 s per fold of a pretrained
+    # backbone). false needs cv.refit=true: the parent's model is then the refit alone, and
+    # the fold runs keep their metrics, predictions and figures (a backbone comparison).
+    fold_models: bool = True
 
     @property
     def enabled(self) -> bool:
@@ -92,6 +96,10 @@ class CVConfig:
         require(self.enabled or (self.repeats == 1 and not self.refit),
                 "`cv.repeats` and `cv.refit` need a cross-validation (cv.folds > 1). Received: "
                 f"cv.folds={self.folds!r}, cv.repeats={self.repeats!r}, cv.refit={self.refit!r}")
+        require(self.fold_models or self.refit,
+                "`cv.fold_models=false` needs cv.refit=true: without a refit the parent's model "
+                "is the ensemble of the fold models. Received: cv.fold_models="
+                f"{self.fold_models!r}, cv.refit={self.refit!r}")
         require(not self.leave_source_out or (self.folds == 1 and self.repeats == 1),
                 "`cv.leave_source_out` makes one fold per source: keep cv.folds=1 and "
                 f"cv.repeats=1. Received: cv.folds={self.folds!r}, cv.repeats={self.repeats!r}")

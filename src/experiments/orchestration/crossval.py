@@ -185,7 +185,7 @@ def run_fold(settings: Config, components: Components, loaded: loading.LoadedDat
     with store.open_run(experiment_id, f"{run_name} {label}", fold_tags) as run_id:
         log.info(f"{label.capitalize()}: MLflow run {run_id}")
         result, evaluation = single.train_and_evaluate(settings, components, prepared, fold_dir,
-                                                       run_id)
+                                                       run_id, log_model=settings.cv.fold_models)
     return Fold(repeat, number, evaluation, result, fold_dir / run_records.MODEL_DIR)
 
 

@@ -115,11 +115,11 @@ def timed(phases: dict[str, float], name: str) -> Iterator[None]:
 
 
 def train_and_evaluate(settings: Config, components: Components, prepared: Prepared,
-                       output_dir: Path, run_id: str, phases: dict[str, float] | None = None
-                       ) -> tuple[TrainResult, evaluate.Evaluation]:
-    """Inside the active run: log the start, fit, evaluate the chosen checkpoint, log it. A
-    resumed run whose training had finished only evaluates. Logs where the time went
-    (seconds_<phase>)."""
+                       output_dir: Path, run_id: str, phases: dict[str, float] | None = None,
+                       log_model: bool = True) -> tuple[TrainResult, evaluate.Evaluation]:
+    """Inside the active run: log the start, fit, evaluate the chosen checkpoint, log it (and
+    its model, unless `log_model` is false: a fold of cv.fold_models=false). A resumed run
+    whose training had finished only evaluates. Logs where the time went (seconds_<phase>)."""
     phases = {} if phases is None else phases
     result = read_training_record(output_dir / TRAINING_RECORD) if settings.resume else None
     if result is not None:
@@ -132,7 +132,8 @@ def train_and_evaluate(settings: Config, components: Components, prepared: Prepa
         with timed(phases, "train"):
             result = fit(settings, prepared, output_dir, run_id)
         phases["backup"] = result.backup_seconds
-    evaluation = evaluate_and_log(settings, prepared, result, output_dir, run_id, phases)
+    evaluation = evaluate_and_log(settings, prepared, result, output_dir, run_id, phases,
+                                  log_model)
     records_lib.log_new_metrics(run_id, {f"seconds_{k}": v for k, v in phases.items()})
     return result, evaluation
 
@@ -223,9 +224,11 @@ def train_plan(settings: Config, prepared: Prepared, output_dir: Path, run_id: s
 
 def evaluate_and_log(settings: Config, prepared: Prepared, result: TrainResult,
                      output_dir: Path, run_id: str,
-                     phases: dict[str, float] | None = None) -> evaluate.Evaluation:
+                     phases: dict[str, float] | None = None,
+                     log_model: bool = True) -> evaluate.Evaluation:
     """Evaluate the chosen checkpoint on the test split, once; log metrics (each once, also
-    when a resumed run repeats this step), figures, tables and the run's model."""
+    when a resumed run repeats this step), figures, tables and the run's model (unless
+    `log_model` is false)."""
     splits = prepared.splits
     log.info(f"Evaluating the checkpoint of epoch {result.best_epoch} on the test split")
     phases = {} if phases is None else phases
@@ -265,6 +268,8 @@ def evaluate_and_log(settings: Config, prepared: Prepared, result: TrainResult,
             records_lib.log_new_metrics(run_id, test_referral(
                 served, ood, evaluation, splits.test.images, prepared.positive,
                 plain.get("test")))
+    if not log_model:
+        return evaluation
     info = export.model_info(
         splits.class_names, prepared.image_size, prepared.positive, settings.eval.tta,
         evaluation.metrics.get("temperature", 1.0), evaluation.threshold,

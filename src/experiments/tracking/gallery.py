@@ -1,7 +1,7 @@
 """The study report's gallery: the images the configurations decide differently, each with
 every configuration's probability, decision and Grad-CAM - from the model that scored that
-image (for a cross-validation, the fold model whose test fold held it), loaded from the
-comparison's own tracking store.
+image (for a cross-validation, the fold model whose test fold held it; the refit model when
+the folds logged none, cv.fold_models=false), loaded from the comparison's own tracking store.
 """
 
 from __future__ import annotations
@@ -120,6 +120,10 @@ def _panel(models: _Models, group: Scored, index: int, sources: Mapping[str, Run
     path = image_path(source, file)
     if not path.is_file():
         return Panel(group.key, p, decided, None, f"no image at {path}")
+    if "model_uri" not in source.data.tags and source is not run \
+            and "model_uri" in run.data.tags:  # cv.fold_models=false: the refit stands in
+        source, what = run, ("the refit model (trained on every image, this one included: "
+                             "the fold models were not logged)")
     if "model_uri" not in source.data.tags:
         return Panel(group.key, p, decided, None, f"run {source.info.run_id} logged no model")
     predictor = models.get(source)

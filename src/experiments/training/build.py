@@ -26,6 +26,9 @@ from experiments.training import distribute, finetune
 from experiments.training.callbacks import find_checkpoint
 from experiments.training.runtime import resolve_precision, set_precision
 
+# Fine-tuning strategies that never train the backbone: its folds and refit may share one.
+NEVER_TRAINED = ("frozen", "linear_probe")
+
 
 @dataclass(frozen=True)
 class Prepared:
@@ -72,7 +75,9 @@ def new_model(settings: Config, n_classes: int, image_size: int) -> tuple[keras.
                                  settings.finetune.strategy == "full",
                                  settings.data.patch_size or image_size, n_classes,
                                  backbone.bn_momentum, backbone.dropout, backbone.pooling,
-                                 backbone.feature_layer)
+                                 backbone.feature_layer,
+                                 share_frozen=settings.finetune.strategy in NEVER_TRAINED,
+                                 head_seed=settings.trainer.seed)
     if settings.trainer.fused_batchnorm:
         fuse_batchnorm(model)
     return model, precision
