@@ -1,0 +1,205 @@
+"""What do the stain tools do when a model trains on two sources? Measured on patients it never
+saw (issue 18, item 4), with the linear probe of `experiment=transfer_cpu`.
+
+    python benchmarks/sources.py --weights /abs/densenet121_imagenet_notop.weights.h5
+    python benchmarks/sources.py --weights W --variants plain hed5 hed10 macenko
+
+Both folders (`--data`, `--second`: the second source, with patient ids in its file names) are
+decoded as runs decode them (224 px, centre square); ImageNet DenseNet121 cut after its third
+dense block (`pool4_relu`, the preset's features), 8 dihedral views per image, computed once per
+variant and cached in `--cache`. Variants of the features:
+- plain: the images as they are (the preset);
+- hedN: every view stain-jittered in HED space (sigma = bias = N/100, Tellez et al. 2019; the
+  `hed` augmentation is N=5) - used as training views beside the plain ones (`plain+hedN`) or
+  instead of them (`hedN`); tested on the plain views;
+- macenko, reinhard: every image of both sources normalised to the first source's typical
+  stain (`data.stain_normalization`, target fitted on `--data`), trained and tested normalised.
+Probes: the preset's (standardised features, L2 logistic regression on every view, C by an
+inner patient-grouped 5-fold CV of the log-loss, test views averaged); `+balanced`: the two
+sources weighted equally; `+per-source`: features standardised per source (each test image with
+its own source's statistics - an upper bound of what adapting to a new site could give).
+Splits: 5 folds stratified by label x source, a patient's images in one fold, `--repeats`
+seeds. Columns: pooled out-of-fold metrics of each source (mean over seeds, min-max), the
+second source per image and per patient (mean probability of a patient's images), and its ECE.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+from machine import cpu_line, print_row, print_table  # benchmarks/ (run from there)
+from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
+from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import StratifiedGroupKFold
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+C_GRID = np.logspace(-4, 2, 13)
+RECIPES = {  # name -> (training feature variants, test variant, probe option)
+    "plain": (("plain",), "plain", ""),
+    "plain +balanced": (("plain",), "plain", "balanced"),
+    "plain +per-source": (("plain",), "plain", "per-source"),
+    "plain+hed5": (("plain", "hed5"), "plain", ""),
+    "hed5": (("hed5",), "plain", ""),
+    "hed10": (("hed10",), "plain", ""),
+    "macenko": (("macenko",), "macenko", ""),
+    "reinhard": (("reinhard",), "reinhard", ""),
+}
+
+
+def extract(variant: str, folders: dict[str, Path], weights: str, cache: Path
+            ) -> dict[str, np.ndarray]:
+    """(n, 8, C) pool4 features of each source's images under `variant`, with labels and
+    files."""
+    path = cache / f"{variant}.npz"
+    if path.is_file():
+        return dict(np.load(path))
+    import tensorflow as tf
+
+    from experiments.data import stain
+    from experiments.data.decode import load_image
+    from experiments.data.folders import scan_folder
+    from experiments.data.transforms import dihedral_view, hed_jitter
+    from experiments.models import features
+    from experiments.models.classifier import build_classifier
+
+    extractor = features.feature_model(build_classifier(
+        "densenet121", weights, False, 224, 2, feature_layer="pool4_relu"))
+    decoded = {}
+    for name, folder in folders.items():
+        _, files, labels = scan_folder(folder)
+        decoded[name] = (files, labels, np.stack([load_image(f, 224, resize="crop")
+                                                  for f in files]))
+    normaliser = None
+    if variant in ("macenko", "reinhard"):
+        normaliser = stain.fit(variant, decoded["first"][2])
+    out: dict[str, np.ndarray] = {}
+    for name, (files, labels, images) in decoded.items():
+        if normaliser is not None:
+            images = stain.apply(normaliser, images)
+        pixels = tf.convert_to_tensor(images, tf.float32)
+        views = []
+        for view in range(8):
+            x = dihedral_view(pixels, view)
+            if variant.startswith("hed"):
+                strength = int(variant[3:]) / 100
+                x = hed_jitter(x, strength, strength, tf.constant([view, 17], tf.int32))
+            views.append(extractor.predict(np.asarray(x), batch_size=32, verbose=0))
+        out[name] = np.stack(views, 1)
+        out[f"{name}_labels"] = np.asarray(labels)
+        out[f"{name}_files"] = np.asarray([str(f) for f in files])
+    cache.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **out)
+    return out
+
+
+def view_rows(images: np.ndarray, views: int) -> np.ndarray:
+    return np.concatenate([np.arange(i * views, (i + 1) * views) for i in images])
+
+
+def ece(p: np.ndarray, y: np.ndarray, bins: int = 10) -> float:
+    """Expected calibration error of the decided class's probability (equal-width bins)."""
+    confidence = np.maximum(p, 1 - p)
+    correct = (p >= 0.5) == y
+    which = np.minimum(((confidence - 0.5) * 2 * bins).astype(int), bins - 1)
+    return float(sum(np.mean(which == b) * abs(confidence[which == b].mean()
+                                               - correct[which == b].mean())
+                     for b in range(bins) if np.any(which == b)))
+
+
+def out_of_fold(train_x: np.ndarray, test_x: np.ndarray, y: np.ndarray, source: np.ndarray,
+                groups: np.ndarray, option: str, seed: int) -> np.ndarray:
+    """Pooled out-of-fold probabilities of the positive class, one per image."""
+    p = np.zeros(len(y))
+    strata = y * 2 + source
+    views, width = train_x.shape[1], train_x.shape[2]
+    folds = StratifiedGroupKFold(5, shuffle=True, random_state=seed)
+    for train, test in folds.split(y, strata, groups):
+        x, q = train_x[train].astype(np.float64), test_x[test].astype(np.float64)
+        if option == "per-source":
+            for k in (0, 1):
+                mean = x[source[train] == k].reshape(-1, width).mean(0)
+                scale = x[source[train] == k].reshape(-1, width).std(0) + 1e-3
+                x[source[train] == k] = (x[source[train] == k] - mean) / scale
+                q[source[test] == k] = (q[source[test] == k] - mean) / scale
+        flat = x.reshape(-1, width)
+        mean, scale = flat.mean(0), flat.std(0) + 1e-3
+        z, labels = (flat - mean) / scale, np.repeat(y[train], views)
+        weight = None
+        if option == "balanced":
+            share = np.array([np.mean(source[train] == k) for k in (0, 1)])
+            weight = np.repeat(0.5 / share[source[train]], views)
+        inner = [(view_rows(a, views), view_rows(b, views)) for a, b in folds.split(
+            train, strata[train], groups[train])]
+        search = LogisticRegressionCV(Cs=list(C_GRID), cv=inner, scoring="neg_log_loss",
+                                      max_iter=3000).fit(z, labels, sample_weight=weight)
+        model = LogisticRegression(C=float(search.C_[0]), max_iter=3000).fit(
+            z, labels, sample_weight=weight)
+        p[test] = model.predict_proba((q.reshape(-1, width) - mean) / scale)[:, 1].reshape(
+            len(test), -1).mean(1)
+    return p
+
+
+def scores(p: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    return float(np.mean((p >= 0.5) == y)), float(roc_auc_score(y, p))
+
+
+def by_patient(p: np.ndarray, y: np.ndarray, groups: np.ndarray) -> tuple[float, float]:
+    names = np.unique(groups)
+    return scores(np.array([p[groups == g].mean() for g in names]),
+                  np.array([y[groups == g][0] for g in names]))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--weights", required=True, help="DenseNet121 ImageNet no-top weights")
+    parser.add_argument("--data", type=Path, default=SHARED / "biopsy-seed" / "train")
+    parser.add_argument("--second", type=Path, default=SHARED / "breakhis-100x")
+    parser.add_argument("--group-pattern", default=r"SOB_[BM]_([^-]+-\d+-[^-]+)-")
+    parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--cache", type=Path, default=Path("/tmp/sources_features"))
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    print(cpu_line(), flush=True)
+    folders = {"first": args.data, "second": args.second}
+    pattern = re.compile(args.group_pattern)
+    header = ("recipe", "first acc", "first AUC", "second acc", "second AUC", "second ECE",
+              "patients acc", "patients AUC", "s")
+    rows = []
+    for recipe in args.recipes:
+        start = time.perf_counter()
+        train_variants, test_variant, option = RECIPES[recipe]
+        data = {v: extract(v, folders, args.weights, args.cache)
+                for v in {*train_variants, test_variant}}
+        test = data[test_variant]
+        y = np.concatenate([test["first_labels"], test["second_labels"]])
+        source = np.repeat([0, 1], [len(test["first_labels"]), len(test["second_labels"])])
+        groups = np.array([f"first/{f}" for f in test["first_files"]]
+                          + [pattern.search(Path(f).name).group(1)
+                             for f in test["second_files"]])
+        train_x = np.concatenate([np.concatenate([data[v]["first"], data[v]["second"]])
+                                  for v in train_variants], axis=1)
+        test_x = np.concatenate([test["first"], test["second"]])
+        runs = []
+        for seed in range(args.repeats):
+            p = out_of_fold(train_x, test_x, y, source, groups, option, seed)
+            first, second = source == 0, source == 1
+            runs.append((*scores(p[first], y[first]), *scores(p[second], y[second]),
+                         ece(p[second], y[second]),
+                         *by_patient(p[second], y[second], groups[second])))
+        values = np.array(runs)
+        rows.append((recipe, *(f"{m:.3f} ({lo:.2f}-{hi:.2f})" for m, lo, hi in zip(
+            values.mean(0), values.min(0), values.max(0), strict=True)),
+            f"{time.perf_counter() - start:.0f}"))
+        print_row(rows[-1])
+    print_table(header, rows)
+
+
+if __name__ == "__main__":
+    main()
