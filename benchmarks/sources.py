@@ -33,8 +33,8 @@ from pathlib import Path
 
 import numpy as np
 from machine import cpu_line, print_row, print_table  # benchmarks/ (run from there)
+from probe_recipes import by_group, scores
 from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
-from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedGroupKFold
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -144,14 +144,8 @@ def out_of_fold(train_x: np.ndarray, test_x: np.ndarray, y: np.ndarray, source: 
     return p
 
 
-def scores(p: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    return float(np.mean((p >= 0.5) == y)), float(roc_auc_score(y, p))
-
-
 def by_patient(p: np.ndarray, y: np.ndarray, groups: np.ndarray) -> tuple[float, float]:
-    names = np.unique(groups)
-    return scores(np.array([p[groups == g].mean() for g in names]),
-                  np.array([y[groups == g][0] for g in names]))
+    return scores(*by_group(p, y, groups))
 
 
 def main(argv: list[str] | None = None) -> None:
