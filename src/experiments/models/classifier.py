@@ -78,8 +78,8 @@ def build_classifier(backbone_name: str, weights: str | None, trainable: bool, i
 
 
 def new_backbone(backbone_name: str, weights: str | None, image_size: int,
-                           feature_layer: str | None, bn_momentum: float | None,
-                           trainable: bool) -> tuple[keras.Model, keras.layers.Layer]:
+                 feature_layer: str | None, bn_momentum: float | None,
+                 trainable: bool) -> tuple[keras.Model, keras.layers.Layer]:
     """A new backbone (cut at `feature_layer`) and the preprocessing layer in front of it."""
     if backbone_name in external.KINDS:
         backbone, scale, offset = external.build(backbone_name, str(weights))

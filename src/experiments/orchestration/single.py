@@ -182,7 +182,7 @@ def fit_on_features(settings: Config, prepared: Prepared, output_dir: Path, run_
     if settings.finetune.strategy == "linear_probe":
         from experiments.training import probe
 
-        return probe.fit(prepared, cached, settings.eval, output_dir, trainer.seed)
+        return probe.fit(prepared, cached, settings.eval, trainer.seed)
     head, train_ds, val_ds = head_training(settings, prepared, cached,
                                            features.training_views(prepared.augment)[0])
     return train(head, train_ds, val_ds, train_plan(settings, prepared, output_dir, run_id),

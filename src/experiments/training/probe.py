@@ -40,7 +40,7 @@ def standardize(train: np.ndarray, epsilon: float) -> tuple[np.ndarray, np.ndarr
 
 
 def fit(prepared: Prepared, cached: dict[str, np.ndarray], settings: EvalConfig,
-        output_dir: Path, seed: int) -> TrainResult:
+        seed: int) -> TrainResult:
     """Fit both probes and write the regression into the classifier (returned as the
     result's model); log C, k and the k-NN's test metrics."""
     splits, classifier = prepared.splits, prepared.model
