@@ -14,11 +14,13 @@ from scipy import stats
 from sklearn.metrics import accuracy_score, roc_auc_score
 
 from experiments.evaluation.paired import (
+    accuracy_rows,
     corrected_t,
     delong,
     holm,
     mcnemar,
     paired_bootstrap,
+    roc_auc_rows,
 )
 
 
@@ -122,11 +124,32 @@ def test_paired_bootstrap_interval_agrees_with_delong_within_monte_carlo_error()
     labels = rng.integers(0, 2, n)
     a = labels * 1.2 + rng.normal(0, 1, n)
     b = 0.6 * a + labels * 0.2 + rng.normal(0, 0.8, n)
-    difference, low, high = paired_bootstrap(labels, a, b, roc_auc_score, resamples=2000)
+    difference, low, high = paired_bootstrap(labels, a, b, roc_auc_rows, resamples=2000)
     result = delong(labels, a, b)
     assert difference == pytest.approx(result.difference, abs=1e-12)
     d_low, d_high = result.interval()
     assert low == pytest.approx(d_low, abs=0.01) and high == pytest.approx(d_high, abs=0.01)
+
+
+def test_row_metrics_equal_scikit_learn_row_by_row():
+    rng = np.random.default_rng(3)
+    truth = rng.integers(0, 2, (6, 30))
+    score = np.round(rng.normal(size=(6, 30)) + truth, 1)  # rounded: ties count half
+    decision = (score > 0.5).astype(int)
+    for row in range(6):
+        assert roc_auc_rows(truth, score)[row] == pytest.approx(
+            roc_auc_score(truth[row], score[row]), abs=1e-12)
+        assert accuracy_rows(truth, decision)[row] == accuracy_score(truth[row], decision[row])
+
+
+def test_paired_bootstrap_redraws_resamples_missing_a_class():
+    """Two positives among 12 images: many resamples miss them; none may reach the AUC."""
+    labels = np.array([1, 1] + [0] * 10)
+    a = np.linspace(0, 1, 12)[::-1]
+    b = np.linspace(0, 1, 12)
+    difference, low, high = paired_bootstrap(labels, a, b, roc_auc_rows, resamples=300)
+    assert difference == pytest.approx(1.0)  # a ranks both positives first, b last
+    assert np.isfinite([low, high]).all() and low <= difference <= high
 
 
 def test_paired_bootstrap_resamples_whole_patients():
@@ -138,8 +161,8 @@ def test_paired_bootstrap_resamples_whole_patients():
     patient_effect = np.repeat(rng.normal(0, 1, 8), 10)
     a = (labels + patient_effect > 0.5).astype(int)
     b = (labels - patient_effect > 0.5).astype(int)
-    _, low_i, high_i = paired_bootstrap(labels, a, b, accuracy_score, resamples=500)
-    _, low_g, high_g = paired_bootstrap(labels, a, b, accuracy_score, resamples=500,
+    _, low_i, high_i = paired_bootstrap(labels, a, b, accuracy_rows, resamples=500)
+    _, low_g, high_g = paired_bootstrap(labels, a, b, accuracy_rows, resamples=500,
                                         groups=groups)
     assert high_g - low_g > high_i - low_i
 

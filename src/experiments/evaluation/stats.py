@@ -7,11 +7,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import optimize, stats
+from scipy import optimize
 from sklearn import metrics as skm
 
 from experiments.config.choices import THRESHOLD_METHODS
 from experiments.errors import ConfigError, DataError
+from experiments.evaluation.paired import roc_auc_rows
 from experiments.serving.inference import apply_temperature
 
 
@@ -22,12 +23,9 @@ def _binary_scores(truth: np.ndarray, score: np.ndarray,
     guess = score >= threshold
     positives = truth.sum(axis=1)
     negatives = truth.shape[1] - positives
-    ranks = stats.rankdata(score, axis=1)
-    auc = ((ranks * truth).sum(axis=1) - positives * (positives + 1) / 2) / (
-        positives * negatives)
     return {
         "accuracy": (guess == truth.astype(bool)).mean(axis=1),
-        "roc_auc": auc,
+        "roc_auc": roc_auc_rows(truth, score),
         "sensitivity": (guess & (truth == 1)).sum(axis=1) / positives,
         "specificity": (~guess & (truth == 0)).sum(axis=1) / negatives,
     }

@@ -23,7 +23,6 @@ from typing import Any
 import numpy as np
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
-from sklearn.metrics import accuracy_score, roc_auc_score
 
 from experiments.evaluation import paired
 
@@ -147,7 +146,8 @@ def compare_pair(a: Scored, b: Scored, seed: int = 0) -> dict[str, Any]:
     """The paired effect sizes, intervals and tests of a - b."""
     row: dict[str, Any] = {"a": a.key, "b": b.key, "n_images": len(a.files)}
     result = paired.delong(a.truth.astype(int), a.score, b.score)
-    _, low, high = paired.paired_bootstrap(a.truth.astype(int), a.score, b.score, roc_auc_score,
+    _, low, high = paired.paired_bootstrap(a.truth.astype(int), a.score, b.score,
+                                           paired.roc_auc_rows,
                                            RESAMPLES, seed)
     row.update(auc_a=result.auc_a, auc_b=result.auc_b, delta_roc_auc=result.difference,
                delta_roc_auc_low=low, delta_roc_auc_high=high, p_delong=result.p_value)
@@ -155,7 +155,7 @@ def compare_pair(a: Scored, b: Scored, seed: int = 0) -> dict[str, Any]:
     test = paired.mcnemar(correct_a, correct_b)
     delta, low, high = paired.paired_bootstrap(
         a.truth.astype(int), a.decision.astype(int), b.decision.astype(int),
-        accuracy_score, RESAMPLES, seed)
+        paired.accuracy_rows, RESAMPLES, seed)
     row.update(accuracy_a=float(correct_a.mean()), accuracy_b=float(correct_b.mean()),
                delta_accuracy=delta, delta_accuracy_low=low, delta_accuracy_high=high,
                p_mcnemar=test.p_value, only_a_right=test.only_a, only_b_right=test.only_b)
