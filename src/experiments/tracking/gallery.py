@@ -105,12 +105,21 @@ def image_path(run: Run, file: str) -> Path:
     return path if path.is_absolute() else Path(run.data.params.get("data.root", ".")) / path
 
 
-def _panel(models: _Models, group: Scored, index: int, sources: Mapping[str, Run]) -> Panel:
-    from experiments.data.decode import load_image
+@dataclass(frozen=True)
+class _Pending:
+    """A panel whose Grad-CAM is still to draw, from `source`'s model."""
 
+    group: Scored
+    index: int
+    source: Run
+    what: str
+    path: Path
+
+
+def _plan(group: Scored, index: int, sources: Mapping[str, Run]) -> Panel | _Pending:
+    """The panel of one group for one image: what to draw it from, or (no image, no model)
+    the finished panel saying why there is no map."""
     file, run = group.files[index], group.runs[0]
-    negative, positive = group.classes
-    p, decided = float(group.score[index]), positive if group.decision[index] else negative
     source = sources[file]
     what = "its model" if source is run else (
         f"its fold model (repeat {source.data.tags.get('cv_repeat', '1')}, fold "
@@ -119,24 +128,53 @@ def _panel(models: _Models, group: Scored, index: int, sources: Mapping[str, Run
         what += f" (of the first of {len(group.runs)} runs)"
     path = image_path(source, file)
     if not path.is_file():
-        return Panel(group.key, p, decided, None, f"no image at {path}")
+        return _finished(group, index, None, f"no image at {path}")
     if "model_uri" not in source.data.tags and source is not run \
             and "model_uri" in run.data.tags:  # cv.fold_models=false: the refit stands in
         source, what = run, ("the refit model (trained on every image, this one included: "
                              "the fold models were not logged)")
     if "model_uri" not in source.data.tags:
-        return Panel(group.key, p, decided, None, f"run {source.info.run_id} logged no model")
-    predictor = models.get(source)
-    image = load_image(path, predictor.info.image_size, resize=predictor.info.resize)
-    try:
-        heatmap = gradcam.gradcam(predictor.model, image[None].astype(np.float32))[0]
-    except ValueError as error:  # a model that is not a chain of layers: say so in the tile
-        return Panel(group.key, p, decided, None, f"no Grad-CAM: {error}")
-    overlay = gradcam.overlay_image(image, heatmap, f"{group.key}: p({positive}) {p:.2f}")
-    buffer = io.BytesIO()
-    overlay.save(buffer, format="PNG")
-    return Panel(group.key, p, decided, buffer.getvalue(),
-                 f"Grad-CAM of {what}, for the class it predicts")
+        return _finished(group, index, None, f"run {source.info.run_id} logged no model")
+    return _Pending(group, index, source, what, path)
+
+
+def _finished(group: Scored, index: int, png: bytes | None, note: str) -> Panel:
+    negative, positive = group.classes
+    decided = positive if group.decision[index] else negative
+    return Panel(group.key, float(group.score[index]), decided, png, note)
+
+
+def _draw(models: _Models, pending: Sequence[_Pending]) -> dict[tuple[str, int], Panel]:
+    """(group key, image index) -> panel, with one batched Grad-CAM per model: the maps of
+    every image a model explains come from one pass (one image at a time cost 2 s each for
+    a DenseNet201, mostly running its layers one by one)."""
+    from experiments.data.decode import load_image
+
+    by_model: dict[str, list[_Pending]] = {}
+    for item in pending:
+        by_model.setdefault(item.source.info.run_id, []).append(item)
+    panels = {}
+    for batch in by_model.values():
+        predictor = models.get(batch[0].source)
+        images = np.stack([load_image(item.path, predictor.info.image_size,
+                                      resize=predictor.info.resize) for item in batch])
+        try:
+            heatmaps = gradcam.gradcam(predictor.model, images.astype(np.float32))
+        except ValueError as error:  # a model that is not a chain of layers: say so in the tile
+            for item in batch:
+                panels[item.group.key, item.index] = _finished(
+                    item.group, item.index, None, f"no Grad-CAM: {error}")
+            continue
+        for item, image, heatmap in zip(batch, images, heatmaps, strict=True):
+            p = float(item.group.score[item.index])
+            overlay = gradcam.overlay_image(
+                image, heatmap, f"{item.group.key}: p({item.group.classes[1]}) {p:.2f}")
+            buffer = io.BytesIO()
+            overlay.save(buffer, format="PNG")
+            panels[item.group.key, item.index] = _finished(
+                item.group, item.index, buffer.getvalue(),
+                f"Grad-CAM of {item.what}, for the class it predicts")
+    return panels
 
 
 def gallery(client: MlflowClient, scored: Sequence[Scored], predictions: Mapping[str, Path],
@@ -152,11 +190,14 @@ def gallery(client: MlflowClient, scored: Sequence[Scored], predictions: Mapping
         return tiles
     sources = [scoring_runs(client, group.runs[0], predictions[group.runs[0].info.run_id])
                for group in scored]  # the first run of each group: its models are shown
+    plans = {(group.key, index): _plan(group, index, source)
+             for index in chosen for group, source in zip(scored, sources, strict=True)}
+    drawn = _draw(models, [plan for plan in plans.values() if isinstance(plan, _Pending)])
     for index in chosen:
         first = scored[0]
         truth = first.classes[1] if first.truth[index] else first.classes[0]
-        panels = tuple(_panel(models, group, index, source)
-                       for group, source in zip(scored, sources, strict=True))
+        panels = tuple(plan if isinstance(plan, Panel) else drawn[group.key, index]
+                       for group in scored for plan in [plans[group.key, index]])
         tiles.append(Tile(first.files[index], truth, panels))
         if output is not None:
             output.mkdir(parents=True, exist_ok=True)
