@@ -5,6 +5,7 @@ headless Chromium when it is installed.
 
     python benchmarks/study.py                                  # densenet121,resnet50
     python benchmarks/study.py --backbones densenet201,resnet50 --screenshot report.png
+    python benchmarks/study.py augmentation=none eval.tta=none    # 1 view per image
     python benchmarks/study.py --backbones densenet121,densenet201,resnet50 \
         --weights densenet121=../shared/data/weights/densenet121_imagenet_notop.weights.h5
 
@@ -127,10 +128,13 @@ def main() -> None:
     parser.add_argument("--weights", action="append", default=[], metavar="NAME=FILE",
                         help="import FILE for backbone NAME into a weights home of the "
                              "benchmark's own, with random stand-ins for the other backbones")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="more Hydra overrides, e.g. augmentation=none eval.tta=none")
     args = parser.parse_args()
     files = {name: Path(file).resolve() for name, file in
              (item.split("=", 1) for item in args.weights)}
-    overrides = [] if args.repeats is None else [f"cv.repeats={args.repeats}"]
+    overrides = [*([] if args.repeats is None else [f"cv.repeats={args.repeats}"]),
+                 *args.overrides]
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         work = Path(folder)
@@ -148,8 +152,9 @@ def main() -> None:
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024 / 1024
     print(f"\n{cpu_line()}")
     repeats = args.repeats or 2
-    print(f"experiment=compare_backbones backbone={args.backbones}: 5 folds x {repeats} repeats, "
-          f"{args.data}; report.html {size:.0f} KB; peak RSS {peak:.1f} GB\n")
+    print(f"experiment=compare_backbones backbone={args.backbones} {' '.join(args.overrides)}: "
+          f"5 folds x {repeats} repeats, {args.data}; report.html {size:.0f} KB; "
+          f"peak RSS {peak:.1f} GB\n")
     print("| feature cache | wall time | verdict |")
     print("|---|---|---|")
     for cache, seconds, verdict in rows:
