@@ -17,10 +17,17 @@ variant and cached in `--cache`. Variants of the features:
 Probes: the preset's (standardised features, L2 logistic regression on every view, C by an
 inner patient-grouped 5-fold CV of the log-loss, test views averaged); `+balanced`: the two
 sources weighted equally; `+per-source`: features standardised per source (each test image with
-its own source's statistics - an upper bound of what adapting to a new site could give).
+its own source's statistics - an upper bound of what adapting to a new site could give);
+`mean`: each view's features averaged over the scales (one model input, three passes).
 Splits: 5 folds stratified by label x source, a patient's images in one fold, `--repeats`
 seeds. Columns: pooled out-of-fold metrics of each source (mean over seeds, min-max), the
-second source per image and per patient (mean probability of a patient's images), and its ECE.
+second source per image and per patient (mean probability of a patient's images), and its ECE;
+then the probe trained on the first source alone, scored on every image of the second.
+Colour variants: gray (luminance only) and haematoxylin (the H stain alone by colour
+deconvolution), trained and tested alike - stain colour removed rather than matched. Scale
+variants (magnification differs between laboratories): zoom2 (the centre at twice the
+magnification) and zoom05 (half, surroundings mirrored) as more training views (`plain+zoomN`),
+or as training and test views together (`multiscale`: test views averaged over the scales).
 """
 
 from __future__ import annotations
@@ -32,14 +39,16 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import tensorflow as tf
 from machine import cpu_line, print_row, print_table  # benchmarks/ (run from there)
 from probe_recipes import by_group, scores
 from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
 from sklearn.model_selection import StratifiedGroupKFold
+from threadpoolctl import threadpool_limits
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 C_GRID = np.logspace(-4, 2, 13)
-RECIPES = {  # name -> (training feature variants, test variant, probe option)
+RECIPES = {  # name -> (training feature variants, test variant(s), probe option)
     "plain": (("plain",), "plain", ""),
     "plain +balanced": (("plain",), "plain", "balanced"),
     "plain +per-source": (("plain",), "plain", "per-source"),
@@ -48,7 +57,50 @@ RECIPES = {  # name -> (training feature variants, test variant, probe option)
     "hed10": (("hed10",), "plain", ""),
     "macenko": (("macenko",), "macenko", ""),
     "reinhard": (("reinhard",), "reinhard", ""),
+    "gray": (("gray",), "gray", ""),
+    "plain+zoom2": (("plain", "zoom2"), "plain", ""),
+    "plain+zoom05": (("plain", "zoom05"), "plain", ""),
+    "multiscale": (("plain", "zoom2", "zoom05"), ("plain", "zoom2", "zoom05"), ""),
+    "multiscale, plain test": (("plain", "zoom2", "zoom05"), "plain", ""),
+    "plain+zoom05, both tested": (("plain", "zoom05"), ("plain", "zoom05"), ""),
+    "scale-averaged features": (("plain", "zoom2", "zoom05"), ("plain", "zoom2", "zoom05"),
+                                "mean"),
+    "haematoxylin": (("haematoxylin",), "haematoxylin", ""),
 }
+
+
+def grey(x: tf.Tensor) -> tf.Tensor:
+    """Luminance in all three channels: no stain colour left, morphology kept."""
+    return tf.image.grayscale_to_rgb(tf.image.rgb_to_grayscale(x))
+
+
+def haematoxylin(x: tf.Tensor) -> tf.Tensor:
+    """The haematoxylin stain alone (colour deconvolution, eosin and DAB set to zero): the
+    nuclei, drawn in the same blue for every laboratory's stain mix."""
+    from experiments.data.transforms import HED_FROM_RGB, RGB_FROM_HED
+
+    density = -tf.math.log((x + 1.0) / 256.0)
+    stains = tf.einsum("nhwc,cs->nhws", density, tf.constant(HED_FROM_RGB, tf.float32))
+    stains = stains * tf.constant([1.0, 0.0, 0.0])
+    density = tf.einsum("nhws,sc->nhwc", stains, tf.constant(RGB_FROM_HED, tf.float32))
+    return tf.clip_by_value(256.0 * tf.exp(-density) - 1.0, 0.0, 255.0)
+
+
+COLOUR_DROPS = {"gray": grey, "haematoxylin": haematoxylin}
+
+
+def at_scale(file: str, variant: str) -> np.ndarray:
+    """The 224-px input of an image: its centre square (plain); zoom2: the centre 224 px of
+    it decoded at 448 (twice the magnification); zoom05: decoded at 112 and mirrored out to
+    224 (half the magnification, the missing surroundings reflected)."""
+    from experiments.data.decode import load_image
+
+    if variant == "zoom2":
+        return load_image(file, 448, resize="crop")[112:336, 112:336]
+    if variant == "zoom05":
+        return np.pad(load_image(file, 112, resize="crop"), ((56, 56), (56, 56), (0, 0)),
+                      mode="reflect")
+    return load_image(file, 224, resize="crop")
 
 
 def extract(variant: str, folders: dict[str, Path], weights: str, cache: Path
@@ -58,10 +110,7 @@ def extract(variant: str, folders: dict[str, Path], weights: str, cache: Path
     path = cache / f"{variant}.npz"
     if path.is_file():
         return dict(np.load(path))
-    import tensorflow as tf
-
     from experiments.data import stain
-    from experiments.data.decode import load_image
     from experiments.data.folders import scan_folder
     from experiments.data.transforms import dihedral_view, hed_jitter
     from experiments.models import features
@@ -72,8 +121,7 @@ def extract(variant: str, folders: dict[str, Path], weights: str, cache: Path
     decoded = {}
     for name, folder in folders.items():
         _, files, labels = scan_folder(folder)
-        decoded[name] = (files, labels, np.stack([load_image(f, 224, resize="crop")
-                                                  for f in files]))
+        decoded[name] = (files, labels, np.stack([at_scale(f, variant) for f in files]))
     normaliser = None
     if variant in ("macenko", "reinhard"):
         normaliser = stain.fit(variant, decoded["first"][2])
@@ -85,6 +133,8 @@ def extract(variant: str, folders: dict[str, Path], weights: str, cache: Path
         views = []
         for view in range(8):
             x = dihedral_view(pixels, view)
+            if variant in COLOUR_DROPS:
+                x = COLOUR_DROPS[variant](x)
             if variant.startswith("hed"):
                 strength = int(variant[3:]) / 100
                 x = hed_jitter(x, strength, strength, tf.constant([view, 17], tf.int32))
@@ -144,6 +194,25 @@ def out_of_fold(train_x: np.ndarray, test_x: np.ndarray, y: np.ndarray, source: 
     return p
 
 
+def first_only(train_x: np.ndarray, test_x: np.ndarray, y: np.ndarray, source: np.ndarray,
+               seed: int) -> np.ndarray:
+    """Probabilities of the second source's images from the probe trained on the first source
+    alone (C by an inner 5-fold CV): what a model that never saw the second source does."""
+    first = source == 0
+    x, q = train_x[first].astype(np.float64), test_x[~first].astype(np.float64)
+    views, width = x.shape[1], x.shape[2]
+    flat = x.reshape(-1, width)
+    mean, scale = flat.mean(0), flat.std(0) + 1e-3
+    z, labels = (flat - mean) / scale, np.repeat(y[first], views)
+    inner = [(view_rows(a, views), view_rows(b, views)) for a, b in StratifiedGroupKFold(
+        5, shuffle=True, random_state=seed).split(y[first], y[first], np.arange(first.sum()))]
+    search = LogisticRegressionCV(Cs=list(C_GRID), cv=inner, scoring="neg_log_loss",
+                                  max_iter=3000).fit(z, labels)
+    model = LogisticRegression(C=float(search.C_[0]), max_iter=3000).fit(z, labels)
+    return model.predict_proba((q.reshape(-1, width) - mean) / scale)[:, 1].reshape(
+        len(q), -1).mean(1)
+
+
 def by_patient(p: np.ndarray, y: np.ndarray, groups: np.ndarray) -> tuple[float, float]:
     return scores(*by_group(p, y, groups))
 
@@ -160,33 +229,44 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cache", type=Path, default=Path("/tmp/sources_features"))
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", category=FutureWarning)
+    threadpool_limits(1, user_api="blas")  # as the probe fits (training/probe.py): 5-10x faster
     print(cpu_line(), flush=True)
     folders = {"first": args.data, "second": args.second}
     pattern = re.compile(args.group_pattern)
     header = ("recipe", "first acc", "first AUC", "second acc", "second AUC", "second ECE",
+              "patients acc", "patients AUC", "first-only: second acc", "AUC",
               "patients acc", "patients AUC", "s")
     rows = []
     for recipe in args.recipes:
         start = time.perf_counter()
-        train_variants, test_variant, option = RECIPES[recipe]
+        train_variants, test_variants, option = RECIPES[recipe]
+        if isinstance(test_variants, str):
+            test_variants = (test_variants,)
         data = {v: extract(v, folders, args.weights, args.cache)
-                for v in {*train_variants, test_variant}}
-        test = data[test_variant]
+                for v in {*train_variants, *test_variants}}
+        test = data[test_variants[0]]
         y = np.concatenate([test["first_labels"], test["second_labels"]])
         source = np.repeat([0, 1], [len(test["first_labels"]), len(test["second_labels"])])
         groups = np.array([f"first/{f}" for f in test["first_files"]]
                           + [pattern.search(Path(f).name).group(1)
                              for f in test["second_files"]])
-        train_x = np.concatenate([np.concatenate([data[v]["first"], data[v]["second"]])
-                                  for v in train_variants], axis=1)
-        test_x = np.concatenate([test["first"], test["second"]])
+        train_x, test_x = (np.concatenate([np.concatenate([data[v]["first"], data[v]["second"]])
+                                           for v in variants], axis=1)
+                           for variants in (train_variants, test_variants))
+        if option == "mean":  # one feature per view: the mean over the scales
+            train_x, test_x = (x.reshape(len(x), -1, 8, x.shape[-1]).mean(1)
+                               for x in (train_x, test_x))
         runs = []
+        alone = first_only(train_x, test_x, y, source, 0)  # no folds: one fit is enough
+        solo = (*scores(alone, y[source == 1]),
+                *by_patient(alone, y[source == 1], groups[source == 1]))
         for seed in range(args.repeats):
             p = out_of_fold(train_x, test_x, y, source, groups, option, seed)
             first, second = source == 0, source == 1
             runs.append((*scores(p[first], y[first]), *scores(p[second], y[second]),
                          ece(p[second], y[second]),
-                         *by_patient(p[second], y[second], groups[second])))
+                         *by_patient(p[second], y[second], groups[second]),
+                         *solo))
         values = np.array(runs)
         rows.append((recipe, *(f"{m:.3f} ({lo:.2f}-{hi:.2f})" for m, lo, hi in zip(
             values.mean(0), values.min(0), values.max(0), strict=True)),
