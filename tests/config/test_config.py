@@ -91,6 +91,7 @@ def test_transfer_cpu_preset_cuts_densenet121_and_the_readme_cuts_exist(tmp_path
     assert (settings.backbone.name, settings.backbone.feature_layer) == ("densenet121",
                                                                          "pool4_relu")
     assert settings.finetune.strategy == "linear_probe" and settings.cv.refit
+    assert settings.eval.tta == "dihedral_zoom"  # 16 views: trained and tested at two scales
     # the cut as the preset uses it, and those the README suggests for other backbones
     for name, layer, width in (("densenet121", "pool4_relu", 1024),
                                ("densenet201", "pool4_relu", 1792),

@@ -7,7 +7,14 @@ import pytest
 import tensorflow as tf
 
 from experiments.data.augment import TissueAugmentation
-from experiments.data.transforms import dihedral_view, hed_jitter, random_dihedral
+from experiments.data.transforms import (
+    dihedral_view,
+    hed_jitter,
+    random_dihedral,
+    tta_view,
+    tta_view_tensor,
+    zoom_out,
+)
 
 BATCH = tf.random.uniform((6, 32, 32, 3), 0, 255, seed=3)
 OPTIONS = {
@@ -39,6 +46,30 @@ def test_dihedral_views_are_exact_and_all_eight_distinct():
         np.testing.assert_array_equal(np.sort(view, axis=None), np.sort(image.numpy(), axis=None))
         np.testing.assert_array_equal(random_dihedral(image, tf.constant([v])).numpy(), view)
     assert len({view.tobytes() for view in views}) == 8
+
+
+def test_zoom_out_halves_the_magnification_in_the_centre_and_mirrors_the_rest():
+    rng = np.random.default_rng(0)
+    image = tf.constant(rng.uniform(0, 255, (2, 8, 8, 3)), tf.float32)
+    zoomed = zoom_out(image).numpy()
+    assert zoomed.shape == (2, 8, 8, 3)
+    # the centre 4 x 4: each pixel the mean of a 2 x 2 block of the original
+    blocks = image.numpy().reshape(2, 4, 2, 4, 2, 3).mean(axis=(2, 4))
+    np.testing.assert_allclose(zoomed[:, 2:6, 2:6], blocks, rtol=1e-5)
+    np.testing.assert_allclose(zoomed[:, 1], zoomed[:, 3], rtol=1e-6)  # mirrored about row 2
+    flat = tf.fill((1, 7, 7, 3), 90.0)  # odd sizes too; a uniform slide stays uniform
+    np.testing.assert_allclose(zoom_out(flat).numpy(), 90.0, rtol=1e-5)
+
+
+def test_the_sixteen_tta_views_are_the_dihedral_ones_then_the_same_zoomed_out():
+    image = tf.constant(np.random.default_rng(1).uniform(0, 255, (1, 8, 8, 3)), tf.float32)
+    for view in range(16):
+        expected = dihedral_view(image, view % 8)
+        if view >= 8:
+            expected = zoom_out(expected)
+        np.testing.assert_allclose(tta_view(image, view).numpy(), expected.numpy())
+        np.testing.assert_allclose(tta_view_tensor(image, tf.constant(view)).numpy(),
+                                   expected.numpy())
 
 
 def test_hed_jitter_without_jitter_is_the_identity_and_moves_stains_otherwise():

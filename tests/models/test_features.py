@@ -11,11 +11,13 @@ import keras
 import numpy as np
 import pytest
 from omegaconf import OmegaConf
+from sklearn.metrics import roc_auc_score
 
 from experiments.data import decode, pipeline
 from experiments.models import features
 from experiments.run import run
 from experiments.serving.inference import MODEL_FILE, load_model
+from experiments.serving.views import predict_probabilities
 from experiments.training import frozen as frozen_lib
 from experiments.training.loop import TrainPlan, train
 from tests.conftest import all_runs, client_for, prepare, read_csv
@@ -127,6 +129,25 @@ def test_linear_probe_logs_the_test_contract_and_its_model_is_the_regression(tmp
     images = np.stack([decode.load_image(r["file"], 32) for r in rows]).astype("float32")
     expected = np.array([[float(r["p_benign"]), float(r["p_malignant"])] for r in rows])
     np.testing.assert_allclose(model.predict(images, verbose=0), expected, atol=1e-4)
+
+
+def test_a_probe_with_zoomed_out_views_trains_and_tests_on_all_sixteen(tmp_path, make_config):
+    """eval.tta=dihedral_zoom: 16 views cached per image (the dihedral ones, then at half the
+    magnification), and the TTA metrics are what the saved model gives on the images."""
+    run(make_config("finetune=linear_probe", "augmentation=dihedral", "eval.tta=dihedral_zoom",
+                    "trainer.precision=float32", "mlflow.experiment_name=zoom"))
+    assert list((tmp_path / ".cache" / "features").glob("*-16views.npz"))
+    (finished,) = all_runs(client_for(tmp_path), "zoom")
+    rows = read_csv(client_for(tmp_path), finished.info.run_id, "test_predictions.csv",
+                    tmp_path / "dl")
+    images = np.stack([decode.load_image(r["file"], 32) for r in rows])
+    truth = [r["label"] == "malignant" for r in rows]
+    model = load_model(tmp_path / "out" / "model" / MODEL_FILE)
+    with_views = predict_probabilities(model, images, 8, "dihedral_zoom")[:, 1]
+    assert roc_auc_score(truth, with_views) == pytest.approx(
+        finished.data.metrics["test_tta_roc_auc"], abs=1e-9)
+    dihedral_only = predict_probabilities(model, images, 8, "dihedral")[:, 1]
+    assert not np.allclose(with_views, dihedral_only, atol=1e-6)
 
 
 @pytest.fixture(autouse=True)

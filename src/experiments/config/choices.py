@@ -26,5 +26,8 @@ ON_INVALID = ("error", "skip")
 # data.resize: keep the aspect ratio (centre square) or squash to a square
 RESIZE_MODES = ("crop", "squash")
 # eval.tta and eval.threshold
-TTA_MODES = ("none", "dihedral")
+TTA_MODES = ("none", "dihedral", "dihedral_zoom")
+# Views per image of each eval.tta: dihedral_zoom adds each dihedral view at half the
+# magnification (`data.transforms.tta_view`).
+TTA_VIEWS = {"none": 1, "dihedral": 8, "dihedral_zoom": 16}
 THRESHOLD_METHODS = ("fixed", "youden", "target_sensitivity")

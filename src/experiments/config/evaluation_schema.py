@@ -18,8 +18,9 @@ from experiments.config.cohorts import ExternalCohort, external_cohorts
 class EvalConfig:
     """How the test split is evaluated (see `experiments.evaluate.evaluate_model`)."""
 
-    # Test-time augmentation: "dihedral" averages the 8 rotations/flips ("none": off);
-    # metrics are logged both without (test_*) and with it (test_tta_*).
+    # Test-time augmentation: "dihedral" averages the 8 rotations/flips, "dihedral_zoom" those
+    # and the same 8 at half the magnification (a linear probe also trains on every view);
+    # "none": off. Metrics are logged both without (test_*) and with it (test_tta_*).
     tta: str = "dihedral"
     # Operating point, chosen on validation: "fixed" (fixed_threshold), "youden" (max
     # sensitivity + specificity) or "target_sensitivity" (highest threshold reaching it).

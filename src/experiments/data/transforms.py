@@ -81,6 +81,30 @@ def dihedral_view_tensor(images: tf.Tensor, view: tf.Tensor) -> tf.Tensor:
     return tf.cond(view >= 4, lambda: images[:, :, ::-1, :], lambda: images)
 
 
+def zoom_out(images: tf.Tensor) -> tf.Tensor:
+    """The batch at half the magnification, at its own size: each image downscaled 2x (area
+    average) in the centre, its surroundings mirrored out from it - a lower-power objective's
+    view of the same tissue, made from the pixels the model already has."""
+    height, width = int(images.shape[1]), int(images.shape[2])
+    small = tf.image.resize(images, (height // 2, width // 2), method="area")
+    top, left = (height - height // 2) // 2, (width - width // 2) // 2
+    return tf.pad(small, [[0, 0], [top, height - height // 2 - top],
+                          [left, width - width // 2 - left], [0, 0]], mode="REFLECT")
+
+
+def tta_view(images: tf.Tensor, view: int) -> tf.Tensor:
+    """View `view` of eval.tta's views: dihedral view `view % 8`, at half the magnification
+    when view >= 8 (`dihedral_zoom`)."""
+    images = dihedral_view(images, view % 8)
+    return zoom_out(images) if view >= 8 else images
+
+
+def tta_view_tensor(images: tf.Tensor, view: tf.Tensor) -> tf.Tensor:
+    """`tta_view` for a view given as a tensor (inside tf.data)."""
+    images = dihedral_view_tensor(images, view % 8)
+    return tf.cond(view >= 8, lambda: zoom_out(images), lambda: images)
+
+
 def random_dihedral(images: tf.Tensor, views: tf.Tensor) -> tf.Tensor:
     """Each image in its own dihedral view (`views`: (n,) ints in [0, 8)); square images."""
     rotated = tf.stack([tf.image.rot90(images, k) for k in range(4)], axis=1)

@@ -13,6 +13,7 @@ from pathlib import Path
 import keras
 import numpy as np  # noqa: E402
 
+from experiments.config.choices import TTA_VIEWS  # noqa: E402
 from experiments.config.schema import EvalConfig as EvalSettings  # noqa: E402
 from experiments.data.splits import Splits  # noqa: E402
 from experiments.evaluation import (
@@ -61,12 +62,11 @@ def views_of_both(model: keras.Model, splits: Splits, batch_size: int,
     (the plain prediction is view 0 of the dihedral ones)."""
     n_test = len(splits.test)
     images = np.concatenate([splits.test.images, splits.val.images])
-    views = predict_views(model, images, max(batch_size, INFERENCE_BATCH),
-                          1 if tta == "none" else 8)
+    views = predict_views(model, images, max(batch_size, INFERENCE_BATCH), TTA_VIEWS[tta])
 
     def predict(name: str, mode: str) -> np.ndarray:
         part = views[:, :n_test] if name == "test" else views[:, n_test:]
-        return part[:1].mean(axis=0) if mode == "none" else part.mean(axis=0)
+        return part[:TTA_VIEWS[mode]].mean(axis=0)
     return predict
 
 

@@ -28,10 +28,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from experiments.config.choices import TTA_VIEWS
 from experiments.data.augment import NoAugmentation, TissueAugmentation
 from experiments.data.image_store import ImageArray
 from experiments.data.pipeline import batch_seeds, one_hot
-from experiments.data.transforms import dihedral_view, dihedral_views
+from experiments.data.transforms import dihedral_views, tta_view
 from experiments.models import external
 from experiments.models.backbones import weights_provenance
 
@@ -152,11 +153,12 @@ def model_key(backbone: str, weights: str | None, seed: int, image_size: int, pr
 
 def compute_features(extractor: keras.Model, images: np.ndarray, views: int,
                      batch_size: int = 32) -> np.ndarray:
-    """(n, views, C) pooled features of uint8 images, view v = `dihedral_view(image, v)`."""
+    """(n, views, C) pooled features of uint8 images, view v = `tta_view(image, v)` (the 8
+    dihedral views, then the same at half the magnification)."""
     out = []
     for view in range(views):
         ds = tf.data.Dataset.from_tensor_slices(images).batch(batch_size).map(
-            lambda x, v=view: dihedral_view(tf.cast(x, tf.float32), v))
+            lambda x, v=view: tta_view(tf.cast(x, tf.float32), v))
         out.append(np.asarray(extractor.predict(ds, verbose=0), np.float32))
     return np.stack(out, axis=1)
 
@@ -187,11 +189,12 @@ def evaluation_batches(features: np.ndarray, labels: Sequence[int], n_classes: i
 
 
 def head_probabilities(head: keras.Model, features: np.ndarray, tta: str) -> np.ndarray:
-    """p(class) from cached features: the plain view, or the mean over the 8 dihedral views
-    (the same numbers the full model gives on the images, without the backbone)."""
+    """p(class) from cached features: the mean over eval.tta's views - the plain view, the 8
+    dihedral views, or those and their zoomed-out copies (the same numbers the full model
+    gives on the images, without the backbone)."""
     if len(features) == 0:
         return np.empty((0, int(head.output_shape[-1])))
-    chosen = features[:, :1] if tta == "none" else features
+    chosen = features[:, :TTA_VIEWS[tta]]
     flat = chosen.reshape(-1, chosen.shape[-1])
     probs = np.asarray(head.predict(flat, batch_size=256, verbose=0), np.float64)
     return probs.reshape(len(features), chosen.shape[1], -1).mean(axis=1)

@@ -22,6 +22,7 @@ from typing import Any
 import keras
 import numpy as np
 
+from experiments.config.choices import TTA_VIEWS
 from experiments.data import stain  # noqa: F401  (register the layers saved models hold)
 from experiments.data.decode import ImageSource, load_image
 from experiments.models import (
@@ -201,7 +202,7 @@ class Predictor:
             return self.probabilities(images, batch_size), None
         if self.joint is None or len(images) == 0:
             return self.probabilities(images, batch_size), self.ood_scores(images, batch_size)
-        views = 1 if self.info.tta == "none" else 8
+        views = TTA_VIEWS[self.info.tta]
         probs, features = predict_view_outputs(self.joint, images, batch_size, views)
         raw = probs.mean(axis=0)
         return apply_temperature(raw, self.info.temperature), self.ood.score(features[0])

@@ -7,8 +7,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from experiments.config.choices import TTA_MODES
-from experiments.data.transforms import dihedral_view, dihedral_view_tensor
+from experiments.config.choices import TTA_MODES, TTA_VIEWS
+from experiments.data.transforms import tta_view, tta_view_tensor
 
 # Up to this many image views, models run eagerly: tracing `predict`'s graph costs more than
 # it saves (a served request, a few files, MLflow's check of the input example).
@@ -23,16 +23,16 @@ def image_batches(images: np.ndarray, batch_size: int) -> tf.data.Dataset:
 
 def predict_probabilities(model: keras.Model, images: np.ndarray, batch_size: int,
                           tta: str = "none") -> np.ndarray:
-    """p(class) for uint8 images; tta="dihedral" averages over the 8 dihedral views."""
+    """p(class) for uint8 images, averaged over the views of `tta` (`TTA_VIEWS`)."""
     if tta not in TTA_MODES:
         raise ValueError(f"`eval.tta` must be one of {TTA_MODES}. Received: eval.tta={tta!r}")
-    return predict_views(model, images, batch_size, 1 if tta == "none" else 8).mean(axis=0)
+    return predict_views(model, images, batch_size, TTA_VIEWS[tta]).mean(axis=0)
 
 
 def predict_views(model: keras.Model, images: np.ndarray, batch_size: int,
                   views: int) -> np.ndarray:
-    """(views, n, classes) p(class) of each dihedral view of uint8 images (view 0: the image
-    as it is), all views in one `predict` call, so the per-call overhead is paid once."""
+    """(views, n, classes) p(class) of each view of uint8 images (`tta_view`; view 0: the
+    image as it is), all views in one `predict` call, so the per-call overhead is paid once."""
     return predict_view_outputs(model, images, batch_size, views)[0]
 
 
@@ -44,12 +44,12 @@ def predict_view_outputs(model: keras.Model, images: np.ndarray, batch_size: int
         return [np.empty((views, 0, int(shape[-1]))) for shape in _output_shapes(model)]
     if len(images) * views <= EAGER_LIMIT:  # a request's few images: no graph to trace
         batch = tf.convert_to_tensor(images, tf.float32)
-        stacked = tf.concat([dihedral_view(batch, v) for v in range(views)], axis=0)
+        stacked = tf.concat([tta_view(batch, v) for v in range(views)], axis=0)
         return _by_view(model(stacked, training=False), views, len(images))
     ds = image_batches(images, batch_size)
     if views > 1:
         ds = tf.data.Dataset.from_tensor_slices(tf.range(views)).flat_map(
-            lambda v: image_batches(images, batch_size).map(lambda x: dihedral_view_tensor(x, v)))
+            lambda v: image_batches(images, batch_size).map(lambda x: tta_view_tensor(x, v)))
         batches = -(-len(images) // batch_size)
         ds = ds.apply(tf.data.experimental.assert_cardinality(views * batches))
     return _by_view(model.predict(ds.prefetch(tf.data.AUTOTUNE), verbose=0), views,

@@ -12,6 +12,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from experiments.config.choices import TTA_VIEWS
 from experiments.config.schema import Config
 from experiments.data.splits import Split
 from experiments.models import features
@@ -45,8 +46,9 @@ def probe_views(augment: object, tta: str) -> int:
 
 
 def cached_views(train_views: int, tta: str) -> int:
-    """Views per image to cache: the 8 dihedral ones when training or TTA uses them, else 1."""
-    return 8 if train_views == 8 or tta == "dihedral" else 1
+    """Views per image to cache: as many as training or TTA uses (1; the 8 dihedral ones;
+    16 with their zoomed-out copies)."""
+    return max(train_views, TTA_VIEWS[tta])
 
 
 def images_only(settings: Config) -> str:
