@@ -1,4 +1,4 @@
-"""Running a model over images and their dihedral views: one `predict` call for all views
+"""Running a model over images and their test-time views (dihedral, and zoomed out): one `predict`
 (the per-call overhead paid once), eagerly for a request's few images."""
 
 from __future__ import annotations
