@@ -1,5 +1,6 @@
-"""Running a model over images and their test-time views (dihedral, and zoomed out): one `predict`
-(the per-call overhead paid once), eagerly for a request's few images."""
+"""Running a model over images and their test-time views (dihedral, and zoomed out): one
+`predict` call for all views (the per-call overhead paid once), eagerly for a request's few
+images."""
 
 from __future__ import annotations
 
