@@ -71,6 +71,26 @@ def test_cache_keys_change_with_whatever_changes_a_feature(tmp_path):
     assert calls == [1, 1, 1]
 
 
+def test_fewer_views_are_read_from_a_cache_of_more(tmp_path):
+    """The views are ordered (plain, dihedral, zoomed out): 8 or 1 views of an image whose 16
+    are cached are their prefix, read from memory or disk, never computed again."""
+    image = tmp_path / "a.png"
+    image.write_bytes(b"one")
+    calls = []
+
+    def compute(images: np.ndarray, views: int) -> np.ndarray:
+        calls.append(views)
+        return np.arange(views * 4, dtype=np.float32).reshape(1, views, 4)
+
+    pixels = np.zeros((1, 8, 8, 3), np.uint8)
+    cache = features.FeatureCache("k", tmp_path / "cache")
+    sixteen = cache.get([str(image)], pixels, 16, compute)
+    np.testing.assert_array_equal(cache.get([str(image)], pixels, 8, compute), sixteen[:, :8])
+    features._MEMORY.clear()  # a new process: from the 16-view file on disk
+    np.testing.assert_array_equal(cache.get([str(image)], pixels, 1, compute), sixteen[:, :1])
+    assert calls == [16]
+
+
 def test_head_trained_on_features_equals_the_image_path_on_the_same_batches(tmp_path,
                                                                             make_config):
     """Dihedral-only augmentation, dropout off: both paths see the same batches in the same
