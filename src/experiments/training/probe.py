@@ -62,16 +62,15 @@ def fit(prepared: Prepared, cached: dict[str, np.ndarray], settings: EvalConfig,
     def val_loss(model) -> float:
         return float(log_loss(y_val, model.predict_proba(z_val), labels=labels))
 
-    with threadpool_limits(BLAS_THREADS, user_api="blas"):
+    with threadpool_limits(BLAS_THREADS, user_api="blas"):  # both probes' fits
         best = min(regularisation_path(z_train, y_train, seed), key=val_loss)
-    write_into_head(classifier, best, mean, scale)
-    # No checkpoint file: the fitted classifier is returned in memory and logged as the run's
-    # model (saving it too cost 1-2 s per fold of a backbone comparison).
-    checkpoint = find_checkpoint(prepared.callbacks)
-    val_metrics = {"val_loss": val_loss(best),
-                   "val_accuracy": float(np.mean(best.predict(z_val) == y_val))}
-    records.log_metrics({"probe_C": best.C, **val_metrics})
-    with threadpool_limits(BLAS_THREADS, user_api="blas"):
+        write_into_head(classifier, best, mean, scale)
+        # No checkpoint file: the fitted classifier is returned in memory and logged as the
+        # run's model (saving it too cost 1-2 s per fold of a backbone comparison).
+        checkpoint = find_checkpoint(prepared.callbacks)
+        val_metrics = {"val_loss": val_loss(best),
+                       "val_accuracy": float(np.mean(best.predict(z_val) == y_val))}
+        records.log_metrics({"probe_C": best.C, **val_metrics})
         records.log_metrics(knn_metrics(z_train, y_train, z_val, y_val,
                                         (cached["test"][:, 0] - mean) / scale, splits,
                                         prepared, settings))
