@@ -161,8 +161,8 @@ def parse_args(argv: Sequence[str]) -> dict[str, str]:
     """predict's key=value arguments, checked."""
     values = key_values(argv, OPTIONS, __doc__)
     if values["tta"] not in ("auto", *TTA_MODES):
-        raise UserError("tta must be auto (as the run evaluated), none, dihedral or "
-                        f"dihedral_zoom. Received: tta={values['tta']!r}")
+        raise UserError(f"tta must be auto (as the run evaluated) or one of {TTA_MODES}. "
+                        f"Received: tta={values['tta']!r}")
     if values["mpp"]:
         try:
             if float(values["mpp"]) <= 0:

@@ -5,7 +5,10 @@ from __future__ import annotations
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
+from experiments.config.choices import TTA_VIEWS, views_to_cache
+from experiments.data.transforms import tta_view
 from experiments.evaluation import stats
 from experiments.evaluation.gradcam import gradcam, last_feature_layer, pick_examples
 from experiments.models.classifier import build_classifier
@@ -104,6 +107,21 @@ def test_dihedral_tta_of_a_rotation_invariant_model_equals_its_plain_prediction(
     oriented = build_classifier("simplecnn", None, True, 16, 2)
     assert not np.allclose(predict_probabilities(oriented, images, 4, "dihedral"),
                            predict_probabilities(oriented, images, 4, "none"), atol=1e-6)
+
+
+@pytest.mark.parametrize("n", [3, 40])  # eager (a request's few images) and traced (a folder)
+def test_each_tta_averages_exactly_its_views(n):
+    """rot90_zoom is views 0, 1, 8 and 9 of `tta_view` (not the first four): each TTA's mean
+    is the mean of the model on its views, computed one by one."""
+    model = build_classifier("simplecnn", None, True, 16, 2)
+    images = np.random.default_rng(1).integers(0, 256, (n, 16, 16, 3), dtype=np.uint8)
+    one_by_one = np.stack([model.predict(tta_view(tf.constant(images, tf.float32), v),
+                                         verbose=0) for v in range(16)])
+    for tta, views in TTA_VIEWS.items():
+        np.testing.assert_allclose(predict_probabilities(model, images, 8, tta),
+                                   one_by_one[list(views)].mean(axis=0), atol=1e-5)
+    assert TTA_VIEWS["rot90_zoom"] == (0, 1, 8, 9)
+    assert [views_to_cache(t) for t in ("none", "dihedral", "rot90_zoom")] == [1, 8, 16]
 
 
 @pytest.mark.parametrize(("backbone", "size"), [("simplecnn", 32), ("mobilenetv3large", 48)])

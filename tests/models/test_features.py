@@ -151,10 +151,12 @@ def test_linear_probe_logs_the_test_contract_and_its_model_is_the_regression(tmp
     np.testing.assert_allclose(model.predict(images, verbose=0), expected, atol=1e-4)
 
 
-def test_a_probe_with_zoomed_out_views_trains_and_tests_on_all_sixteen(tmp_path, make_config):
-    """eval.tta=dihedral_zoom: 16 views cached per image (the dihedral ones, then at half the
-    magnification), and the TTA metrics are what the saved model gives on the images."""
-    run(make_config("finetune=linear_probe", "augmentation=dihedral", "eval.tta=dihedral_zoom",
+@pytest.mark.parametrize("tta", ["dihedral_zoom", "rot90_zoom"])
+def test_a_probe_with_zoomed_out_views_trains_on_all_sixteen(tmp_path, make_config, tta):
+    """A TTA with zoomed-out views: 16 views cached per image (the dihedral ones, then at half
+    the magnification), the probe trained on all, and the TTA metrics what the saved model
+    gives on the images with that TTA's views (16, or rot90_zoom's 4)."""
+    run(make_config("finetune=linear_probe", "augmentation=dihedral", f"eval.tta={tta}",
                     "trainer.precision=float32", "mlflow.experiment_name=zoom"))
     assert list((tmp_path / ".cache" / "features").glob("*-16views.npz"))
     (finished,) = all_runs(client_for(tmp_path), "zoom")
@@ -163,11 +165,12 @@ def test_a_probe_with_zoomed_out_views_trains_and_tests_on_all_sixteen(tmp_path,
     images = np.stack([decode.load_image(r["file"], 32) for r in rows])
     truth = [r["label"] == "malignant" for r in rows]
     model = load_model(tmp_path / "out" / "model" / MODEL_FILE)
-    with_views = predict_probabilities(model, images, 8, "dihedral_zoom")[:, 1]
+    with_views = predict_probabilities(model, images, 8, tta)[:, 1]
     assert roc_auc_score(truth, with_views) == pytest.approx(
         finished.data.metrics["test_tta_roc_auc"], abs=1e-9)
-    dihedral_only = predict_probabilities(model, images, 8, "dihedral")[:, 1]
-    assert not np.allclose(with_views, dihedral_only, atol=1e-6)
+    other = "dihedral" if tta == "dihedral_zoom" else "dihedral_zoom"
+    assert not np.allclose(with_views, predict_probabilities(model, images, 8, other)[:, 1],
+                           atol=1e-6)
 
 
 @pytest.fixture(autouse=True)

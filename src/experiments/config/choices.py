@@ -26,8 +26,18 @@ ON_INVALID = ("error", "skip")
 # data.resize: keep the aspect ratio (centre square) or squash to a square
 RESIZE_MODES = ("crop", "squash")
 # eval.tta and eval.threshold
-TTA_MODES = ("none", "dihedral", "dihedral_zoom")
-# Views per image of each eval.tta: dihedral_zoom adds each dihedral view at half the
-# magnification (`data.transforms.tta_view`).
-TTA_VIEWS = {"none": 1, "dihedral": 8, "dihedral_zoom": 16}
+TTA_MODES = ("none", "dihedral", "dihedral_zoom", "rot90_zoom")
+# The views each eval.tta averages, as `data.transforms.tta_view` numbers them: 0-7 the dihedral
+# views (0 the image as it is, 1 rotated 90 degrees), 8-15 the same at half the magnification.
+# rot90_zoom: the image and its 90-degree rotation at both scales - as accurate as all 16 for a
+# probe trained on the 16 (benchmarks/README, "Colour and scale"), at a quarter of the cost.
+TTA_VIEWS = {"none": (0,), "dihedral": tuple(range(8)), "dihedral_zoom": tuple(range(16)),
+             "rot90_zoom": (0, 1, 8, 9)}
+# Views per image a feature cache holds: the first 1, 8 or 16 (each TTA's views among them).
+CACHED_VIEW_COUNTS = (1, 8, 16)
+
+
+def views_to_cache(tta: str) -> int:
+    """How many of the first views a feature cache needs to hold every view of `tta`."""
+    return next(n for n in CACHED_VIEW_COUNTS if n > max(TTA_VIEWS[tta]))
 THRESHOLD_METHODS = ("fixed", "youden", "target_sensitivity")

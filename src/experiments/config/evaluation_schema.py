@@ -19,8 +19,10 @@ class EvalConfig:
     """How the test split is evaluated (see `experiments.evaluate.evaluate_model`)."""
 
     # Test-time augmentation: "dihedral" averages the 8 rotations/flips, "dihedral_zoom" those
-    # and the same 8 at half the magnification (a linear probe also trains on every view);
-    # "none": off. Metrics are logged both without (test_*) and with it (test_tta_*).
+    # and the same 8 at half the magnification, "rot90_zoom" 4 of them (the image and its
+    # 90-degree rotation, at both scales); a linear probe trains on every view of the first 8
+    # or 16 these need. "none": off. Metrics are logged both without (test_*) and with it
+    # (test_tta_*).
     tta: str = "dihedral"
     # Operating point, chosen on validation: "fixed" (fixed_threshold), "youden" (max
     # sensitivity + specificity) or "target_sensitivity" (highest threshold reaching it).

@@ -94,7 +94,7 @@ def zoom_out(images: tf.Tensor) -> tf.Tensor:
 
 def tta_view(images: tf.Tensor, view: int) -> tf.Tensor:
     """View `view` of eval.tta's views: dihedral view `view % 8`, at half the magnification
-    when view >= 8 (`dihedral_zoom`)."""
+    when view >= 8 (`dihedral_zoom`, `rot90_zoom`)."""
     images = dihedral_view(images, view % 8)
     return zoom_out(images) if view >= 8 else images
 

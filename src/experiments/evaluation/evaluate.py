@@ -59,14 +59,14 @@ INFERENCE_BATCH = 64  # evaluation has no gradients to hold: larger batches run 
 def views_of_both(model: keras.Model, splits: Splits, batch_size: int,
                   tta: str) -> SplitPredictor:
     """Test and validation images through the model once, in every view the evaluation needs
-    (the plain prediction is view 0 of the dihedral ones)."""
+    (the plain prediction is view 0 of every TTA's)."""
     n_test = len(splits.test)
     images = np.concatenate([splits.test.images, splits.val.images])
     views = predict_views(model, images, max(batch_size, INFERENCE_BATCH), TTA_VIEWS[tta])
 
     def predict(name: str, mode: str) -> np.ndarray:
         part = views[:, :n_test] if name == "test" else views[:, n_test:]
-        return part[:TTA_VIEWS[mode]].mean(axis=0)
+        return part[[TTA_VIEWS[tta].index(v) for v in TTA_VIEWS[mode]]].mean(axis=0)
     return predict
 
 

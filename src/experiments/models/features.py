@@ -28,7 +28,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from experiments.config.choices import TTA_VIEWS
+from experiments.config.choices import CACHED_VIEW_COUNTS, TTA_VIEWS
 from experiments.data.augment import NoAugmentation, TissueAugmentation
 from experiments.data.image_store import ImageArray
 from experiments.data.pipeline import batch_seeds, one_hot
@@ -112,7 +112,7 @@ class FeatureCache:
         views: the views are ordered (plain, the dihedral ones, the zoomed-out ones), so the
         smaller set is a prefix - a backbone study of 8 views reads what transfer_cpu's 16
         computed."""
-        for larger in sorted(set(TTA_VIEWS.values())):
+        for larger in CACHED_VIEW_COUNTS:
             wanted = [key for key in keys if key not in store]
             if larger <= views or not wanted:
                 continue
@@ -209,7 +209,7 @@ def head_probabilities(head: keras.Model, features: np.ndarray, tta: str) -> np.
     gives on the images, without the backbone)."""
     if len(features) == 0:
         return np.empty((0, int(head.output_shape[-1])))
-    chosen = features[:, :TTA_VIEWS[tta]]
+    chosen = features[:, list(TTA_VIEWS[tta])]
     flat = chosen.reshape(-1, chosen.shape[-1])
     probs = np.asarray(head.predict(flat, batch_size=256, verbose=0), np.float64)
     return probs.reshape(len(features), chosen.shape[1], -1).mean(axis=1)

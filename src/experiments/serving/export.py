@@ -70,7 +70,7 @@ def pooled_features(model: keras.Model, images: np.ndarray,
     extractor = inference.feature_extractor(model)
     if extractor is None:
         return None
-    return views.predict_views(extractor, images, batch_size, 1)[0]
+    return views.predict_views(extractor, images, batch_size, (0,))[0]
 
 
 def ood_reference(model: keras.Model, images: np.ndarray, coverage: float,

@@ -4,6 +4,8 @@ images."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -31,29 +33,31 @@ def predict_probabilities(model: keras.Model, images: np.ndarray, batch_size: in
 
 
 def predict_views(model: keras.Model, images: np.ndarray, batch_size: int,
-                  views: int) -> np.ndarray:
-    """(views, n, classes) p(class) of each view of uint8 images (`tta_view`; view 0: the
-    image as it is), all views in one `predict` call, so the per-call overhead is paid once."""
+                  views: Sequence[int]) -> np.ndarray:
+    """(len(views), n, classes) p(class) of the given views of uint8 images (`tta_view`
+    numbers; view 0: the image as it is), all in one `predict` call, so the per-call overhead
+    is paid once."""
     return predict_view_outputs(model, images, batch_size, views)[0]
 
 
 def predict_view_outputs(model: keras.Model, images: np.ndarray, batch_size: int,
-                         views: int) -> list[np.ndarray]:
-    """`predict_views` for a model with one or more outputs: a (views, n, width) array per
-    output."""
+                         views: Sequence[int]) -> list[np.ndarray]:
+    """`predict_views` for a model with one or more outputs: a (len(views), n, width) array
+    per output."""
+    count = len(views)
     if len(images) == 0:
-        return [np.empty((views, 0, int(shape[-1]))) for shape in _output_shapes(model)]
-    if len(images) * views <= EAGER_LIMIT:  # a request's few images: no graph to trace
+        return [np.empty((count, 0, int(shape[-1]))) for shape in _output_shapes(model)]
+    if len(images) * count <= EAGER_LIMIT:  # a request's few images: no graph to trace
         batch = tf.convert_to_tensor(images, tf.float32)
-        stacked = tf.concat([tta_view(batch, v) for v in range(views)], axis=0)
-        return _by_view(model(stacked, training=False), views, len(images))
+        stacked = tf.concat([tta_view(batch, v) for v in views], axis=0)
+        return _by_view(model(stacked, training=False), count, len(images))
     ds = image_batches(images, batch_size)
-    if views > 1:
-        ds = tf.data.Dataset.from_tensor_slices(tf.range(views)).flat_map(
+    if tuple(views) != (0,):
+        ds = tf.data.Dataset.from_tensor_slices(tf.constant(views, tf.int32)).flat_map(
             lambda v: image_batches(images, batch_size).map(lambda x: tta_view_tensor(x, v)))
         batches = -(-len(images) // batch_size)
-        ds = ds.apply(tf.data.experimental.assert_cardinality(views * batches))
-    return _by_view(model.predict(ds.prefetch(tf.data.AUTOTUNE), verbose=0), views,
+        ds = ds.apply(tf.data.experimental.assert_cardinality(count * batches))
+    return _by_view(model.predict(ds.prefetch(tf.data.AUTOTUNE), verbose=0), count,
                     len(images))
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from experiments.config.choices import TTA_VIEWS
+from experiments.config.choices import views_to_cache
 from experiments.config.schema import Config
 from experiments.data.splits import Split
 from experiments.models import features
@@ -47,8 +47,8 @@ def probe_views(augment: object, tta: str) -> int:
 
 def cached_views(train_views: int, tta: str) -> int:
     """Views per image to cache: as many as training or TTA uses (1; the 8 dihedral ones;
-    16 with their zoomed-out copies)."""
-    return max(train_views, TTA_VIEWS[tta])
+    16 with their zoomed-out copies). A linear probe trains on all of them."""
+    return max(train_views, views_to_cache(tta))
 
 
 def images_only(settings: Config) -> str:
