@@ -17,6 +17,7 @@ from omegaconf.errors import (
     ValidationError,
 )
 
+from experiments.config.choices import views_to_cache
 from experiments.config.instantiate import instantiate_callbacks
 from experiments.config.schema import (
     CONFIG_MODULE,
@@ -91,7 +92,8 @@ def test_transfer_cpu_preset_cuts_densenet121_and_the_readme_cuts_exist(tmp_path
     assert (settings.backbone.name, settings.backbone.feature_layer) == ("densenet121",
                                                                          "pool4_relu")
     assert settings.finetune.strategy == "linear_probe" and settings.cv.refit
-    assert settings.eval.tta == "dihedral_zoom"  # 16 views: trained and tested at two scales
+    # trained on 16 views (dihedral, at two scales), tested on 4 of them
+    assert settings.eval.tta == "rot90_zoom" and views_to_cache(settings.eval.tta) == 16
     # the cut as the preset uses it, and those the README suggests for other backbones
     for name, layer, width in (("densenet121", "pool4_relu", 1024),
                                ("densenet201", "pool4_relu", 1792),
