@@ -27,7 +27,8 @@ Colour variants: gray (luminance only) and haematoxylin (the H stain alone by co
 deconvolution), trained and tested alike - stain colour removed rather than matched. Scale
 variants (magnification differs between laboratories): zoom2 (the centre at twice the
 magnification) and zoom05 (half, surroundings mirrored) as more training views (`plain+zoomN`),
-or as training and test views together (`multiscale`: test views averaged over the scales).
+or as training and test views together (`multiscale`: test views averaged over the scales);
+zoom2up: the x2 view made from the 224-px input (its centre half upsampled), no 448-px decode.
 `--test-views K`: the test averages the first K dihedral views of each test variant (0-3 the
 rotations, 4-7 the same flipped) - what a cheaper TTA costs; training keeps all 8.
 """
@@ -64,6 +65,8 @@ RECIPES = {  # name -> (training feature variants, test variant(s), probe option
     "plain+zoom05": (("plain", "zoom05"), "plain", ""),
     "multiscale": (("plain", "zoom2", "zoom05"), ("plain", "zoom2", "zoom05"), ""),
     "multiscale, plain test": (("plain", "zoom2", "zoom05"), "plain", ""),
+    "multiscale, upsampled x2": (("plain", "zoom2up", "zoom05"), ("plain", "zoom2up", "zoom05"),
+                                 ""),
     "plain+zoom05, both tested": (("plain", "zoom05"), ("plain", "zoom05"), ""),
     "scale-averaged features": (("plain", "zoom2", "zoom05"), ("plain", "zoom2", "zoom05"),
                                 "mean"),
@@ -94,9 +97,16 @@ COLOUR_DROPS = {"gray": grey, "haematoxylin": haematoxylin}
 def at_scale(file: str, variant: str) -> np.ndarray:
     """The 224-px input of an image: its centre square (plain); zoom2: the centre 224 px of
     it decoded at 448 (twice the magnification); zoom05: decoded at 112 and mirrored out to
-    224 (half the magnification, the missing surroundings reflected)."""
+    224 (half the magnification, the missing surroundings reflected); zoom2up: the centre
+    112 px of the 224-px input upsampled to 224 (twice the magnification with no new pixels:
+    what a model given only its 224-px input could do)."""
     from experiments.data.decode import load_image
 
+    if variant == "zoom2up":
+        centre = load_image(file, 224, resize="crop")[56:168, 56:168]
+        return np.asarray(tf.image.resize(centre[None].astype("float32"), (224, 224),
+                                          method="bilinear")[0]).round().clip(0, 255
+                                                                              ).astype("uint8")
     if variant == "zoom2":
         return load_image(file, 448, resize="crop")[112:336, 112:336]
     if variant == "zoom05":

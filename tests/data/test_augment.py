@@ -13,6 +13,7 @@ from experiments.data.transforms import (
     random_dihedral,
     tta_view,
     tta_view_tensor,
+    zoom_in,
     zoom_out,
 )
 
@@ -61,12 +62,26 @@ def test_zoom_out_halves_the_magnification_in_the_centre_and_mirrors_the_rest():
     np.testing.assert_allclose(zoom_out(flat).numpy(), 90.0, rtol=1e-5)
 
 
-def test_the_sixteen_tta_views_are_the_dihedral_ones_then_the_same_zoomed_out():
+def test_zoom_in_doubles_the_magnification_of_the_centre():
+    """The centre half, upsampled: a 2 x 2 block of a piecewise-constant image becomes 4 x 4
+    (away from the edges, where bilinear interpolation mixes neighbours); uniform stays
+    uniform; the corners of the original are outside the view."""
+    blocks = np.kron(np.arange(16, dtype=np.float32).reshape(4, 4), np.ones((4, 4)))
+    image = tf.constant(np.repeat(blocks[None, :, :, None], 3, axis=3))  # 16 x 16
+    zoomed = zoom_in(image).numpy()[0, :, :, 0]
+    assert zoomed.shape == (16, 16)
+    np.testing.assert_allclose(zoomed[1:6, 1:6], 5.0)  # block (1, 1) of the original
+    np.testing.assert_allclose(zoomed[10:15, 10:15], 10.0)  # block (2, 2)
+    assert zoomed.min() >= 5.0 - 1e-5 and zoomed.max() <= 10.0 + 1e-5  # centre blocks only
+    np.testing.assert_allclose(zoom_in(tf.fill((1, 7, 7, 3), 90.0)).numpy(), 90.0, rtol=1e-5)
+
+
+def test_the_tta_views_are_the_dihedral_ones_then_the_same_zoomed_out_then_in():
     image = tf.constant(np.random.default_rng(1).uniform(0, 255, (1, 8, 8, 3)), tf.float32)
-    for view in range(16):
+    for view in range(24):
         expected = dihedral_view(image, view % 8)
         if view >= 8:
-            expected = zoom_out(expected)
+            expected = zoom_in(expected) if view >= 16 else zoom_out(expected)
         np.testing.assert_allclose(tta_view(image, view).numpy(), expected.numpy())
         np.testing.assert_allclose(tta_view_tensor(image, tf.constant(view)).numpy(),
                                    expected.numpy())

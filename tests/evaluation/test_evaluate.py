@@ -116,12 +116,13 @@ def test_each_tta_averages_exactly_its_views(n):
     model = build_classifier("simplecnn", None, True, 16, 2)
     images = np.random.default_rng(1).integers(0, 256, (n, 16, 16, 3), dtype=np.uint8)
     one_by_one = np.stack([model.predict(tta_view(tf.constant(images, tf.float32), v),
-                                         verbose=0) for v in range(16)])
+                                         verbose=0) for v in range(24)])
     for tta, views in TTA_VIEWS.items():
         np.testing.assert_allclose(predict_probabilities(model, images, 8, tta),
                                    one_by_one[list(views)].mean(axis=0), atol=1e-5)
     assert TTA_VIEWS["rot90_zoom"] == (0, 1, 8, 9)
-    assert [views_to_cache(t) for t in ("none", "dihedral", "rot90_zoom")] == [1, 8, 16]
+    assert [views_to_cache(t) for t in ("none", "dihedral", "rot90_zoom",
+                                        "rot90_multiscale")] == [1, 8, 16, 24]
 
 
 @pytest.mark.parametrize(("backbone", "size"), [("simplecnn", 32), ("mobilenetv3large", 48)])

@@ -151,14 +151,16 @@ def test_linear_probe_logs_the_test_contract_and_its_model_is_the_regression(tmp
     np.testing.assert_allclose(model.predict(images, verbose=0), expected, atol=1e-4)
 
 
-@pytest.mark.parametrize("tta", ["dihedral_zoom", "rot90_zoom"])
-def test_a_probe_with_zoomed_out_views_trains_on_all_sixteen(tmp_path, make_config, tta):
-    """A TTA with zoomed-out views: 16 views cached per image (the dihedral ones, then at half
-    the magnification), the probe trained on all, and the TTA metrics what the saved model
-    gives on the images with that TTA's views (16, or rot90_zoom's 4)."""
+@pytest.mark.parametrize(("tta", "cached"), [("dihedral_zoom", 16), ("rot90_zoom", 16),
+                                             ("rot90_multiscale", 24)])
+def test_a_probe_with_zoomed_views_trains_on_every_cached_view(tmp_path, make_config, tta,
+                                                                cached):
+    """A TTA with zoomed views: 16 views cached per image (the dihedral ones, then at half
+    the magnification; 24: then at twice it), the probe trained on all, and the TTA metrics
+    what the saved model gives on the images with that TTA's views (16, 4 or 6)."""
     run(make_config("finetune=linear_probe", "augmentation=dihedral", f"eval.tta={tta}",
                     "trainer.precision=float32", "mlflow.experiment_name=zoom"))
-    assert list((tmp_path / ".cache" / "features").glob("*-16views.npz"))
+    assert list((tmp_path / ".cache" / "features").glob(f"*-{cached}views.npz"))
     (finished,) = all_runs(client_for(tmp_path), "zoom")
     rows = read_csv(client_for(tmp_path), finished.info.run_id, "test_predictions.csv",
                     tmp_path / "dl")

@@ -26,15 +26,16 @@ ON_INVALID = ("error", "skip")
 # data.resize: keep the aspect ratio (centre square) or squash to a square
 RESIZE_MODES = ("crop", "squash")
 # eval.tta and eval.threshold
-TTA_MODES = ("none", "dihedral", "dihedral_zoom", "rot90_zoom")
+TTA_MODES = ("none", "dihedral", "dihedral_zoom", "rot90_zoom", "rot90_multiscale")
 # The views each eval.tta averages, as `data.transforms.tta_view` numbers them: 0-7 the dihedral
-# views (0 the image as it is, 1 rotated 90 degrees), 8-15 the same at half the magnification.
-# rot90_zoom: the image and its 90-degree rotation at both scales - as accurate as all 16 for a
-# probe trained on the 16 (benchmarks/README, "Colour and scale"), at a quarter of the cost.
+# views (0 the image as it is, 1 rotated 90 degrees), 8-15 the same at half the magnification,
+# 16-23 at twice it. rot90_zoom: the image and its 90-degree rotation at two scales - as accurate
+# as all 16 for a probe trained on the 16 (benchmarks/README, "Colour and scale"), at a quarter
+# of the cost; rot90_multiscale: the same at three scales (a probe trains on all 24).
 TTA_VIEWS = {"none": (0,), "dihedral": tuple(range(8)), "dihedral_zoom": tuple(range(16)),
-             "rot90_zoom": (0, 1, 8, 9)}
-# Views per image a feature cache holds: the first 1, 8 or 16 (each TTA's views among them).
-CACHED_VIEW_COUNTS = (1, 8, 16)
+             "rot90_zoom": (0, 1, 8, 9), "rot90_multiscale": (0, 1, 8, 9, 16, 17)}
+# Views per image a feature cache holds: the first 1, 8, 16 or 24 (each TTA's views among them).
+CACHED_VIEW_COUNTS = (1, 8, 16, 24)
 
 
 def views_to_cache(tta: str) -> int:

@@ -92,17 +92,31 @@ def zoom_out(images: tf.Tensor) -> tf.Tensor:
                           [left, width - width // 2 - left], [0, 0]], mode="REFLECT")
 
 
+def zoom_in(images: tf.Tensor) -> tf.Tensor:
+    """The batch at twice the magnification, at its own size: the centre half of each image
+    upsampled 2x (bilinear) - a higher-power objective's framing of the same tissue, though
+    without the detail a real one would resolve."""
+    height, width = int(images.shape[1]), int(images.shape[2])
+    top, left = height // 4, width // 4
+    centre = images[:, top:top + height // 2, left:left + width // 2]
+    return tf.image.resize(centre, (height, width), method="bilinear")
+
+
 def tta_view(images: tf.Tensor, view: int) -> tf.Tensor:
-    """View `view` of eval.tta's views: dihedral view `view % 8`, at half the magnification
-    when view >= 8 (`dihedral_zoom`, `rot90_zoom`)."""
+    """View `view` of eval.tta's views: dihedral view `view % 8`; at half the magnification
+    for views 8-15 (`dihedral_zoom`, `rot90_zoom`), at twice it for views 16-23
+    (`rot90_multiscale`)."""
     images = dihedral_view(images, view % 8)
+    if view >= 16:
+        return zoom_in(images)
     return zoom_out(images) if view >= 8 else images
 
 
 def tta_view_tensor(images: tf.Tensor, view: tf.Tensor) -> tf.Tensor:
     """`tta_view` for a view given as a tensor (inside tf.data)."""
     images = dihedral_view_tensor(images, view % 8)
-    return tf.cond(view >= 8, lambda: zoom_out(images), lambda: images)
+    return tf.case([(view >= 16, lambda: zoom_in(images)),
+                    (view >= 8, lambda: zoom_out(images))], default=lambda: images)
 
 
 def random_dihedral(images: tf.Tensor, views: tf.Tensor) -> tf.Tensor:

@@ -109,7 +109,7 @@ class FeatureCache:
     def _borrow(self, store: dict[str, tuple[np.ndarray, str]], keys: Sequence[str],
                 views: int) -> None:
         """Put into `store` the images a cache of more views holds, as their first `views`
-        views: the views are ordered (plain, the dihedral ones, the zoomed-out ones), so the
+        views: the views are ordered (plain, the dihedral ones, zoomed out, zoomed in), so the
         smaller set is a prefix - a backbone study of 8 views reads what transfer_cpu's 16
         computed."""
         for larger in CACHED_VIEW_COUNTS:
@@ -169,7 +169,7 @@ def model_key(backbone: str, weights: str | None, seed: int, image_size: int, pr
 def compute_features(extractor: keras.Model, images: np.ndarray, views: int,
                      batch_size: int = 32) -> np.ndarray:
     """(n, views, C) pooled features of uint8 images, view v = `tta_view(image, v)` (the 8
-    dihedral views, then the same at half the magnification)."""
+    dihedral views, then the same at half the magnification, then at twice it)."""
     out = []
     for view in range(views):
         ds = tf.data.Dataset.from_tensor_slices(images).batch(batch_size).map(

@@ -47,7 +47,8 @@ def probe_views(augment: object, tta: str) -> int:
 
 def cached_views(train_views: int, tta: str) -> int:
     """Views per image to cache: as many as training or TTA uses (1; the 8 dihedral ones;
-    16 with their zoomed-out copies). A linear probe trains on all of them."""
+    16 with their zoomed-out copies; 24 with zoomed-in ones too). A linear probe trains on all
+    of them."""
     return max(train_views, views_to_cache(tta))
 
 
