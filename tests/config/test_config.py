@@ -26,6 +26,7 @@ from experiments.config.schema import (
     config_folder,
     register_configs,
 )
+from experiments.errors import ConfigError
 from experiments.models import external
 from experiments.models.backbones import BACKBONES, get_spec, resolve_image_size
 from experiments.models.classifier import build_classifier
@@ -92,14 +93,32 @@ def test_transfer_cpu_preset_cuts_densenet121_and_the_readme_cuts_exist(tmp_path
     assert (settings.backbone.name, settings.backbone.feature_layer) == ("densenet121",
                                                                          "pool4_relu")
     assert settings.finetune.strategy == "linear_probe" and settings.cv.refit
-    # trained on 16 views (dihedral, at two scales), tested on 4 of them
-    assert settings.eval.tta == "rot90_zoom" and views_to_cache(settings.eval.tta) == 16
+    # trained on 24 views (dihedral, at three scales), tested on 6 of them
+    assert settings.eval.tta == "rot90_multiscale" and views_to_cache(settings.eval.tta) == 24
     # the cut as the preset uses it, and those the README suggests for other backbones
     for name, layer, width in (("densenet121", "pool4_relu", 1024),
                                ("densenet201", "pool4_relu", 1792),
                                ("resnet50", "conv4_block6_out", 1024)):
         model = build_classifier(name, None, False, 64, 2, feature_layer=layer)
         assert model.get_layer("gap").output.shape[-1] == width
+
+
+def test_transfer_multisource_is_transfer_cpu_with_a_second_source_it_requires(tmp_path):
+    from experiments.run import validated
+
+    single = OmegaConf.to_object(compose_config(tmp_path, ["experiment=transfer_cpu",
+                                                           "data.root=/x"]))
+    with pytest.raises(ConfigError, match=r"`data\.sources\.second\.root` must be set - "
+                                          "experiment=transfer_multisource"):
+        validated(compose_config(tmp_path, ["experiment=transfer_multisource", "data.root=/x"]))
+    both = validated(compose_config(tmp_path, [
+        "experiment=transfer_multisource", "data.root=/x", "data.sources.second.root=/y",
+        "data.sources.second.group_pattern='(P\\d+)'"]))
+    assert [(s.name, s.root, s.group_pattern) for s in both.data.source_folders] == [
+        ("second", "/y", r"(P\d+)")]
+    for part in ("backbone", "finetune", "eval", "cv", "augmentation"):
+        assert getattr(both, part) == getattr(single, part), part
+    assert both.mlflow.experiment_name == "transfer_multisource"
 
 
 def test_histology_cpu_preset_selects_on_validation_loss_without_imagenet(tmp_path):
