@@ -36,9 +36,9 @@ TTA_VIEWS = {"none": (0,), "dihedral": tuple(range(8)), "dihedral_zoom": tuple(r
              "rot90_zoom": (0, 1, 8, 9), "rot90_multiscale": (0, 1, 8, 9, 16, 17)}
 # Views per image a feature cache holds: the first 1, 8, 16 or 24 (each TTA's views among them).
 CACHED_VIEW_COUNTS = (1, 8, 16, 24)
+THRESHOLD_METHODS = ("fixed", "youden", "target_sensitivity")
 
 
 def views_to_cache(tta: str) -> int:
     """How many of the first views a feature cache needs to hold every view of `tta`."""
     return next(n for n in CACHED_VIEW_COUNTS if n > max(TTA_VIEWS[tta]))
-THRESHOLD_METHODS = ("fixed", "youden", "target_sensitivity")

@@ -20,9 +20,9 @@ class EvalConfig:
 
     # Test-time augmentation: "dihedral" averages the 8 rotations/flips, "dihedral_zoom" those
     # and the same 8 at half the magnification, "rot90_zoom" 4 of them (the image and its
-    # 90-degree rotation, at both scales); a linear probe trains on every view of the first 8
-    # or 16 these need. "none": off. Metrics are logged both without (test_*) and with it
-    # (test_tta_*).
+    # 90-degree rotation, at both scales), "rot90_multiscale" those and the same two at twice
+    # the magnification; a linear probe trains on all of the first 8, 16 or 24 views these
+    # need. "none": off. Metrics are logged both without (test_*) and with it (test_tta_*).
     tta: str = "dihedral"
     # Operating point, chosen on validation: "fixed" (fixed_threshold), "youden" (max
     # sensitivity + specificity) or "target_sensitivity" (highest threshold reaching it).

@@ -110,7 +110,7 @@ class FeatureCache:
                 views: int) -> None:
         """Put into `store` the images a cache of more views holds, as their first `views`
         views: the views are ordered (plain, the dihedral ones, zoomed out, zoomed in), so the
-        smaller set is a prefix - a backbone study of 8 views reads what transfer_cpu's 16
+        smaller set is a prefix - a backbone study of 8 views reads what transfer_cpu's 24
         computed."""
         for larger in CACHED_VIEW_COUNTS:
             wanted = [key for key in keys if key not in store]

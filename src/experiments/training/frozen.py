@@ -23,8 +23,8 @@ log = logging.getLogger(__name__)
 
 
 def feature_views(settings: Config, prepared: Prepared, say_why: bool = False) -> int | None:
-    """How many views per image to cache for the frozen-feature fast path (1, or 8 for the
-    dihedral views of augmentation or TTA), or None when this run trains on images."""
+    """How many views per image to cache for the frozen-feature fast path (`cached_views`:
+    1, 8, 16 or 24), or None when this run trains on images."""
     if settings.finetune.strategy not in ("frozen", "linear_probe"):
         return None
     if settings.finetune.strategy == "linear_probe":
