@@ -97,16 +97,15 @@ COLOUR_DROPS = {"gray": grey, "haematoxylin": haematoxylin}
 def at_scale(file: str, variant: str) -> np.ndarray:
     """The 224-px input of an image: its centre square (plain); zoom2: the centre 224 px of
     it decoded at 448 (twice the magnification); zoom05: decoded at 112 and mirrored out to
-    224 (half the magnification, the missing surroundings reflected); zoom2up: the centre
-    112 px of the 224-px input upsampled to 224 (twice the magnification with no new pixels:
-    what a model given only its 224-px input could do)."""
+    224 (half the magnification, the missing surroundings reflected); zoom2up: the 224-px
+    input's x2 view as the project makes it (`transforms.zoom_in`: the centre 112 px upsampled
+    to 224, no new pixels), rounded back to uint8."""
     from experiments.data.decode import load_image
+    from experiments.data.transforms import zoom_in
 
     if variant == "zoom2up":
-        centre = load_image(file, 224, resize="crop")[56:168, 56:168]
-        return np.asarray(tf.image.resize(centre[None].astype("float32"), (224, 224),
-                                          method="bilinear")[0]).round().clip(0, 255
-                                                                              ).astype("uint8")
+        pixels = tf.constant(load_image(file, 224, resize="crop")[None], tf.float32)
+        return np.asarray(zoom_in(pixels)[0]).round().clip(0, 255).astype("uint8")
     if variant == "zoom2":
         return load_image(file, 448, resize="crop")[112:336, 112:336]
     if variant == "zoom05":
