@@ -1,4 +1,4 @@
-"""Running a model over images and their test-time views (dihedral, and zoomed out): one
+"""Running a model over images and their test-time views (dihedral, zoomed out and in): one
 `predict` call for all views (the per-call overhead paid once), eagerly for a request's few
 images."""
 
