@@ -81,8 +81,9 @@ def fit_lr(x: np.ndarray, y: np.ndarray, seed: int):
     mean, scale = flat.mean(0), flat.std(0) + 1e-3
     z, labels = (flat - mean) / scale, np.repeat(y, views)
     search = LogisticRegressionCV(Cs=list(C_GRID), cv=view_folds(y, views, seed),
-                                  scoring="neg_log_loss", max_iter=3000).fit(z, labels)
-    model = LogisticRegression(C=float(search.C_[0]), max_iter=3000).fit(z, labels)
+                                  scoring="neg_log_loss", l1_ratios=(0.0,),
+                                  use_legacy_attributes=False, max_iter=3000).fit(z, labels)
+    model = LogisticRegression(C=float(search.C_), max_iter=3000).fit(z, labels)
     return lambda q: model.predict_proba((q.reshape(-1, width) - mean) / scale)[:, 1].reshape(
         len(q), views).mean(1)
 

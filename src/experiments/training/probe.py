@@ -157,8 +157,9 @@ def refit(classifier, features: np.ndarray, labels: np.ndarray, seed: int,
                         groups)
     with threadpool_limits(BLAS_THREADS, user_api="blas"):
         search = LogisticRegressionCV(Cs=list(C_GRID), cv=splits, scoring="neg_log_loss",
+                                      l1_ratios=(0.0,), use_legacy_attributes=False,
                                       max_iter=5000, random_state=seed).fit(z, y)
-        chosen = float(np.atleast_1d(search.C_)[0])
+        chosen = float(search.C_)
         best = LogisticRegression(C=chosen, max_iter=5000, random_state=seed).fit(z, y)
     write_into_head(classifier, best, mean, scale)
     return chosen
