@@ -119,7 +119,9 @@ def test_an_off_domain_folder_is_referred_and_the_test_split_is_answered(tmp_pat
     served = mlflow.pyfunc.load_model(finished.data.tags["model_uri"])
     out = served.predict(pd.DataFrame({"image": [f.read_bytes() for f in files[:2]]}))
     assert list(out.columns) == predictor.columns
-    np.testing.assert_allclose(out["ood_score"], [r["ood_score"] for r in rows[:2]], rtol=1e-4)
+    # cosine distances near 0 in float32, from batches of 2 and of 8 (other kernels): 3e-7 apart
+    np.testing.assert_allclose(out["ood_score"], [r["ood_score"] for r in rows[:2]], rtol=1e-4,
+                               atol=1e-6)
 
 
 @pytest.mark.parametrize("stain", [None, "reinhard"])
