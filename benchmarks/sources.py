@@ -29,6 +29,8 @@ variants (magnification differs between laboratories): zoom2 (the centre at twic
 magnification) and zoom05 (half, surroundings mirrored) as more training views (`plain+zoomN`),
 or as training and test views together (`multiscale`: test views averaged over the scales);
 zoom2up: the x2 view made from the 224-px input (its centre half upsampled), no 448-px decode.
+Layers: `variant@pool3_relu` cuts DenseNet121 elsewhere, `variant@pool3_relu+pool4_relu` puts
+two layers' pooled features side by side (the "multiscale, upsampled x2, <layers>" recipes).
 `--test-views K`: the test averages the first K dihedral views of each test variant (0-3 the
 rotations, 4-7 the same flipped) - what a cheaper TTA costs; training keeps all 8.
 """
@@ -72,6 +74,9 @@ RECIPES = {  # name -> (training feature variants, test variant(s), probe option
                                 "mean"),
     "haematoxylin": (("haematoxylin",), "haematoxylin", ""),
 }
+for _layers in ("pool3_relu", "pool3_relu+pool4_relu", "pool4_relu+relu"):
+    _views = tuple(f"{v}@{_layers}" for v in ("plain", "zoom2up", "zoom05"))
+    RECIPES[f"multiscale, upsampled x2, {_layers}"] = (_views, _views, "")
 
 
 def grey(x: tf.Tensor) -> tf.Tensor:
@@ -116,9 +121,19 @@ def at_scale(file: str, variant: str) -> np.ndarray:
 
 def extract(variant: str, folders: dict[str, Path], weights: str, cache: Path
             ) -> dict[str, np.ndarray]:
-    """(n, 8, C) pool4 features of each source's images under `variant`, with labels and
-    files."""
-    path = cache / f"{variant}.npz"
+    """(n, 8, C) features of each source's images under `variant`, with labels and files.
+    `variant@layer1+layer2`: DenseNet121 cut at each layer, its pooled features side by side
+    (default pool4_relu, the preset's)."""
+    base, _, layers = variant.partition("@")
+    if "+" in layers:
+        parts = [extract(f"{base}@{layer}", folders, weights, cache)
+                 for layer in layers.split("+")]
+        joined = dict(parts[0])
+        for name in folders:
+            joined[name] = np.concatenate([part[name] for part in parts], axis=-1)
+        return joined
+    layer = layers or "pool4_relu"
+    path = cache / (f"{base}.npz" if layer == "pool4_relu" else f"{base}@{layer}.npz")
     if path.is_file():
         return dict(np.load(path))
     from experiments.data import stain
@@ -128,14 +143,14 @@ def extract(variant: str, folders: dict[str, Path], weights: str, cache: Path
     from experiments.models.classifier import build_classifier
 
     extractor = features.feature_model(build_classifier(
-        "densenet121", weights, False, 224, 2, feature_layer="pool4_relu"))
+        "densenet121", weights, False, 224, 2, feature_layer=layer))
     decoded = {}
     for name, folder in folders.items():
         _, files, labels = scan_folder(folder)
-        decoded[name] = (files, labels, np.stack([at_scale(f, variant) for f in files]))
+        decoded[name] = (files, labels, np.stack([at_scale(f, base) for f in files]))
     normaliser = None
-    if variant in ("macenko", "reinhard"):
-        normaliser = stain.fit(variant, decoded["first"][2])
+    if base in ("macenko", "reinhard"):
+        normaliser = stain.fit(base, decoded["first"][2])
     out: dict[str, np.ndarray] = {}
     for name, (files, labels, images) in decoded.items():
         if normaliser is not None:
@@ -144,10 +159,10 @@ def extract(variant: str, folders: dict[str, Path], weights: str, cache: Path
         views = []
         for view in range(8):
             x = dihedral_view(pixels, view)
-            if variant in COLOUR_DROPS:
-                x = COLOUR_DROPS[variant](x)
-            if variant.startswith("hed"):
-                strength = int(variant[3:]) / 100
+            if base in COLOUR_DROPS:
+                x = COLOUR_DROPS[base](x)
+            if base.startswith("hed"):
+                strength = int(base[3:]) / 100
                 x = hed_jitter(x, strength, strength, tf.constant([view, 17], tf.int32))
             views.append(extractor.predict(np.asarray(x), batch_size=32, verbose=0))
         out[name] = np.stack(views, 1)
@@ -197,8 +212,9 @@ def out_of_fold(train_x: np.ndarray, test_x: np.ndarray, y: np.ndarray, source: 
         inner = [(view_rows(a, views), view_rows(b, views)) for a, b in folds.split(
             train, strata[train], groups[train])]
         search = LogisticRegressionCV(Cs=list(C_GRID), cv=inner, scoring="neg_log_loss",
+                                      l1_ratios=(0.0,), use_legacy_attributes=False,
                                       max_iter=3000).fit(z, labels, sample_weight=weight)
-        model = LogisticRegression(C=float(search.C_[0]), max_iter=3000).fit(
+        model = LogisticRegression(C=float(search.C_), max_iter=3000).fit(
             z, labels, sample_weight=weight)
         p[test] = model.predict_proba((q.reshape(-1, width) - mean) / scale)[:, 1].reshape(
             len(test), -1).mean(1)
@@ -218,8 +234,9 @@ def first_only(train_x: np.ndarray, test_x: np.ndarray, y: np.ndarray, source: n
     inner = [(view_rows(a, views), view_rows(b, views)) for a, b in StratifiedGroupKFold(
         5, shuffle=True, random_state=seed).split(y[first], y[first], np.arange(first.sum()))]
     search = LogisticRegressionCV(Cs=list(C_GRID), cv=inner, scoring="neg_log_loss",
+                                  l1_ratios=(0.0,), use_legacy_attributes=False,
                                   max_iter=3000).fit(z, labels)
-    model = LogisticRegression(C=float(search.C_[0]), max_iter=3000).fit(z, labels)
+    model = LogisticRegression(C=float(search.C_), max_iter=3000).fit(z, labels)
     return model.predict_proba((q.reshape(-1, width) - mean) / scale)[:, 1].reshape(
         len(q), -1).mean(1)
 

@@ -1,0 +1,214 @@
+"""What does a user get from `experiment=transfer_cpu`'s cross-validation? Nested: the whole
+pipeline (5-fold CV of linear probes -> temperature and threshold fitted on their pooled
+out-of-fold predictions -> the probe refitted on every image) runs on 4/5 of the images, and
+the refitted model - the one a run ships - is scored on the 1/5 it never saw.
+
+    python benchmarks/operating_point.py --weights /abs/densenet121_imagenet_notop.weights.h5
+    python benchmarks/operating_point.py --weights W --sources both
+
+Two ways to fit each fold's probe, the refit always the same (standardised features, L2
+logistic regression on all 24 views, C by an inner 5-fold CV of the log-loss):
+- split: the fold's training images split again 80/20, C chosen on the 20% by log-loss on
+  their first view (`finetune=linear_probe` until session 14);
+- refit-like: C chosen as the refit chooses it, by an inner 5-fold CV on all of the fold's
+  training images - the fold models are trained the way the shipped model is;
+- refit-like on the 80%: the same on the 80% of the first design, the 20% left for the fold's
+  own operating point (`finetune=linear_probe` since session 14).
+Thresholds (Youden's J on the calibrated out-of-fold predictions): of all of them (`pooled`,
+as runs choose it), of the first source's alone, or 0.5 (`eval.threshold=fixed`).
+Columns: the pooled out-of-fold estimate (accuracy at its own threshold, ROC-AUC) and the
+shipped model on the held-out fifth: accuracy at the threshold, ROC-AUC, ECE and log-loss
+of its calibrated probabilities, and the temperature. Features: benchmarks/sources.py's cache
+(the x1, x0.5 and x2-upsampled views of `eval.tta=rot90_multiscale`; tested on views 0 and 1
+of each scale). `--sources both`: the second source (BreakHis) in training too, patient-
+grouped folds; scores on the held-out images of each source.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import re
+import time
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+from machine import cpu_line, print_row, print_table  # benchmarks/ (run from there)
+from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
+from sklearn.metrics import log_loss, roc_auc_score
+from sklearn.model_selection import StratifiedGroupKFold
+from sources import SHARED, ece, extract
+from threadpoolctl import threadpool_limits
+
+from experiments.evaluation.stats import apply_temperature, choose_threshold, fit_operating_point
+from experiments.training.probe import C_GRID, view_folds
+
+SCALES = ("plain", "zoom05", "zoom2up")  # views 0-7, 8-15, 16-23 as the project caches them
+TEST_VIEWS = (0, 1, 8, 9, 16, 17)  # eval.tta=rot90_multiscale
+DESIGNS = ("split", "refit-like", "refit-like on the 80%")
+
+
+def standardised(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    flat = x.reshape(-1, x.shape[-1])
+    return flat.mean(0), flat.std(0) + 1e-3
+
+
+def predict(model: LogisticRegression, x: np.ndarray, mean: np.ndarray, scale: np.ndarray
+            ) -> np.ndarray:
+    """p(malignant) of each image: the probabilities of its test views averaged."""
+    q = x[:, TEST_VIEWS]
+    return model.predict_proba((q.reshape(-1, q.shape[-1]) - mean) / scale)[:, 1].reshape(
+        len(q), -1).mean(1)
+
+
+def fit_refit_like(x: np.ndarray, y: np.ndarray, strata: np.ndarray, groups: np.ndarray,
+                   seed: int):
+    """The refit's recipe: C by an inner grouped 5-fold CV of the log-loss on all views."""
+    views = x.shape[1]
+    mean, scale = standardised(x)
+    z = (x.reshape(-1, x.shape[-1]) - mean) / scale
+    labels = np.repeat(y, views)
+    splits = view_folds(strata, views, 5, seed, list(groups))
+    search = LogisticRegressionCV(Cs=list(C_GRID), cv=splits, scoring="neg_log_loss",
+                                  l1_ratios=(0.0,), use_legacy_attributes=False,
+                                  max_iter=5000, random_state=seed).fit(z, labels)
+    model = LogisticRegression(C=float(search.C_), max_iter=5000, random_state=seed).fit(
+        z, labels)
+    return model, mean, scale
+
+
+def regularisation_path(z: np.ndarray, y: np.ndarray, seed: int) -> list[LogisticRegression]:
+    """One regression per C of C_GRID, each solved from the previous one's coefficients."""
+    model = LogisticRegression(max_iter=5000, random_state=seed, warm_start=True)
+    return [copy.deepcopy(model.set_params(C=c).fit(z, y)) for c in sorted(C_GRID)]
+
+
+def fit_split(x: np.ndarray, y: np.ndarray, strata: np.ndarray, groups: np.ndarray,
+              seed: int):
+    """A fold's probe as the pipeline fits it: 80% to train, C by log-loss on the other 20%'s
+    first view."""
+    train, val = next(StratifiedGroupKFold(5, shuffle=True, random_state=seed).split(
+        x, strata, groups))
+    mean, scale = standardised(x[train])
+    z = (x[train].reshape(-1, x.shape[-1]) - mean) / scale
+    z_val = (x[val][:, 0] - mean) / scale
+    path = regularisation_path(z, np.repeat(y[train], x.shape[1]), seed)
+    model = min(path, key=lambda m: log_loss(y[val], m.predict_proba(z_val), labels=[0, 1]))
+    return model, mean, scale
+
+
+def fit_refit_like_on_train(x: np.ndarray, y: np.ndarray, strata: np.ndarray,
+                            groups: np.ndarray, seed: int):
+    """The refit's recipe on the 80% a fold trains on; the other 20% left for the fold's own
+    operating point."""
+    train, _ = next(StratifiedGroupKFold(5, shuffle=True, random_state=seed).split(
+        x, strata, groups))
+    return fit_refit_like(x[train], y[train], strata[train], groups[train], seed)
+
+
+FITS = {"split": fit_split, "refit-like": fit_refit_like,
+        "refit-like on the 80%": fit_refit_like_on_train}
+
+
+def shipped(x, y, strata, groups, source, design: str, seed: int):
+    """The pipeline on (x, y): out-of-fold probabilities of `design`'s fold probes, the
+    temperature fitted on them, a threshold per rule of THRESHOLDS, and the refitted model."""
+    oof = np.zeros(len(y))
+    for train, test in StratifiedGroupKFold(5, shuffle=True, random_state=seed).split(
+            x, strata, groups):
+        model, mean, scale = FITS[design](x[train], y[train], strata[train], groups[train],
+                                          seed)
+        oof[test] = predict(model, x[test], mean, scale)
+    temperature, _ = fit_operating_point(y, np.stack([1 - oof, oof], 1), 1, "fixed", 0.5,
+                                         0.95, True)
+    calibrated = apply_temperature(np.stack([1 - oof, oof], 1), temperature)[:, 1]
+    thresholds = {rule: choose(calibrated, y, source) for rule, choose in THRESHOLDS.items()}
+    return oof, temperature, thresholds, fit_refit_like(x, y, strata, groups, seed)
+
+
+THRESHOLDS = {  # where the decision threshold is chosen (Youden's J) on the out-of-fold set
+    "pooled": lambda p, y, source: choose_threshold(y, p, "youden"),
+    "main source": lambda p, y, source: choose_threshold(y[source == 0], p[source == 0],
+                                                         "youden"),
+    "0.5": lambda p, y, source: 0.5,
+}
+
+
+def one_seed(job) -> dict[str, list[tuple[float, ...]]]:
+    """Outer 5-fold: per design and threshold rule, the estimate and the shipped model's
+    held-out metrics, the held-out predictions pooled over the outer folds."""
+    x, y, source, groups, seed = job
+    strata = y * 2 + source
+    rows: dict[str, list] = {}
+    with threadpool_limits(1, user_api="blas"):
+        for design in DESIGNS:
+            held = np.zeros(len(y))
+            decided = {rule: np.zeros(len(y), bool) for rule in THRESHOLDS}
+            estimate, temperatures = [], []
+            for train, test in StratifiedGroupKFold(5, shuffle=True, random_state=100 + seed
+                                                    ).split(x, strata, groups):
+                oof, temperature, thresholds, (model, mean, scale) = shipped(
+                    x[train], y[train], strata[train], groups[train], source[train], design,
+                    seed)
+                estimate.append((np.mean((oof >= 0.5) == y[train]),
+                                 roc_auc_score(y[train], oof)))
+                p = predict(model, x[test], mean, scale)
+                held[test] = apply_temperature(np.stack([1 - p, p], 1), temperature)[:, 1]
+                for rule, threshold in thresholds.items():
+                    decided[rule][test] = held[test] >= threshold
+                temperatures.append(temperature)
+            for rule in THRESHOLDS:
+                per_source = []
+                for k in np.unique(source):
+                    s = source == k
+                    per_source += [np.mean(decided[rule][s] == y[s]),
+                                   roc_auc_score(y[s], held[s]), ece(held[s], y[s]),
+                                   log_loss(y[s], held[s], labels=[0, 1])]
+                rows.setdefault(f"{design}, threshold: {rule}", []).append(
+                    (*np.mean(estimate, 0), *per_source, np.mean(temperatures)))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--weights", required=True, help="DenseNet121 ImageNet no-top weights")
+    parser.add_argument("--data", type=Path, default=SHARED / "biopsy-seed" / "train")
+    parser.add_argument("--second", type=Path, default=SHARED / "breakhis-100x")
+    parser.add_argument("--group-pattern", default=r"SOB_[BM]_([^-]+-\d+-[^-]+)-")
+    parser.add_argument("--sources", choices=("first", "both"), default="first")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--cache", type=Path, default=Path("/tmp/sources_features"))
+    args = parser.parse_args(argv)
+    print(cpu_line(), flush=True)
+    start = time.perf_counter()
+    folders = {"first": args.data, "second": args.second}
+    data = [extract(v, folders, args.weights, args.cache) for v in SCALES]
+    names = ("first",) if args.sources == "first" else ("first", "second")
+    x = np.concatenate([np.concatenate([d[n] for d in data], axis=1) for n in names])
+    y = np.concatenate([data[0][f"{n}_labels"] for n in names])
+    source = np.concatenate([np.full(len(data[0][f"{n}_labels"]), i)
+                             for i, n in enumerate(names)])
+    pattern = re.compile(args.group_pattern)
+    groups = np.array([f"first/{f}" for f in data[0]["first_files"]]
+                      + ([pattern.search(Path(f).name).group(1) for f in data[0]["second_files"]]
+                         if len(names) == 2 else []))
+    with Pool(2) as pool:
+        results = pool.map(one_seed, [(x, y, source, groups, seed)
+                                      for seed in range(args.repeats)])
+    header = ("design", "estimate acc", "estimate AUC",
+              *(f"{n}: {m}" for n in names for m in ("acc", "AUC", "ECE", "log-loss")),
+              "temperature")
+    rows = []
+    for name in results[0]:
+        values = np.array([row for result in results for row in result[name]])
+        rows.append((name, *(f"{m:.3f} ({lo:.2f}-{hi:.2f})" for m, lo, hi in zip(
+            values.mean(0), values.min(0), values.max(0), strict=True))))
+        print_row(rows[-1])
+    print_table(header, rows)
+    print(f"{time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
