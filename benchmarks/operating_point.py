@@ -26,19 +26,16 @@ grouped folds; scores on the held-out images of each source.
 
 from __future__ import annotations
 
-import argparse
 import copy
-import re
 import time
 from multiprocessing import Pool
-from pathlib import Path
 
 import numpy as np
 from machine import cpu_line, print_row, print_table  # benchmarks/ (run from there)
 from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
 from sklearn.metrics import log_loss, roc_auc_score
 from sklearn.model_selection import StratifiedGroupKFold
-from sources import SHARED, ece, extract
+from sources import ece, extract, image_groups, source_arguments
 from threadpoolctl import threadpool_limits
 
 from experiments.evaluation.stats import apply_temperature, choose_threshold, fit_operating_point
@@ -171,15 +168,8 @@ def one_seed(job) -> dict[str, list[tuple[float, ...]]]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--weights", required=True, help="DenseNet121 ImageNet no-top weights")
-    parser.add_argument("--data", type=Path, default=SHARED / "biopsy-seed" / "train")
-    parser.add_argument("--second", type=Path, default=SHARED / "breakhis-100x")
-    parser.add_argument("--group-pattern", default=r"SOB_[BM]_([^-]+-\d+-[^-]+)-")
+    parser = source_arguments(__doc__)
     parser.add_argument("--sources", choices=("first", "both"), default="first")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--cache", type=Path, default=Path("/tmp/sources_features"))
     args = parser.parse_args(argv)
     print(cpu_line(), flush=True)
     start = time.perf_counter()
@@ -190,10 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     y = np.concatenate([data[0][f"{n}_labels"] for n in names])
     source = np.concatenate([np.full(len(data[0][f"{n}_labels"]), i)
                              for i, n in enumerate(names)])
-    pattern = re.compile(args.group_pattern)
-    groups = np.array([f"first/{f}" for f in data[0]["first_files"]]
-                      + ([pattern.search(Path(f).name).group(1) for f in data[0]["second_files"]]
-                         if len(names) == 2 else []))
+    groups = image_groups(data[0], args.group_pattern, names)
     with Pool(2) as pool:
         results = pool.map(one_seed, [(x, y, source, groups, seed)
                                       for seed in range(args.repeats)])

@@ -245,16 +245,32 @@ def by_patient(p: np.ndarray, y: np.ndarray, groups: np.ndarray) -> tuple[float,
     return scores(*by_group(p, y, groups))
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
+def source_arguments(doc: str | None) -> argparse.ArgumentParser:
+    """The options of every two-source benchmark: weights, both folders, the second's patient
+    pattern, repeats and the feature cache."""
+    parser = argparse.ArgumentParser(description=doc,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", required=True, help="DenseNet121 ImageNet no-top weights")
     parser.add_argument("--data", type=Path, default=SHARED / "biopsy-seed" / "train")
     parser.add_argument("--second", type=Path, default=SHARED / "breakhis-100x")
     parser.add_argument("--group-pattern", default=r"SOB_[BM]_([^-]+-\d+-[^-]+)-")
-    parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cache", type=Path, default=Path("/tmp/sources_features"))
+    return parser
+
+
+def image_groups(features: dict[str, np.ndarray], pattern: str, names: tuple[str, ...]
+                 ) -> np.ndarray:
+    """Each image's group: its own for the first source, its patient for the second."""
+    found = re.compile(pattern)
+    return np.array([f"first/{f}" for f in features["first_files"]]
+                    + ([found.search(Path(f).name).group(1) for f in features["second_files"]]
+                       if "second" in names else []))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = source_arguments(__doc__)
+    parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     parser.add_argument("--test-views", type=int, default=8, choices=range(1, 9),
                         help="test on the first K dihedral views of each test variant (TTA "
                         "cost; training keeps all 8)")
@@ -263,7 +279,6 @@ def main(argv: list[str] | None = None) -> None:
     threadpool_limits(1, user_api="blas")  # as the probe fits (training/probe.py): 5-10x faster
     print(cpu_line(), flush=True)
     folders = {"first": args.data, "second": args.second}
-    pattern = re.compile(args.group_pattern)
     header = ("recipe", "first acc", "first AUC", "second acc", "second AUC", "second ECE",
               "patients acc", "patients AUC", "first-only: second acc", "AUC",
               "patients acc", "patients AUC", "s")
@@ -278,9 +293,7 @@ def main(argv: list[str] | None = None) -> None:
         test = data[test_variants[0]]
         y = np.concatenate([test["first_labels"], test["second_labels"]])
         source = np.repeat([0, 1], [len(test["first_labels"]), len(test["second_labels"])])
-        groups = np.array([f"first/{f}" for f in test["first_files"]]
-                          + [pattern.search(Path(f).name).group(1)
-                             for f in test["second_files"]])
+        groups = image_groups(test, args.group_pattern, ("first", "second"))
         train_x, test_x = (np.concatenate([np.concatenate([data[v]["first"], data[v]["second"]])
                                            for v in variants], axis=1)
                            for variants in (train_variants, test_variants))
