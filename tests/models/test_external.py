@@ -4,6 +4,8 @@ frozen-feature paths, predict and serving like any backbone; their pooling and f
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -102,10 +104,10 @@ def test_keras_hub_linear_probe_runs_predicts_and_serves(tmp_path, make_config):
     import mlflow.pyfunc
 
     model_uri = finished.data.tags["model_uri"]
-    requirements = open(mlflow.pyfunc.get_model_dependencies(model_uri)).read().split()
+    requirements = Path(mlflow.pyfunc.get_model_dependencies(model_uri)).read_text().split()
     assert any(line.startswith("keras-hub==") for line in requirements)
     served = mlflow.pyfunc.load_model(model_uri)
-    out = served.predict(pd.DataFrame({"image": [open(r["file"], "rb").read()
+    out = served.predict(pd.DataFrame({"image": [Path(r["file"]).read_bytes()
                                                  for r in rows[:2]]}))
     np.testing.assert_allclose(out["p_malignant"], [s["p_malignant"] for s in scored],
                                atol=1e-5)

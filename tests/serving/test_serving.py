@@ -282,5 +282,6 @@ def test_many_too_small_images_give_one_screenful_naming_the_full_list(tmp_path)
     assert "50 x 16x16 px is smaller than data.image_size=32" in result.stderr
     (listing,) = (tmp_path / "outputs" / "runs").glob("*/*/invalid_files.csv")
     assert str(listing) in result.stderr
-    rows = list(csv.DictReader(listing.open()))
+    with listing.open() as table:
+        rows = list(csv.DictReader(table))
     assert len(rows) == 50 and all("16x16 px is smaller" in r["reason"] for r in rows)

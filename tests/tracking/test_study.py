@@ -107,8 +107,8 @@ def test_the_gallery_shows_the_grad_cam_of_the_fold_model_that_scored_the_image(
         a, b = scored
         b = dataclasses.replace(b, decision=~a.decision)  # they disagree on every image
         (tile,) = gallery.gallery(client, [a, b], predictions, 1, Path(folder) / "m")
-        (row,) = [r for r in csv.DictReader(predictions[runs[0][1][0].info.run_id].open())
-                  if r["file"] == tile.file]
+        with predictions[runs[0][1][0].info.run_id].open() as table:
+            (row,) = [r for r in csv.DictReader(table) if r["file"] == tile.file]
     assert tile.file == a.files[int(np.argmax(np.abs(a.score - b.score)))]
     for panel, group in zip(tile.panels, (a, b), strict=True):
         assert panel.png is not None and panel.png[:8] == b"\x89PNG\r\n\x1a\n", panel.note

@@ -85,7 +85,8 @@ def test_runs_on_the_same_images_are_paired_and_others_refused(store, tmp_path):
     # the two paired backbones disagree on some images: each is a tile, and these test runs
     # have neither the images nor models on disk, which the tiles say instead of a Grad-CAM
     assert page.count("class='tile'") == 8 and "no image at" in page
-    rows = list(csv.DictReader((tmp_path / "report" / "verdict.csv").open()))
+    with (tmp_path / "report" / "verdict.csv").open() as table:
+        rows = list(csv.DictReader(table))
     assert len(rows) == 1 and float(rows[0]["p_delong_holm"]) >= float(rows[0]["p_delong"])
 
 
