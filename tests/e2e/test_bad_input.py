@@ -114,3 +114,29 @@ def test_decompression_bomb_limit_stays_on_with_a_clear_message(tmp_path, monkey
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20_000)  # 300x300 is over twice the limit
     with pytest.raises(ValueError, match="decompression-bomb limit"):
         decode.load_image(str(path), 32)
+
+
+def small_folder(root, per_class: int):
+    for label, offset in (("benign", 0), ("malignant", 100)):
+        for i in range(per_class):
+            write_image(root / label / f"{label}_{i}.jpg", seed=offset + i)
+    return root
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ([], r"eval.ood_coverage=0.95 .* needs 10 or more; this run trains on 4\. .*"
+         r"eval.ood_coverage=null"),
+    (["finetune=linear_probe", "eval.ood_coverage=null", "cv.folds=2",
+      "data.val_fraction=0.25"], r"finetune=linear_probe .* 2 or more images of each class"),
+])
+def test_a_training_split_too_small_fails_before_any_run_opens(tmp_path, make_config,
+                                                                overrides, message):
+    """The referral's reference and the probe's choice of C are cross-validated on the
+    training split: too few images is one clear message before training, and no MLflow run
+    (a cross-validation's fold would otherwise fail after its parent opened)."""
+    folder = small_folder(tmp_path / "images", per_class=4)
+    with pytest.raises(ValueError, match=message):
+        run(make_config("data=folder", f"data.root={folder}", "mlflow.experiment_name=small",
+                        *overrides))
+    assert client_for(tmp_path).get_experiment_by_name("small") is None or not all_runs(
+        client_for(tmp_path), "small")

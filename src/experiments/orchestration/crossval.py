@@ -46,7 +46,7 @@ from experiments.orchestration.oof import (
 )
 from experiments.serving import export, inference
 from experiments.tracking import records, run_records, store
-from experiments.training.build import build
+from experiments.training.build import build, check_training_split
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +107,8 @@ def run_cross_validation(settings: Config, components: Components) -> CVResult:
     positive = metrics_lib.positive_index(loaded.class_names, settings.data.positive_class)
     repeats = f" x{cv.repeats}" if cv.repeats > 1 else ""
     planned = plan_folds(settings, loaded)
+    for _, _, splits in planned:  # before the parent run opens: a fold would fail halfway
+        check_training_split(settings, splits.train)
     n_folds = len(planned) // cv.repeats
     tags = {**run_records.common_tags(settings.backbone.name, settings.backbone.weights,
                                       loaded.class_names, positive,

@@ -36,7 +36,7 @@ from experiments.tracking import epoch_logger, store
 from experiments.tracking import records as records_lib
 from experiments.tracking.run_records import MODEL_DIR, common_tags, log_config, log_run_model
 from experiments.training import distribute
-from experiments.training.build import Prepared, build
+from experiments.training.build import Prepared, build, check_training_split
 from experiments.training.callbacks import TrainResult
 from experiments.training.finetune import SecondStage
 from experiments.training.frozen import (
@@ -68,6 +68,7 @@ def run_single(settings: Config, components: Components) -> JobResult:
     with timed(phases, "build"):
         cohorts = scan_cohorts(settings.eval.cohorts, loaded.class_names)
         splits = split(settings.data, loaded, settings.trainer.seed)
+        check_training_split(settings, splits.train)
         prepared = build(settings, components, splits, loaded.skipped, loaded.image_size)
 
     output_dir = Path(settings.paths.output_dir)

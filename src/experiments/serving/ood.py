@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from experiments.errors import ConfigError
+
 OOD_FILE = "ood.npz"
 
 
@@ -63,6 +65,16 @@ class OodReference:
                        float(saved["coverage"]), saved["held_out"])
 
 
+def check_reference_size(n: int, coverage: float, folds: int = 5) -> None:
+    """The threshold is cross-validated over the reference's images: `folds` folds of two or
+    more. Checked before training too (training.build), so a small folder fails at once."""
+    if n < 2 * folds:
+        raise ConfigError(f"eval.ood_coverage={coverage} fits the referral threshold on the "
+                          f"training images and needs {2 * folds} or more; this run trains on "
+                          f"{n}. Add images, or turn the referral off with "
+                          f"eval.ood_coverage=null. Received: {n} training images")
+
+
 def fit_reference(features: np.ndarray, coverage: float, k: int = 5, folds: int = 5,
                   seed: int = 0) -> OodReference:
     """The reference of `features` (the training images'), its threshold the `coverage`
@@ -71,9 +83,7 @@ def fit_reference(features: np.ndarray, coverage: float, k: int = 5, folds: int 
         raise ValueError(f"`eval.ood_coverage` must be in (0, 1). Received: {coverage!r}")
     reference = normalized(features)
     n = len(reference)
-    if n < 2 * folds:
-        raise ValueError(f"An out-of-distribution reference needs at least {2 * folds} "
-                         f"training images. Received: {n}")
+    check_reference_size(n, coverage, folds)
     fold_of = np.random.default_rng(seed).permutation(n) % folds
     held_out = np.empty(n)
     for fold in range(folds):

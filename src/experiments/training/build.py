@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import keras
+import numpy as np
 
 from experiments.config.instantiate import Components
 from experiments.config.schema import Config
@@ -22,6 +23,7 @@ from experiments.errors import ConfigError
 from experiments.evaluation import metrics
 from experiments.models.classifier import build_classifier, compile_classifier
 from experiments.models.fused_bn import fuse_batchnorm
+from experiments.serving import ood
 from experiments.training import distribute, finetune
 from experiments.training.callbacks import find_checkpoint
 from experiments.training.runtime import resolve_precision, set_precision
@@ -62,6 +64,18 @@ def build(settings: Config, components: Components, splits: splits_lib.Splits,
                                             len(splits.class_names), len(splits.train))
     return Prepared(splits, positive, skipped, image_size, precision, model, callbacks,
                     components.augmentation(trainer.seed), second_stage, stain_layer)
+
+
+def check_training_split(settings: Config, train: splits_lib.Split) -> None:
+    """What a training split must hold, checked before any MLflow run opens: enough images
+    for the out-of-distribution reference's cross-validated threshold (eval.ood_coverage),
+    and for finetune=linear_probe's cross-validated choice of C."""
+    if settings.eval.ood_coverage is not None and settings.data.patch_size is None:
+        ood.check_reference_size(len(train), settings.eval.ood_coverage)
+    if settings.finetune.strategy == "linear_probe":
+        from experiments.training.probe import inner_folds  # probe imports this module
+
+        inner_folds(np.asarray(train.labels), train.groups)
 
 
 def new_model(settings: Config, n_classes: int, image_size: int) -> tuple[keras.Model, str]:
