@@ -74,6 +74,10 @@ RECIPES = {  # name -> (training feature variants, test variant(s), probe option
                                 "mean"),
     "haematoxylin": (("haematoxylin",), "haematoxylin", ""),
 }
+RECIPES["multiscale, upsampled x2, + hed5 training views"] = (
+    ("plain", "zoom2up", "zoom05", "hed5"), ("plain", "zoom2up", "zoom05"), "")
+RECIPES["multiscale, upsampled x2, + hed10 training views"] = (
+    ("plain", "zoom2up", "zoom05", "hed10"), ("plain", "zoom2up", "zoom05"), "")
 for _layers in ("pool3_relu", "pool3_relu+pool4_relu", "pool4_relu+relu"):
     _views = tuple(f"{v}@{_layers}" for v in ("plain", "zoom2up", "zoom05"))
     RECIPES[f"multiscale, upsampled x2, {_layers}"] = (_views, _views, "")
