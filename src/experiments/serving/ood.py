@@ -20,6 +20,8 @@ import numpy as np
 from experiments.errors import ConfigError
 
 OOD_FILE = "ood.npz"
+# The threshold is cross-validated over the reference: this many folds of two or more images.
+REFERENCE_FOLDS = 5
 
 
 def normalized(features: np.ndarray) -> np.ndarray:
@@ -65,7 +67,7 @@ class OodReference:
                        float(saved["coverage"]), saved["held_out"])
 
 
-def check_reference_size(n: int, coverage: float, folds: int = 5) -> None:
+def check_reference_size(n: int, coverage: float, folds: int = REFERENCE_FOLDS) -> None:
     """The threshold is cross-validated over the reference's images: `folds` folds of two or
     more. Checked before training too (training.build), so a small folder fails at once."""
     if n < 2 * folds:
@@ -75,8 +77,8 @@ def check_reference_size(n: int, coverage: float, folds: int = 5) -> None:
                           f"eval.ood_coverage=null. Received: {n} training images")
 
 
-def fit_reference(features: np.ndarray, coverage: float, k: int = 5, folds: int = 5,
-                  seed: int = 0) -> OodReference:
+def fit_reference(features: np.ndarray, coverage: float, k: int = 5,
+                  folds: int = REFERENCE_FOLDS, seed: int = 0) -> OodReference:
     """The reference of `features` (the training images'), its threshold the `coverage`
     quantile of each image's score against the other folds' images."""
     if not 0 < coverage < 1:
