@@ -21,7 +21,8 @@ shipped model on the held-out fifth: accuracy at the threshold, ROC-AUC, ECE and
 of its calibrated probabilities, and the temperature. Features: benchmarks/sources.py's cache
 (the x1, x0.5 and x2-upsampled views of `eval.tta=rot90_multiscale`; tested on views 0 and 1
 of each scale). `--sources both`: the second source (BreakHis) in training too, patient-
-grouped folds; scores on the held-out images of each source.
+grouped folds; scores on the held-out images of each source. `--pooling gem`: the features
+pooled by the generalised mean (`backbone.global_pool=gem`) instead of the average.
 """
 
 from __future__ import annotations
@@ -170,11 +171,13 @@ def one_seed(job) -> dict[str, list[tuple[float, ...]]]:
 def main(argv: list[str] | None = None) -> None:
     parser = source_arguments(__doc__)
     parser.add_argument("--sources", choices=("first", "both"), default="first")
+    parser.add_argument("--pooling", choices=("avg", "gem"), default="avg")
     args = parser.parse_args(argv)
     print(cpu_line(), flush=True)
     start = time.perf_counter()
     folders = {"first": args.data, "second": args.second}
-    data = [extract(v, folders, args.weights, args.cache) for v in SCALES]
+    suffix = "" if args.pooling == "avg" else "@pool4_relu~gem"
+    data = [extract(v + suffix, folders, args.weights, args.cache) for v in SCALES]
     names = ("first",) if args.sources == "first" else ("first", "second")
     x = np.concatenate([np.concatenate([d[n] for d in data], axis=1) for n in names])
     y = np.concatenate([data[0][f"{n}_labels"] for n in names])

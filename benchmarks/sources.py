@@ -43,6 +43,7 @@ import time
 import warnings
 from pathlib import Path
 
+import keras
 import numpy as np
 import tensorflow as tf
 from machine import cpu_line, print_row, print_table  # benchmarks/ (run from there)
@@ -78,7 +79,10 @@ RECIPES["multiscale, upsampled x2, + hed5 training views"] = (
     ("plain", "zoom2up", "zoom05", "hed5"), ("plain", "zoom2up", "zoom05"), "")
 RECIPES["multiscale, upsampled x2, + hed10 training views"] = (
     ("plain", "zoom2up", "zoom05", "hed10"), ("plain", "zoom2up", "zoom05"), "")
-for _layers in ("pool3_relu", "pool3_relu+pool4_relu", "pool4_relu+relu"):
+for _layers in ("pool3_relu", "pool3_relu+pool4_relu", "pool4_relu+relu",
+                "pool4_relu~mean+pool4_relu~std", "pool4_relu~mean+pool4_relu~max",
+                "pool4_relu~gem", "pool4_relu~std", "pool4_relu~max",
+                "pool4_relu~gem+pool4_relu~std", "pool4_relu~gem2", "pool4_relu~gem4"):
     _views = tuple(f"{v}@{_layers}" for v in ("plain", "zoom2up", "zoom05"))
     RECIPES[f"multiscale, upsampled x2, {_layers}"] = (_views, _views, "")
 
@@ -136,8 +140,9 @@ def extract(variant: str, folders: dict[str, Path], weights: str, cache: Path
         for name in folders:
             joined[name] = np.concatenate([part[name] for part in parts], axis=-1)
         return joined
-    layer = layers or "pool4_relu"
-    path = cache / (f"{base}.npz" if layer == "pool4_relu" else f"{base}@{layer}.npz")
+    layer, _, pooling = (layers or "pool4_relu").partition("~")
+    stem = base if layer == "pool4_relu" else f"{base}@{layer}"
+    path = cache / (f"{stem}~{pooling}.npz" if pooling else f"{stem}.npz")
     if path.is_file():
         return dict(np.load(path))
     from experiments.data import stain
@@ -146,8 +151,9 @@ def extract(variant: str, folders: dict[str, Path], weights: str, cache: Path
     from experiments.models import features
     from experiments.models.classifier import build_classifier
 
-    extractor = features.feature_model(build_classifier(
-        "densenet121", weights, False, 224, 2, feature_layer=layer))
+    classifier = build_classifier("densenet121", weights, False, 224, 2, feature_layer=layer)
+    extractor = (pooled_statistics(classifier) if pooling
+                 else features.feature_model(classifier))
     decoded = {}
     for name, folder in folders.items():
         _, files, labels = scan_folder(folder)
@@ -173,8 +179,34 @@ def extract(variant: str, folders: dict[str, Path], weights: str, cache: Path
         out[f"{name}_labels"] = np.asarray(labels)
         out[f"{name}_files"] = np.asarray([str(f) for f in files])
     cache.mkdir(parents=True, exist_ok=True)
-    np.savez(path, **out)
-    return out
+    if not pooling:
+        np.savez(path, **out)
+        return out
+    width = out["first"].shape[-1] // len(POOLINGS)
+    for k, name in enumerate(POOLINGS):  # one pass computes every pooling: save each
+        np.savez(cache / f"{stem}~{name}.npz", **{
+            key: (value[..., k * width:(k + 1) * width] if key in folders else value)
+            for key, value in out.items()})
+    return dict(np.load(path))
+
+
+POOLINGS = ("mean", "std", "max", "gem", "gem2", "gem4")
+
+
+def pooled_statistics(classifier: keras.Model) -> keras.Model:
+    """Raw image -> the feature map's spatial mean, standard deviation, maximum and
+    generalised mean (GeM, Radenovic et al. 2018: p=3, and p=2, p=4) per channel, side by
+    side: statistics beyond the average (`~std`, `~max`, `~gem`... variants; `~mean` is the
+    preset's pooling)."""
+    fmap = keras.ops.cast(classifier.get_layer("gap").input, "float32")
+    mean = keras.ops.mean(fmap, axis=(1, 2))
+    std = keras.ops.sqrt(keras.ops.maximum(
+        keras.ops.mean(fmap * fmap, axis=(1, 2)) - mean * mean, 0.0))
+    peak = keras.ops.max(fmap, axis=(1, 2))
+    positive = keras.ops.maximum(fmap, 1e-6)
+    gems = [keras.ops.power(keras.ops.mean(keras.ops.power(positive, p), axis=(1, 2)), 1.0 / p)
+            for p in (3.0, 2.0, 4.0)]
+    return keras.Model(classifier.input, keras.ops.concatenate([mean, std, peak, *gems], -1))
 
 
 def view_rows(images: np.ndarray, views: int) -> np.ndarray:
