@@ -46,10 +46,12 @@ def read_rows(path: Path) -> dict[str, dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """One tiny run, logged to a local store: (root, run id, model URI, some image files)."""
+    """One tiny run, logged to a local store: (root, run id, model URI, some image files).
+    Its features are pooled by the generalised mean: the project's own layer must load and
+    serve where the project is not installed."""
     root = tmp_path_factory.mktemp("served")
-    result = run_cli([*SMALL, "trainer.epochs=1", f"paths.root={root}",
-                      "mlflow.experiment_name=served"], root)
+    result = run_cli([*SMALL, "trainer.epochs=1", "backbone.global_pool=gem",
+                      f"paths.root={root}", "mlflow.experiment_name=served"], root)
     assert result.returncode == 0, result.stderr[-3000:]
     (finished,) = all_runs(client_for(root), "served")
     images = sorted((root / ".cache" / "demo").rglob("*.jpg"))

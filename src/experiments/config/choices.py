@@ -12,6 +12,8 @@ BACKBONE_NAMES = ("densenet201", "densenet121", "resnet50", "efficientnetv2b0",
                   "keras_file")
 # backbone.pooling of a backbone that outputs tokens (`experiments.models.external.pooled`)
 TOKEN_POOLINGS = ("cls", "mean", "cls_mean")
+# backbone.global_pool of a backbone that outputs a feature map (`experiments.models.pooling`)
+GLOBAL_POOLS = ("avg", "gem")
 # trainer.precision
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 # trainer.distribute (besides null)

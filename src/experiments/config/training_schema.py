@@ -14,6 +14,7 @@ from experiments.config.choices import (
     BACKBONE_NAMES,
     DISTRIBUTE_KINDS,
     FINETUNE_STRATEGIES,
+    GLOBAL_POOLS,
     LR_SCHEDULES,
     PRECISIONS,
     TOKEN_POOLINGS,
@@ -39,6 +40,10 @@ class BackboneConfig:
     # How a backbone that outputs tokens (a ViT) is pooled: cls, mean (patch tokens) or
     # cls_mean (both, concatenated).
     pooling: str = "cls"
+    # How a feature map is pooled into the features the head reads: avg (global average, the
+    # study's) or gem (generalised mean, p=3: strong local activations weigh more; the
+    # pretrained presets' - README, "Will it work on my lab's images?").
+    global_pool: str = "avg"
     # Cut the backbone at this layer (its feature map is pooled) instead of using its last
     # block, e.g. pool4_relu for DenseNet121's third dense block; null: the whole backbone.
     feature_layer: str | None = None
@@ -46,6 +51,7 @@ class BackboneConfig:
     def __post_init__(self) -> None:
         check_choice("backbone.name", self.name, BACKBONE_NAMES)
         check_choice("backbone.pooling", self.pooling, TOKEN_POOLINGS)
+        check_choice("backbone.global_pool", self.global_pool, GLOBAL_POOLS)
         location = {"keras_hub": ("preset", self.preset),
                     "keras_file": ("path", self.path)}.get(self.name)
         if location is not None:

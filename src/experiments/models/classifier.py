@@ -18,6 +18,7 @@ from experiments.models.backbones import (
     preprocessing_layer,
     weights_provenance,
 )
+from experiments.models.pooling import global_pool as global_pool_layer
 
 # The last frozen pretrained backbone built, by what makes it (`shared_backbone`).
 _SHARED: dict[tuple, tuple[keras.Model, keras.layers.Layer]] = {}
@@ -39,10 +40,11 @@ def build_classifier(backbone_name: str, weights: str | None, trainable: bool, i
                      n_classes: int, bn_momentum: float | None = None,
                      dropout: float = 0.5, pooling: str = "cls",
                      feature_layer: str | None = None, share_frozen: bool = False,
-                     head_seed: int | None = None) -> keras.Model:
+                     head_seed: int | None = None, global_pool: str = "avg") -> keras.Model:
     """The classifier on raw RGB inputs in [0, 255]; preprocessing is part of the model.
     `pooling` applies to backbones that output tokens (`experiments.models.external`);
-    `feature_layer` cuts the backbone at that layer (its feature map is pooled).
+    `feature_layer` cuts the backbone at that layer (its feature map is pooled as
+    `global_pool` says: avg or gem, `experiments.models.pooling`).
     `share_frozen`: a frozen pretrained backbone that nothing will train (finetune=frozen or
     linear_probe) is built once and shared by the classifiers built after it with the same
     architecture, weights, size, cut and precision - the folds of a cross-validation and its
@@ -68,8 +70,8 @@ def build_classifier(backbone_name: str, weights: str | None, trainable: bool, i
     # A frozen backbone also keeps its BatchNorm layers in inference mode.
     x = backbone(external.network_input(backbone, x) if from_file else x,
                  training=None if trainable else False)
-    x = (external.pooled(x, backbone, image_size, pooling) if from_file
-         else keras.layers.GlobalAveragePooling2D(name="gap")(x))
+    x = (external.pooled(x, backbone, image_size, pooling, global_pool) if from_file
+         else global_pool_layer(x, global_pool))
     x = keras.layers.Dropout(dropout, name="dropout")(x)
     x = keras.layers.BatchNormalization(name="head_bn")(x)
     outputs = keras.layers.Dense(n_classes, activation="softmax", dtype="float32",

@@ -30,6 +30,7 @@ import numpy as np
 
 from experiments.config.choices import TOKEN_POOLINGS
 from experiments.errors import ConfigError, MissingFileError, WeightsError
+from experiments.models import pooling as pooling_layers
 from experiments.models import weights_registry
 
 KERAS_HUB = "keras_hub"
@@ -131,14 +132,16 @@ def check_input_size(network: keras.Model, image_size: int, kind: str) -> None:
                           f"data.image_size to match. Received: data.image_size={image_size!r}")
 
 
-def pooled(features, network: keras.Model, image_size: int, pooling: str):
-    """The `gap` layer's output for an external network's output `features`."""
+def pooled(features, network: keras.Model, image_size: int, pooling: str,
+           global_pool: str = "avg"):
+    """The `gap` layer's output for an external network's output `features` (a feature map
+    pooled as `global_pool` says, tokens as `pooling` says)."""
     if pooling not in TOKEN_POOLINGS:
         raise ConfigError(f"backbone.pooling must be one of {TOKEN_POOLINGS}. Received: "
                           f"backbone.pooling={pooling!r}")
     rank = len(features.shape)
     if rank == 4:
-        return keras.layers.GlobalAveragePooling2D(name="gap")(features)
+        return pooling_layers.global_pool(features, global_pool)
     if rank == 2:
         return keras.layers.Identity(name="gap")(features)
     if rank != 3:

@@ -147,10 +147,11 @@ def image_key(file: str) -> str:
 
 def model_key(backbone: str, weights: str | None, seed: int, image_size: int, precision: str,
               stain_target: Sequence[float] | None, resize: str = "squash",
-              pooling: str | None = None, feature_layer: str | None = None) -> str:
+              pooling: str | None = None, feature_layer: str | None = None,
+              global_pool: str = "avg") -> str:
     """The identity of a frozen feature extractor: what changes a feature changes the key
     (`pooling`: of a backbone's tokens; `feature_layer`: where the backbone is cut, None for
-    its last block)."""
+    its last block; `global_pool`: of a feature map)."""
     if weights is not None:  # the weights' identity is their content (also when imported)
         weights = weights_provenance(backbone, weights)["weights_sha256"]
     parts = {"version": CACHE_VERSION, "backbone": backbone, "weights": weights,
@@ -162,7 +163,9 @@ def model_key(backbone: str, weights: str | None, seed: int, image_size: int, pr
              **({} if resize == "squash" else {"resize": resize}),
              # token pooling: only backbones from files output tokens
              **({"pooling": pooling} if backbone in external.KINDS else {}),
-             **({} if feature_layer is None else {"feature_layer": feature_layer})}
+             **({} if feature_layer is None else {"feature_layer": feature_layer}),
+             # avg: the key features cached before global_pool existed had
+             **({} if global_pool == "avg" else {"global_pool": global_pool})}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
 

@@ -28,6 +28,7 @@ from experiments.data.decode import ImageSource, load_image
 from experiments.models import (
     backbones,  # noqa: F401  (register the layers saved models hold)
     external,
+    pooling,  # noqa: F401  (register the layers saved models hold)
 )
 from experiments.models.fused_bn import fuse_batchnorm
 from experiments.serving.ood import OOD_FILE, OodReference

@@ -91,7 +91,8 @@ def new_model(settings: Config, n_classes: int, image_size: int) -> tuple[keras.
                                  backbone.bn_momentum, backbone.dropout, backbone.pooling,
                                  backbone.feature_layer,
                                  share_frozen=settings.finetune.strategy in NEVER_TRAINED,
-                                 head_seed=settings.trainer.seed)
+                                 head_seed=settings.trainer.seed,
+                                 global_pool=backbone.global_pool)
     if settings.trainer.fused_batchnorm:
         fuse_batchnorm(model)
     return model, precision

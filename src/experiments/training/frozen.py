@@ -92,7 +92,7 @@ def image_features(settings: Config, classifier: keras.Model, precision: str,
     key = features.model_key(backbone.name, backbone.weights, settings.trainer.seed, size,
                              precision, stain_target, settings.data.resize,
                              backbone.pooling,
-                             backbone.feature_layer)
+                             backbone.feature_layer, backbone.global_pool)
     cache = features.FeatureCache(key, Path(settings.paths.cache_dir) / "features")
     compute = functools.partial(features.compute_features, features.feature_model(classifier))
     return cache.get(split.files, split.images, views, compute)
