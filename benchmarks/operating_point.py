@@ -21,7 +21,8 @@ shipped model on the held-out fifth: accuracy at the threshold, ROC-AUC, ECE and
 of its calibrated probabilities, and the temperature. Features: benchmarks/sources.py's cache
 (the x1, x0.5 and x2-upsampled views of `eval.tta=rot90_multiscale`; tested on views 0 and 1
 of each scale). `--sources both`: the second source (BreakHis) in training too, patient-
-grouped folds; scores on the held-out images of each source. `--pooling gem`: the features
+grouped folds; scores on the held-out images of each source, and the second source's patients
+(the mean probability of their images). `--pooling gem`: the features
 pooled by the generalised mean (`backbone.global_pool=gem`) instead of the average.
 """
 
@@ -133,16 +134,28 @@ THRESHOLDS = {  # where the decision threshold is chosen (Youden's J) on the out
 }
 
 
+def patient_scores(p: np.ndarray, y: np.ndarray, groups: np.ndarray, cut: np.ndarray
+                   ) -> list[float]:
+    """Patient-level accuracy and ROC-AUC: the mean probability of a patient's images, decided
+    at the threshold of the outer fold that held the patient out."""
+    names = np.unique(groups)
+    mean_p = np.array([p[groups == g].mean() for g in names])
+    label = np.array([y[groups == g][0] for g in names])
+    threshold = np.array([cut[groups == g][0] for g in names])
+    return [float(np.mean((mean_p >= threshold) == label)), roc_auc_score(label, mean_p)]
+
+
 def one_seed(job) -> dict[str, list[tuple[float, ...]]]:
     """Outer 5-fold: per design and threshold rule, the estimate and the shipped model's
     held-out metrics, the held-out predictions pooled over the outer folds."""
-    x, y, source, groups, seed = job
+    x, y, source, groups, seed, designs = job
     strata = y * 2 + source
     rows: dict[str, list] = {}
     with threadpool_limits(1, user_api="blas"):
-        for design in DESIGNS:
+        for design in designs:
             held = np.zeros(len(y))
             decided = {rule: np.zeros(len(y), bool) for rule in THRESHOLDS}
+            cut = {rule: np.zeros(len(y)) for rule in THRESHOLDS}  # each image's threshold
             estimate, temperatures = [], []
             for train, test in StratifiedGroupKFold(5, shuffle=True, random_state=100 + seed
                                                     ).split(x, strata, groups):
@@ -155,6 +168,7 @@ def one_seed(job) -> dict[str, list[tuple[float, ...]]]:
                 held[test] = apply_temperature(np.stack([1 - p, p], 1), temperature)[:, 1]
                 for rule, threshold in thresholds.items():
                     decided[rule][test] = held[test] >= threshold
+                    cut[rule][test] = threshold
                 temperatures.append(temperature)
             for rule in THRESHOLDS:
                 per_source = []
@@ -163,6 +177,9 @@ def one_seed(job) -> dict[str, list[tuple[float, ...]]]:
                     per_source += [np.mean(decided[rule][s] == y[s]),
                                    roc_auc_score(y[s], held[s]), ece(held[s], y[s]),
                                    log_loss(y[s], held[s], labels=[0, 1])]
+                if len(np.unique(source)) > 1:  # the second source's patients, held out whole
+                    s = source == 1
+                    per_source += patient_scores(held[s], y[s], groups[s], cut[rule][s])
                 rows.setdefault(f"{design}, threshold: {rule}", []).append(
                     (*np.mean(estimate, 0), *per_source, np.mean(temperatures)))
     return rows
@@ -172,6 +189,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = source_arguments(__doc__)
     parser.add_argument("--sources", choices=("first", "both"), default="first")
     parser.add_argument("--pooling", choices=("avg", "gem"), default="avg")
+    parser.add_argument("--designs", nargs="+", choices=DESIGNS, default=list(DESIGNS))
     args = parser.parse_args(argv)
     print(cpu_line(), flush=True)
     start = time.perf_counter()
@@ -185,10 +203,11 @@ def main(argv: list[str] | None = None) -> None:
                              for i, n in enumerate(names)])
     groups = image_groups(data[0], args.group_pattern, names)
     with Pool(2) as pool:
-        results = pool.map(one_seed, [(x, y, source, groups, seed)
+        results = pool.map(one_seed, [(x, y, source, groups, seed, args.designs)
                                       for seed in range(args.repeats)])
     header = ("design", "estimate acc", "estimate AUC",
               *(f"{n}: {m}" for n in names for m in ("acc", "AUC", "ECE", "log-loss")),
+              *(("second: patients acc", "patients AUC") if len(names) > 1 else ()),
               "temperature")
     rows = []
     for name in results[0]:

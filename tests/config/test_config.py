@@ -92,6 +92,7 @@ def test_transfer_cpu_preset_cuts_densenet121_and_the_readme_cuts_exist(tmp_path
                                                              "data.root=/x"]))
     assert (settings.backbone.name, settings.backbone.feature_layer) == ("densenet121",
                                                                          "pool4_relu")
+    assert settings.backbone.global_pool == "gem"
     assert settings.finetune.strategy == "linear_probe" and settings.cv.refit
     # trained on 24 views (dihedral, at three scales), tested on 6 of them
     assert settings.eval.tta == "rot90_multiscale" and views_to_cache(settings.eval.tta) == 24
@@ -251,6 +252,7 @@ def test_missing_data_root_names_the_key(tmp_path):
     ("cv.folds=0", "cv.folds"),
     ("data.mpp=-0.5", "data.mpp"),
     ("data.resize=pad", "data.resize"),
+    ("backbone.global_pool=max", "backbone.global_pool"),
     ("eval.ood_coverage=1.5", "eval.ood_coverage"),
 ])
 def test_out_of_range_values_name_key_and_value(tmp_path, override, key):
