@@ -13,6 +13,7 @@ from PIL import Image
 from experiments import predict
 from experiments.config.instantiate import components
 from experiments.data import loading
+from experiments.models.pooling import global_pool
 from experiments.orchestration import single
 from experiments.run import run
 from experiments.serving import export, inference
@@ -45,11 +46,11 @@ def test_knn_distance_is_the_kth_nearest_cosine_distance():
         fit_reference(reference, coverage=1.0)
 
 
-def tiny_classifier(seed: int) -> keras.Model:
+def tiny_classifier(seed: int, pool: str = "avg") -> keras.Model:
     keras.utils.set_random_seed(seed)
     inputs = keras.Input((16, 16, 3))
-    x = keras.layers.Conv2D(4, 3, name="conv")(inputs)
-    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    x = keras.layers.Conv2D(4, 3, activation="relu", name="conv")(inputs)
+    x = global_pool(x, pool)
     return keras.Model(inputs, keras.layers.Dense(2, activation="softmax",
                                                   name="predictions")(x))
 
@@ -67,12 +68,26 @@ def test_features_of_wrapped_and_ensembled_models_are_their_networks():
                                                          keras.layers.Dense(2)])) is None
 
 
-@pytest.mark.parametrize("tta", ["none", "dihedral"])
-def test_one_pass_gives_the_probabilities_and_scores_of_two(tta):
+def test_a_gem_head_is_scored_on_the_average_of_the_map_it_pools():
+    """GeM pools the head's features; the OOD score measures the map's plain average, which
+    tells another laboratory's images from the training ones better."""
+    images = np.random.default_rng(0).uniform(0, 255, (3, 16, 16, 3)).astype("float32")
+    model = tiny_classifier(0, "gem")
+    feature_map = keras.Model(model.input, model.get_layer("conv").output).predict(
+        images, verbose=0)
+    features = inference.feature_extractor(model).predict(images, verbose=0)
+    np.testing.assert_allclose(features, feature_map.mean(axis=(1, 2)), rtol=1e-5, atol=1e-6)
+    head = keras.Model(model.input, model.get_layer("gap").output).predict(images, verbose=0)
+    assert not np.allclose(features, head, rtol=1e-3)
+
+
+@pytest.mark.parametrize(("tta", "pool"), [("none", "avg"), ("dihedral", "avg"),
+                                           ("dihedral", "gem")])
+def test_one_pass_gives_the_probabilities_and_scores_of_two(tta, pool):
     """A model whose own `gap` feeds the score runs once per view for both (no extra pass
     for the plain view's features), with the numbers the two separate passes give."""
     rng = np.random.default_rng(0)
-    model = tiny_classifier(0)
+    model = tiny_classifier(0, pool)
     reference = fit_reference(rng.normal(size=(40, 4)), coverage=0.9)
     predictor = inference.Predictor(model, inference.ModelInfo(("a", "b"), 16, tta, 1.5),
                                     reference)
@@ -141,6 +156,30 @@ def test_the_feature_cache_holds_what_the_served_model_computes(make_config, sta
     for name in ("train", "test"):
         own = export.pooled_features(served, np.asarray(getattr(raw, name).images))
         np.testing.assert_allclose(cached[name][:, 0], own, rtol=1e-4, atol=1e-4)
+
+
+def test_a_gem_probe_fits_its_reference_on_the_average_of_the_map(tmp_path, make_config):
+    """A GeM linear probe's feature cache holds GeM features: the run computes the averaged
+    ones for its reference instead of reading the cache."""
+    cfg = make_config("finetune=linear_probe", "backbone.global_pool=gem", "eval.tta=none",
+                      "augmentation=dihedral", "mlflow.experiment_name=gem")
+    run(cfg)
+    (finished,) = all_runs(client_for(tmp_path), "gem")
+    predictor = predict.load_predictor(finished.info.run_id,
+                                       f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    settings = OmegaConf.to_object(cfg)
+    raw = loading.split(settings.data, single.load_run_data(settings), settings.trainer.seed)
+    network = predictor.model
+    feature_map = keras.Model(network.input, network.get_layer("gap").input).predict(
+        np.asarray(raw.train.images, np.float32), verbose=0)
+    gem = network.get_layer("gap")(feature_map)
+
+    def off(features) -> float:  # bfloat16 maps (the run's precision) differ in the 3rd digit
+        return float(np.abs(predictor.ood.features - normalized(np.asarray(features))).max())
+
+    assert off(feature_map.mean(axis=(1, 2))) < 0.01 < off(gem) / 3, (
+        off(feature_map.mean(axis=(1, 2))), off(gem))
+    assert "test_referred" in finished.data.metrics
 
 
 def test_no_reference_when_switched_off(tmp_path, make_config):

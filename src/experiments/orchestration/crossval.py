@@ -35,7 +35,7 @@ from experiments.evaluation import figures as figures_lib
 from experiments.evaluation import metrics as metrics_lib
 from experiments.evaluation import stats
 from experiments.orchestration import single
-from experiments.orchestration.external import evaluate_cohorts, fit_ood
+from experiments.orchestration.external import cached_as_ood, evaluate_cohorts, fit_ood
 from experiments.orchestration.oof import (
     Fold,
     concat_predictions,
@@ -250,7 +250,8 @@ def log_parent_model(settings: Config, loaded: loading.LoadedData, positive: int
                          **({"model_threshold": threshold} if threshold is not None else {}),
                          f"best_{training.monitor}": float(np.mean([f.best_value
                                                                     for f in folds]))})
-    ood = fit_ood(settings, model, loaded.pool.images, reference)  # the model's training images
+    # the model's training images
+    ood = fit_ood(settings, model, loaded.pool.images, cached_as_ood(settings, reference))
     run_records.log_run_model(model, info, output_dir / run_records.MODEL_DIR,
                               settings.mlflow.register_as,
                               {"model_kind": str(kind["kind"]),

@@ -29,7 +29,12 @@ from experiments.evaluation import evaluate
 from experiments.evaluation import figures as figures_lib
 from experiments.models import features
 from experiments.models.backbones import input_size
-from experiments.orchestration.external import evaluate_cohorts, fit_ood, test_referral
+from experiments.orchestration.external import (
+    cached_as_ood,
+    evaluate_cohorts,
+    fit_ood,
+    test_referral,
+)
 from experiments.orchestration.resume import BACKUP_DIR, TRAINING_RECORD, run_lock
 from experiments.serving import export, inference
 from experiments.tracking import epoch_logger, store
@@ -264,11 +269,12 @@ def evaluate_and_log(settings: Config, prepared: Prepared, result: TrainResult,
             records_lib.log_artifact(path, None if subfolder == "." else subfolder)
     served = export.deliverable(network, prepared.image_size, patch_size, prepared.stain)
     with timer("ood"):
-        ood = fit_ood(settings, served, splits.train.images, plain.get("train"))
+        ood = fit_ood(settings, served, splits.train.images,
+                      cached_as_ood(settings, plain.get("train")))
         if ood is not None:
             records_lib.log_new_metrics(run_id, test_referral(
                 served, ood, evaluation, splits.test.images, prepared.positive,
-                plain.get("test")))
+                cached_as_ood(settings, plain.get("test"))))
     if not log_model:
         return evaluation
     info = export.model_info(
