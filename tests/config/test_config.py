@@ -126,6 +126,7 @@ def test_histology_cpu_preset_selects_on_validation_loss_without_imagenet(tmp_pa
     cfg = compose_config(tmp_path, ["experiment=histology_cpu", "data.root=/x"])
     settings = OmegaConf.to_object(cfg)
     assert settings.backbone.weights is None and settings.backbone.bn_momentum == 0.9
+    assert settings.backbone.global_pool == "gem"
     assert {cb.monitor for cb in instantiate_callbacks(cfg.callbacks)} == {"val_loss"}
     assert settings.eval.tta == "dihedral"
     assert settings.cv.folds == 5 and not settings.cv.refit  # the model: the fold ensemble
