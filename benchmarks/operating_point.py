@@ -34,6 +34,7 @@ from multiprocessing import Pool
 
 import numpy as np
 from machine import cpu_line, print_row, print_table  # benchmarks/ (run from there)
+from probe_recipes import by_group
 from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
 from sklearn.metrics import log_loss, roc_auc_score
 from sklearn.model_selection import StratifiedGroupKFold
@@ -138,10 +139,8 @@ def patient_scores(p: np.ndarray, y: np.ndarray, groups: np.ndarray, cut: np.nda
                    ) -> list[float]:
     """Patient-level accuracy and ROC-AUC: the mean probability of a patient's images, decided
     at the threshold of the outer fold that held the patient out."""
-    names = np.unique(groups)
-    mean_p = np.array([p[groups == g].mean() for g in names])
-    label = np.array([y[groups == g][0] for g in names])
-    threshold = np.array([cut[groups == g][0] for g in names])
+    mean_p, label = by_group(p, y, groups)
+    threshold, _ = by_group(cut, y, groups)  # one threshold per patient: its mean is it
     return [float(np.mean((mean_p >= threshold) == label)), roc_auc_score(label, mean_p)]
 
 

@@ -52,6 +52,8 @@ from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
 from sklearn.model_selection import StratifiedGroupKFold
 from threadpoolctl import threadpool_limits
 
+from experiments.models.pooling import GeneralizedMeanPooling2D
+
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 C_GRID = np.logspace(-4, 2, 13)
 RECIPES = {  # name -> (training feature variants, test variant(s), probe option)
@@ -203,9 +205,7 @@ def pooled_statistics(classifier: keras.Model) -> keras.Model:
     std = keras.ops.sqrt(keras.ops.maximum(
         keras.ops.mean(fmap * fmap, axis=(1, 2)) - mean * mean, 0.0))
     peak = keras.ops.max(fmap, axis=(1, 2))
-    positive = keras.ops.maximum(fmap, 1e-6)
-    gems = [keras.ops.power(keras.ops.mean(keras.ops.power(positive, p), axis=(1, 2)), 1.0 / p)
-            for p in (3.0, 2.0, 4.0)]
+    gems = [GeneralizedMeanPooling2D(power=p)(fmap) for p in (3.0, 2.0, 4.0)]  # the project's
     return keras.Model(classifier.input, keras.ops.concatenate([mean, std, peak, *gems], -1))
 
 
