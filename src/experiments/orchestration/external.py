@@ -27,6 +27,7 @@ from experiments.serving import export
 from experiments.serving.inference import MODEL_FILE, Predictor
 from experiments.serving.ood import OodReference, fit_reference
 from experiments.tracking import records
+from experiments.training.build import ood_reference_coverage
 
 log = logging.getLogger(__name__)
 
@@ -151,11 +152,10 @@ def cached_as_ood(settings: Config, features: np.ndarray | None) -> np.ndarray |
 
 def fit_ood(settings: Config, model: keras.Model, images: ImageArray,
             features: np.ndarray | None = None) -> OodReference | None:
-    """The model's out-of-distribution reference on its training images (eval.ood_coverage;
-    not for native-patch models, whose features are per crop). `features`: the model's pooled
-    features of `images` when a frozen backbone's cache already holds them (no second pass)."""
-    coverage = settings.eval.ood_coverage
-    if coverage is None or settings.data.patch_size is not None:
+    """The model's out-of-distribution reference on its training images, if the run fits one
+    (`ood_reference_coverage`). `features`: the model's pooled features of `images` when a
+    frozen backbone's cache already holds them (no second pass)."""
+    if (coverage := ood_reference_coverage(settings)) is None:
         return None
     if features is None:
         features = export.pooled_features(model, np.asarray(images))

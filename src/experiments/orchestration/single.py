@@ -245,10 +245,11 @@ def evaluate_and_log(settings: Config, prepared: Prepared, result: TrainResult,
     model = export.deliverable(network, prepared.image_size, patch_size, None)
     folder = output_dir / "report"
     predict = None
-    plain: dict[str, np.ndarray] = {}  # the plain view's cached features: no second pass
+    # the plain view's cached features, when they are the OOD score's: no second pass
+    plain: dict[str, np.ndarray | None] = {}
     if (views := feature_views(settings, prepared)) is not None:  # the head on the cache
         cached, head = split_features(settings, prepared, views), features.head_model(network)
-        plain = {name: split[:, 0] for name, split in cached.items()}
+        plain = {name: cached_as_ood(settings, split[:, 0]) for name, split in cached.items()}
 
         def predict(name: str, tta: str) -> np.ndarray:
             return features.head_probabilities(head, cached[name], tta)
@@ -269,12 +270,11 @@ def evaluate_and_log(settings: Config, prepared: Prepared, result: TrainResult,
             records_lib.log_artifact(path, None if subfolder == "." else subfolder)
     served = export.deliverable(network, prepared.image_size, patch_size, prepared.stain)
     with timer("ood"):
-        ood = fit_ood(settings, served, splits.train.images,
-                      cached_as_ood(settings, plain.get("train")))
+        ood = fit_ood(settings, served, splits.train.images, plain.get("train"))
         if ood is not None:
             records_lib.log_new_metrics(run_id, test_referral(
                 served, ood, evaluation, splits.test.images, prepared.positive,
-                cached_as_ood(settings, plain.get("test"))))
+                plain.get("test")))
     if not log_model:
         return evaluation
     info = export.model_info(

@@ -66,12 +66,19 @@ def build(settings: Config, components: Components, splits: splits_lib.Splits,
                     components.augmentation(trainer.seed), second_stage, stain_layer)
 
 
+def ood_reference_coverage(settings: Config) -> float | None:
+    """The coverage the run's out-of-distribution reference is fitted at (eval.ood_coverage);
+    None when it fits none - switched off, or a native-patch model, whose features are per
+    crop."""
+    return settings.eval.ood_coverage if settings.data.patch_size is None else None
+
+
 def check_training_split(settings: Config, train: splits_lib.Split) -> None:
     """What a training split must hold, checked before any MLflow run opens: enough images
     for the out-of-distribution reference's cross-validated threshold (eval.ood_coverage),
     and for finetune=linear_probe's cross-validated choice of C."""
-    if settings.eval.ood_coverage is not None and settings.data.patch_size is None:
-        ood.check_reference_size(len(train), settings.eval.ood_coverage)
+    if (coverage := ood_reference_coverage(settings)) is not None:
+        ood.check_reference_size(len(train), coverage)
     if settings.finetune.strategy == "linear_probe":
         from experiments.training.probe import inner_folds  # probe imports this module
 
