@@ -17,7 +17,14 @@ from experiments.models.pooling import global_pool
 from experiments.orchestration import single
 from experiments.run import run
 from experiments.serving import export, inference
-from experiments.serving.ood import OodReference, fit_reference, knn_distance, normalized
+from experiments.serving.ood import (
+    OodReference,
+    euclidean_knn_distance,
+    fit_reference,
+    knn_distance,
+    normalized,
+    stain_statistics,
+)
 from experiments.training.build import build
 from experiments.training.frozen import split_features
 from tests.conftest import all_runs, client_for
@@ -44,6 +51,52 @@ def test_knn_distance_is_the_kth_nearest_cosine_distance():
     assert d2 == pytest.approx(1 - np.sqrt(0.5), abs=1e-6)
     with pytest.raises(ValueError, match="ood_coverage"):
         fit_reference(reference, coverage=1.0)
+    points = np.array([[0.0, 0], [3.0, 4], [6.0, 8]])
+    np.testing.assert_allclose(euclidean_knn_distance(points, np.array([[0.0, 0]]), 2), [5.0])
+
+
+def test_stain_statistics_are_the_optical_density_per_channel():
+    image = np.zeros((1, 2, 2, 3), np.uint8)
+    image[0, :, :, 0] = 255  # red channel clear: density 0
+    image[0, :, :, 1] = [[0, 0], [0, 127]]  # green: three dark pixels, one mid
+    image[0, :, :, 2] = 63
+    (row,) = stain_statistics(image)
+    green = -np.log(np.array([1, 1, 1, 128]) / 256)
+    expected = np.r_[[0, green.mean(), np.log(4)], [0, green.std(), 0],
+                     [0, np.quantile(green, 0.1), np.log(4)], [0, np.log(256), np.log(4)],
+                     [0, np.quantile(green, 0.9), np.log(4)]]
+    np.testing.assert_allclose(row, expected, rtol=1e-5, atol=1e-6)
+    assert stain_statistics(np.empty((0, 8, 8, 3), np.uint8)).shape == (0, 15)
+
+
+def tissue(rng: np.random.Generator, n: int, density: float = 1.0) -> np.ndarray:
+    """n 16x16 'slides': random optical densities of two dyes, scaled by `density` (a
+    darker stain protocol over 1)."""
+    dyes = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11]])
+    amounts = rng.gamma(2.0, 0.3, (n, 16, 16, 2)) * rng.uniform(0.8, 1.2, (n, 1, 1, 1))
+    return np.clip(256 * np.exp(-density * amounts @ dyes) - 1, 0, 255).astype(np.uint8)
+
+
+def test_a_stain_reference_refers_another_stain_that_the_features_cannot_see(tmp_path):
+    """Features identical in distribution (a stain-normalised network sees the same tissue),
+    images stained 1.6x darker: referred with stain statistics, answered without."""
+    rng = np.random.default_rng(0)
+    features, images = rng.normal(size=(200, 16)) + 5, tissue(rng, 200)
+    fresh, fresh_images = rng.normal(size=(100, 16)) + 5, tissue(rng, 100)
+    darker = tissue(rng, 100, density=1.6)
+    plain = fit_reference(features, coverage=0.9, seed=1)
+    stained = fit_reference(features, coverage=0.9, seed=1, images=images)
+    assert plain.stain is None and stained.stain is not None
+    assert np.mean(stained.held_out <= stained.threshold) == pytest.approx(0.9, abs=0.01)
+    assert np.mean(plain.refer(plain.score(fresh))) < 0.3
+    assert np.mean(stained.refer(stained.score(fresh, fresh_images))) < 0.3
+    assert np.mean(stained.refer(stained.score(fresh, darker))) > 0.9
+    loaded = OodReference.load(stained.save(tmp_path / "ood.npz"))
+    np.testing.assert_allclose(loaded.score(fresh, darker), stained.score(fresh, darker))
+    with pytest.raises(ValueError, match="needs the images"):
+        stained.score(fresh)
+    with pytest.raises(ValueError, match="200 feature rows and 100 images"):
+        fit_reference(features, coverage=0.9, images=images[:100])
 
 
 def tiny_classifier(seed: int, pool: str = "avg") -> keras.Model:
@@ -179,6 +232,10 @@ def test_a_gem_probe_fits_its_reference_on_the_average_of_the_map(tmp_path, make
 
     assert off(feature_map.mean(axis=(1, 2))) < 0.01 < off(gem) / 3, (
         off(feature_map.mean(axis=(1, 2))), off(gem))
+    stain = predictor.ood.stain  # the training images' own, as the model takes them
+    np.testing.assert_allclose(stain.statistics * stain.scale + stain.center,
+                               stain_statistics(np.asarray(raw.train.images)), rtol=1e-4,
+                               atol=1e-4)
     assert "test_referred" in finished.data.metrics
 
 
@@ -190,3 +247,19 @@ def test_no_reference_when_switched_off(tmp_path, make_config):
                                        f"sqlite:///{tmp_path}/mlruns/mlflow.db")
     assert predictor.ood is None and "ood_score" not in predictor.columns
     assert "test_referred" not in finished.data.metrics
+
+
+def test_a_reference_without_stain_statistics_when_switched_off(tmp_path, make_config):
+    """eval.ood_stain=false: the score is the features' cosine distance, as before stain
+    statistics (and as a reference saved before them loads)."""
+    run(make_config("trainer.epochs=1", "eval.tta=none", "eval.ood_stain=false",
+                    "mlflow.experiment_name=featuresonly"))
+    (finished,) = all_runs(client_for(tmp_path), "featuresonly")
+    predictor = predict.load_predictor(finished.info.run_id,
+                                       f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    assert predictor.ood is not None and predictor.ood.stain is None
+    images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    features = export.pooled_features(predictor.model, images)
+    np.testing.assert_allclose(predictor.ood_scores(images),
+                               knn_distance(predictor.ood.features, features, predictor.ood.k),
+                               rtol=1e-4, atol=1e-6)

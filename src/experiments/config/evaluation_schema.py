@@ -41,6 +41,10 @@ class EvalConfig:
     # answer; images farther from the training images (k-NN distance of pooled features) get
     # decision `refer`. null: no referral (experiments.serving.ood).
     ood_coverage: float | None = 0.95
+    # The referral also measures each image's optical-density statistics against the training
+    # images' (stain and scanner; seen before any stain normalisation the model applies).
+    # false: pooled features only.
+    ood_stain: bool = True
     # Labeled folders of other sources scored by the run's final model after training (never
     # used for training, selection, threshold or temperature): name -> folder, or name ->
     # {root, group_pattern, include_pattern}. Logged as ext_<name>_* (experiments.config.cohorts).

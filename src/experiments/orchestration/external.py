@@ -153,15 +153,17 @@ def cached_as_ood(settings: Config, features: np.ndarray | None) -> np.ndarray |
 def fit_ood(settings: Config, model: keras.Model, images: ImageArray,
             features: np.ndarray | None = None) -> OodReference | None:
     """The model's out-of-distribution reference on its training images, if the run fits one
-    (`ood_reference_coverage`). `features`: the model's pooled features of `images` when a
-    frozen backbone's cache already holds them (no second pass)."""
+    (`ood_reference_coverage`), with their stain statistics when eval.ood_stain. `features`:
+    the model's pooled features of `images` when a frozen backbone's cache already holds them
+    (no second pass)."""
     if (coverage := ood_reference_coverage(settings)) is None:
         return None
     if features is None:
         features = export.pooled_features(model, np.asarray(images))
     if features is None:  # the model has no pooled features
         return None
-    return fit_reference(features, coverage, seed=settings.eval.seed)
+    return fit_reference(features, coverage, seed=settings.eval.seed,
+                         images=np.asarray(images) if settings.eval.ood_stain else None)
 
 
 def test_referral(model: keras.Model, ood: OodReference, evaluation: evaluate.Evaluation,
@@ -176,4 +178,5 @@ def test_referral(model: keras.Model, ood: OodReference, evaluation: evaluate.Ev
         return {}
     test = evaluation.test
     correct = decisions(test.probabilities, positive, evaluation.threshold) == test.labels
-    return referral_metrics(ood.score(features), correct, ood, "test_", foreign=False)
+    return referral_metrics(ood.score(features, np.asarray(images)), correct, ood, "test_",
+                            foreign=False)

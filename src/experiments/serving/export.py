@@ -73,9 +73,11 @@ def pooled_features(model: keras.Model, images: np.ndarray,
     return views.predict_views(extractor, images, batch_size, (0,))[0]
 
 
-def ood_reference(model: keras.Model, images: np.ndarray, coverage: float,
-                  seed: int) -> OodReference | None:
+def ood_reference(model: keras.Model, images: np.ndarray, coverage: float, seed: int,
+                  stain: bool = True) -> OodReference | None:
     """The out-of-distribution reference of `model` fitted on its training images' pooled
-    features (`experiments.serving.ood`); None when the model has no pooled features."""
+    features (and, with `stain`, their stain statistics; `experiments.serving.ood`); None when
+    the model has no pooled features."""
     features = pooled_features(model, images)
-    return None if features is None else fit_reference(features, coverage, seed=seed)
+    return None if features is None else fit_reference(features, coverage, seed=seed,
+                                                        images=images if stain else None)

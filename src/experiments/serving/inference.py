@@ -200,7 +200,7 @@ class Predictor:
         """Each image's distance to the training images (on the image as it is, view 0)."""
         if self.ood is None or self.features is None:
             raise ValueError("This model has no out-of-distribution reference (ood.npz)")
-        return self.ood.score(predict_views(self.features, images, batch_size, (0,))[0])
+        return self.ood.score(predict_views(self.features, images, batch_size, (0,))[0], images)
 
     def probabilities(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
         """Final probabilities of uint8 images: test-time augmentation, then temperature."""
@@ -219,7 +219,8 @@ class Predictor:
         probs, features = predict_view_outputs(self.joint, images, batch_size,
                                                TTA_VIEWS[self.info.tta])
         raw = probs.mean(axis=0)
-        return apply_temperature(raw, self.info.temperature), self.ood.score(features[0])
+        return (apply_temperature(raw, self.info.temperature),
+                self.ood.score(features[0], images))
 
     def score(self, sources: Sequence[ImageSource], names: Sequence[str] | None = None,
               batch_size: int = 32, max_pixels: int | None = None,

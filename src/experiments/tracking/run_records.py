@@ -78,7 +78,7 @@ def log_run_model(model: object, info: dict, model_dir: Path, register_as: str |
     registers its best job)."""
     if ood is not None:
         info = {**info, "ood": {"k": ood.k, "threshold": ood.threshold,
-                                "coverage": ood.coverage}}
+                                "coverage": ood.coverage, "stain": ood.stain is not None}}
     inference.save_model(model, info, model_dir)
     if ood is not None:
         ood.save(model_dir / OOD_FILE)

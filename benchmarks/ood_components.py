@@ -1,0 +1,110 @@
+"""What each part of the out-of-distribution score sees: a run's logged model, its reference
+refitted on its training folder from the pooled features alone, the stain statistics alone and
+both (eval.ood_stain), and each scored against a foreign labeled folder.
+
+    python benchmarks/ood_components.py --model <run's model folder>/model.keras \\
+        --train ../shared/data/biopsy-seed/train --foreign ../shared/data/breakhis-100x
+
+For each score: the AUROC separating the foreign images from same-source images the reference
+did not hold (its K-fold held-out scores, as the run's ext_<name>_ood_auroc), the share of
+foreign images referred at the coverage, and the model's accuracy on the ones it accepts. The
+model should be one trained on all of --train (a cross-validation's parent run, or a probe
+refitted on the folder); its own decisions (threshold, temperature, TTA) are used.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+from machine import cpu_line, print_table
+from sklearn.metrics import roc_auc_score
+
+from experiments.serving import export
+from experiments.serving.inference import Predictor
+from experiments.serving.ood import (
+    REFERENCE_FOLDS,
+    StainReference,
+    euclidean_knn_distance,
+    stain_statistics,
+)
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"}
+
+
+def labeled_files(root: Path) -> tuple[list[str], list[str]]:
+    """Image files under root/<class>/ and their class names."""
+    files = sorted(p for p in root.glob("*/*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    return [str(p) for p in files], [p.parent.name for p in files]
+
+
+def stain_only(train: np.ndarray, foreign: np.ndarray, coverage: float, k: int = 5,
+               seed: int = 0) -> tuple[np.ndarray, np.ndarray, float]:
+    """Held-out and foreign distances of the stain statistics alone, and their threshold
+    (the folds `fit_reference` draws for the same seed)."""
+    reference = StainReference.of(stain_statistics(train))
+    n = len(train)
+    fold_of = np.random.default_rng(seed).permutation(n) % REFERENCE_FOLDS
+    held_out = np.empty(n)
+    for fold in range(REFERENCE_FOLDS):
+        inside = fold_of != fold
+        held_out[~inside] = euclidean_knn_distance(reference.statistics[inside],
+                                                   reference.statistics[~inside], k)
+    scores = reference.distance(stain_statistics(foreign), k)
+    return held_out, scores, float(np.quantile(held_out, coverage))
+
+
+def row(name: str, held_out: np.ndarray, scores: np.ndarray, threshold: float,
+        correct: np.ndarray) -> list[str]:
+    truth = np.r_[np.zeros(len(held_out)), np.ones(len(scores))]
+    auroc = roc_auc_score(truth, np.r_[held_out, scores])
+    accepted = scores <= threshold
+    accuracy = f"{correct[accepted].mean():.3f}" if accepted.any() else "-"
+    return [name, f"{auroc:.3f}", f"{1 - accepted.mean():.3f}", str(int(accepted.sum())),
+            accuracy]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, required=True, help="a logged model.keras")
+    parser.add_argument("--train", type=Path, required=True, help="its training folder")
+    parser.add_argument("--foreign", type=Path, required=True, help="a labeled folder")
+    parser.add_argument("--coverage", type=float, default=0.95)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    predictor = Predictor.load(args.model)
+    train_files, _ = labeled_files(args.train)
+    foreign_files, labels = labeled_files(args.foreign)
+    train, _ = predictor.decode(train_files, train_files)
+    foreign, errors = predictor.decode(foreign_files, foreign_files)
+    if train is None or foreign is None or errors:
+        raise SystemExit(f"unreadable images: {sorted(errors.values())[:3]}")
+    names = predictor.info.class_names
+    positive = names.index(predictor.info.positive_class or names[-1])
+    p = predictor.probabilities(foreign)[:, positive]
+    threshold = predictor.info.threshold if predictor.info.threshold is not None else 0.5
+    answers = np.where(p >= threshold, names[positive], names[1 - positive])
+    correct = answers == np.array(labels)
+    rows = []
+    for label, stain in (("pooled features", False), ("features + stain", True)):
+        reference = export.ood_reference(predictor.model, train, args.coverage, args.seed,
+                                         stain=stain)
+        if reference is None:
+            raise SystemExit(f"{args.model} has no pooled features to refer by")
+        features = export.pooled_features(predictor.model, foreign)
+        rows.append(row(label, reference.held_out, reference.score(features, foreign),
+                        reference.threshold, correct))
+    rows.insert(1, row("stain statistics", *stain_only(train, foreign, args.coverage,
+                                                         seed=args.seed), correct))
+    print(cpu_line())
+    print(f"\n{args.model}: reference {len(train)} images of {args.train}, foreign "
+          f"{len(foreign)} of {args.foreign}; coverage {args.coverage}; accuracy of all "
+          f"foreign images {correct.mean():.3f}\n")
+    print_table(["score", "AUROC foreign vs held-out", "foreign referred", "accepted",
+                 "accuracy on accepted"], rows)
+
+
+if __name__ == "__main__":
+    main()
