@@ -1,9 +1,11 @@
 """What each part of the out-of-distribution score sees: a run's logged model, its reference
 refitted on its training folder from the pooled features alone, the stain statistics alone and
-both (eval.ood_stain), and each scored against a foreign labeled folder.
+both (eval.ood_stain), and each scored against a foreign labeled folder (and a folder of new
+same-source images, labels not needed: the share of them referred should be about 1 - coverage).
 
     python benchmarks/ood_components.py --model <run's model folder>/model.keras \\
-        --train ../shared/data/biopsy-seed/train --foreign ../shared/data/breakhis-100x
+        --train ../shared/data/biopsy-seed/train --foreign ../shared/data/breakhis-100x \
+        [--same-source ../shared/data/biopsy-seed/unlabeled]
 
 For each score: the AUROC separating the foreign images from same-source images the reference
 did not hold (its K-fold held-out scores, as the run's ext_<name>_ood_auroc), the share of
@@ -33,16 +35,27 @@ from experiments.serving.ood import (
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"}
 
 
+def image_files(root: Path, pattern: str) -> list[Path]:
+    return sorted(p for p in root.glob(pattern) if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
 def labeled_files(root: Path) -> tuple[list[str], list[str]]:
     """Image files under root/<class>/ and their class names."""
-    files = sorted(p for p in root.glob("*/*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = image_files(root, "*/*")
     return [str(p) for p in files], [p.parent.name for p in files]
 
 
-def stain_only(train: np.ndarray, foreign: np.ndarray, coverage: float, k: int = 5,
-               seed: int = 0) -> tuple[np.ndarray, np.ndarray, float]:
-    """Held-out and foreign distances of the stain statistics alone, and their threshold
-    (the folds `fit_reference` draws for the same seed)."""
+def decoded(predictor: Predictor, files: list[str]) -> np.ndarray:
+    images, errors = predictor.decode(files, files)
+    if images is None or errors:
+        raise SystemExit(f"unreadable images: {sorted(errors.values())[:3]}")
+    return images
+
+
+def stain_only(train: np.ndarray, foreign: np.ndarray, same: np.ndarray, coverage: float,
+               k: int = 5, seed: int = 0) -> tuple[np.ndarray, np.ndarray, float, np.ndarray]:
+    """Held-out and foreign distances of the stain statistics alone, their threshold (the
+    folds `fit_reference` draws for the same seed), and the same-source images' distances."""
     reference = StainReference.of(stain_statistics(train))
     n = len(train)
     fold_of = np.random.default_rng(seed).permutation(n) % REFERENCE_FOLDS
@@ -52,17 +65,19 @@ def stain_only(train: np.ndarray, foreign: np.ndarray, coverage: float, k: int =
         held_out[~inside] = euclidean_knn_distance(reference.statistics[inside],
                                                    reference.statistics[~inside], k)
     scores = reference.distance(stain_statistics(foreign), k)
-    return held_out, scores, float(np.quantile(held_out, coverage))
+    return (held_out, scores, float(np.quantile(held_out, coverage)),
+            reference.distance(stain_statistics(same), k))
 
 
 def row(name: str, held_out: np.ndarray, scores: np.ndarray, threshold: float,
-        correct: np.ndarray) -> list[str]:
+        correct: np.ndarray, same: np.ndarray) -> list[str]:
     truth = np.r_[np.zeros(len(held_out)), np.ones(len(scores))]
     auroc = roc_auc_score(truth, np.r_[held_out, scores])
     accepted = scores <= threshold
     accuracy = f"{correct[accepted].mean():.3f}" if accepted.any() else "-"
+    same_referred = f"{np.mean(same > threshold):.3f}" if len(same) else "-"
     return [name, f"{auroc:.3f}", f"{1 - accepted.mean():.3f}", str(int(accepted.sum())),
-            accuracy]
+            accuracy, same_referred]
 
 
 def main() -> None:
@@ -71,16 +86,17 @@ def main() -> None:
     parser.add_argument("--model", type=Path, required=True, help="a logged model.keras")
     parser.add_argument("--train", type=Path, required=True, help="its training folder")
     parser.add_argument("--foreign", type=Path, required=True, help="a labeled folder")
+    parser.add_argument("--same-source", type=Path, default=None,
+                        help="new images of the training source (any folder layout)")
     parser.add_argument("--coverage", type=float, default=0.95)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     predictor = Predictor.load(args.model)
-    train_files, _ = labeled_files(args.train)
+    train = decoded(predictor, labeled_files(args.train)[0])
     foreign_files, labels = labeled_files(args.foreign)
-    train, _ = predictor.decode(train_files, train_files)
-    foreign, errors = predictor.decode(foreign_files, foreign_files)
-    if train is None or foreign is None or errors:
-        raise SystemExit(f"unreadable images: {sorted(errors.values())[:3]}")
+    foreign = decoded(predictor, foreign_files)
+    same = (decoded(predictor, [str(p) for p in image_files(args.same_source, "**/*")])
+            if args.same_source else train[:0])
     names = predictor.info.class_names
     positive = names.index(predictor.info.positive_class or names[-1])
     p = predictor.probabilities(foreign)[:, positive]
@@ -94,16 +110,19 @@ def main() -> None:
         if reference is None:
             raise SystemExit(f"{args.model} has no pooled features to refer by")
         features = export.pooled_features(predictor.model, foreign)
+        same_scores = (reference.score(export.pooled_features(predictor.model, same), same)
+                       if len(same) else np.empty(0))
         rows.append(row(label, reference.held_out, reference.score(features, foreign),
-                        reference.threshold, correct))
-    rows.insert(1, row("stain statistics", *stain_only(train, foreign, args.coverage,
-                                                         seed=args.seed), correct))
+                        reference.threshold, correct, same_scores))
+    held_out, scores, threshold, same_scores = stain_only(train, foreign, same, args.coverage,
+                                                          seed=args.seed)
+    rows.insert(1, row("stain statistics", held_out, scores, threshold, correct, same_scores))
     print(cpu_line())
     print(f"\n{args.model}: reference {len(train)} images of {args.train}, foreign "
           f"{len(foreign)} of {args.foreign}; coverage {args.coverage}; accuracy of all "
           f"foreign images {correct.mean():.3f}\n")
     print_table(["score", "AUROC foreign vs held-out", "foreign referred", "accepted",
-                 "accuracy on accepted"], rows)
+                 "accuracy on accepted", f"same source referred ({len(same)})"], rows)
 
 
 if __name__ == "__main__":
