@@ -67,6 +67,14 @@ def test_stain_statistics_are_the_optical_density_per_channel():
                      [0, np.quantile(green, 0.9), np.log(4)]]
     np.testing.assert_allclose(row, expected, rtol=1e-5, atol=1e-6)
     assert stain_statistics(np.empty((0, 8, 8, 3), np.uint8)).shape == (0, 15)
+    # the histogram computation against numpy's own statistics, chunks and odd sizes included
+    images = np.random.default_rng(0).integers(0, 256, (70, 9, 13, 3), dtype=np.uint8)
+    density = -np.log((images.astype(np.float64) + 1) / 256).reshape(70, -1, 3)
+    direct = np.concatenate([density.mean(axis=1), density.std(axis=1),
+                             *np.quantile(density, (0.1, 0.5, 0.9), axis=1)], axis=1)
+    np.testing.assert_allclose(stain_statistics(images), direct, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(stain_statistics(images.astype(np.float32) + 0.2), direct,
+                               rtol=1e-5, atol=1e-6)  # float images: rounded to uint8
 
 
 def tissue(rng: np.random.Generator, n: int, density: float = 1.0) -> np.ndarray:
