@@ -178,7 +178,21 @@ def print_summary(run_id: str, metrics: dict[str, float], best_epoch: int | None
     if "val_threshold" in metrics:
         print(f"  threshold on p(positive), chosen on validation: {metrics['val_threshold']:.4f}")
     print_cohorts(metrics)
+    warn_backwards(metrics)
     print(f"Open the MLflow UI: {store_lib.ui_command(tracking_uri)}")
+
+
+def warn_backwards(metrics: dict[str, float]) -> list[str]:
+    """Warn of every ROC-AUC whose whole interval lies below 0.5: images - a cohort, a source's
+    test images, their patients - that the model ranks backwards, confidently wrong where a coin
+    would be right half the time. Returns the metrics warned of."""
+    inverted = sorted(key.removesuffix("_ci_high") for key, high in metrics.items()
+                      if key.endswith("roc_auc_ci_high") and high < 0.5)
+    for key in inverted:
+        log.warning(f"Warning: {key} {metrics[key]:.3f} [{metrics[f'{key}_ci_low']:.3f}, "
+                    f"{metrics[f'{key}_ci_high']:.3f}]: the model ranks these images backwards "
+                    "(the whole interval below 0.5). Do not use its answers on such images.")
+    return inverted
 
 
 def print_cohorts(metrics: dict[str, float]) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 
@@ -9,6 +11,7 @@ from experiments.config.schema import EvalConfig
 from experiments.evaluation import stats
 from experiments.evaluation.cohorts import cohort_metrics, patient_recognition_rate, per_patient
 from experiments.evaluation.metrics import Predictions
+from experiments.run import warn_backwards
 
 
 def probs(p_positive: list[float]) -> np.ndarray:
@@ -74,3 +77,23 @@ def test_one_class_cohort_logs_only_what_is_defined():
     assert metrics["ext_benign_patient_accuracy"] == pytest.approx(1.0)  # means 0.15, 0.45
     assert metrics["ext_benign_n_patients"] == 2 and metrics["ext_benign_n_images"] == 4
     assert all(np.isfinite(v) for v in metrics.values())
+
+
+def test_images_ranked_backwards_are_warned_of_in_the_run_summary(caplog):
+    """A cohort whose ROC-AUC interval lies wholly below 0.5 (the model confidently wrong),
+    per image and per patient; a well-ranked one is not mentioned."""
+    labels = np.repeat([0, 1], 40)
+    p_malignant = np.where(labels == 1, np.linspace(0.05, 0.45, 80), np.linspace(0.95, 0.55, 80))
+    files = tuple(f"img{i}" for i in range(80))
+    groups = tuple(f"P{i // 8}" for i in range(80))  # ten patients of one class each
+    settings = EvalConfig(seed=0, bootstrap_resamples=200)
+    metrics = {
+        **cohort_metrics(Predictions(files, labels, probs(p_malignant), groups), 1, 0.5,
+                         settings, "ext_lab_"),
+        **cohort_metrics(Predictions(files, labels, probs(1 - p_malignant), groups), 1, 0.5,
+                         settings, "ext_home_")}
+    with caplog.at_level(logging.WARNING, logger="experiments"):
+        warned = warn_backwards(metrics)
+    assert warned == ["ext_lab_patient_roc_auc", "ext_lab_roc_auc"]
+    assert "ext_lab_roc_auc 0.000 [0.000, 0.000]" in caplog.text
+    assert "ranks these images backwards" in caplog.text and "ext_home" not in caplog.text
