@@ -5,10 +5,13 @@ RUNNING ("database is locked" on the KILLED write, 2026-11-29)."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import textwrap
 
+import keras
+import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -65,3 +68,29 @@ def test_the_signal_waits_for_the_frame_that_called_into_mlflow_or_the_database(
         assert called_from_here(interrupt.protected_callers_frame(run_in(module, sys._getframe)))
     for module in ("experiments.tracking.store", "keras.src.trainers", "mlflowish"):
         assert interrupt.protected_callers_frame(run_in(module, sys._getframe)) is None
+
+
+@pytest.fixture
+def forget_signals():
+    yield
+    interrupt._received.clear()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_stop_lost_in_a_finaliser_is_raised_after_the_next_batch(forget_signals):
+    """A SIGTERM whose handler runs inside a finaliser: Python prints and ignores the
+    SystemExit, and training goes on - unless StopWhenSignalled is among its callbacks."""
+
+    class Finaliser:
+        def __del__(self) -> None:  # the handler, as if the signal arrived in here
+            interrupt._on_signal(signal.SIGTERM, sys._getframe())
+
+    Finaliser()  # collected at once: its SystemExit is lost
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile("sgd", "mse")
+    x, y = np.zeros((8, 2)), np.zeros((8, 1))
+    model.fit(x, y, batch_size=2, epochs=2, verbose=0)  # nothing stops it
+    with pytest.raises(SystemExit) as stopped:
+        model.fit(x, y, batch_size=2, epochs=2, verbose=0,
+                  callbacks=[interrupt.StopWhenSignalled()])
+    assert stopped.value.code == 128 + signal.SIGTERM

@@ -8,6 +8,10 @@ with "database is locked", leaving the run RUNNING (seen once in ~20 SIGTERMs, 2
 So while the main thread is inside MLflow or SQLAlchemy the exception waits: the frame that
 called into them gets a trace function (the way a debugger stops at a line) that raises it as
 soon as control is back in that frame.
+
+Raised inside a finaliser (a `__del__` or weakref callback that TensorFlow runs between
+steps), the exception is printed and ignored by Python, and training would go on for good:
+`StopWhenSignalled`, among every training's callbacks, raises it again after the next batch.
 """
 
 from __future__ import annotations
@@ -17,11 +21,14 @@ import sys
 from types import FrameType
 from typing import Any, NoReturn
 
+import keras
+
 # Modules that must not be interrupted halfway: MLflow (its stores, its active-run stack) and
 # the database layer under it.
 PROTECTED = ("mlflow", "sqlalchemy", "sqlite3")
 
 _pending: dict[str, Any] = {}  # the signal that waits, and the trace function it displaced
+_received: list[int] = []  # every signal handled: the process is stopping
 
 
 def stop_on_signals() -> None:
@@ -48,6 +55,7 @@ def protected_callers_frame(frame: FrameType | None) -> FrameType | None:
 
 
 def _on_signal(signum: int, frame: FrameType | None) -> None:
+    _received.append(signum)
     caller = protected_callers_frame(frame)
     if caller is None:
         _stop(signum)
@@ -75,3 +83,12 @@ def _stop(signum: int) -> NoReturn:
     if signum == signal.SIGINT:
         raise KeyboardInterrupt
     raise SystemExit(128 + signum)  # unwinds `with` blocks: the MLflow run ends KILLED
+
+
+class StopWhenSignalled(keras.callbacks.Callback):
+    """Stops training after the batch during which a SIGTERM or Ctrl-C arrived, if its
+    exception has not already (it was lost in a finaliser, or waits on a store call)."""
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        if _received:
+            _stop(_received[-1])

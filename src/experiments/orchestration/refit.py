@@ -19,6 +19,7 @@ from experiments.config.schema import Config
 from experiments.data import loading, pipeline
 from experiments.data import splits as splits_lib
 from experiments.evaluation import metrics
+from experiments.orchestration import interrupt
 from experiments.serving import export
 from experiments.tracking import epoch_logger, records, run_records, store
 from experiments.training import probe
@@ -79,7 +80,8 @@ def train_refit(settings: Config, components: Components, loaded: loading.Loaded
                                                  n_classes, trainer.batch_size, augment,
                                                  trainer.seed, patch_size)
             train_without_validation(model, train_ds, epochs,
-                                     [epoch_logger.MlflowEpochLogger()], trainer.verbose,
+                                     [epoch_logger.MlflowEpochLogger(),
+                                      interrupt.StopWhenSignalled()], trainer.verbose,
                                      second_stage)
         records.log_artifact(splits_lib.write_split_table(splits, output_dir / "splits.csv"))
     return export.deliverable(model, loaded.image_size, patch_size, stain_layer), plain

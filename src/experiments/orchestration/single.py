@@ -29,6 +29,7 @@ from experiments.evaluation import evaluate
 from experiments.evaluation import figures as figures_lib
 from experiments.models import features
 from experiments.models.backbones import input_size
+from experiments.orchestration import interrupt
 from experiments.orchestration.external import (
     cached_as_ood,
     evaluate_cohorts,
@@ -224,7 +225,8 @@ def train_plan(settings: Config, prepared: Prepared, output_dir: Path, run_id: s
         history = records_lib.metric_histories(run_id, epoch_logger.MlflowEpochLogger.LOGGED)
     logger = epoch_logger.MlflowEpochLogger(history["loss"] if history else ())
     return TrainPlan(settings.trainer.epochs, prepared.callbacks, output_dir / BACKUP_DIR,
-                     [logger], history, settings.trainer.verbose, second_stage,
+                     [logger, interrupt.StopWhenSignalled()], history,
+                     settings.trainer.verbose, second_stage,
                      output_dir / TRAINING_RECORD)
 
 
