@@ -158,12 +158,16 @@ def fit_ood(settings: Config, model: keras.Model, images: ImageArray,
     (no second pass)."""
     if (coverage := ood_reference_coverage(settings)) is None:
         return None
+    pixels = None  # read once: a lazy store decodes its files on every read
     if features is None:
-        features = export.pooled_features(model, np.asarray(images))
+        pixels = np.asarray(images)
+        features = export.pooled_features(model, pixels)
     if features is None:  # the model has no pooled features
         return None
-    return fit_reference(features, coverage, seed=settings.eval.seed,
-                         images=np.asarray(images) if settings.eval.ood_stain else None)
+    if not settings.eval.ood_stain:
+        return fit_reference(features, coverage, seed=settings.eval.seed)
+    pixels = np.asarray(images) if pixels is None else pixels
+    return fit_reference(features, coverage, seed=settings.eval.seed, images=pixels)
 
 
 def test_referral(model: keras.Model, ood: OodReference, evaluation: evaluate.Evaluation,
@@ -172,11 +176,11 @@ def test_referral(model: keras.Model, ood: OodReference, evaluation: evaluate.Ev
     """test_referred and test_accepted_accuracy: how many same-source test images the model
     would refer, and its accuracy on the rest (at the validation threshold); `features` as for
     `fit_ood`."""
+    pixels = np.asarray(images)  # once: a lazy store decodes its files on every read
     if features is None:
-        features = export.pooled_features(model, np.asarray(images))
+        features = export.pooled_features(model, pixels)
     if features is None:
         return {}
     test = evaluation.test
     correct = decisions(test.probabilities, positive, evaluation.threshold) == test.labels
-    return referral_metrics(ood.score(features, np.asarray(images)), correct, ood, "test_",
-                            foreign=False)
+    return referral_metrics(ood.score(features, pixels), correct, ood, "test_", foreign=False)
