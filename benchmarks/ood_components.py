@@ -26,9 +26,11 @@ from sklearn.metrics import roc_auc_score
 from experiments.serving import export
 from experiments.serving.inference import Predictor
 from experiments.serving.ood import (
-    REFERENCE_FOLDS,
     StainReference,
     euclidean_knn_distance,
+    fit_reference,
+    held_out_distances,
+    reference_folds,
     stain_statistics,
 )
 
@@ -57,13 +59,8 @@ def stain_only(train: np.ndarray, foreign: np.ndarray, same: np.ndarray, coverag
     """Held-out and foreign distances of the stain statistics alone, their threshold (the
     folds `fit_reference` draws for the same seed), and the same-source images' distances."""
     reference = StainReference.of(stain_statistics(train))
-    n = len(train)
-    fold_of = np.random.default_rng(seed).permutation(n) % REFERENCE_FOLDS
-    held_out = np.empty(n)
-    for fold in range(REFERENCE_FOLDS):
-        inside = fold_of != fold
-        held_out[~inside] = euclidean_knn_distance(reference.statistics[inside],
-                                                   reference.statistics[~inside], k)
+    held_out = held_out_distances(reference.statistics, euclidean_knn_distance, k,
+                                  reference_folds(len(train), seed=seed))
     scores = reference.distance(stain_statistics(foreign), k)
     return (held_out, scores, float(np.quantile(held_out, coverage)),
             reference.distance(stain_statistics(same), k))
@@ -103,16 +100,15 @@ def main() -> None:
     threshold = predictor.info.threshold if predictor.info.threshold is not None else 0.5
     answers = np.where(p >= threshold, names[positive], names[1 - positive])
     correct = answers == np.array(labels)
+    train_features, foreign_features, same_features = (
+        export.pooled_features(predictor.model, images) for images in (train, foreign, same))
+    if train_features is None or foreign_features is None:
+        raise SystemExit(f"{args.model} has no pooled features to refer by")
     rows = []
-    for label, stain in (("pooled features", False), ("features + stain", True)):
-        reference = export.ood_reference(predictor.model, train, args.coverage, args.seed,
-                                         stain=stain)
-        if reference is None:
-            raise SystemExit(f"{args.model} has no pooled features to refer by")
-        features = export.pooled_features(predictor.model, foreign)
-        same_scores = (reference.score(export.pooled_features(predictor.model, same), same)
-                       if len(same) else np.empty(0))
-        rows.append(row(label, reference.held_out, reference.score(features, foreign),
+    for label, stain in (("pooled features", None), ("features + stain", train)):
+        reference = fit_reference(train_features, args.coverage, seed=args.seed, images=stain)
+        same_scores = (reference.score(same_features, same) if len(same) else np.empty(0))
+        rows.append(row(label, reference.held_out, reference.score(foreign_features, foreign),
                         reference.threshold, correct, same_scores))
     held_out, scores, threshold, same_scores = stain_only(train, foreign, same, args.coverage,
                                                           seed=args.seed)

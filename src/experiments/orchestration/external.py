@@ -158,16 +158,13 @@ def fit_ood(settings: Config, model: keras.Model, images: ImageArray,
     (no second pass)."""
     if (coverage := ood_reference_coverage(settings)) is None:
         return None
-    pixels = None  # read once: a lazy store decodes its files on every read
     if features is None:
-        pixels = np.asarray(images)
-        features = export.pooled_features(model, pixels)
+        images = np.asarray(images)  # read once: a lazy store decodes its files on every read
+        features = export.pooled_features(model, images)
     if features is None:  # the model has no pooled features
         return None
-    if not settings.eval.ood_stain:
-        return fit_reference(features, coverage, seed=settings.eval.seed)
-    pixels = np.asarray(images) if pixels is None else pixels
-    return fit_reference(features, coverage, seed=settings.eval.seed, images=pixels)
+    return fit_reference(features, coverage, seed=settings.eval.seed,
+                         images=np.asarray(images) if settings.eval.ood_stain else None)
 
 
 def test_referral(model: keras.Model, ood: OodReference, evaluation: evaluate.Evaluation,
@@ -176,11 +173,12 @@ def test_referral(model: keras.Model, ood: OodReference, evaluation: evaluate.Ev
     """test_referred and test_accepted_accuracy: how many same-source test images the model
     would refer, and its accuracy on the rest (at the validation threshold); `features` as for
     `fit_ood`."""
-    pixels = np.asarray(images)  # once: a lazy store decodes its files on every read
     if features is None:
-        features = export.pooled_features(model, pixels)
+        images = np.asarray(images)  # read once: a lazy store decodes its files on every read
+        features = export.pooled_features(model, images)
     if features is None:
         return {}
     test = evaluation.test
     correct = decisions(test.probabilities, positive, evaluation.threshold) == test.labels
-    return referral_metrics(ood.score(features, pixels), correct, ood, "test_", foreign=False)
+    scores = ood.score(features, None if ood.stain is None else np.asarray(images))
+    return referral_metrics(scores, correct, ood, "test_", foreign=False)

@@ -18,6 +18,7 @@ this project installed.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -199,6 +200,22 @@ def check_reference_size(n: int, coverage: float, folds: int = REFERENCE_FOLDS) 
                           f"eval.ood_coverage=null. Received: {n} training images")
 
 
+def reference_folds(n: int, folds: int = REFERENCE_FOLDS, seed: int = 0) -> np.ndarray:
+    """The fold of each of a reference's n images, for its held-out scores."""
+    return np.random.default_rng(seed).permutation(n) % folds
+
+
+def held_out_distances(rows: np.ndarray, distance: Callable[[np.ndarray, np.ndarray, int],
+                                                             np.ndarray],
+                       k: int, fold_of: np.ndarray) -> np.ndarray:
+    """Each row's `distance(reference, queries, k)` to the rows of the other folds."""
+    held_out = np.empty(len(rows))
+    for fold in np.unique(fold_of):
+        inside = fold_of != fold
+        held_out[~inside] = distance(rows[inside], rows[~inside], k)
+    return held_out
+
+
 def fit_reference(features: np.ndarray, coverage: float, k: int = 5,
                   folds: int = REFERENCE_FOLDS, seed: int = 0,
                   images: np.ndarray | None = None) -> OodReference:
@@ -213,15 +230,11 @@ def fit_reference(features: np.ndarray, coverage: float, k: int = 5,
     if images is not None and len(images) != n:
         raise ValueError(f"fit_reference got {n} feature rows and {len(images)} images")
     stain = None if images is None else StainReference.of(stain_statistics(images))
-    fold_of = np.random.default_rng(seed).permutation(n) % folds
-    held_out, held_out_stain = np.empty(n), np.empty(n)
-    for fold in range(folds):
-        inside = fold_of != fold
-        held_out[~inside] = knn_distance(reference[inside], reference[~inside], k)
-        if stain is not None:
-            held_out_stain[~inside] = euclidean_knn_distance(
-                stain.statistics[inside], stain.statistics[~inside], k)
+    fold_of = reference_folds(n, folds, seed)
+    held_out = held_out_distances(reference, knn_distance, k, fold_of)
     if stain is not None:
+        held_out_stain = held_out_distances(stain.statistics, euclidean_knn_distance, k,
+                                            fold_of)
         stain = stain.with_spread(held_out, held_out_stain)
         held_out = stain.combined(held_out, held_out_stain)
     return OodReference(reference, k, float(np.quantile(held_out, coverage)), coverage,
