@@ -28,6 +28,7 @@ from experiments.config.schema import CONFIG_MODULE, Config, register_configs
 from experiments.errors import ConfigError, RunStateError, UserError, exit_with
 from experiments.orchestration import crossval, interrupt, resume
 from experiments.orchestration import single as single_lib
+from experiments.tracking import records
 from experiments.tracking import store as store_lib
 from experiments.training import distribute
 from experiments.training.runtime import set_threads
@@ -178,7 +179,7 @@ def print_summary(run_id: str, metrics: dict[str, float], best_epoch: int | None
     if "val_threshold" in metrics:
         print(f"  threshold on p(positive), chosen on validation: {metrics['val_threshold']:.4f}")
     print_cohorts(metrics)
-    warn_backwards(metrics)
+    flag_backwards(run_id, metrics, tracking_uri)
     print(f"Open the MLflow UI: {store_lib.ui_command(tracking_uri)}")
 
 
@@ -193,6 +194,19 @@ def warn_backwards(metrics: dict[str, float]) -> list[str]:
                     f"{metrics[f'{key}_ci_high']:.3f}]: the model ranks these images backwards "
                     "(the whole interval below 0.5). Do not use its answers on such images.")
     return inverted
+
+
+BACKWARDS_TAG = "warning_ranked_backwards"
+
+
+def flag_backwards(run_id: str, metrics: dict[str, float], tracking_uri: str) -> None:
+    """`warn_backwards`, and the same warning as a tag on the run, where the MLflow UI shows it
+    beside the metrics (the printed summary is gone once the terminal is)."""
+    inverted = warn_backwards(metrics)
+    if inverted:
+        records.tag_ended_run(tracking_uri, run_id, {BACKWARDS_TAG: (
+            "ROC-AUC interval wholly below 0.5 - do not use the model's answers on these "
+            "images: " + ", ".join(inverted))})
 
 
 def print_cohorts(metrics: dict[str, float]) -> None:

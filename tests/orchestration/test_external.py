@@ -5,14 +5,16 @@ in training, selection or calibration."""
 from __future__ import annotations
 
 import csv
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from experiments import predict
+from experiments.data.demo import ensure_demo_dataset
 from experiments.errors import DataError
-from experiments.run import run
+from experiments.run import BACKWARDS_TAG, run
 from experiments.tracking.comparison import table_metrics
 from tests.conftest import all_runs, artifact_files, client_for, read_csv, write_image
 from tests.data.test_layouts import breakhis_tree
@@ -65,6 +67,22 @@ def test_cohorts_are_scored_by_the_final_model_and_change_nothing_else(tmp_path,
                                [float(r["p_malignant"]) for r in expected], atol=1e-5)
     assert [r["decision"] for r in rows] == [r["decision"] for r in expected]
 
+
+
+def test_a_cohort_ranked_backwards_is_tagged_on_its_run(tmp_path, make_config, caplog):
+    """Fresh demo images with their class folders swapped: the model ranks them backwards,
+    and the run carries the warning as a tag (the MLflow UI shows it), not only in the printed
+    summary."""
+    demo = ensure_demo_dataset(tmp_path / "demo", images_per_class=20, size=48, seed=7)
+    swapped = tmp_path / "swapped"
+    for label, other in (("benign", "malignant"), ("malignant", "benign")):
+        shutil.copytree(demo / label, swapped / other)
+    run(make_config("finetune=linear_probe", "eval.tta=none", "mlflow.experiment_name=inv",
+                    f"+eval.external.swapped={swapped}"))
+    (scored,) = all_runs(client_for(tmp_path), "inv")
+    assert scored.data.metrics["ext_swapped_roc_auc_ci_high"] < 0.5
+    assert "ext_swapped_roc_auc" in scored.data.tags[BACKWARDS_TAG]
+    assert "ranks these images backwards" in caplog.text
 
 
 def test_a_cohort_changes_nothing_in_training_selection_or_calibration(tmp_path, make_config):

@@ -69,6 +69,13 @@ def set_tags(tags: Mapping[str, str]) -> None:
     mlflow.set_tags(dict(tags))
 
 
+def tag_ended_run(tracking_uri: str, run_id: str, tags: Mapping[str, str]) -> None:
+    """Tags on a run that has already ended: what its summary found in its final metrics."""
+    client = MlflowClient(tracking_uri)
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+
+
 def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
     mlflow.log_artifact(str(path), artifact_path=artifact_path)
 
