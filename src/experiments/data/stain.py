@@ -32,6 +32,11 @@ _EPSILON = 216 / 24389  # CIE constants
 _KAPPA = 24389 / 27
 _BETA = 0.15  # optical density below which a pixel counts as background (Macenko)
 _ALPHA = 1.0  # percentile of the extreme angles (Macenko)
+_MIN_TISSUE_PIXELS = 50  # fewer: the image passes unchanged
+# Stand-in stain vectors (Macenko et al. 2009's H&E reference) for an image without enough
+# tissue, whose own estimate is undefined (NaN without a single tissue pixel): they keep the
+# concentrations finite - the image passes unchanged anyway.
+_FALLBACK_STAINS = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11]], np.float32)
 
 
 def check_method(method: str) -> None:
@@ -108,12 +113,14 @@ def macenko_estimate(images: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor
     hematoxylin_first = (first[:, 0] > second[:, 0])[:, None]  # H absorbs more red
     stains = tf.stack([tf.where(hematoxylin_first, first, second),
                        tf.where(hematoxylin_first, second, first)], axis=1)  # (n, 2, 3)
+    enough = tf.squeeze(count, 1) >= _MIN_TISSUE_PIXELS
+    fallback = _FALLBACK_STAINS / np.linalg.norm(_FALLBACK_STAINS, axis=1, keepdims=True)
+    stains = tf.where(enough[:, None, None], stains, tf.constant(fallback))
     gram = tf.einsum("nsc,ntc->nst", stains, stains) + 1e-6 * tf.eye(2)
     concentrations = tf.einsum("npc,nsc,nst->npt", density, stains, tf.linalg.inv(gram))
     everything = tf.ones_like(concentrations[..., 0], dtype=tf.bool)
     max_concentration = tf.stack([_masked_percentile(concentrations[..., s], everything, 99.0)
                                   for s in range(2)], axis=1)
-    enough = tf.squeeze(count, 1) >= 50
     return stains, max_concentration, concentrations, enough
 
 
