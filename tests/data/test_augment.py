@@ -11,6 +11,7 @@ from experiments.data.transforms import (
     dihedral_view,
     hed_jitter,
     random_dihedral,
+    random_scale,
     tta_view,
     tta_view_tensor,
     zoom_in,
@@ -21,6 +22,7 @@ BATCH = tf.random.uniform((6, 32, 32, 3), 0, 255, seed=3)
 OPTIONS = {
     "dihedral": {"dihedral": True},
     "crop": {"crop_scale": 0.5},
+    "multiscale": {"multiscale": True},
     "hed": {"hed_sigma": 0.1, "hed_bias": 0.05},
     "color": {"brightness": 0.1, "contrast": 0.2, "saturation": 0.2, "hue": 0.05},
     "blur": {"blur_sigma": 1.5, "blur_probability": 1.0},
@@ -85,6 +87,20 @@ def test_the_tta_views_are_the_dihedral_ones_then_the_same_zoomed_out_then_in():
         np.testing.assert_allclose(tta_view(image, view).numpy(), expected.numpy())
         np.testing.assert_allclose(tta_view_tensor(image, tf.constant(view)).numpy(),
                                    expected.numpy())
+
+
+def test_multiscale_shows_each_image_as_it_is_or_zoomed_out_or_in():
+    """Each image is exactly one of the three test-time scales, and a batch holds all three."""
+    images = tf.random.uniform((24, 16, 16, 3), 0, 255, seed=5)
+    scaled = random_scale(images, tf.constant([1, 2], tf.int64)).numpy()
+    candidates = [images.numpy(), zoom_out(images).numpy(), zoom_in(images).numpy()]
+    chosen = [[np.allclose(s, c[i], atol=1e-4) for c in candidates]
+              for i, s in enumerate(scaled)]
+    assert all(sum(match) == 1 for match in chosen)
+    assert {match.index(True) for match in chosen} == {0, 1, 2}
+    augment = TissueAugmentation(seed=1, dihedral=True, multiscale=True)  # as training runs it:
+    batches = tf.data.Dataset.from_tensor_slices(images).batch(10).map(augment)  # batch dim None
+    assert [b.shape[0] for b in batches] == [10, 10, 4]
 
 
 def test_hed_jitter_without_jitter_is_the_identity_and_moves_stains_otherwise():

@@ -128,6 +128,9 @@ class TissueAugmentationConfig:
     dihedral: bool = False
     # Random resized crop of at least this share of the area (1.0: off).
     crop_scale: float = 1.0
+    # Each image at x1, x0.5 or x2 magnification (a third each; the scales of
+    # eval.tta=rot90_multiscale): a network trained end to end sees tissue at three scales.
+    multiscale: bool = False
     # HED stain jitter (Tellez et al. 2019): factor U(1-sigma, 1+sigma), shift U(-bias, bias).
     hed_sigma: float = 0.0
     hed_bias: float = 0.0

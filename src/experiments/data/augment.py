@@ -21,6 +21,7 @@ from experiments.data.transforms import (
     random_blur,
     random_dihedral,
     random_resized_crop,
+    random_scale,
 )
 from experiments.errors import ConfigError
 
@@ -89,9 +90,9 @@ def _check_range(key: str, value: float, low: float, high: float, *,
 
 class TissueAugmentation:
     """Augmentations that suit H&E tissue, each off at its neutral value, applied in order:
-    random resized crop -> dihedral view -> HED stain jitter -> brightness/contrast/
-    saturation/hue jitter -> gaussian blur -> RandAugment; then, with the labels, mixup or
-    CutMix (`mix`).
+    random resized crop -> magnification (x1, x0.5 or x2) -> dihedral view -> HED stain
+    jitter -> brightness/contrast/saturation/hue jitter -> gaussian blur -> RandAugment; then,
+    with the labels, mixup or CutMix (`mix`).
 
     Every random draw is per image, stateless and keyed on the batch's seed (from the training
     pipeline; from one seeded generator when called without one), so a run repeats exactly
@@ -99,8 +100,9 @@ class TissueAugmentation:
     """
 
     def __init__(self, seed: int, dihedral: bool = False, crop_scale: float = 1.0,
-                 hed_sigma: float = 0.0, hed_bias: float = 0.0, brightness: float = 0.0,
-                 contrast: float = 0.0, saturation: float = 0.0, hue: float = 0.0,
+                 multiscale: bool = False, hed_sigma: float = 0.0, hed_bias: float = 0.0,
+                 brightness: float = 0.0, contrast: float = 0.0, saturation: float = 0.0,
+                 hue: float = 0.0,
                  blur_sigma: float = 0.0, blur_probability: float = 0.5,
                  randaugment_ops: int = 0, randaugment_magnitude: float = 0.5,
                  mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0) -> None:
@@ -121,6 +123,7 @@ class TissueAugmentation:
         self.mixup_alpha, self.cutmix_alpha = mixup_alpha, cutmix_alpha
         self.dihedral = dihedral
         self.crop_scale = crop_scale
+        self.multiscale = multiscale
         self.hed_sigma, self.hed_bias = hed_sigma, hed_bias
         self.brightness, self.contrast = brightness, contrast
         self.saturation, self.hue = saturation, hue
@@ -136,8 +139,9 @@ class TissueAugmentation:
         neutral = TissueAugmentation(seed=0, dihedral=True)
         return self.dihedral and all(
             getattr(self, key) == getattr(neutral, key)
-            for key in ("crop_scale", "hed_sigma", "hed_bias", "brightness", "contrast",
-                        "saturation", "hue", "blur_sigma", "mixup_alpha", "cutmix_alpha")
+            for key in ("crop_scale", "multiscale", "hed_sigma", "hed_bias", "brightness",
+                        "contrast", "saturation", "hue", "blur_sigma", "mixup_alpha",
+                        "cutmix_alpha")
         ) and self._randaugment is None
 
     def _seed(self, seed: tf.Tensor | None) -> tf.Tensor:
@@ -152,6 +156,8 @@ class TissueAugmentation:
         n = tf.shape(images)[0]
         if self.crop_scale < 1.0:
             images = random_resized_crop(images, self.crop_scale, seed + 1)
+        if self.multiscale:
+            images = random_scale(images, seed + 6)
         if self.dihedral:
             images = random_dihedral(images, dihedral_views(n, seed))
         if self.hed_sigma or self.hed_bias:

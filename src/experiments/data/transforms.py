@@ -102,6 +102,16 @@ def zoom_in(images: tf.Tensor) -> tf.Tensor:
     return tf.image.resize(centre, (height, width), method="bilinear")
 
 
+def random_scale(images: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+    """Each image at one of three magnifications, a third of the batch each on average: as it
+    is, at half (`zoom_out`) or at twice it (`zoom_in`) - the scales of `rot90_multiscale`'s
+    test views, so a network trained end to end learns the tissue at all three."""
+    scale = tf.random.stateless_uniform([tf.shape(images)[0]], seed, 0, 3, dtype=tf.int32)
+    scale = tf.reshape(scale, [-1, 1, 1, 1])
+    return tf.where(scale == 1, zoom_out(images),
+                    tf.where(scale == 2, zoom_in(images), images))
+
+
 def tta_view(images: tf.Tensor, view: int) -> tf.Tensor:
     """View `view` of eval.tta's views: dihedral view `view % 8`; at half the magnification
     for views 8-15 (`dihedral_zoom`, `rot90_zoom`), at twice it for views 16-23
