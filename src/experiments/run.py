@@ -234,11 +234,21 @@ def main(cfg: DictConfig) -> float:
     interrupt.stop_on_signals()  # SIGTERM and Ctrl-C end the MLflow run KILLED
     try:
         return run(cfg, list(HydraConfig.get().overrides.task))
-    except UserError as error:
+    except Exception as error:
         if HydraConfig.get().mode == RunMode.MULTIRUN:
+            report_failed_job(error)
             raise  # the job fails (its run ends FAILED); the sweep goes on
-        exit_with(error)
-        raise  # unreachable: exit_with raises SystemExit
+        if isinstance(error, UserError):
+            exit_with(error)
+        raise
+
+
+def report_failed_job(error: Exception) -> None:
+    """Say so when a sweep's job fails: Hydra goes on to the next job in silence and prints
+    the error only when the whole sweep ends, hours later in a long one."""
+    log.error(f"This job failed: {type(error).__name__}: {error}\nThe sweep goes on; it exits "
+              "with an error when it ends, and Hydra prints the traceback then (the job's "
+              "MLflow run, if it started, is FAILED with the traceback in error.txt).")
 
 
 if __name__ == "__main__":

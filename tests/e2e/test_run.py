@@ -115,6 +115,24 @@ def test_failing_job_ends_failed_and_leaves_no_active_run(tmp_path, make_config)
     assert finished.info.status == "FINISHED"
 
 
+def test_a_failing_job_in_a_sweep_is_reported_when_it_fails(tmp_path):
+    """Hydra goes on to the next job without a word and reports the failure only at the end:
+    the job says so itself, before the next one starts; the sweep still exits with an error
+    and the other job finishes."""
+    missing = tmp_path / "missing" / "dir" / "log.csv"  # CSVLogger fails as training starts
+    result = run_cli(["-m", *SMALL, "trainer.epochs=1", f"paths.root={tmp_path}",
+                      "mlflow.experiment_name=sweep_fail",
+                      "+callbacks.csv._target_=keras.callbacks.CSVLogger",
+                      f"+callbacks.csv.filename={missing},{tmp_path / 'log.csv'}"], tmp_path)
+    assert result.returncode != 0
+    said = result.stdout.index("This job failed: FileNotFoundError")
+    assert said < result.stdout.index("#1 : ")  # before Hydra launches the next job
+    jobs = [r for r in all_runs(client_for(tmp_path), "sweep_fail")
+            if "mlflow.parentRunId" in r.data.tags]  # not the sweep's parent run
+    failed, finished = sorted(jobs, key=lambda r: r.info.status)
+    assert (failed.info.status, finished.info.status) == ("FAILED", "FINISHED")
+
+
 @pytest.mark.slow  # ~30 s: the whole quickstart
 def test_quickstart_learns_the_demo(tmp_path):
     """The README's first command: well above chance on the synthetic demo."""
