@@ -13,7 +13,10 @@ variant and cached in `--cache`. Variants of the features:
   `hed` augmentation is N=5) - used as training views beside the plain ones (`plain+hedN`) or
   instead of them (`hedN`); tested on the plain views;
 - macenko, reinhard: every image of both sources normalised to the first source's typical
-  stain (`data.stain_normalization`, target fitted on `--data`), trained and tested normalised.
+  stain (`data.stain_normalization`, target fitted on `--data`), trained and tested normalised;
+- <variant>-l, <variant>-r: the left (top) and right (bottom) end squares of a non-square image
+  instead of its centre one - together they cover it ("covering crops"); a square image gives
+  its centre square.
 Probes: the preset's (standardised features, L2 logistic regression on every view, C by an
 inner patient-grouped 5-fold CV of the log-loss, test views averaged); `+balanced`: the two
 sources weighted equally; `+per-source`: features standardised per source (each test image with
@@ -89,6 +92,19 @@ for _layers in ("pool3_relu", "pool3_relu+pool4_relu", "pool4_relu+relu",
     RECIPES[f"multiscale, upsampled x2, {_layers}"] = (_views, _views, "")
 
 
+_GEM_VIEWS = ("plain", "zoom2up", "zoom05")
+_COVER = tuple(f"{v}-{side}" for v in _GEM_VIEWS for side in "lr")
+RECIPES["multiscale, upsampled x2, gem, covering crops"] = (
+    tuple(f"{v}@pool4_relu~gem" for v in _COVER), tuple(f"{v}@pool4_relu~gem" for v in _COVER),
+    "")
+RECIPES["multiscale, upsampled x2, gem, centre trained, covering crops tested"] = (
+    tuple(f"{v}@pool4_relu~gem" for v in _GEM_VIEWS), tuple(f"{v}@pool4_relu~gem" for v in _COVER),
+    "")
+RECIPES["multiscale, upsampled x2, gem, covering crops trained, centre tested"] = (
+    tuple(f"{v}@pool4_relu~gem" for v in _COVER), tuple(f"{v}@pool4_relu~gem" for v in _GEM_VIEWS),
+    "")
+
+
 def grey(x: tf.Tensor) -> tf.Tensor:
     """Luminance in all three channels: no stain colour left, morphology kept."""
     return tf.image.grayscale_to_rgb(tf.image.rgb_to_grayscale(x))
@@ -109,6 +125,27 @@ def haematoxylin(x: tf.Tensor) -> tf.Tensor:
 COLOUR_DROPS = {"gray": grey, "haematoxylin": haematoxylin}
 
 
+def end_square(file: str, size: int, side: str) -> np.ndarray:
+    """The first ("l": left or top) or last ("r": right or bottom) square of a non-square image
+    along its longer side, at size x size: with the other end's square, the two cover the
+    whole image, where the centre square drops its ends (a third of a BreakHis image). A
+    square image gives its centre square, exactly as `load_image(resize="crop")`."""
+    from PIL import Image
+
+    from experiments.data.decode import load_image
+
+    with Image.open(file) as image:
+        width, height = image.size
+        if width == height:
+            return load_image(file, size, resize="crop")
+        rgb = image.convert("RGB")
+    short = min(width, height)
+    offset = 0 if side == "l" else max(width, height) - short
+    box = (offset, 0, offset + short, short) if width > height else \
+        (0, offset, short, offset + short)
+    return np.asarray(rgb.crop(box).resize((size, size), Image.Resampling.BILINEAR), np.uint8)
+
+
 def at_scale(file: str, variant: str) -> np.ndarray:
     """The 224-px input of an image: its centre square (plain); zoom2: the centre 224 px of
     it decoded at 448 (twice the magnification); zoom05: decoded at 112 and mirrored out to
@@ -118,6 +155,16 @@ def at_scale(file: str, variant: str) -> np.ndarray:
     from experiments.data.decode import load_image
     from experiments.data.transforms import zoom_in
 
+    variant, _, side = variant.partition("-")
+    if side:  # one of the two end squares (end_square) instead of the centre one
+        if variant == "zoom05":
+            return np.pad(end_square(file, 112, side), ((56, 56), (56, 56), (0, 0)),
+                          mode="reflect")
+        square = end_square(file, 224, side)
+        if variant == "plain":
+            return square
+        pixels = tf.constant(square[None], tf.float32)
+        return np.asarray(zoom_in(pixels)[0]).round().clip(0, 255).astype("uint8")
     if variant == "zoom2up":
         pixels = tf.constant(load_image(file, 224, resize="crop")[None], tf.float32)
         return np.asarray(zoom_in(pixels)[0]).round().clip(0, 255).astype("uint8")
