@@ -159,7 +159,8 @@ SUMMARY_METRICS = ("accuracy", "roc_auc", "sensitivity", "specificity", "f1", "l
 
 def print_summary(run_id: str, metrics: dict[str, float], best_epoch: int | None,
                   tracking_uri: str) -> None:
-    """The headline test metrics with their intervals; every metric is in MLflow."""
+    """The headline test metrics with their intervals, and warnings (a backwards ranking is
+    also tagged on the run); every metric is in MLflow."""
     if best_epoch is None:
         print(f"\nCross-validation {run_id} finished. Pooled out-of-fold test predictions:")
     else:
