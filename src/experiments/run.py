@@ -197,15 +197,12 @@ def warn_backwards(metrics: dict[str, float]) -> list[str]:
     return inverted
 
 
-BACKWARDS_TAG = "warning_ranked_backwards"
-
-
 def flag_backwards(run_id: str, metrics: dict[str, float], tracking_uri: str) -> None:
     """`warn_backwards`, and the same warning as a tag on the run, where the MLflow UI shows it
     beside the metrics (the printed summary is gone once the terminal is)."""
     inverted = warn_backwards(metrics)
     if inverted:
-        records.tag_ended_run(tracking_uri, run_id, {BACKWARDS_TAG: (
+        records.tag_ended_run(tracking_uri, run_id, {records.BACKWARDS_TAG: (
             "ROC-AUC interval wholly below 0.5 - do not use the model's answers on these "
             "images: " + ", ".join(inverted))})
 

@@ -14,8 +14,9 @@ import pytest
 from experiments import predict
 from experiments.data.demo import ensure_demo_dataset
 from experiments.errors import DataError
-from experiments.run import BACKWARDS_TAG, run
+from experiments.run import run
 from experiments.tracking.comparison import table_metrics
+from experiments.tracking.records import BACKWARDS_TAG
 from tests.conftest import all_runs, artifact_files, client_for, read_csv, write_image
 from tests.data.test_layouts import breakhis_tree
 

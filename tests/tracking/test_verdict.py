@@ -14,6 +14,7 @@ from experiments import compare
 from experiments.evaluation import paired
 from experiments.tracking import verdict
 from experiments.tracking.comparison import find_runs, write_report
+from experiments.tracking.records import BACKWARDS_TAG
 
 
 def log_run(client: MlflowClient, experiment_id: str, tmp_path, name: str, files, labels,
@@ -56,8 +57,17 @@ def store(tmp_path):
 
 def test_runs_on_the_same_images_are_paired_and_others_refused(store, tmp_path):
     client, _, labels, strong, weak = store
-    runs = client.search_runs([client.get_experiment_by_name("verdict").experiment_id])
+    experiment_id = client.get_experiment_by_name("verdict").experiment_id
+    (res,) = client.search_runs([experiment_id], "attributes.run_name = 'res'")
+    client.set_tag(res.info.run_id, BACKWARDS_TAG, "... these images: ext_lab_roc_auc")
+    runs = client.search_runs([experiment_id])
     text, metrics = write_report(client, runs, ["backbone.name"], tmp_path / "report")
+    # a run that ranks a cohort backwards is named wherever the comparison is read
+    warning = "backbone.name=resnet50, run res: ... these images: ext_lab_roc_auc"
+    assert f"Warning: {warning}" in text
+    assert warning in (tmp_path / "report" / "comparison.md").read_text()
+    assert f"<h2>Warnings</h2><ul><li>{warning}</li></ul>" in (
+        tmp_path / "report" / "report.html").read_text()
 
     expected = paired.delong(labels, strong, weak)
     assert metrics["delta_roc_auc__densenet201_vs_resnet50"] == pytest.approx(

@@ -23,6 +23,7 @@ from sklearn import metrics as skm  # noqa: E402
 
 from experiments.errors import UserError
 from experiments.tracking import gallery, study_report, verdict
+from experiments.tracking.records import BACKWARDS_TAG
 
 matplotlib.use("Agg")
 
@@ -217,6 +218,13 @@ def plot_history(client: MlflowClient, groups: Sequence[Group], metric: str, pat
     return drawn
 
 
+def backwards_warnings(groups: Sequence[Group]) -> list[str]:
+    """The runs that rank some images backwards (their BACKWARDS_TAG): a comparison must not
+    hide that a configuration is confidently wrong on a cohort, whatever its mean scores."""
+    return [f"{group.key}, run {run.info.run_name}: {run.data.tags[BACKWARDS_TAG]}"
+            for group in groups for run in group.runs if BACKWARDS_TAG in run.data.tags]
+
+
 def summary_cells(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     """The summary table as header and cells (for the HTML report)."""
     names = _names(rows)
@@ -236,7 +244,8 @@ def write_report(client: MlflowClient, runs: Sequence[Run], group_by: Sequence[s
     output.mkdir(parents=True, exist_ok=True)
     groups = group_runs(runs, group_by)
     rows = summarize(client, groups, table_metrics(runs))
-    text = table_text(rows)
+    warnings = backwards_warnings(groups)
+    text = table_text(rows) + "".join(f"\nWarning: {line}" for line in warnings)
     (output / "comparison.md").write_text(
         f"# Comparison of {len(runs)} runs by {', '.join(group_by) or 'nothing'}\n\n"
         "Test metrics are those of each run's best checkpoint (chosen on validation); "
@@ -265,5 +274,5 @@ def write_report(client: MlflowClient, runs: Sequence[Run], group_by: Sequence[s
                                 Path(folder) / "models", output / "gallery")
     summary = verdict.write_verdict(pairs, refused, output)
     study_report.write_html(output / "report.html", title, summary_cells(rows), pairs, refused,
-                            plots, tiles, scored)
+                            plots, tiles, scored, warnings)
     return f"{text}\n{summary}", verdict.pair_metrics(pairs)

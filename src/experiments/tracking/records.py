@@ -69,6 +69,11 @@ def set_tags(tags: Mapping[str, str]) -> None:
     mlflow.set_tags(dict(tags))
 
 
+# A run whose final metrics include a ROC-AUC interval wholly below 0.5 carries this tag
+# (experiments.run); comparisons repeat it.
+BACKWARDS_TAG = "warning_ranked_backwards"
+
+
 def tag_ended_run(tracking_uri: str, run_id: str, tags: Mapping[str, str]) -> None:
     """Tags on a run that has already ended: what its summary found in its final metrics."""
     client = MlflowClient(tracking_uri)

@@ -125,14 +125,18 @@ th { background: #f3f3f3; }
 def write_html(path: Path, title: str, summary: tuple[Sequence[str], Sequence[Sequence[str]]],
                rows: Sequence[Mapping[str, Any]], refused: Sequence[str],
                plots: Sequence[tuple[str, Path]], tiles: Sequence[gallery.Tile],
-               groups: Sequence[Scored]) -> Path:
-    """report.html: the verdict, the summary table, the figures and the gallery, one file."""
+               groups: Sequence[Scored], warnings: Sequence[str]) -> Path:
+    """report.html: the verdict, the summary table, the figures and the gallery, one file;
+    `warnings` (runs that rank a cohort backwards) first."""
     names = ", ".join(group.key for group in groups) or "none"
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
              f"</title><style>{STYLE}</style></head><body>",
              f"<h1>{html.escape(title)}</h1>",
              f"<p class='muted'>Written {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC. "
              f"Configurations: {html.escape(names)}.</p>",
+             *([("<h2>Warnings</h2><ul>" + "".join(f"<li>{html.escape(line)}</li>"
+                                                  for line in warnings) + "</ul>")]
+               if warnings else []),
              "<h2>Paired verdict</h2>",
              "<p>Every two configurations tested on the same images, paired image by image: "
              f"the effect (a - b) with a 95% paired bootstrap interval ({verdict.RESAMPLES} "
