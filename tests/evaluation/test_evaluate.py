@@ -39,6 +39,26 @@ def test_bootstrap_intervals_contain_the_estimate_and_shrink_with_more_data():
     assert intervals["roc_auc"][0] == pytest.approx(roc_auc_score(labels, probs[:, 1]))
 
 
+def test_patient_intervals_of_few_patients_cover_the_population_value():
+    """8 patients of 10 images, each patient with an accuracy of its own (Beta(6, 3), mean
+    2/3): the plain percentile bootstrap's 95% interval held the population's accuracy in 86%
+    of these 300 cohorts, the expanded one in 95%."""
+    rng = np.random.default_rng(0)
+    labels, groups = np.repeat([0, 1], 40), np.repeat(np.arange(8), 10)
+    held = []
+    for trial in range(300):
+        correct = rng.random(80) < np.repeat(rng.beta(6, 3, 8), 10)
+        p = np.where(correct == (labels == 1), 0.8, 0.2)
+        _, low, high = stats.bootstrap_intervals(labels, np.stack([1 - p, p], axis=1), 1,
+                                                 n_resamples=200, seed=trial,
+                                                 groups=groups)["accuracy"]
+        held.append(low <= 2 / 3 <= high)
+    assert np.mean(held) >= 0.92
+    # a hundred images: hardly wider than the plain 95% percentiles
+    assert 0.95 < 1 - 2 * stats.expanded_tail(0.95, 100, 2) < 0.96
+    assert 1 - 2 * stats.expanded_tail(0.95, 16, 2) > 0.975  # 16 patients
+
+
 def test_bootstrap_is_seeded_and_keeps_class_counts():
     labels, probs = noisy_scores(15)
     first = stats.bootstrap_intervals(labels, probs, 1, n_resamples=200, seed=3)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import optimize
+from scipy import stats as scipy_stats
 from sklearn import metrics as skm
 
 from experiments.config.choices import THRESHOLD_METHODS
@@ -64,8 +65,8 @@ def bootstrap_intervals(labels: np.ndarray, probabilities: np.ndarray, positive:
                         confidence: float = 0.95, seed: int = 0,
                         groups: np.ndarray | None = None
                         ) -> dict[str, tuple[float, float, float]]:
-    """metric -> (point estimate, low, high), percentile bootstrap over stratified resamples
-    of images, or of whole groups (patients) when `groups` is given.
+    """metric -> (point estimate, low, high), expanded percentile bootstrap (`expanded_tail`)
+    over stratified resamples of images, or of whole groups (patients) when `groups` is given.
 
     Two classes: accuracy, roc_auc, sensitivity, specificity of p(positive) >= threshold.
     More classes: accuracy of the argmax only. `probabilities` (n, C), or (R, n, C) for R sets
@@ -98,7 +99,8 @@ def bootstrap_intervals(labels: np.ndarray, probabilities: np.ndarray, positive:
                 samples.append({"accuracy": correct[index].mean(axis=1)
                                 if isinstance(index, np.ndarray)
                                 else np.array([correct[i].mean() for i in index])})
-    tail = (1 - confidence) / 2 * 100
+    units = len(labels) if groups is None else len(np.unique(np.asarray(groups)))
+    tail = expanded_tail(confidence, units, len(np.unique(labels))) * 100
     out: dict[str, tuple[float, float, float]] = {}
     for name in samples[0]:
         point = float(np.mean([p[name][0] for p in points]))
@@ -108,6 +110,22 @@ def bootstrap_intervals(labels: np.ndarray, probabilities: np.ndarray, positive:
         low, high = np.nanpercentile(values[np.isfinite(values)], [tail, 100 - tail])
         out[name] = (point, float(low), float(high))
     return out
+
+
+def expanded_tail(confidence: float, units: int, strata: int) -> float:
+    """The tail probability of each end of an expanded percentile interval (Hesterberg 2015):
+    the plain percentile bootstrap is too narrow with few resampled units. Its 95% intervals
+    of 8 of the 16 BreakHis patients held the other 8's accuracy in 56-71% of random halvings
+    (an exact interval: about 83%; expanded: 73-85%), and those of simulated 8-patient
+    cohorts the population's accuracy in 86% (expanded: 95%). The nominal z is replaced by
+    sqrt(n / (n - k)) * t(n - k), n units (images, or patients) in k class strata: a
+    16-patient cohort's intervals widen by about 1.17x, a hundred images' by 1.02x."""
+    tail = (1 - confidence) / 2
+    dof = units - strata
+    if dof < 1:
+        return tail
+    z = np.sqrt(units / dof) * scipy_stats.t.ppf(1 - tail, dof)
+    return float(scipy_stats.norm.sf(z))
 
 
 def _resampled(truth: np.ndarray, score: np.ndarray, index: np.ndarray | list[np.ndarray],
