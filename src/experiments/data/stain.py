@@ -37,6 +37,7 @@ _MIN_TISSUE_PIXELS = 50  # fewer: the image passes unchanged
 # tissue, whose own estimate is undefined (NaN without a single tissue pixel): they keep the
 # concentrations finite - the image passes unchanged anyway.
 _FALLBACK_STAINS = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11]], np.float32)
+_FALLBACK_STAINS /= np.linalg.norm(_FALLBACK_STAINS, axis=1, keepdims=True)
 
 
 def check_method(method: str) -> None:
@@ -114,8 +115,7 @@ def macenko_estimate(images: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor
     stains = tf.stack([tf.where(hematoxylin_first, first, second),
                        tf.where(hematoxylin_first, second, first)], axis=1)  # (n, 2, 3)
     enough = tf.squeeze(count, 1) >= _MIN_TISSUE_PIXELS
-    fallback = _FALLBACK_STAINS / np.linalg.norm(_FALLBACK_STAINS, axis=1, keepdims=True)
-    stains = tf.where(enough[:, None, None], stains, tf.constant(fallback))
+    stains = tf.where(enough[:, None, None], stains, tf.constant(_FALLBACK_STAINS))
     gram = tf.einsum("nsc,ntc->nst", stains, stains) + 1e-6 * tf.eye(2)
     concentrations = tf.einsum("npc,nsc,nst->npt", density, stains, tf.linalg.inv(gram))
     everything = tf.ones_like(concentrations[..., 0], dtype=tf.bool)
