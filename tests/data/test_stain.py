@@ -9,6 +9,7 @@ import tensorflow as tf
 from experiments.data import stain
 from experiments.data.folders import read_folder
 from experiments.data.transforms import hed_jitter
+from experiments.errors import DataError
 from experiments.serving.export import deliverable
 from experiments.serving.inference import load_model as load_checkpoint
 from tests.conftest import SHARED_TRAIN, prepare
@@ -54,21 +55,29 @@ def test_normalisation_removes_stain_variation(method, ratio):
         np.testing.assert_allclose(np.reshape(layer.target[:6], (2, 3)), H_AND_E, atol=0.1)
 
 
-def test_macenko_passes_images_without_tissue_and_normalises_the_rest_as_alone():
+@pytest.mark.parametrize("method", stain.METHODS)
+def test_images_without_tissue_pass_unchanged_and_the_rest_is_normalised_as_alone(method):
     """A blank (glass-only) tile and one with a few dark pixels, in training and in a batch to
-    predict: no error (a blank tile's own stain estimate is undefined), they pass unchanged,
-    and the tissue beside them is normalised exactly as without them."""
+    predict: no error (a blank tile's own Macenko estimate is undefined), they pass unchanged
+    (Reinhard would colour glass like tissue), and the tissue beside them is normalised
+    exactly as without them, by a target fitted on the tissue alone."""
     tissue = render(beer_lambert_tiles(4), np.ones((4, 2)))
     blank = np.full((2, 32, 32, 3), 255, np.uint8)
     blank[1, :2, :2] = 30  # 4 tissue pixels: too few to estimate stains from
     mixed = np.concatenate([blank[:1], tissue[:2], blank[1:], tissue[2:]])
-    layer = stain.fit("macenko", mixed)
-    np.testing.assert_allclose(layer.target, stain.fit("macenko", tissue).target, atol=1e-6)
+    layer = stain.fit(method, mixed)
+    np.testing.assert_allclose(layer.target, stain.fit(method, tissue).target, atol=1e-5)
     normalised = stain.apply(layer, mixed)
     np.testing.assert_array_equal(normalised[[0, 3]], blank)
     np.testing.assert_array_equal(normalised[[1, 2, 4, 5]], stain.apply(layer, tissue))
     served = tf.function(layer)(tf.constant(mixed, tf.float32))  # as inside a logged model
     np.testing.assert_array_equal(served.numpy()[[0, 3]], blank)
+
+
+@pytest.mark.parametrize("method", stain.METHODS)
+def test_training_images_without_any_tissue_name_the_method(method):
+    with pytest.raises(DataError, match=f"(?i){method}.*no tissue"):
+        stain.fit(method, np.full((3, 32, 32, 3), 255, np.uint8))
 
 
 @pytest.mark.skipif(not SHARED_TRAIN.is_dir(), reason="../shared/data/biopsy-seed absent")

@@ -86,13 +86,25 @@ def _masked_percentile(values: tf.Tensor, mask: tf.Tensor, q: float) -> tf.Tenso
     return tf.gather(ordered, rank, batch_dims=1)
 
 
+def optical_density(images: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """(n, p, 3) optical density of RGB batches in [0, 255], and the (n, p) mask of tissue
+    pixels (density over _BETA in every channel)."""
+    density = tf.reshape(-tf.math.log((images + 1.0) / 256.0), [tf.shape(images)[0], -1, 3])
+    return density, tf.reduce_min(density, axis=-1) > _BETA
+
+
+def has_tissue(images: tf.Tensor) -> tf.Tensor:
+    """(n,) whether each image has enough tissue pixels to be normalised; the others (a blank
+    glass tile) pass unchanged - matched to tissue statistics, glass would come out stained."""
+    _, mask = optical_density(images)
+    return tf.reduce_sum(tf.cast(mask, tf.int32), axis=1) >= _MIN_TISSUE_PIXELS
+
+
 def macenko_estimate(images: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
     """Per image: stain matrix (n, 2, 3) (rows H then E, unit optical-density vectors), 99th
     percentile concentrations (n, 2), concentrations (n, p, 2), and whether enough tissue
     pixels were found (n,)."""
-    n = tf.shape(images)[0]
-    density = tf.reshape(-tf.math.log((images + 1.0) / 256.0), [n, -1, 3])
-    mask = tf.reduce_min(density, axis=-1) > _BETA
+    density, mask = optical_density(images)
     weight = tf.cast(mask, tf.float32)[..., None]
     count = tf.reduce_sum(weight, axis=1)  # (n, 1)
     mean = tf.reduce_sum(density * weight, axis=1, keepdims=True) / tf.maximum(count[:, None], 1)
@@ -142,7 +154,7 @@ class StainNormalization(keras.layers.Layer):
             lab = rgb_to_lab(images)
             lab = ((lab - mean[:, None, None]) / std[:, None, None] * target[3:]
                    + target[:3])
-            return lab_to_rgb(lab)
+            return tf.where(has_tissue(images)[:, None, None, None], lab_to_rgb(lab), images)
         stains, max_concentration, concentrations, enough = macenko_estimate(images)
         target_stains, target_max = tf.reshape(target[:6], [2, 3]), target[6:]
         scaled = concentrations / tf.maximum(max_concentration[:, None], 1e-6) * target_max
@@ -168,9 +180,14 @@ def fit(method: str, images: ImageArray) -> StainNormalization:
     images of the per-image estimates)."""
     check_method(method)
     if method == "reinhard":
-        stats = [tf.concat(lab_statistics(batch), axis=1).numpy() for batch in _batches(images)]
-        return StainNormalization(method, list(np.median(np.concatenate(stats), axis=0)),
-                                  dtype="float32")
+        stats = [tf.concat(lab_statistics(batch), axis=1).numpy()[has_tissue(batch).numpy()]
+                 for batch in _batches(images)]
+        tissue = np.concatenate(stats)
+        if len(tissue) == 0:
+            raise DataError("Reinhard stain normalisation found no tissue (optical density > "
+                            f"{_BETA}) in any training image; use data.stain_normalization="
+                            "null")
+        return StainNormalization(method, list(np.median(tissue, axis=0)), dtype="float32")
     stains, maxima = [], []
     for batch in _batches(images):
         s, m, _, enough = macenko_estimate(batch)
