@@ -7,6 +7,10 @@ same-source images, labels not needed: the share of them referred should be abou
         --train ../shared/data/biopsy-seed/train --foreign ../shared/data/breakhis-100x \
         [--same-source ../shared/data/biopsy-seed/unlabeled]
 
+For an ensemble (a cross-validation's parent model), also the members' disagreement: the
+spread of their logits (averaged over the model's test-time views) - its threshold and AUROC
+from --same-source images, the members having trained on the reference's images.
+
 For each score: the AUROC separating the foreign images from same-source images the reference
 did not hold (its K-fold held-out scores, as the run's ext_<name>_ood_auroc), the share of
 foreign images referred at the coverage, and the model's accuracy on the ones it accepts. The
@@ -19,6 +23,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import keras
 import numpy as np
 from machine import cpu_line, print_table
 from sklearn.metrics import roc_auc_score
@@ -33,6 +38,7 @@ from experiments.serving.ood import (
     reference_folds,
     stain_statistics,
 )
+from experiments.serving.views import predict_probabilities
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"}
 
@@ -64,6 +70,20 @@ def stain_only(train: np.ndarray, foreign: np.ndarray, same: np.ndarray, coverag
     scores = reference.distance(stain_statistics(foreign), k)
     return (held_out, scores, float(np.quantile(held_out, coverage)),
             reference.distance(stain_statistics(same), k))
+
+
+def disagreement(predictor: Predictor, images: np.ndarray) -> np.ndarray | None:
+    """The standard deviation over an ensemble's members of each image's logit p(positive)
+    (each member's probabilities averaged over the model's test-time views); None for a
+    model without members."""
+    members = [layer for layer in predictor.model.layers if isinstance(layer, keras.Model)]
+    if len(members) < 2:
+        return None
+    names = predictor.info.class_names
+    positive = names.index(predictor.info.positive_class or names[-1])
+    p = np.clip([predict_probabilities(m, images, 32, predictor.info.tta)[:, positive]
+                 for m in members], 1e-6, 1 - 1e-6)
+    return np.log(p / (1 - p)).std(axis=0)
 
 
 def row(name: str, held_out: np.ndarray, scores: np.ndarray, threshold: float,
@@ -113,6 +133,11 @@ def main() -> None:
     held_out, scores, threshold, same_scores = stain_only(train, foreign, same, args.coverage,
                                                           seed=args.seed)
     rows.insert(1, row("stain statistics", held_out, scores, threshold, correct, same_scores))
+    spread_same = disagreement(predictor, same) if len(same) else None
+    if spread_same is not None:
+        spread = disagreement(predictor, foreign)
+        rows.append(row("members' disagreement (against --same-source)", spread_same, spread,
+                        float(np.quantile(spread_same, args.coverage)), correct, spread_same))
     print(cpu_line())
     print(f"\n{args.model}: reference {len(train)} images of {args.train}, foreign "
           f"{len(foreign)} of {args.foreign}; coverage {args.coverage}; accuracy of all "

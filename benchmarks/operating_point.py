@@ -124,7 +124,35 @@ def shipped(x, y, strata, groups, source, design: str, seed: int):
                                          0.95, True)
     calibrated = apply_temperature(np.stack([1 - oof, oof], 1), temperature)[:, 1]
     thresholds = {rule: choose(calibrated, y, source) for rule, choose in THRESHOLDS.items()}
-    return oof, temperature, thresholds, fit_refit_like(x, y, strata, groups, seed)
+    return (oof, temperature, thresholds, fit_refit_like(x, y, strata, groups, seed),
+            per_source_points(oof, y, source))
+
+
+def per_source_points(oof: np.ndarray, y: np.ndarray, source: np.ndarray
+                      ) -> dict[int, tuple[float, float]]:
+    """Each training source's own temperature and Youden threshold, fitted on its out-of-fold
+    predictions alone."""
+    points = {}
+    for k in np.unique(source):
+        s = source == k
+        two = np.stack([1 - oof[s], oof[s]], 1)
+        temperature, _ = fit_operating_point(y[s], two, 1, "fixed", 0.5, 0.95, True)
+        calibrated = apply_temperature(two, temperature)[:, 1]
+        points[int(k)] = (temperature, choose_threshold(y[s], calibrated, "youden"))
+    return points
+
+
+def nearest_source(train: np.ndarray, train_source: np.ndarray, test: np.ndarray,
+                   k: int = 5) -> np.ndarray:
+    """The source of most of each test image's k nearest training images (cosine, view 0,
+    standardised features): where a model that knows its sources would route the image."""
+    mean, scale = standardised(train[:, :1])
+    a = (train[:, 0] - mean) / scale
+    b = (test[:, 0] - mean) / scale
+    a /= np.linalg.norm(a, axis=1, keepdims=True)
+    b /= np.linalg.norm(b, axis=1, keepdims=True)
+    nearest = np.argsort(-b @ a.T, axis=1)[:, :k]
+    return (train_source[nearest].mean(1) >= 0.5).astype(int)
 
 
 THRESHOLDS = {  # where the decision threshold is chosen (Youden's J) on the out-of-fold set
@@ -155,10 +183,13 @@ def one_seed(job) -> dict[str, list[tuple[float, ...]]]:
             held = np.zeros(len(y))
             decided = {rule: np.zeros(len(y), bool) for rule in THRESHOLDS}
             cut = {rule: np.zeros(len(y)) for rule in THRESHOLDS}  # each image's threshold
+            routed = np.zeros(len(y))  # per-source operating point, by the nearest source
+            decided_routed, cut_routed = np.zeros(len(y), bool), np.zeros(len(y))
+            right_route = []
             estimate, temperatures = [], []
             for train, test in StratifiedGroupKFold(5, shuffle=True, random_state=100 + seed
                                                     ).split(x, strata, groups):
-                oof, temperature, thresholds, (model, mean, scale) = shipped(
+                oof, temperature, thresholds, (model, mean, scale), points = shipped(
                     x[train], y[train], strata[train], groups[train], source[train], design,
                     seed)
                 estimate.append((np.mean((oof >= 0.5) == y[train]),
@@ -169,17 +200,30 @@ def one_seed(job) -> dict[str, list[tuple[float, ...]]]:
                     decided[rule][test] = held[test] >= threshold
                     cut[rule][test] = threshold
                 temperatures.append(temperature)
-            for rule in THRESHOLDS:
+                route = nearest_source(x[train], source[train], x[test])
+                right_route.append(np.mean(route == source[test]))
+                for k, (t_k, h_k) in points.items():
+                    r = test[route == k]
+                    q = predict(model, x[r], mean, scale)
+                    routed[r] = apply_temperature(np.stack([1 - q, q], 1), t_k)[:, 1]
+                    decided_routed[r], cut_routed[r] = routed[r] >= h_k, h_k
+            outcomes = {f"threshold: {rule}": (held, decided[rule], cut[rule])
+                        for rule in THRESHOLDS}
+            if len(np.unique(source)) > 1:
+                outcomes["per-source point, routed"] = (routed, decided_routed, cut_routed)
+                print(f"seed {seed}, {design}: {np.mean(right_route):.3f} of the held-out "
+                      "images routed to their own source", flush=True)
+            for label, (p, decision, threshold) in outcomes.items():
                 per_source = []
                 for k in np.unique(source):
                     s = source == k
-                    per_source += [np.mean(decided[rule][s] == y[s]),
-                                   roc_auc_score(y[s], held[s]), ece(held[s], y[s]),
-                                   log_loss(y[s], held[s], labels=[0, 1])]
+                    per_source += [np.mean(decision[s] == y[s]),
+                                   roc_auc_score(y[s], p[s]), ece(p[s], y[s]),
+                                   log_loss(y[s], p[s], labels=[0, 1])]
                 if len(np.unique(source)) > 1:  # the second source's patients, held out whole
                     s = source == 1
-                    per_source += patient_scores(held[s], y[s], groups[s], cut[rule][s])
-                rows.setdefault(f"{design}, threshold: {rule}", []).append(
+                    per_source += patient_scores(p[s], y[s], groups[s], threshold[s])
+                rows.setdefault(f"{design}, {label}", []).append(
                     (*np.mean(estimate, 0), *per_source, np.mean(temperatures)))
     return rows
 
