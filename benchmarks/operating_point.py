@@ -22,8 +22,13 @@ of its calibrated probabilities, and the temperature. Features: benchmarks/sourc
 (the x1, x0.5 and x2-upsampled views of `eval.tta=rot90_multiscale`; tested on views 0 and 1
 of each scale). `--sources both`: the second source (BreakHis) in training too, patient-
 grouped folds; scores on the held-out images of each source, and the second source's patients
-(the mean probability of their images). `--pooling gem`: the features
-pooled by the generalised mean (`backbone.global_pool=gem`) instead of the average.
+(the mean probability of their images); and three more ways to decide, each at 0.5 unless it
+says: a temperature and threshold per training source, each held-out image decided with those
+of the source most of its 5 nearest training images belong to (`nearest_source`); the first
+source's own pipeline (trained on it alone) for the images routed to it and the two-source
+model for the others; the same for the images the first source's own referral accepts
+(`within_first`). `--pooling gem`: the features pooled by the generalised mean
+(`backbone.global_pool=gem`) instead of the average.
 """
 
 from __future__ import annotations
@@ -142,6 +147,21 @@ def per_source_points(oof: np.ndarray, y: np.ndarray, source: np.ndarray
     return points
 
 
+def within_first(train: np.ndarray, train_source: np.ndarray, test: np.ndarray,
+                 coverage: float = 0.95, k: int = 5) -> np.ndarray:
+    """Whether each test image is as near the first source's training images as `coverage` of
+    those images are to the others (cosine distance to the k-th nearest, view 0, standardised
+    features): what the first source's own referral would accept."""
+    first = train[train_source == 0][:, 0]
+    mean, scale = first.mean(0), first.std(0) + 1e-3
+    a = (first - mean) / scale
+    b = (test[:, 0] - mean) / scale
+    a /= np.linalg.norm(a, axis=1, keepdims=True)
+    b /= np.linalg.norm(b, axis=1, keepdims=True)
+    own = np.sort(1 - a @ a.T, axis=1)[:, k]  # leave itself out (distance 0, first)
+    return np.sort(1 - b @ a.T, axis=1)[:, k - 1] <= np.quantile(own, coverage)
+
+
 def nearest_source(train: np.ndarray, train_source: np.ndarray, test: np.ndarray,
                    k: int = 5) -> np.ndarray:
     """The source of most of each test image's k nearest training images (cosine, view 0,
@@ -186,6 +206,8 @@ def one_seed(job) -> dict[str, list[tuple[float, ...]]]:
             routed = np.zeros(len(y))  # per-source operating point, by the nearest source
             decided_routed, cut_routed = np.zeros(len(y), bool), np.zeros(len(y))
             right_route = []
+            experts = np.zeros(len(y))  # the first source's own pipeline where routed there
+            cascade = np.zeros(len(y))  # ... where the first source's referral accepts
             estimate, temperatures = [], []
             for train, test in StratifiedGroupKFold(5, shuffle=True, random_state=100 + seed
                                                     ).split(x, strata, groups):
@@ -207,10 +229,27 @@ def one_seed(job) -> dict[str, list[tuple[float, ...]]]:
                     q = predict(model, x[r], mean, scale)
                     routed[r] = apply_temperature(np.stack([1 - q, q], 1), t_k)[:, 1]
                     decided_routed[r], cut_routed[r] = routed[r] >= h_k, h_k
+                if len(np.unique(source)) > 1:
+                    experts[test] = held[test]
+                    first = train[source[train] == 0]
+                    _, t_first, _, (alone, mean_first, scale_first), _ = shipped(
+                        x[first], y[first], strata[first], groups[first], source[first],
+                        design, seed)
+                    r = test[route == 0]
+                    q = predict(alone, x[r], mean_first, scale_first)
+                    experts[r] = apply_temperature(np.stack([1 - q, q], 1), t_first)[:, 1]
+                    cascade[test] = held[test]
+                    r = test[within_first(x[train], source[train], x[test])]
+                    q = predict(alone, x[r], mean_first, scale_first)
+                    cascade[r] = apply_temperature(np.stack([1 - q, q], 1), t_first)[:, 1]
             outcomes = {f"threshold: {rule}": (held, decided[rule], cut[rule])
                         for rule in THRESHOLDS}
             if len(np.unique(source)) > 1:
                 outcomes["per-source point, routed"] = (routed, decided_routed, cut_routed)
+                outcomes["first source's own model where routed there, 0.5"] = (
+                    experts, experts >= 0.5, np.full(len(y), 0.5))
+                outcomes["first source's own model where its referral accepts, 0.5"] = (
+                    cascade, cascade >= 0.5, np.full(len(y), 0.5))
                 print(f"seed {seed}, {design}: {np.mean(right_route):.3f} of the held-out "
                       "images routed to their own source", flush=True)
             for label, (p, decision, threshold) in outcomes.items():
