@@ -9,6 +9,10 @@ for two classes), and error. Probabilities use the run's test-time augmentation 
 (from model_info.json; `tta=none` turns TTA off): the same numbers as the MLflow model serves.
 mpp=<micrometres per pixel of the input images> rescales them to the model's training scale
 (a model trained with data.mpp).
+fallback=<another model, as model=>: a cascade - the first model answers the images its
+out-of-distribution reference accepts and hands the ones it refers to the fallback (e.g. a
+model trained on your images alone first, one trained on them and other laboratories' as the
+fallback); the `answered_by` column says which answered.
 Unreadable files get an error and no prediction instead of stopping the job.
 """
 
@@ -29,6 +33,7 @@ from experiments.config.choices import TTA_MODES
 from experiments.console import configure_logging
 from experiments.data.folders import IMAGE_EXTENSIONS
 from experiments.errors import UserError, report_user_errors
+from experiments.serving.cascade import Cascade
 from experiments.serving.inference import MODEL_INFO, ModelInfo, Predictor, load_model
 from experiments.tracking.store import default_store_uri
 
@@ -36,7 +41,7 @@ log = logging.getLogger(__name__)
 
 # key=value arguments and their defaults ("": not given)
 OPTIONS = {"model": "", "input": "", "output": "predictions.csv", "batch_size": "32",
-           "tracking_uri": "", "tta": "auto", "mpp": ""}
+           "tracking_uri": "", "tta": "auto", "mpp": "", "fallback": ""}
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
@@ -114,7 +119,7 @@ def list_inputs(source: str | Path) -> list[Path]:
                   and not p.name.startswith(".") and not p.is_dir())
 
 
-def predict_files(predictor: Predictor, files: Sequence[Path], output: Path,
+def predict_files(predictor: Predictor | Cascade, files: Sequence[Path], output: Path,
                   batch_size: int = 32, mpp: float | None = None) -> int:
     """Write predictions for `files` to `output` (CSV); return how many files failed."""
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -176,20 +181,33 @@ def parse_args(argv: Sequence[str]) -> dict[str, str]:
     return values
 
 
+def load_model_as_asked(args: dict[str, str], key: str, mpp: float | None) -> Predictor:
+    """The model named by `args[key]`, with the TTA asked for; refused when `mpp` is given
+    and it does not know its training scale."""
+    predictor = load_predictor(args[key], args["tracking_uri"] or None)
+    if args["tta"] != "auto":
+        predictor = dataclasses.replace(
+            predictor, info=dataclasses.replace(predictor.info, tta=args["tta"]))
+    if mpp is not None and predictor.info.input_mpp is None:
+        raise UserError(f"mpp={mpp} given but {key}={args[key]!r} does not know its "
+                        "training scale (train it with data.mpp=...)")
+    return predictor
+
+
 @report_user_errors
 def main(argv: Sequence[str] | None = None) -> None:
     configure_logging()
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    predictor = load_predictor(args["model"], args["tracking_uri"] or None)
-    if args["tta"] != "auto":
-        predictor = dataclasses.replace(
-            predictor, info=dataclasses.replace(predictor.info, tta=args["tta"]))
+    mpp = float(args["mpp"]) if args["mpp"] else None
+    models = [load_model_as_asked(args, key, mpp) for key in ("model", "fallback")
+              if args[key]]
+    try:
+        predictor = models[0] if len(models) == 1 else Cascade(*models)
+    except ValueError as error:
+        raise UserError(f"model={args['model']!r} fallback={args['fallback']!r}: "
+                        f"{error}") from error
     files = list_inputs(args["input"])
     output = Path(args["output"])
-    mpp = float(args["mpp"]) if args["mpp"] else None
-    if mpp is not None and predictor.info.input_mpp is None:
-        raise UserError(f"mpp={mpp} given but model={args['model']!r} does not know its "
-                        "training scale (train it with data.mpp=...)")
     failed = predict_files(predictor, files, output, int(args["batch_size"]), mpp)
     print(f"Wrote {len(files)} rows to {output.resolve()} ({failed} unreadable)")
 
