@@ -27,8 +27,9 @@ says: a temperature and threshold per training source, each held-out image decid
 of the source most of its 5 nearest training images belong to (`nearest_source`); the first
 source's own pipeline (trained on it alone) for the images routed to it and the two-source
 model for the others; the same for the images the first source's own referral accepts
-(`within_first`). `--pooling gem`: the features pooled by the generalised mean
-(`backbone.global_pool=gem`) instead of the average.
+(`accepted_by_first`: the project's, on the average-pooled features and the stain).
+`--pooling gem`: the features pooled by the generalised mean (`backbone.global_pool=gem`)
+instead of the average.
 """
 
 from __future__ import annotations
@@ -46,7 +47,9 @@ from sklearn.model_selection import StratifiedGroupKFold
 from sources import ece, extract, image_groups, source_arguments
 from threadpoolctl import threadpool_limits
 
+from experiments.data.decode import load_image
 from experiments.evaluation.stats import apply_temperature, choose_threshold, fit_operating_point
+from experiments.serving.ood import fit_reference
 from experiments.training.probe import C_GRID, view_folds
 
 SCALES = ("plain", "zoom05", "zoom2up")  # views 0-7, 8-15, 16-23 as the project caches them
@@ -147,19 +150,15 @@ def per_source_points(oof: np.ndarray, y: np.ndarray, source: np.ndarray
     return points
 
 
-def within_first(train: np.ndarray, train_source: np.ndarray, test: np.ndarray,
-                 coverage: float = 0.95, k: int = 5) -> np.ndarray:
-    """Whether each test image is as near the first source's training images as `coverage` of
-    those images are to the others (cosine distance to the k-th nearest, view 0, standardised
-    features): what the first source's own referral would accept."""
-    first = train[train_source == 0][:, 0]
-    mean, scale = first.mean(0), first.std(0) + 1e-3
-    a = (first - mean) / scale
-    b = (test[:, 0] - mean) / scale
-    a /= np.linalg.norm(a, axis=1, keepdims=True)
-    b /= np.linalg.norm(b, axis=1, keepdims=True)
-    own = np.sort(1 - a @ a.T, axis=1)[:, k]  # leave itself out (distance 0, first)
-    return np.sort(1 - b @ a.T, axis=1)[:, k - 1] <= np.quantile(own, coverage)
+def accepted_by_first(referral: tuple[np.ndarray, np.ndarray], train_source: np.ndarray,
+                      train: np.ndarray, test: np.ndarray, seed: int) -> np.ndarray:
+    """Whether the first source's own referral - the project's (`fit_reference`: the average-
+    pooled features and the stain statistics of its training images, 95% coverage) - accepts
+    each test image. `referral`: every image's (features, uint8 pixels)."""
+    features, images = referral
+    first = train[train_source == 0]
+    reference = fit_reference(features[first], 0.95, seed=seed, images=images[first])
+    return ~reference.refer(reference.score(features[test], images[test]))
 
 
 def nearest_source(train: np.ndarray, train_source: np.ndarray, test: np.ndarray,
@@ -195,7 +194,7 @@ def patient_scores(p: np.ndarray, y: np.ndarray, groups: np.ndarray, cut: np.nda
 def one_seed(job) -> dict[str, list[tuple[float, ...]]]:
     """Outer 5-fold: per design and threshold rule, the estimate and the shipped model's
     held-out metrics, the held-out predictions pooled over the outer folds."""
-    x, y, source, groups, seed, designs = job
+    x, y, source, groups, seed, designs, referral = job
     strata = y * 2 + source
     rows: dict[str, list] = {}
     with threadpool_limits(1, user_api="blas"):
@@ -239,7 +238,7 @@ def one_seed(job) -> dict[str, list[tuple[float, ...]]]:
                     q = predict(alone, x[r], mean_first, scale_first)
                     experts[r] = apply_temperature(np.stack([1 - q, q], 1), t_first)[:, 1]
                     cascade[test] = held[test]
-                    r = test[within_first(x[train], source[train], x[test])]
+                    r = test[accepted_by_first(referral, source[train], train, test, seed)]
                     q = predict(alone, x[r], mean_first, scale_first)
                     cascade[r] = apply_temperature(np.stack([1 - q, q], 1), t_first)[:, 1]
             outcomes = {f"threshold: {rule}": (held, decided[rule], cut[rule])
@@ -267,6 +266,16 @@ def one_seed(job) -> dict[str, list[tuple[float, ...]]]:
     return rows
 
 
+def referral_inputs(folders: dict, names: tuple[str, ...], args) -> tuple[np.ndarray,
+                                                                         np.ndarray]:
+    """What the project's referral sees of every image: the average-pooled features of the
+    plain view and the pixels as the model takes them (224 px, centre square)."""
+    plain = extract("plain", folders, args.weights, args.cache)
+    features = np.concatenate([plain[n][:, 0] for n in names])
+    files = [f for n in names for f in plain[f"{n}_files"]]
+    return features, np.stack([load_image(f, 224, resize="crop") for f in files])
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = source_arguments(__doc__)
     parser.add_argument("--sources", choices=("first", "both"), default="first")
@@ -284,8 +293,9 @@ def main(argv: list[str] | None = None) -> None:
     source = np.concatenate([np.full(len(data[0][f"{n}_labels"]), i)
                              for i, n in enumerate(names)])
     groups = image_groups(data[0], args.group_pattern, names)
+    referral = referral_inputs(folders, names, args) if len(names) > 1 else None
     with Pool(2) as pool:
-        results = pool.map(one_seed, [(x, y, source, groups, seed, args.designs)
+        results = pool.map(one_seed, [(x, y, source, groups, seed, args.designs, referral)
                                       for seed in range(args.repeats)])
     header = ("design", "estimate acc", "estimate AUC",
               *(f"{n}: {m}" for n in names for m in ("acc", "AUC", "ECE", "log-loss")),

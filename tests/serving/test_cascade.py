@@ -4,17 +4,22 @@ referral accepts, the fallback the rest."""
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
+import mlflow.pyfunc
 import numpy as np
+import pandas as pd
 import pytest
+from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from experiments import predict
+from experiments import cascade, predict
 from experiments.errors import UserError
 from experiments.serving import inference
 from experiments.serving.cascade import Cascade
 from experiments.serving.ood import fit_reference
+from experiments.tracking import model_registry, records, store
 from tests.serving.test_ood import tiny_classifier
 
 CLASSES = ("benign", "malignant")
@@ -108,3 +113,43 @@ def test_a_cascade_refuses_models_it_cannot_chain(tmp_path):
     with pytest.raises(UserError, match="needs an out-of-distribution reference"):
         predict.main.__wrapped__([f"model={plain}", f"fallback={first}", *base])
     assert not (tmp_path / "out.csv").exists()
+
+
+def logged_run(folder: Path, name: str) -> str:
+    """A run whose logged model is the one saved in `folder`."""
+    info = json.loads((folder / "model_info.json").read_text())
+    if (folder / "ood.npz").is_file():
+        info["ood"] = {"coverage": 0.9}
+    with store.open_run("0", name, {}) as run_id:
+        records.set_tags({"model_uri": model_registry.log_model(folder, info)})
+    return run_id
+
+
+def test_a_logged_cascade_predicts_and_serves_as_the_two_models_do(tmp_path):
+    """experiments.cascade logs one MLflow model: predict (by run id) and the pyfunc model
+    MLflow serves give the rows the two models give chained."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    store.use_store(uri)
+    first = saved_model(tmp_path / "first", seed=0, reference=True)
+    fallback = saved_model(tmp_path / "fallback", seed=2, reference=True)
+    runs = [logged_run(path.parent, name) for path, name in ((first, "a"), (fallback, "b"))]
+    run_id = cascade.log_cascade(uri, *runs)
+    files = image_folder(tmp_path / "images")
+    expected = Cascade(inference.Predictor.load(first),
+                       inference.Predictor.load(fallback)).score(files)
+    loaded = predict.load_predictor(run_id, uri)
+    assert isinstance(loaded, Cascade)
+    served = mlflow.pyfunc.load_model(MlflowClient(uri).get_run(run_id).data.tags["model_uri"])
+    out = served.predict(pd.DataFrame({"image": [f.read_bytes() for f in files] + ["x"]}))
+    assert list(out.columns) == loaded.columns and out["answered_by"].iloc[-1] == ""
+    assert out["error"].iloc[-1]  # an unreadable row is reported, not answered
+    for rows in (loaded.score(files), out.iloc[:-1].to_dict("records")):
+        assert [r["answered_by"] for r in rows] == [r["answered_by"] for r in expected]
+        assert {"first", "fallback"} == {r["answered_by"] for r in rows}
+        np.testing.assert_allclose([r["p_malignant"] for r in rows],
+                                   [r["p_malignant"] for r in expected], atol=1e-6)
+    # two models that cannot be chained are refused before anything is logged
+    other = saved_model(tmp_path / "other", 1, reference=False, classes=("normal", "tumour"))
+    with pytest.raises(UserError, match="same classes"):
+        cascade.log_cascade(uri, runs[0], logged_run(other.parent, "c"))
+    assert len(MlflowClient(uri).search_runs(["0"])) == 4

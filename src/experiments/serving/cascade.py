@@ -1,4 +1,5 @@
-"""A specialist and a generalist (`experiments.predict ... fallback=<model>`): the first model
+"""A specialist and a generalist (`experiments.predict ... fallback=<model>`, or one MLflow
+model logged by `experiments.cascade`): the first model
 answers the images its out-of-distribution reference accepts - the images of the source it was
 trained on - and hands the ones it refers to the fallback, typically a model trained on that
 source and others.
@@ -51,6 +52,11 @@ class Cascade:
         extra = ["fallback_ood_score"] if self.fallback.ood is not None else []
         return [*(c for c in self.first.columns if c != "error"), *extra, "answered_by",
                 "error"]
+
+    def failed_row(self, error: str) -> dict[str, object]:
+        """The row of an image that could not be read."""
+        extra = {"fallback_ood_score": float("nan")} if self.fallback.ood is not None else {}
+        return {**self.first.failed_row(error), **extra, "answered_by": ""}
 
     def score(self, sources: Sequence[ImageSource], names: Sequence[str] | None = None,
               batch_size: int = 32, max_pixels: int | None = None,

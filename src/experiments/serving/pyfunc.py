@@ -15,8 +15,10 @@ it is rescaled to the model's training scale (a model trained with data.mpp).
 Output: one row per input, `p_<class>` for each class, `predicted`, `decision` (at the threshold
 chosen on validation; two classes; `refer` for an image unlike the training images), `ood_score`
 (when the run fitted an out-of-distribution reference) and `error` (an unreadable or refused
-image is reported there). A request without either column, or with more rows than allowed, is
-refused as a whole (HTTP 400 from `mlflow models serve`, one line).
+image is reported there); a cascade's (`experiments.cascade`) also `answered_by` (and
+`fallback_ood_score` when its fallback has a reference). A request without either column, or
+with more rows than allowed, is refused as a whole (HTTP 400 from `mlflow models serve`, one
+line).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc.model import PythonModel
 from PIL import Image
 
+from experiments.serving.cascade import Cascade
 from experiments.serving.inference import Predictor
 from experiments.serving.limits import ServingLimits
 
@@ -64,8 +67,13 @@ class ImageClassifier(PythonModel):
     out."""
 
     def load_context(self, context: Any) -> None:
-        self.predictor = Predictor.load(context.artifacts["model"], context.artifacts["info"],
-                                        context.artifacts.get("ood"))
+        artifacts = context.artifacts
+        self.predictor: Predictor | Cascade = Predictor.load(
+            artifacts["model"], artifacts["info"], artifacts.get("ood"))
+        if "fallback_model" in artifacts:  # a cascade (experiments.cascade)
+            self.predictor = Cascade(self.predictor, Predictor.load(
+                artifacts["fallback_model"], artifacts["fallback_info"],
+                artifacts.get("fallback_ood")))
         self.limits = ServingLimits.resolve(getattr(context, "model_config", None))
 
     def predict(self, context: Any, model_input: pd.DataFrame,

@@ -23,16 +23,21 @@ from experiments.serving.inference import MODEL_FILE, MODEL_INFO, Predictor
 from experiments.serving.ood import OOD_FILE
 
 
-def log_model(model_dir: Path, info: Mapping[str, Any]) -> str:
+def log_model(model_dir: Path, info: Mapping[str, Any], fallback_dir: Path | None = None
+              ) -> str:
     """Log the run's model folder (`model.keras` + `model_info.json`, and `ood.npz` when the
     run fitted an out-of-distribution reference) as an MLflow pyfunc model
     (`experiments.serving.ImageClassifier`, logged from code, not pickled): image bytes or
     paths in, the run's predictions out, loadable and servable without this project
-    installed. Returns the model URI."""
+    installed. With `fallback_dir`, another model's folder: a cascade (`serving.cascade`).
+    Returns the model URI."""
     import experiments
     from experiments.serving import mlflow_model, pyfunc  # only when a model is logged
 
     names = info["class_names"]
+    cascade = [ColSpec("double", "fallback_ood_score")] * bool(
+        fallback_dir and (fallback_dir / OOD_FILE).is_file()) + [
+        ColSpec("string", "answered_by")] * bool(fallback_dir)
     signature = ModelSignature(
         Schema([ColSpec("string", "image", required=False),  # base64: we decode it ourselves
                 ColSpec("string", "path", required=False),
@@ -40,10 +45,10 @@ def log_model(model_dir: Path, info: Mapping[str, Any]) -> str:
         Schema([*(ColSpec("double", f"p_{c}") for c in names), ColSpec("string", "predicted"),
                 ColSpec("string", "decision"),
                 *([ColSpec("double", "ood_score")] if info.get("ood") else []),
-                ColSpec("string", "error")]))
-    artifacts = {"model": str(model_dir / MODEL_FILE), "info": str(model_dir / MODEL_INFO)}
-    if (model_dir / OOD_FILE).is_file():  # the out-of-distribution reference
-        artifacts["ood"] = str(model_dir / OOD_FILE)
+                *cascade, ColSpec("string", "error")]))
+    artifacts = model_artifacts(model_dir)
+    if fallback_dir is not None:
+        artifacts.update({f"fallback_{k}": v for k, v in model_artifacts(fallback_dir).items()})
     example = pd.DataFrame({"image": [pyfunc.example_image()]})
     with tempfile.TemporaryDirectory() as folder:
         # The whole package (serving imports models and data); not its config files.
@@ -53,10 +58,20 @@ def log_model(model_dir: Path, info: Mapping[str, Any]) -> str:
             name="model", python_model=mlflow_model.__file__,
             artifacts=artifacts,
             code_paths=[str(code)], signature=signature, input_example=example,
-            metadata=dict(info), pip_requirements=serving_requirements(
-                external.needs_keras_hub(model_dir / MODEL_FILE)),
+            metadata=dict(info), pip_requirements=serving_requirements(any(
+                external.needs_keras_hub(d / MODEL_FILE) for d in (model_dir, fallback_dir)
+                if d is not None)),
             model_config=limits.unset())
     return logged.model_uri
+
+
+def model_artifacts(model_dir: Path) -> dict[str, str]:
+    """The files of a model folder the pyfunc model loads: the model, its info and, when the
+    run fitted one, its out-of-distribution reference."""
+    artifacts = {"model": str(model_dir / MODEL_FILE), "info": str(model_dir / MODEL_INFO)}
+    if (model_dir / OOD_FILE).is_file():
+        artifacts["ood"] = str(model_dir / OOD_FILE)
+    return artifacts
 
 
 def serving_requirements(keras_hub: bool = False) -> list[str]:
@@ -77,8 +92,15 @@ def register_model(model_uri: str, name: str) -> str:
 
 def load_logged(client: MlflowClient, model_uri: str, folder: Path) -> Predictor:
     """A logged model (`model_uri`, a run's `model_uri` tag) downloaded from `client`'s store
-    into `folder` and loaded with its info. MLflow resolves a models:/<id> URI in the
-    process's default store whatever tracking_uri says: the logged model is looked up
+    into `folder` and loaded with its info."""
+    local = download_logged(client, model_uri, folder)
+    return Predictor.load(local / MODEL_FILE, local / MODEL_INFO)
+
+
+def download_logged(client: MlflowClient, model_uri: str, folder: Path) -> Path:
+    """The folder of a logged model's files (model.keras, model_info.json, ood.npz),
+    downloaded from `client`'s store into `folder`. MLflow resolves a models:/<id> URI in
+    the process's default store whatever tracking_uri says: the logged model is looked up
     through `client` first."""
     import mlflow.artifacts
 
@@ -87,4 +109,4 @@ def load_logged(client: MlflowClient, model_uri: str, folder: Path) -> Predictor
         model_uri = client.get_logged_model(model_id).artifact_location
     local = Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=str(folder),
                                                      tracking_uri=client.tracking_uri))
-    return Predictor.load(local / "artifacts" / MODEL_FILE, local / "artifacts" / MODEL_INFO)
+    return local / "artifacts"

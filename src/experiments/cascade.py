@@ -1,0 +1,89 @@
+"""`python -m experiments.cascade --first <run id> --fallback <run id>`: two runs' models as one
+MLflow model - the first (e.g. trained on your laboratory's images alone) answers the images
+its out-of-distribution referral accepts, the fallback (e.g. trained on them and other
+laboratories') the ones it refers (`experiments.serving.cascade`). `experiments.predict
+model=<the new run>` and `mlflow models serve` use it like any model; each answer says which
+model gave it (`answered_by`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from experiments.console import configure_logging
+from experiments.errors import UserError, report_user_errors
+from experiments.serving.cascade import Cascade
+from experiments.serving.inference import MODEL_FILE, MODEL_INFO, Predictor
+from experiments.tracking import model_registry, records, store
+
+log = logging.getLogger(__name__)
+
+
+def model_folder(client: MlflowClient, run_id: str, folder: Path) -> Path:
+    """The files of a run's logged model, downloaded into `folder`."""
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as error:
+        raise UserError(f"No MLflow run {run_id!r} in store {client.tracking_uri}") from error
+    if "model_uri" not in run.data.tags:
+        raise UserError(f"MLflow run {run_id} ({run.info.run_name}) logged no model")
+    return model_registry.download_logged(client, run.data.tags["model_uri"], folder)
+
+
+def log_cascade(tracking_uri: str, first_id: str, fallback_id: str,
+                register_as: str | None = None) -> str:
+    """Log the cascade of two runs' models as a new run in the first one's experiment; returns
+    its run id."""
+    client = MlflowClient(tracking_uri)
+    store.use_store(tracking_uri)
+    with tempfile.TemporaryDirectory() as folder:
+        first, fallback = (model_folder(client, run_id, Path(folder) / name)
+                           for run_id, name in ((first_id, "first"), (fallback_id, "fallback")))
+        try:
+            Cascade(*(Predictor.load(d / MODEL_FILE) for d in (first, fallback)))
+        except ValueError as error:
+            raise UserError(f"--first {first_id} --fallback {fallback_id}: {error}") from error
+        info = {**json.loads((first / MODEL_INFO).read_text()), "kind": "cascade",
+                "first_run": first_id, "fallback_run": fallback_id}
+        names = [client.get_run(r).info.run_name for r in (first_id, fallback_id)]
+        tags = {"model_kind": "cascade", "cascade_first": first_id,
+                "cascade_fallback": fallback_id}
+        experiment_id = client.get_run(first_id).info.experiment_id
+        with store.open_run(experiment_id, f"cascade {names[0]} -> {names[1]}",
+                            tags) as run_id:
+            records.log_params({"first": first_id, "fallback": fallback_id})
+            model_uri = model_registry.log_model(first, info, fallback_dir=fallback)
+            records.set_tags({"model_uri": model_uri})
+            if register_as:
+                version = model_registry.register_model(model_uri, register_as)
+                log.info(f"Registered models:/{register_as}/{version}")
+    print(f"Cascade {first_id} -> {fallback_id}: MLflow run {run_id}, model {model_uri}")
+    return run_id
+
+
+@report_user_errors
+def main(argv: Sequence[str] | None = None) -> None:
+    configure_logging()
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--first", required=True,
+                        help="the run whose model answers what its referral accepts")
+    parser.add_argument("--fallback", required=True,
+                        help="the run whose model answers what the first refers")
+    parser.add_argument("--tracking-uri", default=store.default_store_uri())
+    parser.add_argument("--register-as", default=None, help="register the cascade's model")
+    args = parser.parse_args(argv)
+    store.check_server(args.tracking_uri)
+    log_cascade(args.tracking_uri, args.first, args.fallback, args.register_as)
+
+
+if __name__ == "__main__":
+    main()
