@@ -1,8 +1,7 @@
 """A specialist and a generalist (`experiments.predict ... fallback=<model>`, or one MLflow
-model logged by `experiments.cascade`): the first model
-answers the images its out-of-distribution reference accepts - the images of the source it was
-trained on - and hands the ones it refers to the fallback, typically a model trained on that
-source and others.
+model logged by `experiments.cascade`): the first model answers the images its
+out-of-distribution reference accepts - the images of the source it was trained on - and hands
+the ones it refers to the fallback, typically a model trained on that source and others.
 
 Why: a second source in training is what carries a model to other laboratories, but it costs
 the home source's images accuracy (the two-source DenseNet121 probe 0.917 on held-out seed
