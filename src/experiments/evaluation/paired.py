@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
-from experiments.evaluation.tails import expanded_tail
+from experiments.evaluation.tails import expanded_tail, resampled_units
 
 
 @dataclass(frozen=True)
@@ -155,7 +155,6 @@ def paired_bootstrap(labels: np.ndarray, score_a: np.ndarray, score_b: np.ndarra
     labels = np.asarray(labels)
     a, b = np.asarray(score_a), np.asarray(score_b)
     rng = np.random.default_rng(seed)
-    units = len(labels) if groups is None else len(np.unique(np.asarray(groups)))
     if groups is None:
         index = _image_resamples(labels, resamples, rng)
         differences = metric(labels[index], a[index]) - metric(labels[index], b[index])
@@ -172,7 +171,8 @@ def paired_bootstrap(labels: np.ndarray, score_a: np.ndarray, score_b: np.ndarra
             found.append(float(metric(truth, a[chosen][None])[0]
                                - metric(truth, b[chosen][None])[0]))
         differences = np.asarray(found)
-    tail = expanded_tail(level, units, strata=1) * 100  # resamples are not stratified
+    # resamples are not stratified
+    tail = expanded_tail(level, resampled_units(labels, groups), strata=1) * 100
     low, high = np.percentile(differences, [tail, 100 - tail])
     point = metric(labels[None], a[None])[0] - metric(labels[None], b[None])[0]
     return float(point), float(low), float(high)

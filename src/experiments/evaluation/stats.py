@@ -13,7 +13,7 @@ from sklearn import metrics as skm
 from experiments.config.choices import THRESHOLD_METHODS
 from experiments.errors import ConfigError, DataError
 from experiments.evaluation.paired import roc_auc_rows
-from experiments.evaluation.tails import expanded_tail
+from experiments.evaluation.tails import expanded_tail, resampled_units
 from experiments.serving.inference import apply_temperature
 
 
@@ -99,8 +99,8 @@ def bootstrap_intervals(labels: np.ndarray, probabilities: np.ndarray, positive:
                 samples.append({"accuracy": correct[index].mean(axis=1)
                                 if isinstance(index, np.ndarray)
                                 else np.array([correct[i].mean() for i in index])})
-    units = len(labels) if groups is None else len(np.unique(np.asarray(groups)))
-    tail = expanded_tail(confidence, units, len(np.unique(labels))) * 100
+    tail = expanded_tail(confidence, resampled_units(labels, groups),
+                         len(np.unique(labels))) * 100
     out: dict[str, tuple[float, float, float]] = {}
     for name in samples[0]:
         point = float(np.mean([p[name][0] for p in points]))

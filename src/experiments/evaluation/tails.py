@@ -21,3 +21,9 @@ def expanded_tail(confidence: float, units: int, strata: int) -> float:
         return tail
     z = np.sqrt(units / dof) * scipy_stats.t.ppf(1 - tail, dof)
     return float(scipy_stats.norm.sf(z))
+
+
+def resampled_units(labels: np.ndarray, groups: np.ndarray | None) -> int:
+    """How many units a bootstrap resamples: the images, or the groups (patients) when
+    known - the n of `expanded_tail`."""
+    return len(labels) if groups is None else len(np.unique(np.asarray(groups)))
