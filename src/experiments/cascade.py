@@ -15,6 +15,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -27,15 +28,15 @@ from experiments.tracking import model_registry, records, store
 log = logging.getLogger(__name__)
 
 
-def model_folder(client: MlflowClient, run_id: str, folder: Path) -> Path:
-    """The files of a run's logged model, downloaded into `folder`."""
+def run_with_model(client: MlflowClient, run_id: str) -> Run:
+    """The run, refused when it is not in the store or logged no model."""
     try:
         run = client.get_run(run_id)
     except MlflowException as error:
         raise UserError(f"No MLflow run {run_id!r} in store {client.tracking_uri}") from error
     if "model_uri" not in run.data.tags:
         raise UserError(f"MLflow run {run_id} ({run.info.run_name}) logged no model")
-    return model_registry.download_logged(client, run.data.tags["model_uri"], folder)
+    return run
 
 
 def log_cascade(tracking_uri: str, first_id: str, fallback_id: str,
@@ -44,21 +45,21 @@ def log_cascade(tracking_uri: str, first_id: str, fallback_id: str,
     its run id."""
     client = MlflowClient(tracking_uri)
     store.use_store(tracking_uri)
+    runs = [run_with_model(client, run_id) for run_id in (first_id, fallback_id)]
     with tempfile.TemporaryDirectory() as folder:
-        first, fallback = (model_folder(client, run_id, Path(folder) / name)
-                           for run_id, name in ((first_id, "first"), (fallback_id, "fallback")))
+        first, fallback = (model_registry.download_logged(client, run.data.tags["model_uri"],
+                                                          Path(folder) / name)
+                           for run, name in zip(runs, ("first", "fallback"), strict=True))
         try:
             Cascade(*(Predictor.load(d / MODEL_FILE) for d in (first, fallback)))
         except ValueError as error:
             raise UserError(f"--first {first_id} --fallback {fallback_id}: {error}") from error
         info = {**json.loads((first / MODEL_INFO).read_text()), "kind": "cascade",
                 "first_run": first_id, "fallback_run": fallback_id}
-        names = [client.get_run(r).info.run_name for r in (first_id, fallback_id)]
         tags = {"model_kind": "cascade", "cascade_first": first_id,
                 "cascade_fallback": fallback_id}
-        experiment_id = client.get_run(first_id).info.experiment_id
-        with store.open_run(experiment_id, f"cascade {names[0]} -> {names[1]}",
-                            tags) as run_id:
+        name = f"cascade {runs[0].info.run_name} -> {runs[1].info.run_name}"
+        with store.open_run(runs[0].info.experiment_id, name, tags) as run_id:
             records.log_params({"first": first_id, "fallback": fallback_id})
             model_uri = model_registry.log_model(first, info, fallback_dir=fallback)
             records.set_tags({"model_uri": model_uri})

@@ -54,8 +54,11 @@ class Cascade:
 
     def failed_row(self, error: str) -> dict[str, object]:
         """The row of an image that could not be read."""
-        extra = {"fallback_ood_score": float("nan")} if self.fallback.ood is not None else {}
-        return {**self.first.failed_row(error), **extra, "answered_by": ""}
+        return {**self.first.failed_row(error), **self._unscored(), "answered_by": ""}
+
+    def _unscored(self) -> dict[str, float]:
+        """The fallback's score of an image it did not see: NaN, when it has a reference."""
+        return {"fallback_ood_score": float("nan")} if self.fallback.ood is not None else {}
 
     def score(self, sources: Sequence[ImageSource], names: Sequence[str] | None = None,
               batch_size: int = 32, max_pixels: int | None = None,
@@ -69,12 +72,11 @@ class Cascade:
         answers = self.fallback.score(
             [sources[i] for i in handed], None if names is None else [names[i] for i in handed],
             batch_size, max_pixels, [each[i] for i in handed]) if handed else []
-        out = [{**row, "answered_by": FIRST if not row["error"] else ""} for row in rows]
+        out = [{**row, **self._unscored(), "answered_by": FIRST if not row["error"] else ""}
+               for row in rows]
         for i, answer in zip(handed, answers, strict=True):
-            out[i] = {**answer, "ood_score": rows[i]["ood_score"], "answered_by": FALLBACK}
-            if self.fallback.ood is not None:
-                out[i]["fallback_ood_score"] = answer["ood_score"]
-        if self.fallback.ood is not None:
-            for row in out:
-                row.setdefault("fallback_ood_score", float("nan"))
+            own = ({"fallback_ood_score": answer["ood_score"]}
+                   if self.fallback.ood is not None else {})
+            out[i] = {**answer, **own, "ood_score": rows[i]["ood_score"],
+                      "answered_by": FALLBACK}
         return out

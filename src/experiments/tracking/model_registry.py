@@ -35,9 +35,11 @@ def log_model(model_dir: Path, info: Mapping[str, Any], fallback_dir: Path | Non
     from experiments.serving import mlflow_model, pyfunc  # only when a model is logged
 
     names = info["class_names"]
-    cascade = [ColSpec("double", "fallback_ood_score")] * bool(
-        fallback_dir and (fallback_dir / OOD_FILE).is_file()) + [
-        ColSpec("string", "answered_by")] * bool(fallback_dir)
+    cascade = []  # the columns a cascade adds (serving.cascade.Cascade.columns)
+    if fallback_dir is not None:
+        if (fallback_dir / OOD_FILE).is_file():
+            cascade.append(ColSpec("double", "fallback_ood_score"))
+        cascade.append(ColSpec("string", "answered_by"))
     signature = ModelSignature(
         Schema([ColSpec("string", "image", required=False),  # base64: we decode it ourselves
                 ColSpec("string", "path", required=False),
