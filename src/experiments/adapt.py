@@ -27,6 +27,7 @@ from experiments.console import configure_logging
 from experiments.errors import DataError, UserError, report_user_errors
 from experiments.models.adapt import adapt_batchnorm
 from experiments.predict import RUN_ID, key_values, list_inputs, load_predictor
+from experiments.serving.cascade import Cascade
 from experiments.serving.inference import Predictor
 from experiments.tracking import records, run_records, store
 
@@ -69,6 +70,9 @@ def adapt(spec: str, folder: str, tracking_uri: str, register_as: str | None = N
           experiment: str | None = None, batch_size: int = 32) -> str:
     """Adapt the model `spec` to the images under `folder` and log it; returns the run id."""
     predictor = load_predictor(spec, tracking_uri)
+    if isinstance(predictor, Cascade):
+        raise UserError(f"model={spec!r} is a cascade of two models; adapt a single model "
+                        "(a cascade's referral was fitted on the features AdaBN would move)")
     files = list_inputs(folder)
     images = read_images(predictor, files)
     fingerprint = folder_fingerprint(files)

@@ -50,6 +50,10 @@ def log_cascade(tracking_uri: str, first_id: str, fallback_id: str,
         first, fallback = (model_registry.download_logged(client, run.data.tags["model_uri"],
                                                           Path(folder) / name)
                            for run, name in zip(runs, ("first", "fallback"), strict=True))
+        for run, local in zip(runs, (first, fallback), strict=True):
+            if "fallback_model" in model_registry.logged_files(local):
+                raise UserError(f"Run {run.info.run_id} ({run.info.run_name}) logged a cascade "
+                                "already; chain single models")
         try:
             Cascade(*(Predictor.load(d / MODEL_FILE) for d in (first, fallback)))
         except ValueError as error:

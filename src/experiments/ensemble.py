@@ -31,6 +31,7 @@ from experiments.evaluation import evaluate, stats
 from experiments.evaluation import metrics as metrics_lib
 from experiments.evaluation.metrics import Predictions
 from experiments.serving import export, inference, views
+from experiments.serving.cascade import Cascade
 from experiments.tracking import model_registry, records, store
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,9 @@ def read_predictions(path: Path, class_names: Sequence[str], prefix: str = "p_")
 
 def load_member(client: MlflowClient, run: Run, folder: Path) -> Member:
     predictor = model_registry.load_logged(client, run.data.tags["model_uri"], folder / "model")
+    if isinstance(predictor, Cascade):
+        raise UserError(f"Run {run.info.run_id} ({run.info.run_name}) logged a cascade of two "
+                        "models; an ensemble averages single models' probabilities")
     names = predictor.info.class_names
     val = read_predictions(Path(client.download_artifacts(
         run.info.run_id, "val_predictions.csv", str(folder))), names)

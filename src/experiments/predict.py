@@ -45,7 +45,7 @@ OPTIONS = {"model": "", "input": "", "output": "predictions.csv", "batch_size": 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
-def load_predictor(spec: str, tracking_uri: str | None) -> Predictor:
+def load_predictor(spec: str, tracking_uri: str | None) -> Predictor | Cascade:
     """The model and what it needs to predict (classes, input size, TTA, temperature,
     threshold) from any source. Run ids and model URIs are looked up in `tracking_uri`
     (default: ./mlruns/mlflow.db)."""
@@ -67,7 +67,7 @@ def load_predictor(spec: str, tracking_uri: str | None) -> Predictor:
                                       int(model.input_shape[1])))
 
 
-def _from_model_uri(uri: str, tracking_uri: str) -> Predictor:
+def _from_model_uri(uri: str, tracking_uri: str) -> Predictor | Cascade:
     """The run's MLflow model, loaded through pyfunc (the object MLflow serving uses)."""
     import mlflow
     import mlflow.pyfunc
@@ -81,7 +81,7 @@ def _from_model_uri(uri: str, tracking_uri: str) -> Predictor:
                         "tracking_uri=... when the model lives in another store)") from error
 
 
-def _from_run(run_id: str, tracking_uri: str) -> Predictor:
+def _from_run(run_id: str, tracking_uri: str) -> Predictor | Cascade:
     """A run's model: its `model_uri` tag; runs logged before the MLflow model carried the
     predictor fall back to `checkpoints/best.keras` + `model_info.json`."""
     from mlflow.exceptions import MlflowException
@@ -181,17 +181,38 @@ def parse_args(argv: Sequence[str]) -> dict[str, str]:
     return values
 
 
-def load_model_as_asked(args: dict[str, str], key: str, mpp: float | None) -> Predictor:
-    """The model named by `args[key]`, with the TTA asked for; refused when `mpp` is given
-    and it does not know its training scale."""
+def load_model_as_asked(args: dict[str, str], key: str, mpp: float | None
+                        ) -> Predictor | Cascade:
+    """The model named by `args[key]` (a cascade's two), with the TTA asked for; refused
+    when `mpp` is given and it does not know its training scale."""
     predictor = load_predictor(args[key], args["tracking_uri"] or None)
     if args["tta"] != "auto":
-        predictor = dataclasses.replace(
-            predictor, info=dataclasses.replace(predictor.info, tta=args["tta"]))
+        predictor = with_tta(predictor, args["tta"])
     if mpp is not None and predictor.info.input_mpp is None:
         raise UserError(f"mpp={mpp} given but {key}={args[key]!r} does not know its "
                         "training scale (train it with data.mpp=...)")
     return predictor
+
+
+def with_tta(predictor: Predictor | Cascade, tta: str) -> Predictor | Cascade:
+    """The model predicting with `tta` (a cascade: both of its models)."""
+    def one(model: Predictor) -> Predictor:
+        return dataclasses.replace(model, info=dataclasses.replace(model.info, tta=tta))
+    if isinstance(predictor, Cascade):
+        return Cascade(one(predictor.first), one(predictor.fallback))
+    return one(predictor)
+
+
+def chained(args: dict[str, str], first: Predictor | Cascade,
+            fallback: Predictor | Cascade) -> Cascade:
+    """model= then fallback=, refused by name when they cannot be chained."""
+    pair = f"model={args['model']!r} fallback={args['fallback']!r}"
+    if not (isinstance(first, Predictor) and isinstance(fallback, Predictor)):
+        raise UserError(f"{pair}: one of them is a cascade already; chain single models")
+    try:
+        return Cascade(first, fallback)
+    except ValueError as error:
+        raise UserError(f"{pair}: {error}") from error
 
 
 @report_user_errors
@@ -201,11 +222,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     mpp = float(args["mpp"]) if args["mpp"] else None
     models = [load_model_as_asked(args, key, mpp) for key in ("model", "fallback")
               if args[key]]
-    try:
-        predictor = models[0] if len(models) == 1 else Cascade(*models)
-    except ValueError as error:
-        raise UserError(f"model={args['model']!r} fallback={args['fallback']!r}: "
-                        f"{error}") from error
+    predictor = models[0] if len(models) == 1 else chained(args, *models)
     files = list_inputs(args["input"])
     output = Path(args["output"])
     failed = predict_files(predictor, files, output, int(args["batch_size"]), mpp)

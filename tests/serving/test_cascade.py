@@ -14,7 +14,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from experiments import cascade, predict
+from experiments import adapt, cascade, predict
 from experiments.errors import UserError
 from experiments.serving import inference
 from experiments.serving.cascade import Cascade
@@ -125,7 +125,7 @@ def logged_run(folder: Path, name: str) -> str:
     return run_id
 
 
-def test_a_logged_cascade_predicts_and_serves_as_the_two_models_do(tmp_path):
+def test_a_logged_cascade_predicts_and_serves_as_the_two_models_do(tmp_path, capsys):
     """experiments.cascade logs one MLflow model: predict (by run id) and the pyfunc model
     MLflow serves give the rows the two models give chained."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -148,8 +148,23 @@ def test_a_logged_cascade_predicts_and_serves_as_the_two_models_do(tmp_path):
         assert {"first", "fallback"} == {r["answered_by"] for r in rows}
         np.testing.assert_allclose([r["p_malignant"] for r in rows],
                                    [r["p_malignant"] for r in expected], atol=1e-6)
+    # the tools that read a logged model take it as the cascade it is
+    client = MlflowClient(uri)
+    downloaded = model_registry.load_logged(client, client.get_run(run_id).data.tags[
+        "model_uri"], tmp_path / "download")
+    assert isinstance(downloaded, Cascade)
+    assert downloaded.fallback.info == inference.Predictor.load(fallback).info
     # two models that cannot be chained are refused before anything is logged
     other = saved_model(tmp_path / "other", 1, reference=False, classes=("normal", "tumour"))
     with pytest.raises(UserError, match="same classes"):
         cascade.log_cascade(uri, runs[0], logged_run(other.parent, "c"))
+    with pytest.raises(UserError, match="a cascade already"):
+        cascade.log_cascade(uri, run_id, runs[1])
+    with pytest.raises(SystemExit):
+        predict.main([f"model={run_id}", f"fallback={fallback}", f"input={files[0]}",
+                      f"output={tmp_path / 'never.csv'}", f"tracking_uri={uri}"])
+    assert "a cascade already" in capsys.readouterr().err
+    with pytest.raises(UserError, match="is a cascade of two models"):
+        adapt.adapt(run_id, str(tmp_path / "images"), uri)
     assert len(MlflowClient(uri).search_runs(["0"])) == 4
+    assert not (tmp_path / "never.csv").exists()

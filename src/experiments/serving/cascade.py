@@ -1,5 +1,6 @@
-"""A specialist and a generalist (`experiments.predict ... fallback=<model>`, or one MLflow
-model logged by `experiments.cascade`): the first model answers the images its
+"""A specialist and a generalist (`experiments.predict ... fallback=<model>`, one MLflow
+model logged by `experiments.cascade`, or a multi-source cross-validation's model with
+`cv.cascade=true`): the first model answers the images its
 out-of-distribution reference accepts - the images of the source it was trained on - and hands
 the ones it refers to the fallback, typically a model trained on that source and others.
 
@@ -14,11 +15,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from experiments.data.decode import ImageSource
-from experiments.serving.inference import REFER, Predictor
+from experiments.serving.inference import MODEL_FILE, REFER, ModelInfo, Predictor
 
 FIRST, FALLBACK = "first", "fallback"
+FALLBACK_DIR = "fallback"  # a cascade's model folder (cv.cascade): the fallback's files in it
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,11 @@ class Cascade:
                 f"positive class. Received: first={mine.class_names} (positive "
                 f"{mine.positive_class!r}), fallback={theirs.class_names} (positive "
                 f"{theirs.positive_class!r})")
+
+    @property
+    def info(self) -> ModelInfo:
+        """The first model's: classes, positive class, input size (the fallback's match)."""
+        return self.first.info
 
     @property
     def columns(self) -> list[str]:
@@ -80,3 +88,12 @@ class Cascade:
             out[i] = {**answer, **own, "ood_score": rows[i]["ood_score"],
                       "answered_by": FALLBACK}
         return out
+
+
+def load_folder(model_dir: Path) -> Predictor | Cascade:
+    """A run's model folder: a cascade when it holds its fallback's files (cv.cascade), else
+    the one model."""
+    first = Predictor.load(model_dir / MODEL_FILE)
+    if (model_dir / FALLBACK_DIR / MODEL_FILE).is_file():
+        return Cascade(first, Predictor.load(model_dir / FALLBACK_DIR / MODEL_FILE))
+    return first

@@ -16,6 +16,7 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 from experiments.evaluation import gradcam
+from experiments.serving.cascade import Cascade
 from experiments.serving.inference import Predictor
 from experiments.tracking import model_registry, verdict
 from experiments.tracking.verdict import Scored
@@ -89,9 +90,9 @@ class _Models:
     def __init__(self, client: MlflowClient, folder: Path) -> None:
         self.client = client
         self.folder = folder
-        self.loaded: dict[str, Predictor] = {}
+        self.loaded: dict[str, Predictor | Cascade] = {}
 
-    def get(self, run: Run) -> Predictor:
+    def get(self, run: Run) -> Predictor | Cascade:
         run_id = run.info.run_id
         if run_id not in self.loaded:
             self.loaded[run_id] = model_registry.load_logged(
@@ -158,12 +159,16 @@ def _draw(models: _Models, pending: Sequence[_Pending]) -> dict[tuple[str, int],
         predictor = models.get(batch[0].source)
         images = np.stack([load_image(item.path, predictor.info.image_size,
                                       resize=predictor.info.resize) for item in batch])
-        try:
-            heatmaps = gradcam.gradcam(predictor.model, images.astype(np.float32))
-        except ValueError as error:  # a model that is not a chain of layers: say so in the tile
+        why = "a cascade of two models" if isinstance(predictor, Cascade) else None
+        if isinstance(predictor, Predictor):
+            try:
+                heatmaps = gradcam.gradcam(predictor.model, images.astype(np.float32))
+            except ValueError as error:  # not a chain of layers: say so in the tile
+                why = str(error)
+        if why is not None:
             for item in batch:
                 panels[item.group.key, item.index] = _finished(
-                    item.group, item.index, None, f"no Grad-CAM: {error}")
+                    item.group, item.index, None, f"no Grad-CAM: {why}")
             continue
         for item, image, heatmap in zip(batch, images, heatmaps, strict=True):
             p = float(item.group.score[item.index])

@@ -19,6 +19,7 @@ from mlflow.types.schema import ColSpec, Schema
 
 from experiments.models import external
 from experiments.serving import limits
+from experiments.serving.cascade import Cascade
 from experiments.serving.inference import MODEL_FILE, MODEL_INFO, Predictor
 from experiments.serving.ood import OOD_FILE
 
@@ -92,11 +93,28 @@ def register_model(model_uri: str, name: str) -> str:
     return mlflow.register_model(model_uri, name).version
 
 
-def load_logged(client: MlflowClient, model_uri: str, folder: Path) -> Predictor:
+def load_logged(client: MlflowClient, model_uri: str, folder: Path) -> Predictor | Cascade:
     """A logged model (`model_uri`, a run's `model_uri` tag) downloaded from `client`'s store
-    into `folder` and loaded with its info."""
+    into `folder` and loaded with its info: a cascade when it was logged as one (cv.cascade,
+    `experiments.cascade`)."""
     local = download_logged(client, model_uri, folder)
-    return Predictor.load(local / MODEL_FILE, local / MODEL_INFO)
+    files = logged_files(local)
+    first = Predictor.load(files["model"], files["info"], files.get("ood"))
+    if "fallback_model" not in files:
+        return first
+    return Cascade(first, Predictor.load(files["fallback_model"], files["fallback_info"],
+                                         files.get("fallback_ood")))
+
+
+def logged_files(local: Path) -> dict[str, Path]:
+    """The pyfunc artifacts of a downloaded model (`download_logged`'s folder), by name
+    (`model`, `info`, `ood`, and a cascade's `fallback_*`): as the MLmodel file records them,
+    since MLflow keeps same-named files of a cascade in numbered subfolders."""
+    from mlflow.models import Model
+
+    root = local.parent
+    artifacts = Model.load(str(root / "MLmodel")).flavors["python_function"]["artifacts"]
+    return {name: root / entry["path"] for name, entry in artifacts.items()}
 
 
 def download_logged(client: MlflowClient, model_uri: str, folder: Path) -> Path:
