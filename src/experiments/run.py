@@ -179,6 +179,7 @@ def print_summary(run_id: str, metrics: dict[str, float], best_epoch: int | None
             print(f"    {prefix}{name:<14} {value:.4f}{interval}")
     if "val_threshold" in metrics:
         print(f"  threshold on p(positive), chosen on validation: {metrics['val_threshold']:.4f}")
+    print_answered(metrics)
     print_cohorts(metrics)
     flag_backwards(run_id, metrics, tracking_uri)
     print(f"Open the MLflow UI: {store_lib.ui_command(tracking_uri)}")
@@ -205,6 +206,20 @@ def flag_backwards(run_id: str, metrics: dict[str, float], tracking_uri: str) ->
         records.tag_ended_run(tracking_uri, run_id, {records.BACKWARDS_TAG: (
             "ROC-AUC interval wholly below 0.5 - do not use the model's answers on these "
             "images: " + ", ".join(inverted))})
+
+
+def print_answered(metrics: dict[str, float]) -> None:
+    """cv.cascade: the share of each source's images the home model answered, and what the
+    all-source model alone would have scored."""
+    if "test_answered_by_first" not in metrics:
+        return
+    shares = ", ".join(f"{key.removeprefix('test_source_').split('_answered')[0]} {value:.0%}"
+                       for key, value in sorted(metrics.items())
+                       if key.startswith("test_source_") and key.endswith("_answered_by_first"))
+    print(f"  answered by the home model (the rest by the all-source model): {shares}")
+    alone = [f"{name} {metrics[f'fallback_test_{name}']:.4f}" for name in ("accuracy", "roc_auc")
+             if f"fallback_test_{name}" in metrics]
+    print(f"  the all-source model alone: {', '.join(alone)}")
 
 
 def print_cohorts(metrics: dict[str, float]) -> None:

@@ -70,6 +70,15 @@ def test_leave_one_source_out_tests_each_source_on_a_model_that_never_saw_it(tmp
     (["+data.sources.b.root=/x", "+data.sources.b.mpp=0.5"], ConfigError, "data.sources.b.mpp"),
     (["cv.leave_source_out=true"], ConfigError, "data.sources"),
     (["cv.leave_source_out=true", "cv.folds=5", "+data.sources.b=/x"], ConfigError, "cv.folds"),
+    (["cv.folds=3", "cv.refit=true", "cv.cascade=true", "eval.threshold=fixed"], ConfigError,
+     r"cv.cascade.*data.sources"),
+    (["cv.folds=3", "cv.cascade=true", "eval.threshold=fixed", "+data.sources.b=/x"],
+     ConfigError, r"cv.cascade.*cv.refit=False"),
+    (["cv.folds=3", "cv.refit=true", "cv.cascade=true", "+data.sources.b=/x"], ConfigError,
+     r"cv.cascade.*eval.threshold='youden'"),
+    (["cv.folds=3", "cv.refit=true", "cv.cascade=true", "eval.threshold=fixed",
+      "eval.ood_coverage=null", "+data.sources.b=/x"], ConfigError,
+     r"cv.cascade.*eval.ood_coverage=None"),
 ])
 def test_source_mistakes_name_the_key(tmp_path, overrides, error, message):
     cfg = compose_config(tmp_path, ["data.root=/x", *overrides])
@@ -87,3 +96,68 @@ def test_a_source_with_a_foreign_class_fails_before_training(tmp_path, make_conf
 def all_runs_named(tmp_path):
     client = client_for(tmp_path)
     return [e for e in client.search_experiments() if e.name != "Default"]
+
+
+def test_a_cascade_cross_validation_ships_the_home_model_first_with_its_own_estimate(
+        tmp_path, make_config, capsys):
+    """cv.cascade: every fold also trains a home model on its home images (tested on the whole
+    test split); each out-of-fold prediction is the home model's where its referral accepts
+    the image, else the all-source model's; the parent's model is the cascade of the home
+    refit and the all-source refit, and cohorts are scored by it."""
+    from experiments import predict
+    from experiments.tracking import verdict
+
+    cohort = f"+eval.external.lab.root={tmp_path / 'bh'}"
+    run(with_breakhis(tmp_path, make_config, "cv.folds=2", "cv.refit=true", "cv.cascade=true",
+                      "eval.threshold=fixed", cohort, "+eval.external.lab.include_pattern=/200X/"))
+    assert "answered by the home model (the rest by the all-source model): bh " in (
+        capsys.readouterr().out)
+    client = client_for(tmp_path)
+    runs = {r.info.run_name.removeprefix("simplecnn cv2 "): r for r in all_runs(client, "sources")}
+    assert set(runs) == {"simplecnn cv2", "fold 1", "fold 2", "fold 1 home", "fold 2 home",
+                         "refit", "home refit"}
+    parent = runs["simplecnn cv2"]
+    oof = {r["file"]: float(r["final_p_malignant"]) for r in read_csv(
+        client, parent.info.run_id, "test_predictions.csv", tmp_path / "parent")}
+    from_home = []
+    for number in ("1", "2"):
+        home, alone = runs[f"fold {number} home"], runs[f"fold {number}"]
+        assert home.data.tags["cv_model"] == "home"
+        rows = read_csv(client, home.info.run_id, "splits.csv", tmp_path / number)
+        assert {r["source"] for r in rows if r["split"] != "test"} == {"main"}
+        assert {r["source"] for r in rows if r["split"] == "test"} == {"main", "bh"}
+        source = {r["file"]: r["source"] for r in rows}
+        answers = [{r["file"]: float(r["final_p_malignant"]) for r in read_csv(
+            client, run.info.run_id, "test_predictions.csv", tmp_path / run.info.run_id)}
+            for run in (home, alone)]
+        for file, p_home in answers[0].items():
+            p_alone = answers[1][file]
+            assert oof[file] in (pytest.approx(p_home), pytest.approx(p_alone))
+            if p_home != pytest.approx(p_alone):
+                from_home.append((source[file], oof[file] == pytest.approx(p_home)))
+    metrics = parent.data.metrics
+    assert from_home and all(0 <= metrics[f"test_{s}answered_by_first"] <= 1
+                             for s in ("", "source_main_", "source_bh_"))
+    main = [home for source, home in from_home if source == "main"]
+    assert metrics["test_source_main_answered_by_first"] == pytest.approx(
+        sum(main) / len(main), abs=0.2)  # the rows whose two answers differ
+    assert {"fallback_test_accuracy", "fallback_test_source_bh_accuracy",
+            "fallback_model_temperature", "ext_lab_answered_by_first"} <= set(metrics)
+    scored = read_csv(client, parent.info.run_id, "external/lab/predictions.csv", tmp_path / "x")
+    assert len(scored) == 24 and metrics["ext_lab_answered_by_first"] == pytest.approx(
+        sum(r["answered_by"] == "first" for r in scored) / 24)
+    rows = read_csv(client, runs["home refit"].info.run_id, "splits.csv", tmp_path / "refit")
+    assert {r["source"] for r in rows} == {"main"} and len(rows) == 40
+    assert parent.data.tags["model_kind"] == "cv_cascade"
+    # one run per fold where a comparison pairs folds (the fold's two-source model)
+    assert sorted(r.info.run_name for r in verdict.fold_runs(client, parent)) == [
+        "simplecnn cv2 fold 1", "simplecnn cv2 fold 2"]
+
+    predictor = predict.load_predictor(parent.info.run_id,
+                                       f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    some = sorted(oof)[:3]
+    answered = predictor.score(some)
+    assert all(row["answered_by"] in ("first", "fallback") for row in answered)
+    assert predictor.info.temperature == pytest.approx(metrics["model_temperature"])
+    assert predictor.fallback.info.temperature == pytest.approx(
+        metrics["fallback_model_temperature"])

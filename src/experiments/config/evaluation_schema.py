@@ -91,6 +91,14 @@ class CVConfig:
     # backbone). false needs cv.refit=true: the parent's model is then the refit alone, and
     # the fold runs keep their metrics, predictions and figures (a backbone comparison).
     fold_models: bool = True
+    # With data.sources and cv.refit: the parent's model is a cascade (`serving.cascade`) - a
+    # model refitted on data.root's images alone answers the images its out-of-distribution
+    # referral accepts, the model refitted on every source the rest. A second source costs
+    # the home images accuracy; this wins it back (held out: 0.942 against 0.917 on the
+    # study's images, unseen BreakHis patients unchanged - benchmarks/README, session 18).
+    # Every fold trains the home model too (child runs `fold k home`): the parent's test_*
+    # metrics are the cascade's out of fold, fallback_test_* the all-source model's alone.
+    cascade: bool = False
 
     @property
     def enabled(self) -> bool:

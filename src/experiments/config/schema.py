@@ -188,6 +188,25 @@ class Config:
         require(not self.cv.leave_source_out or bool(self.data.sources),
                 "`cv.leave_source_out` needs sources to leave out: name them in data.sources. "
                 f"Received: data.sources={dict(self.data.sources)!r}")
+        if self.cv.cascade:
+            self.check_cascade()
+
+    def check_cascade(self) -> None:
+        """cv.cascade needs a home source and others, a refit to ship, a referral to route by,
+        one decision threshold for both models (their answers are pooled image by image), and
+        home images in every fold's training split (not leave-one-source-out)."""
+        cv, ev = self.cv, self.eval
+        require(bool(self.data.sources) and cv.refit and not cv.leave_source_out,
+                "`cv.cascade` needs data.sources (the other sources), cv.refit=true and "
+                f"cv.leave_source_out=false. Received: data.sources={dict(self.data.sources)!r}, "
+                f"cv.refit={cv.refit!r}, cv.leave_source_out={cv.leave_source_out!r}")
+        require(ev.threshold == "fixed" and ev.ood_coverage is not None
+                and self.data.patch_size is None,
+                "`cv.cascade` routes by the home model's out-of-distribution referral and "
+                "pools both models' answers at one threshold: it needs eval.threshold=fixed, "
+                "eval.ood_coverage set and data.patch_size=null. Received: eval.threshold="
+                f"{ev.threshold!r}, eval.ood_coverage={ev.ood_coverage!r}, data.patch_size="
+                f"{self.data.patch_size!r}")
 
 
 # Groups whose options have schemas of their own (named in each option's defaults list).

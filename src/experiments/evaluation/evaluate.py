@@ -41,6 +41,9 @@ class Evaluation:
     val_raw: Predictions  # validation with TTA, no temperature (for ensembles' calibration)
     threshold: float | None  # on p(positive); None for more than two classes
     files: list[Path] = field(default_factory=list)
+    # Per test image, whether the model's out-of-distribution referral refers it (None: the
+    # run fits no referral): what a cascade (cv.cascade) routes by.
+    referred: np.ndarray | None = None
 
     @property
     def test_raw(self) -> Predictions:

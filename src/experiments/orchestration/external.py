@@ -24,7 +24,8 @@ from experiments.evaluation.cohorts import cohort_metrics, cohort_roc, decisions
 from experiments.evaluation.metrics import Predictions
 from experiments.models.adapt import adapt_batchnorm
 from experiments.serving import export
-from experiments.serving.inference import MODEL_FILE, Predictor
+from experiments.serving.cascade import FALLBACK_DIR, FIRST, Cascade, load_folder
+from experiments.serving.inference import MODEL_FILE, REFER, Predictor
 from experiments.serving.ood import OodReference, fit_reference
 from experiments.tracking import records
 from experiments.training.build import ood_reference_coverage
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 CHUNK = 128  # images decoded and scored at a time: a cohort of any size fits in memory
 
 
-def score_files(predictor: Predictor, files: Sequence[str], batch_size: int,
+def score_files(predictor: Predictor | Cascade, files: Sequence[str], batch_size: int,
                 mpp: float | None = None) -> list[dict[str, object]]:
     """`Predictor.score` rows of every file (an unreadable one gets its error, no scores)."""
     rows: list[dict[str, object]] = []
@@ -57,20 +58,22 @@ def cohort_predictions(cohort: CohortFiles, rows: Sequence[dict[str, object]],
 def write_cohort_table(cohort: CohortFiles, rows: Sequence[dict[str, object]],
                        class_names: Sequence[str], path: Path) -> Path:
     """One row per image: file, group, label, p_<class>..., predicted, decision, ood_score
-    (when the model has a reference), error."""
+    (when the model has a reference), a cascade's answered_by, error."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    scored = [f"p_{c}" for c in class_names] + (["ood_score"] if rows and "ood_score" in rows[0]
-                                                 else [])
+    first = rows[0] if rows else {}
+    scored = [f"p_{c}" for c in class_names] + (["ood_score"] if "ood_score" in first else [])
+    named = ["answered_by"] if "answered_by" in first else []
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["file", "group", "label", *scored[:len(class_names)], "predicted",
-                         "decision", *scored[len(class_names):], "error"])
+                         "decision", *scored[len(class_names):], *named, "error"])
         for i, row in enumerate(rows):
             group = "" if cohort.groups is None else cohort.groups[i]
             values = ["" if row["error"] else f"{row[p]:.6f}" for p in scored]
             writer.writerow([cohort.files[i], group, class_names[cohort.labels[i]],
                              *values[:len(class_names)], row["predicted"], row["decision"],
-                             *values[len(class_names):], row["error"]])
+                             *values[len(class_names):], *(row[n] for n in named),
+                             row["error"]])
     return path
 
 
@@ -87,6 +90,27 @@ def cohort_referral(ood: OodReference, rows: Sequence[dict[str, object]],
     return referral_metrics(scores, correct, ood, prefix, foreign=True)
 
 
+def cascade_referral(cascade: Cascade, rows: Sequence[dict[str, object]], cohort: CohortFiles,
+                     class_names: Sequence[str], prefix: str) -> dict[str, float]:
+    """A cascade's <prefix>answered_by_first (the share its first model kept), _referred and
+    _accepted_accuracy of its final answers (the fallback's own referral may still refer),
+    and _ood_auroc of the first model's score, which decides who answers."""
+    readable = [i for i, row in enumerate(rows) if not row["error"]]
+    answers = np.array([str(rows[i]["decision"]) for i in readable])
+    truth = np.array([class_names[cohort.labels[i]] for i in readable])
+    referred = answers == REFER
+    out = {f"{prefix}answered_by_first": float(np.mean([rows[i]["answered_by"] == FIRST
+                                                        for i in readable])),
+           f"{prefix}referred": float(referred.mean())}
+    if (~referred).any():
+        out[f"{prefix}accepted_accuracy"] = float((answers == truth)[~referred].mean())
+    if cascade.first.ood is not None:  # always (a cascade's first model refers)
+        scores = np.array([rows[i]["ood_score"] for i in readable], dtype=float)
+        out[f"{prefix}ood_auroc"] = referral_metrics(scores, answers == truth, cascade.first.ood,
+                                                     prefix, foreign=True)[f"{prefix}ood_auroc"]
+    return out
+
+
 def evaluate_cohorts(cohorts: Sequence[CohortFiles], model_dir: Path, settings: EvalConfig,
                      batch_size: int, folder: Path, run_id: str) -> dict[str, float]:
     """Score every cohort with the model in `model_dir` and log, into the active run `run_id`,
@@ -95,15 +119,17 @@ def evaluate_cohorts(cohorts: Sequence[CohortFiles], model_dir: Path, settings: 
     BatchNorm statistics adapted to the cohort's images. Returns the metrics."""
     if not cohorts:
         return {}
-    predictor = Predictor.load(model_dir / MODEL_FILE)
+    predictor = load_folder(model_dir)
     metrics: dict[str, float] = {}
     for cohort in cohorts:
         metrics.update(score_cohort(predictor, cohort, cohort.cohort.name, settings,
                                     batch_size, folder))
         if cohort.cohort.adapt:
-            # a fresh copy to adapt; its features move, so the reference of the training
-            # images' features no longer describes them: no referral for it
-            adapted = dataclasses.replace(Predictor.load(model_dir / MODEL_FILE), ood=None)
+            # a fresh copy to adapt (of a cascade, its fallback: the model that answers other
+            # sources' images); its features move, so the reference of the training images'
+            # features no longer describes them: no referral for it
+            own = model_dir / FALLBACK_DIR if isinstance(predictor, Cascade) else model_dir
+            adapted = dataclasses.replace(Predictor.load(own / MODEL_FILE), ood=None)
             images, _ = adapted.decode(cohort.files, cohort.files, mpp=cohort.cohort.mpp)
             if images is None or len(images) < 2:
                 raise DataError(f"eval.external.{cohort.cohort.name}.adapt needs 2 readable "
@@ -115,8 +141,8 @@ def evaluate_cohorts(cohorts: Sequence[CohortFiles], model_dir: Path, settings: 
     return metrics
 
 
-def score_cohort(predictor: Predictor, cohort: CohortFiles, name: str, settings: EvalConfig,
-                 batch_size: int, folder: Path) -> dict[str, float]:
+def score_cohort(predictor: Predictor | Cascade, cohort: CohortFiles, name: str,
+                 settings: EvalConfig, batch_size: int, folder: Path) -> dict[str, float]:
     """One cohort's ext_<name>_* metrics; its table and ROC curve logged as artifacts."""
     info = predictor.info
     class_names = list(info.class_names)
@@ -129,7 +155,9 @@ def score_cohort(predictor: Predictor, cohort: CohortFiles, name: str, settings:
     found = {f"{prefix}n_unreadable": float(len(rows) - len(pred.labels))}
     if len(pred.labels):
         found.update(cohort_metrics(pred, positive, info.threshold, settings, prefix))
-    if predictor.ood is not None and len(pred.labels):
+    if isinstance(predictor, Cascade) and len(pred.labels):
+        found.update(cascade_referral(predictor, rows, cohort, class_names, prefix))
+    elif isinstance(predictor, Predictor) and predictor.ood is not None and len(pred.labels):
         found.update(cohort_referral(predictor.ood, rows, cohort, class_names, prefix))
     out = folder / name
     paths = [write_cohort_table(cohort, rows, class_names, out / "predictions.csv")]
@@ -167,18 +195,23 @@ def fit_ood(settings: Config, model: keras.Model, images: ImageArray,
                          images=np.asarray(images) if settings.eval.ood_stain else None)
 
 
-def test_referral(model: keras.Model, ood: OodReference, evaluation: evaluate.Evaluation,
-                  images: ImageArray, positive: int,
-                  features: np.ndarray | None = None) -> dict[str, float]:
-    """test_referred and test_accepted_accuracy: how many same-source test images the model
-    would refer, and its accuracy on the rest (at the validation threshold); `features` as for
-    `fit_ood`."""
+def referral_scores(model: keras.Model, ood: OodReference, images: ImageArray,
+                    features: np.ndarray | None = None) -> np.ndarray | None:
+    """The out-of-distribution scores of `images` (None when the model has no pooled
+    features); `features` as for `fit_ood`."""
     if features is None:
         images = np.asarray(images)  # read once: a lazy store decodes its files on every read
         features = export.pooled_features(model, images)
     if features is None:
-        return {}
+        return None
+    return ood.score(features, None if ood.stain is None else np.asarray(images))
+
+
+def test_referral(ood: OodReference, evaluation: evaluate.Evaluation, scores: np.ndarray,
+                  positive: int) -> dict[str, float]:
+    """test_referred and test_accepted_accuracy: how many same-source test images (their
+    `scores`) the model would refer, and its accuracy on the rest (at the validation
+    threshold)."""
     test = evaluation.test
     correct = decisions(test.probabilities, positive, evaluation.threshold) == test.labels
-    scores = ood.score(features, None if ood.stain is None else np.asarray(images))
     return referral_metrics(scores, correct, ood, "test_", foreign=False)

@@ -34,6 +34,7 @@ from experiments.orchestration.external import (
     cached_as_ood,
     evaluate_cohorts,
     fit_ood,
+    referral_scores,
     test_referral,
 )
 from experiments.orchestration.resume import BACKUP_DIR, TRAINING_RECORD, run_lock
@@ -273,10 +274,12 @@ def evaluate_and_log(settings: Config, prepared: Prepared, result: TrainResult,
     served = export.deliverable(network, prepared.image_size, patch_size, prepared.stain)
     with timer("ood"):
         ood = fit_ood(settings, served, splits.train.images, plain.get("train"))
-        if ood is not None:
-            records_lib.log_new_metrics(run_id, test_referral(
-                served, ood, evaluation, splits.test.images, prepared.positive,
-                plain.get("test")))
+        scores = None if ood is None else referral_scores(served, ood, splits.test.images,
+                                                          plain.get("test"))
+        if ood is not None and scores is not None:
+            evaluation.referred = ood.refer(scores)
+            records_lib.log_new_metrics(run_id, test_referral(ood, evaluation, scores,
+                                                              prepared.positive))
     if not log_model:
         return evaluation
     info = export.model_info(

@@ -5,6 +5,7 @@ its model.
 from __future__ import annotations
 
 import logging
+import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,6 +17,7 @@ from hydra.types import RunMode
 from experiments.config.instantiate import Components
 from experiments.models.backbones import weights_provenance
 from experiments.serving import inference
+from experiments.serving.cascade import FALLBACK_DIR
 from experiments.serving.ood import OOD_FILE, OodReference
 from experiments.tracking import model_registry
 from experiments.tracking import records as records_lib
@@ -71,11 +73,10 @@ def log_config(components: Components, output_dir: Path, backbone: str, weights:
                             **extra_params})
 
 
-def log_run_model(model: object, info: dict, model_dir: Path, register_as: str | None,
-                  tags: dict[str, str] | None = None, ood: OodReference | None = None) -> str:
-    """Save the run's model with its info (and out-of-distribution reference), log it as the
-    run's MLflow model (tag `model_uri`), register it when asked (in a sweep the sweep
-    registers its best job)."""
+def save_run_model(model: object, info: dict, model_dir: Path,
+                   ood: OodReference | None = None) -> dict:
+    """Write the model, its info (with the out-of-distribution reference's settings) and the
+    reference into `model_dir`; returns the info written."""
     if ood is not None:
         info = {**info, "ood": {"k": ood.k, "threshold": ood.threshold,
                                 "coverage": ood.coverage, "stain": ood.stain is not None}}
@@ -84,7 +85,20 @@ def log_run_model(model: object, info: dict, model_dir: Path, register_as: str |
         ood.save(model_dir / OOD_FILE)
     else:  # a file of an earlier attempt does not belong to this model
         (model_dir / OOD_FILE).unlink(missing_ok=True)
-    model_uri = model_registry.log_model(model_dir, info)
+    return info
+
+
+def log_run_model(model: object, info: dict, model_dir: Path, register_as: str | None,
+                  tags: dict[str, str] | None = None, ood: OodReference | None = None,
+                  fallback_dir: Path | None = None) -> str:
+    """Save the run's model with its info (and out-of-distribution reference), log it as the
+    run's MLflow model (tag `model_uri`) - with `fallback_dir`, a saved model folder, the
+    cascade of the two (cv.cascade) - and register it when asked (in a sweep the sweep
+    registers its best job)."""
+    info = save_run_model(model, info, model_dir, ood)
+    if fallback_dir is None:  # the fallback of an earlier attempt is not this model's
+        shutil.rmtree(model_dir / FALLBACK_DIR, ignore_errors=True)
+    model_uri = model_registry.log_model(model_dir, info, fallback_dir)
     records_lib.set_tags({"model_uri": model_uri, **(tags or {})})
     if register_as and not records_lib.parent_run_tags():
         version = model_registry.register_model(model_uri, register_as)

@@ -92,10 +92,12 @@ def read_predictions(path: Path, positive: str) -> tuple[Table, Assignment]:
 
 
 def fold_runs(client: MlflowClient, parent: Run) -> list[Run]:
-    """The fold runs of a cross-validation parent (not its refit)."""
-    return client.search_runs([parent.info.experiment_id],
+    """The fold runs of a cross-validation parent: one per fold (not its refit, nor a second
+    model of the fold - cv.cascade's home model, tagged cv_model)."""
+    runs = client.search_runs([parent.info.experiment_id],
                               f"tags.cv_parent = '{parent.info.run_id}' and tags.cv_fold != ''",
                               max_results=5000)
+    return [run for run in runs if "cv_model" not in run.data.tags]
 
 
 def scored_group(client: MlflowClient, key: str, runs: Sequence[Run],
