@@ -194,3 +194,29 @@ def test_two_stage_trains_its_head_only_stage_on_cached_features(tmp_path, make_
         assert sorted(steps) == [1, 2, 3], name
     lrs = {m.step: m.value for m in client.get_metric_history(finished.info.run_id, "lr")}
     assert lrs[2] == pytest.approx(lrs[1] * 0.1)  # the second stage's learning rate
+
+
+def test_a_gem_probes_referral_features_are_cached_apart_and_read_by_folds_and_refit(
+        tmp_path, make_config, monkeypatch):
+    """A GeM head's cache holds GeM features, the referral measures the average of the map:
+    those are cached apart, each image's computed once - no fold, refit or second run passes
+    the images through the backbone again for its referral."""
+    from experiments.serving import export
+
+    passes = []
+    real = export.pooled_features
+    monkeypatch.setattr(export, "pooled_features",
+                        lambda *args, **kwargs: passes.append(1) or real(*args, **kwargs))
+    cfg = make_config("finetune=linear_probe", "backbone.global_pool=gem", "eval.tta=none",
+                      "augmentation=dihedral", "cv.folds=2", "cv.refit=true",
+                      "mlflow.experiment_name=gem")
+    before = features.COUNTS["computed"]
+    run(cfg)
+    assert features.COUNTS["computed"] - before == 2 * 40  # the head's, the referral's
+    assert not passes
+    assert len(list((tmp_path / ".cache" / "features").glob("*-1views.npz"))) == 1
+    runs = all_runs(client_for(tmp_path), "gem")
+    assert all("test_referred" in r.data.metrics for r in runs if "cv_fold" in r.data.tags)
+    before = features.COUNTS["computed"]
+    run(cfg)
+    assert features.COUNTS["computed"] == before

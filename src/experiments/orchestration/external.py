@@ -172,12 +172,6 @@ def score_cohort(predictor: Predictor | Cascade, cohort: CohortFiles, name: str,
     return found
 
 
-def cached_as_ood(settings: Config, features: np.ndarray | None) -> np.ndarray | None:
-    """A frozen backbone's cached pooled features when they are what the OOD score measures
-    (`inference.ood_features`: the average of the feature map; a GeM head's cache is not)."""
-    return features if settings.backbone.global_pool == "avg" else None
-
-
 def fit_ood(settings: Config, model: keras.Model, images: ImageArray,
             features: np.ndarray | None = None) -> OodReference | None:
     """The model's out-of-distribution reference on its training images, if the run fits one

@@ -20,7 +20,7 @@ from experiments.data import loading
 from experiments.data.decode import input_mpp
 from experiments.evaluation import stats
 from experiments.orchestration import cascading
-from experiments.orchestration.external import cached_as_ood, fit_ood
+from experiments.orchestration.external import fit_ood
 from experiments.orchestration.oof import Fold, concat_predictions
 from experiments.serving import export, inference
 from experiments.serving.cascade import FALLBACK_DIR
@@ -30,8 +30,8 @@ from experiments.tracking import records, run_records
 
 @dataclass(frozen=True)
 class Refit:
-    """The refit model, its epochs, and its pooled features of every image when a frozen
-    backbone's cache held them (the OOD reference's, without a second pass)."""
+    """The refit model, its epochs, and the features of every image its out-of-distribution
+    reference is fitted on, when a frozen backbone's cache held them (no second pass)."""
 
     model: keras.Model
     epochs: int
@@ -87,7 +87,7 @@ def log_parent_model(settings: Config, loaded: loading.LoadedData, positive: int
                          f"best_{training.monitor}": float(np.mean([f.best_value
                                                                     for f in folds]))})
     # the model's training images
-    ood = fit_ood(settings, model, loaded.pool.images, cached_as_ood(settings, reference))
+    ood = fit_ood(settings, model, loaded.pool.images, reference)
     model_dir = output_dir / run_records.MODEL_DIR
     fallback = None
     if home is not None:
@@ -117,6 +117,5 @@ def home_model(settings: Config, home: Home, positive: int, describe: dict[str, 
                       "every image (the first on the home images) and have no test split of "
                       "their own; test_* is the pooled out-of-fold estimate of the folds' "
                       "cascades, fallback_test_* that of the all-source model alone"})
-    ood = fit_ood(settings, home.refit.model, loaded.pool.images,
-                  cached_as_ood(settings, home.refit.features))
+    ood = fit_ood(settings, home.refit.model, loaded.pool.images, home.refit.features)
     return home.refit.model, info, ood

@@ -23,8 +23,13 @@ from experiments.orchestration import interrupt
 from experiments.serving import export
 from experiments.tracking import epoch_logger, records, run_records, store
 from experiments.training import probe
-from experiments.training.build import compile_for_strategy, new_model, normalize_stains
-from experiments.training.frozen import image_features, probe_views
+from experiments.training.build import (
+    compile_for_strategy,
+    new_model,
+    normalize_stains,
+    ood_reference_coverage,
+)
+from experiments.training.frozen import image_features, ood_features, probe_views
 from experiments.training.loop import train_without_validation
 
 log = logging.getLogger(__name__)
@@ -41,8 +46,9 @@ def train_refit(settings: Config, components: Components, loaded: loading.Loaded
                 experiment_id: str, parent_id: str, run_name: str,
                 output_dir: Path) -> tuple[keras.Model, np.ndarray | None]:
     """Train the refit model in its own child run; return the model users get (stain
-    normalisation and patch grid in front, as for every run) and, for a linear probe, its
-    pooled features of every image (plain view, from the cache: the OOD reference's)."""
+    normalisation and patch grid in front, as for every run) and, for a linear probe that
+    fits a referral, the features of every image its out-of-distribution reference is
+    fitted on (from the feature cache: `frozen.ood_features`)."""
     settings = dataclasses.replace(
         settings, trainer=dataclasses.replace(settings.trainer, epochs=epochs))
     splits, stain_layer = normalize_stains(settings.data.stain_normalization, everything(loaded))
@@ -61,7 +67,7 @@ def train_refit(settings: Config, components: Components, loaded: loading.Loaded
             "precision": precision, "n_train": str(len(splits.train)), "n_val": "0",
             "n_test": "0"}
     output_dir.mkdir(parents=True, exist_ok=True)
-    plain = None
+    plain = cached = stain = None
     with store.open_run(experiment_id, f"{run_name} refit", tags):
         run_records.log_config(components, output_dir, settings.backbone.name,
                                settings.backbone.weights, refit_epochs=epochs)
@@ -73,7 +79,6 @@ def train_refit(settings: Config, components: Components, loaded: loading.Loaded
                                     splits.train, probe_views(augment, settings.eval.tta))
             records.log_metrics({"probe_C": refit_probe(settings, model, cached,
                                                         splits.train)})
-            plain = cached[:, 0]
         else:
             log.info(f"Refit on all {len(splits.train)} images for {epochs} epochs")
             train_ds = pipeline.training_dataset(splits.train.images, splits.train.labels,
@@ -84,7 +89,10 @@ def train_refit(settings: Config, components: Components, loaded: loading.Loaded
                                       interrupt.StopWhenSignalled()], trainer.verbose,
                                      second_stage)
         records.log_artifact(splits_lib.write_split_table(splits, output_dir / "splits.csv"))
-    return export.deliverable(model, loaded.image_size, patch_size, stain_layer), plain
+    served = export.deliverable(model, loaded.image_size, patch_size, stain_layer)
+    if cached is not None and ood_reference_coverage(settings) is not None:
+        plain = ood_features(settings, served, precision, stain, splits.train, cached)
+    return served, plain
 
 
 def refit_probe(settings: Config, model: keras.Model, cached: np.ndarray,

@@ -31,7 +31,6 @@ from experiments.models import features
 from experiments.models.backbones import input_size
 from experiments.orchestration import interrupt
 from experiments.orchestration.external import (
-    cached_as_ood,
     evaluate_cohorts,
     fit_ood,
     referral_scores,
@@ -43,7 +42,12 @@ from experiments.tracking import epoch_logger, store
 from experiments.tracking import records as records_lib
 from experiments.tracking.run_records import MODEL_DIR, common_tags, log_config, log_run_model
 from experiments.training import distribute
-from experiments.training.build import Prepared, build, check_training_split
+from experiments.training.build import (
+    Prepared,
+    build,
+    check_training_split,
+    ood_reference_coverage,
+)
 from experiments.training.callbacks import TrainResult
 from experiments.training.finetune import SecondStage
 from experiments.training.frozen import (
@@ -51,6 +55,7 @@ from experiments.training.frozen import (
     head_stage,
     head_training,
     logged_split_features,
+    ood_features,
     split_features,
 )
 from experiments.training.loop import TrainPlan, train
@@ -231,6 +236,19 @@ def train_plan(settings: Config, prepared: Prepared, output_dir: Path, run_id: s
                      output_dir / TRAINING_RECORD)
 
 
+def referral_features(settings: Config, prepared: Prepared, served: keras.Model,
+                      cached: dict[str, np.ndarray]) -> dict[str, np.ndarray | None]:
+    """The train and test images' features the out-of-distribution score measures, from the
+    feature cache when a frozen backbone's run has one (`frozen.ood_features`: no second pass
+    over the images); empty when the run trains on images or fits no referral."""
+    if not cached or ood_reference_coverage(settings) is None:
+        return {}
+    stain = None if prepared.stain is None else prepared.stain.target
+    return {name: ood_features(settings, served, prepared.precision, stain,
+                               getattr(prepared.splits, name), cached[name])
+            for name in ("train", "test")}
+
+
 def evaluate_and_log(settings: Config, prepared: Prepared, result: TrainResult,
                      output_dir: Path, run_id: str,
                      phases: dict[str, float] | None = None,
@@ -248,11 +266,9 @@ def evaluate_and_log(settings: Config, prepared: Prepared, result: TrainResult,
     model = export.deliverable(network, prepared.image_size, patch_size, None)
     folder = output_dir / "report"
     predict = None
-    # the plain view's cached features, when they are the OOD score's: no second pass
-    plain: dict[str, np.ndarray | None] = {}
+    cached: dict[str, np.ndarray] = {}
     if (views := feature_views(settings, prepared)) is not None:  # the head on the cache
         cached, head = split_features(settings, prepared, views), features.head_model(network)
-        plain = {name: cached_as_ood(settings, split[:, 0]) for name, split in cached.items()}
 
         def predict(name: str, tta: str) -> np.ndarray:
             return features.head_probabilities(head, cached[name], tta)
@@ -273,6 +289,7 @@ def evaluate_and_log(settings: Config, prepared: Prepared, result: TrainResult,
             records_lib.log_artifact(path, None if subfolder == "." else subfolder)
     served = export.deliverable(network, prepared.image_size, patch_size, prepared.stain)
     with timer("ood"):
+        plain = referral_features(settings, prepared, served, cached)
         ood = fit_ood(settings, served, splits.train.images, plain.get("train"))
         scores = None if ood is None else referral_scores(served, ood, splits.test.images,
                                                           plain.get("test"))

@@ -16,6 +16,7 @@ from experiments.config.choices import views_to_cache
 from experiments.config.schema import Config
 from experiments.data.splits import Split
 from experiments.models import features
+from experiments.serving.inference import feature_extractor
 from experiments.tracking import records
 from experiments.training.build import Prepared
 
@@ -96,6 +97,34 @@ def image_features(settings: Config, classifier: keras.Model, precision: str,
     cache = features.FeatureCache(key, Path(settings.paths.cache_dir) / "features")
     compute = functools.partial(features.compute_features, features.feature_model(classifier))
     return cache.get(split.files, split.images, views, compute)
+
+
+# model_key's global_pool of the out-of-distribution features' cache (their own file)
+OOD_POOL = "ood-average"
+
+
+def ood_features(settings: Config, served: keras.Model, precision: str,
+                 stain_target: Sequence[float] | None, split: Split,
+                 cached: np.ndarray | None = None) -> np.ndarray | None:
+    """(n, C) what the out-of-distribution score measures of a frozen backbone's `split`
+    (`inference.ood_features`: the average of its feature map, plain view): view 0 of the
+    head's `cached` features when the head averages too, else computed by `served` once per
+    image and cached like the head's (a GeM head's referral took a second pass over every
+    fold's images: 10-15 s a fold of transfer_multisource). None when the model has no
+    pooled features."""
+    if cached is not None and settings.backbone.global_pool == "avg":
+        return cached[:, 0]
+    extractor = feature_extractor(served)
+    if extractor is None:
+        return None
+    backbone = settings.backbone
+    size = settings.data.patch_size or int(served.input_shape[1])
+    key = features.model_key(backbone.name, backbone.weights, settings.trainer.seed, size,
+                             precision, stain_target, settings.data.resize, backbone.pooling,
+                             backbone.feature_layer, OOD_POOL)
+    cache = features.FeatureCache(key, Path(settings.paths.cache_dir) / "features")
+    compute = functools.partial(features.compute_features, extractor)
+    return cache.get(split.files, split.images, 1, compute)[:, 0]
 
 
 def head_stage(settings: Config, prepared: Prepared
