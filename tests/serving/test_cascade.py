@@ -4,6 +4,7 @@ referral accepts, the fallback the rest."""
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 import pytest
+from mlflow.pyfunc import scoring_server
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
@@ -21,6 +23,7 @@ from experiments.serving.cascade import Cascade
 from experiments.serving.ood import fit_reference
 from experiments.tracking import model_registry, records, store
 from tests.serving.test_ood import tiny_classifier
+from tests.serving.test_serving import strict_json
 
 CLASSES = ("benign", "malignant")
 
@@ -143,6 +146,13 @@ def test_a_logged_cascade_predicts_and_serves_as_the_two_models_do(tmp_path, cap
     out = served.predict(pd.DataFrame({"image": [f.read_bytes() for f in files] + ["x"]}))
     assert list(out.columns) == loaded.columns and out["answered_by"].iloc[-1] == ""
     assert out["error"].iloc[-1]  # an unreadable row is reported, not answered
+    buffer = io.StringIO()  # as MLflow's server writes the answer: JSON, no bare NaN
+    scoring_server.predictions_to_json(out, buffer)
+    answered = strict_json(buffer.getvalue())["predictions"]
+    assert answered[-1]["p_malignant"] is None and answered[-1]["ood_score"] is None
+    assert all(r["fallback_ood_score"] is None for r in answered if r["answered_by"] == "first")
+    assert all(isinstance(r["fallback_ood_score"], float) for r in answered
+               if r["answered_by"] == "fallback")
     for rows in (loaded.score(files), out.iloc[:-1].to_dict("records")):
         assert [r["answered_by"] for r in rows] == [r["answered_by"] for r in expected]
         assert {"first", "fallback"} == {r["answered_by"] for r in rows}

@@ -62,7 +62,14 @@ def post_json(url: str, payload: dict) -> dict:
     request = urllib.request.Request(url, json.dumps(payload).encode(),
                                      {"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=120) as response:
-        return json.loads(response.read())
+        return strict_json(response.read())
+
+
+def strict_json(text: bytes | str) -> dict:
+    """JSON as any client parses it: a bare NaN or Infinity is refused."""
+    def refuse(constant: str) -> None:
+        raise ValueError(f"not JSON: {constant}")
+    return json.loads(text, parse_constant=refuse)
 
 
 SERVE_LIMITS = {"EXPERIMENTS_SERVE_MAX_ROWS": "8", "EXPERIMENTS_SERVE_MAX_IMAGE_BYTES": "100000",
@@ -148,6 +155,7 @@ def test_served_model_refuses_paths_outside_its_folder_and_images_over_the_limit
     assert "this server accepts at most 100000 per image" in rows[6]["error"]
     assert rows[7]["error"] == "1200x1000 px is over the limit of 1000000 pixels per image"
     assert all(r["predicted"] == "" for r in rows[:5] + rows[6:])
+    assert all(r["p_malignant"] is None for r in rows[:5] + rows[6:])  # null, not NaN
 
 
 def post_expecting_error(url: str, payload: dict) -> tuple[int, dict]:

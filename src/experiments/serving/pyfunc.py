@@ -95,7 +95,18 @@ class ImageClassifier(PythonModel):
                                            mpp=[mpp for _, _, mpp in readable]))
         rows = [next(scored) if not isinstance(source, ValueError)
                 else self.predictor.failed_row(str(source)) for source in sources]
-        return pd.DataFrame(rows, columns=self.predictor.columns)
+        return unscored_as_null(pd.DataFrame(rows, columns=self.predictor.columns))
+
+
+def unscored_as_null(frame: pd.DataFrame) -> pd.DataFrame:
+    """The frame with its missing numbers (an unreadable image's scores, the fallback score of
+    an image a cascade's first model answered) as None: MLflow's server writes NaN as a bare
+    `NaN`, which is not JSON - JavaScript's JSON.parse and most clients refuse the whole
+    answer - and None as `null`. Columns with nothing missing stay float."""
+    frame = frame.copy()
+    for column in frame.columns[frame.isna().any()]:
+        frame[column] = frame[column].astype(object).where(frame[column].notna(), None)
+    return frame
 
 
 def row_mpp(frame: pd.DataFrame) -> list[float | None]:
