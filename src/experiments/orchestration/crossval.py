@@ -215,7 +215,7 @@ def log_cross_validation(settings: Config, components: Components, loaded: loadi
     class_names = loaded.class_names
     first = pooled(repeats_of(folds)[0])
     paths = [write_oof_predictions(folds, class_names, positive,
-                                   folder / "test_predictions.csv"),
+                                   folder / "test_predictions.csv", cascade=bool(homes)),
              figures_lib.plot_confusion_matrix(first, class_names, folder / "confusion_matrix.png"),
              figures_lib.plot_roc_curve(first, class_names, positive, folder / "roc_curve.png")]
     for path in paths:

@@ -18,6 +18,7 @@ from experiments.evaluation import tables
 from experiments.evaluation.cohorts import patient_metrics, per_source_metrics
 from experiments.evaluation.evaluate import Evaluation
 from experiments.evaluation.metrics import Predictions
+from experiments.serving.cascade import FALLBACK, FIRST
 from experiments.serving.inference import decide
 from experiments.training.callbacks import TrainResult
 
@@ -183,8 +184,9 @@ def pooled_metrics(folds: Sequence[Fold], positive: int, settings: EvalConfig
 
 
 def write_oof_predictions(folds: Sequence[Fold], class_names: Sequence[str], positive: int,
-                          path: Path) -> Path:
-    """test_predictions.csv of the parent: every image once per repeat, with its fold."""
+                          path: Path, cascade: bool = False) -> Path:
+    """test_predictions.csv of the parent: every image once per repeat, with its fold; of a
+    cascade's folds (cv.cascade) also which model answered it (`answered_by`)."""
     rows = [(f, i) for f in folds for i in range(len(f.evaluation.plain.files))]
     plain = concat_predictions([f.evaluation.plain for f in folds])
     final = concat_predictions([f.evaluation.test for f in folds])
@@ -196,8 +198,13 @@ def write_oof_predictions(folds: Sequence[Fold], class_names: Sequence[str], pos
         per_row = np.array([f.evaluation.threshold for f, _ in rows])
         thresholds = [f"{t:.6f}" for t in per_row]
         decisions = [class_names[i] for i in decide(final.probabilities, positive, per_row)]
-    return tables.write_table(path, header, [
-        plain.files, [f.repeat for f, _ in rows], [f.number for f, _ in rows],
-        [class_names[label] for label in plain.labels],
-        tables.predicted_names(plain, class_names), *tables.probability_columns(plain),
-        *tables.probability_columns(final), thresholds, decisions])
+    columns = [plain.files, [f.repeat for f, _ in rows], [f.number for f, _ in rows],
+               [class_names[label] for label in plain.labels],
+               tables.predicted_names(plain, class_names), *tables.probability_columns(plain),
+               *tables.probability_columns(final), thresholds, decisions]
+    if cascade:
+        referred = np.concatenate([f.evaluation.referred for f in folds
+                                   if f.evaluation.referred is not None])
+        header.append("answered_by")
+        columns.append([FALLBACK if r else FIRST for r in referred])
+    return tables.write_table(path, header, columns)
