@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import hydra
 import keras
 import numpy as np
@@ -104,7 +106,7 @@ def test_transfer_cpu_preset_cuts_densenet121_and_the_readme_cuts_exist(tmp_path
         assert model.get_layer("gap").output.shape[-1] == width
 
 
-def test_transfer_multisource_is_transfer_cpu_with_a_second_source_it_requires(tmp_path):
+def test_transfer_multisource_is_transfer_cpu_with_a_second_source_and_a_cascade(tmp_path):
     from experiments.run import validated
 
     single = OmegaConf.to_object(compose_config(tmp_path, ["experiment=transfer_cpu",
@@ -117,8 +119,9 @@ def test_transfer_multisource_is_transfer_cpu_with_a_second_source_it_requires(t
         "data.sources.second.group_pattern='(P\\d+)'"]))
     assert [(s.name, s.root, s.group_pattern) for s in both.data.source_folders] == [
         ("second", "/y", r"(P\d+)")]
-    for part in ("backbone", "finetune", "eval", "cv", "augmentation"):
+    for part in ("backbone", "finetune", "eval", "augmentation"):
         assert getattr(both, part) == getattr(single, part), part
+    assert both.cv == dataclasses.replace(single.cv, cascade=True)  # its model: a cascade
     assert both.mlflow.experiment_name == "transfer_multisource"
 
 

@@ -42,12 +42,7 @@ from experiments.tracking import epoch_logger, store
 from experiments.tracking import records as records_lib
 from experiments.tracking.run_records import MODEL_DIR, common_tags, log_config, log_run_model
 from experiments.training import distribute
-from experiments.training.build import (
-    Prepared,
-    build,
-    check_training_split,
-    ood_reference_coverage,
-)
+from experiments.training.build import Prepared, build, check_training_split
 from experiments.training.callbacks import TrainResult
 from experiments.training.finetune import SecondStage
 from experiments.training.frozen import (
@@ -55,7 +50,7 @@ from experiments.training.frozen import (
     head_stage,
     head_training,
     logged_split_features,
-    ood_features,
+    referral_features,
     split_features,
 )
 from experiments.training.loop import TrainPlan, train
@@ -234,19 +229,6 @@ def train_plan(settings: Config, prepared: Prepared, output_dir: Path, run_id: s
                      [logger, interrupt.StopWhenSignalled()], history,
                      settings.trainer.verbose, second_stage,
                      output_dir / TRAINING_RECORD)
-
-
-def referral_features(settings: Config, prepared: Prepared, served: keras.Model,
-                      cached: dict[str, np.ndarray]) -> dict[str, np.ndarray | None]:
-    """The train and test images' features the out-of-distribution score measures, from the
-    feature cache when a frozen backbone's run has one (`frozen.ood_features`: no second pass
-    over the images); empty when the run trains on images or fits no referral."""
-    if not cached or ood_reference_coverage(settings) is None:
-        return {}
-    stain = None if prepared.stain is None else prepared.stain.target
-    return {name: ood_features(settings, served, prepared.precision, stain,
-                               getattr(prepared.splits, name), cached[name])
-            for name in ("train", "test")}
 
 
 def evaluate_and_log(settings: Config, prepared: Prepared, result: TrainResult,

@@ -18,7 +18,7 @@ from experiments.data.splits import Split
 from experiments.models import features
 from experiments.serving.inference import feature_extractor
 from experiments.tracking import records
-from experiments.training.build import Prepared
+from experiments.training.build import Prepared, ood_reference_coverage
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +125,19 @@ def ood_features(settings: Config, served: keras.Model, precision: str,
     cache = features.FeatureCache(key, Path(settings.paths.cache_dir) / "features")
     compute = functools.partial(features.compute_features, extractor)
     return cache.get(split.files, split.images, 1, compute)[:, 0]
+
+
+def referral_features(settings: Config, prepared: Prepared, served: keras.Model,
+                      cached: dict[str, np.ndarray]) -> dict[str, np.ndarray | None]:
+    """The train and test images' features the out-of-distribution score measures, from the
+    feature cache when a frozen backbone's run has one (`frozen.ood_features`: no second pass
+    over the images); empty when the run trains on images or fits no referral."""
+    if not cached or ood_reference_coverage(settings) is None:
+        return {}
+    stain = None if prepared.stain is None else prepared.stain.target
+    return {name: ood_features(settings, served, prepared.precision, stain,
+                               getattr(prepared.splits, name), cached[name])
+            for name in ("train", "test")}
 
 
 def head_stage(settings: Config, prepared: Prepared
