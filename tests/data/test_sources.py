@@ -109,7 +109,8 @@ def test_a_cascade_cross_validation_ships_the_home_model_first_with_its_own_esti
 
     cohort = f"+eval.external.lab.root={tmp_path / 'bh'}"
     run(with_breakhis(tmp_path, make_config, "cv.folds=2", "cv.refit=true", "cv.cascade=true",
-                      "eval.threshold=fixed", cohort, "+eval.external.lab.include_pattern=/200X/"))
+                      "eval.threshold=fixed", cohort, "+eval.external.lab.include_pattern=/200X/",
+                      "+eval.external.lab.adapt=true"))
     assert "answered by the home model (the rest by the all-source model): bh " in (
         capsys.readouterr().out)
     client = client_for(tmp_path)
@@ -143,7 +144,8 @@ def test_a_cascade_cross_validation_ships_the_home_model_first_with_its_own_esti
     assert metrics["test_answered_by_first"] == pytest.approx(
         sum(a == "first" for a in answered_by.values()) / len(answered_by))
     assert {"fallback_test_accuracy", "fallback_test_source_bh_accuracy",
-            "fallback_model_temperature", "ext_lab_answered_by_first"} <= set(metrics)
+            "fallback_model_temperature", "ext_lab_answered_by_first",
+            "ext_lab_adabn_accuracy"} <= set(metrics)  # AdaBN: the fallback, adapted
     scored = read_csv(client, parent.info.run_id, "external/lab/predictions.csv", tmp_path / "x")
     assert len(scored) == 24 and metrics["ext_lab_answered_by_first"] == pytest.approx(
         sum(r["answered_by"] == "first" for r in scored) / 24)
