@@ -13,7 +13,7 @@ from experiments.config.schema import EvalConfig
 from experiments.evaluation.evaluate import Evaluation
 from experiments.evaluation.metrics import Predictions
 from experiments.orchestration import cascading
-from experiments.orchestration.oof import Fold
+from experiments.orchestration.oof import Fold, operating_point
 from experiments.serving.cascade import Cascade, load_folder
 from experiments.serving.inference import Predictor
 from experiments.training.callbacks import TrainResult
@@ -65,11 +65,11 @@ def test_the_home_models_temperature_is_fitted_on_home_images_only():
     source's: fitted on all of them the temperature would flatten it; on its own, sharpen."""
     p = np.array([0.1, 0.9, 0.1, 0.45, 0.99, 0.01])  # d: a near miss
     settings = EvalConfig(seed=0, threshold="fixed")
-    own, _ = cascading.home_operating_point([fold(p)], 1, settings)
+    own, _ = operating_point([fold(p)], 1, settings, source="main")
     everything = Predictions(FILES, LABELS, np.stack([1 - p, p], axis=1), None, ("main",) * 6)
     as_home = dataclasses.replace(fold(p), evaluation=dataclasses.replace(
         fold(p).evaluation, plain=everything))
-    mixed, _ = cascading.home_operating_point([as_home], 1, settings)
+    mixed, _ = operating_point([as_home], 1, settings, source="main")
     assert own < 1.0 < mixed
 
 

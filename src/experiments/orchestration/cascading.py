@@ -24,10 +24,9 @@ from experiments.config.cohorts import MAIN_SOURCE
 from experiments.config.schema import EvalConfig
 from experiments.data import loading
 from experiments.data import splits as splits_lib
-from experiments.evaluation import stats
 from experiments.evaluation.evaluate import Evaluation
 from experiments.evaluation.metrics import Predictions, classification_metrics
-from experiments.orchestration.oof import Fold, concat_predictions, pooled_metrics
+from experiments.orchestration.oof import Fold, pooled_metrics
 
 HOME = "home"  # the home model's fold runs and refit: `<run> fold k home`, `<run> home refit`
 
@@ -104,15 +103,3 @@ def cascade_metrics(cascade: Sequence[Fold], fallback: Sequence[Fold], positive:
     metrics.update({f"fallback_{name}": value for name, value in alone.items()
                     if name.startswith("test_")})
     return metrics
-
-
-def home_operating_point(home: Sequence[Fold], positive: int,
-                         settings: EvalConfig) -> tuple[float, float | None]:
-    """The home model's temperature and threshold, fitted on its folds' pooled out-of-fold
-    predictions of the home images (the images it answers; never its training images)."""
-    pooled = concat_predictions([f.evaluation.test_raw for f in home])
-    own = pooled.subset(np.flatnonzero(np.asarray(pooled.sources) == MAIN_SOURCE))
-    return stats.fit_operating_point(own.labels, own.probabilities, positive,
-                                     settings.threshold, settings.fixed_threshold,
-                                     settings.target_sensitivity, settings.temperature_scaling)
-

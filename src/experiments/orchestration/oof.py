@@ -14,7 +14,7 @@ import numpy as np
 
 from experiments.config.schema import EvalConfig
 from experiments.evaluation import metrics as metrics_lib
-from experiments.evaluation import tables
+from experiments.evaluation import stats, tables
 from experiments.evaluation.cohorts import patient_metrics, per_source_metrics
 from experiments.evaluation.evaluate import Evaluation
 from experiments.evaluation.metrics import Predictions
@@ -72,6 +72,20 @@ def at_half(pred: Predictions, threshold: float | None, positive: int) -> Predic
     probabilities[:, positive] = probabilities[:, positive] - threshold + 0.5
     probabilities[:, 1 - positive] = 1 - probabilities[:, positive]
     return dataclasses.replace(pred, probabilities=probabilities)
+
+
+def operating_point(folds: Sequence[Fold], positive: int, settings: EvalConfig,
+                    source: str | None = None) -> tuple[float, float | None]:
+    """Temperature and threshold for a cross-validation's model, fitted on its folds' pooled
+    out-of-fold predictions (every training image, each from a model that did not train on
+    it); with `source`, of that source's images only (cv.cascade's home model: the images it
+    answers)."""
+    pooled_raw = concat_predictions([f.evaluation.test_raw for f in folds])
+    if source is not None:
+        pooled_raw = pooled_raw.subset(np.flatnonzero(np.asarray(pooled_raw.sources) == source))
+    return stats.fit_operating_point(pooled_raw.labels, pooled_raw.probabilities, positive,
+                                     settings.threshold, settings.fixed_threshold,
+                                     settings.target_sensitivity, settings.temperature_scaling)
 
 
 def repeats_of(folds: Sequence[Fold]) -> list[list[Fold]]:

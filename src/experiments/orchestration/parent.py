@@ -6,7 +6,6 @@ predictions, never on a test split.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,13 +14,11 @@ import keras
 import numpy as np
 
 from experiments.config.cohorts import MAIN_SOURCE
-from experiments.config.schema import Config, EvalConfig
+from experiments.config.schema import Config
 from experiments.data import loading
 from experiments.data.decode import input_mpp
-from experiments.evaluation import stats
-from experiments.orchestration import cascading
 from experiments.orchestration.external import fit_ood
-from experiments.orchestration.oof import Fold, concat_predictions
+from experiments.orchestration.oof import Fold, operating_point
 from experiments.serving import export, inference
 from experiments.serving.cascade import FALLBACK_DIR
 from experiments.serving.ood import OodReference
@@ -48,16 +45,6 @@ class Home:
     loaded: loading.LoadedData
 
 
-def operating_point(folds: Sequence[Fold], positive: int,
-                    settings: EvalConfig) -> tuple[float, float | None]:
-    """Temperature and threshold for the parent's model, fitted on every pooled out-of-fold
-    prediction (all training images, each from a model that did not train on it)."""
-    pooled_raw = concat_predictions([f.evaluation.test_raw for f in folds])
-    return stats.fit_operating_point(pooled_raw.labels, pooled_raw.probabilities, positive,
-                                     settings.threshold, settings.fixed_threshold,
-                                     settings.target_sensitivity, settings.temperature_scaling)
-
-
 def log_parent_model(settings: Config, loaded: loading.LoadedData, positive: int,
                      folds: list[Fold], output_dir: Path, refit: Refit | None,
                      home: Home | None = None) -> None:
@@ -82,9 +69,7 @@ def log_parent_model(settings: Config, loaded: loading.LoadedData, positive: int
     info = export.model_info(loaded.class_names, loaded.image_size, positive, settings.eval.tta,
                              temperature, threshold, **describe, **kind)
     training = folds[0].training
-    records.log_metrics({"model_temperature": temperature,
-                         **({"model_threshold": threshold} if threshold is not None else {}),
-                         f"best_{training.monitor}": float(np.mean([f.best_value
+    records.log_metrics({f"best_{training.monitor}": float(np.mean([f.best_value
                                                                     for f in folds]))})
     # the model's training images
     ood = fit_ood(settings, model, loaded.pool.images, reference)
@@ -93,9 +78,11 @@ def log_parent_model(settings: Config, loaded: loading.LoadedData, positive: int
     if home is not None:
         fallback = model_dir / FALLBACK_DIR
         run_records.save_run_model(model, info, fallback, ood)
-        records.log_metrics({"fallback_model_temperature": temperature})
-        model, info, ood = home_model(settings, home, positive, describe)
+        log_operating_point("fallback_model_", temperature, threshold)
+        model, info, ood, (temperature, threshold) = home_model(settings, home, positive,
+                                                                describe)
         kind = {"kind": "cv_cascade"}
+    log_operating_point("model_", temperature, threshold)
     run_records.log_run_model(model, info, model_dir, settings.mlflow.register_as,
                               {"model_kind": str(kind["kind"]),
                                "checkpoint_monitor": training.monitor,
@@ -103,12 +90,19 @@ def log_parent_model(settings: Config, loaded: loading.LoadedData, positive: int
                               ood, fallback)
 
 
+def log_operating_point(prefix: str, temperature: float, threshold: float | None) -> None:
+    """<prefix>temperature and <prefix>threshold (when there is one) of a logged model."""
+    records.log_metrics({f"{prefix}temperature": temperature,
+                         **({f"{prefix}threshold": threshold} if threshold is not None else {})})
+
+
 def home_model(settings: Config, home: Home, positive: int, describe: dict[str, Any]
-               ) -> tuple[keras.Model, dict[str, Any], OodReference | None]:
-    """cv.cascade's first model, its info (temperature and threshold from its folds' home
-    images) and its out-of-distribution reference (of the home images: what it accepts)."""
-    temperature, threshold = cascading.home_operating_point(home.folds, positive, settings.eval)
-    records.log_metrics({"model_temperature": temperature})  # the fallback's logged apart
+               ) -> tuple[keras.Model, dict[str, Any], OodReference | None,
+                          tuple[float, float | None]]:
+    """cv.cascade's first model, its info, its out-of-distribution reference (of the home
+    images: what it accepts) and its temperature and threshold (from its folds' predictions
+    of the home images)."""
+    temperature, threshold = operating_point(home.folds, positive, settings.eval, MAIN_SOURCE)
     loaded = home.loaded
     info = export.model_info(loaded.class_names, loaded.image_size, positive, settings.eval.tta,
                              temperature, threshold, **describe, kind="cv_cascade",
@@ -118,4 +112,4 @@ def home_model(settings: Config, home: Home, positive: int, describe: dict[str, 
                       "their own; test_* is the pooled out-of-fold estimate of the folds' "
                       "cascades, fallback_test_* that of the all-source model alone"})
     ood = fit_ood(settings, home.refit.model, loaded.pool.images, home.refit.features)
-    return home.refit.model, info, ood
+    return home.refit.model, info, ood, (temperature, threshold)
