@@ -101,9 +101,15 @@ def referral_metrics(scores: np.ndarray, correct: np.ndarray, ood: OodReference,
     if (~referred).any():
         out[f"{prefix}accepted_accuracy"] = float(np.asarray(correct)[~referred].mean())
     if foreign and len(scores):
-        truth = np.r_[np.zeros(len(ood.held_out)), np.ones(len(scores))]
-        out[f"{prefix}ood_auroc"] = float(roc_auc_score(truth, np.r_[ood.held_out, scores]))
+        out[f"{prefix}ood_auroc"] = ood_auroc(scores, ood)
     return out
+
+
+def ood_auroc(scores: np.ndarray, ood: OodReference) -> float:
+    """How well the out-of-distribution score tells a foreign cohort's images (`scores`)
+    from same-source images the reference did not contain (its held-out scores)."""
+    truth = np.r_[np.zeros(len(ood.held_out)), np.ones(len(scores))]
+    return float(roc_auc_score(truth, np.r_[ood.held_out, scores]))
 
 
 def cohort_roc(pred: Predictions, class_names: Sequence[str], positive: int, name: str,

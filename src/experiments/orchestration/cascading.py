@@ -26,7 +26,7 @@ from experiments.data import loading
 from experiments.data import splits as splits_lib
 from experiments.evaluation.evaluate import Evaluation
 from experiments.evaluation.metrics import Predictions, classification_metrics
-from experiments.orchestration.oof import Fold, pooled_metrics
+from experiments.orchestration.oof import Fold, pooled_metrics, referred_of
 
 HOME = "home"  # the home model's fold runs and refit: `<run> fold k home`, `<run> home refit`
 
@@ -93,8 +93,7 @@ def cascade_metrics(cascade: Sequence[Fold], fallback: Sequence[Fold], positive:
     overall and per source), and the all-source model's own pooled metrics as fallback_test_*
     (what a cascade gains over it)."""
     metrics = pooled_metrics(cascade, positive, settings)
-    accepted = np.concatenate([~f.evaluation.referred for f in cascade
-                               if f.evaluation.referred is not None])
+    accepted = ~referred_of(cascade)
     sources = np.asarray([s for f in cascade for s in f.evaluation.test.sources or ()])
     metrics["test_answered_by_first"] = float(accepted.mean())
     for name in sorted(set(sources)):

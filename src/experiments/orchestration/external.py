@@ -20,7 +20,13 @@ from experiments.data.cohorts import CohortFiles
 from experiments.data.image_store import ImageArray
 from experiments.errors import DataError
 from experiments.evaluation import evaluate
-from experiments.evaluation.cohorts import cohort_metrics, cohort_roc, decisions, referral_metrics
+from experiments.evaluation.cohorts import (
+    cohort_metrics,
+    cohort_roc,
+    decisions,
+    ood_auroc,
+    referral_metrics,
+)
 from experiments.evaluation.metrics import Predictions
 from experiments.models.adapt import adapt_batchnorm
 from experiments.serving import export
@@ -104,10 +110,9 @@ def cascade_referral(cascade: Cascade, rows: Sequence[dict[str, object]], cohort
            f"{prefix}referred": float(referred.mean())}
     if (~referred).any():
         out[f"{prefix}accepted_accuracy"] = float((answers == truth)[~referred].mean())
-    if cascade.first.ood is not None:  # always (a cascade's first model refers)
+    if cascade.first.ood is not None and readable:  # always (a cascade's first model refers)
         scores = np.array([rows[i]["ood_score"] for i in readable], dtype=float)
-        out[f"{prefix}ood_auroc"] = referral_metrics(scores, answers == truth, cascade.first.ood,
-                                                     prefix, foreign=True)[f"{prefix}ood_auroc"]
+        out[f"{prefix}ood_auroc"] = ood_auroc(scores, cascade.first.ood)
     return out
 
 

@@ -60,6 +60,15 @@ def concat_predictions(predictions: Sequence[Predictions]) -> Predictions:
                        joined("groups"), joined("sources"))
 
 
+def referred_of(folds: Sequence[Fold]) -> np.ndarray:
+    """Whether each fold's referral referred each of its test images, in the order
+    `concat_predictions` joins the folds' predictions."""
+    flags = [f.evaluation.referred for f in folds]
+    if any(flag is None for flag in flags):
+        raise RuntimeError("A fold fitted no out-of-distribution referral")
+    return np.concatenate([flag for flag in flags if flag is not None])
+
+
 def at_half(pred: Predictions, threshold: float | None, positive: int) -> Predictions:
     """Shift p(positive) so that `threshold` maps to 0.5: the same decisions at 0.5, also for
     the mean of a patient's images (one fold holds all of them; no clipping to [0, 1], which
@@ -217,8 +226,6 @@ def write_oof_predictions(folds: Sequence[Fold], class_names: Sequence[str], pos
                tables.predicted_names(plain, class_names), *tables.probability_columns(plain),
                *tables.probability_columns(final), thresholds, decisions]
     if cascade:
-        referred = np.concatenate([f.evaluation.referred for f in folds
-                                   if f.evaluation.referred is not None])
         header.append("answered_by")
-        columns.append([FALLBACK if r else FIRST for r in referred])
+        columns.append([FALLBACK if r else FIRST for r in referred_of(folds)])
     return tables.write_table(path, header, columns)
