@@ -8,9 +8,7 @@ model gave it (`answered_by`).
 
 from __future__ import annotations
 
-import argparse
 import json
-import logging
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,9 +21,7 @@ from experiments.console import configure_logging
 from experiments.errors import UserError, report_user_errors
 from experiments.serving.cascade import Cascade
 from experiments.serving.inference import MODEL_FILE, MODEL_INFO, Predictor
-from experiments.tracking import model_registry, records, store
-
-log = logging.getLogger(__name__)
+from experiments.tracking import model_registry, records, run_records, store
 
 
 def run_with_model(client: MlflowClient, run_id: str) -> Run:
@@ -65,11 +61,8 @@ def log_cascade(tracking_uri: str, first_id: str, fallback_id: str,
         name = f"cascade {runs[0].info.run_name} -> {runs[1].info.run_name}"
         with store.open_run(runs[0].info.experiment_id, name, tags) as run_id:
             records.log_params({"first": first_id, "fallback": fallback_id})
-            model_uri = model_registry.log_model(first, info, fallback_dir=fallback)
-            records.set_tags({"model_uri": model_uri})
-            if register_as:
-                version = model_registry.register_model(model_uri, register_as)
-                log.info(f"Registered models:/{register_as}/{version}")
+            model_uri = run_records.publish_model(first, info, register_as,
+                                                  fallback_dir=fallback)
     print(f"Cascade {first_id} -> {fallback_id}: MLflow run {run_id}, model {model_uri}")
     return run_id
 
@@ -77,14 +70,11 @@ def log_cascade(tracking_uri: str, first_id: str, fallback_id: str,
 @report_user_errors
 def main(argv: Sequence[str] | None = None) -> None:
     configure_logging()
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = store.model_command(__doc__, "the cascade's model")
     parser.add_argument("--first", required=True,
                         help="the run whose model answers what its referral accepts")
     parser.add_argument("--fallback", required=True,
                         help="the run whose model answers what the first refers")
-    parser.add_argument("--tracking-uri", default=store.default_store_uri())
-    parser.add_argument("--register-as", default=None, help="register the cascade's model")
     args = parser.parse_args(argv)
     store.check_server(args.tracking_uri)
     log_cascade(args.tracking_uri, args.first, args.fallback, args.register_as)

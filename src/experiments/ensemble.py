@@ -11,9 +11,7 @@ them too; otherwise the run says why it has no test metrics.
 
 from __future__ import annotations
 
-import argparse
 import csv
-import logging
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,9 +30,7 @@ from experiments.evaluation import metrics as metrics_lib
 from experiments.evaluation.metrics import Predictions
 from experiments.serving import export, inference, views
 from experiments.serving.cascade import Cascade
-from experiments.tracking import model_registry, records, store
-
-log = logging.getLogger(__name__)
+from experiments.tracking import model_registry, records, run_records, store
 
 
 @dataclass(frozen=True)
@@ -187,11 +183,7 @@ def ensemble_sweep(tracking_uri: str, parent_id: str, register_as: str | None = 
             records.log_metrics({"model_temperature": info["temperature"],
                                  **({"model_threshold": info["threshold"]}
                                      if info["threshold"] is not None else {})})
-            model_uri = model_registry.log_model(model_dir, info)
-            records.set_tags({"model_uri": model_uri})
-            if register_as:
-                version = model_registry.register_model(model_uri, register_as)
-                log.info(f"Registered models:/{register_as}/{version}")
+            model_uri = run_records.publish_model(model_dir, info, register_as)
     print(f"Ensemble of {len(members)} models from {parent_id}: MLflow run {run_id}, model "
           f"{model_uri}")
     if isinstance(outcome, str):
@@ -207,11 +199,8 @@ def ensemble_sweep(tracking_uri: str, parent_id: str, register_as: str | None = 
 @report_user_errors
 def main(argv: Sequence[str] | None = None) -> None:
     configure_logging()
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = store.model_command(__doc__, "the ensemble's model")
     parser.add_argument("--parent", required=True, help="the sweep's parent run id")
-    parser.add_argument("--tracking-uri", default=store.default_store_uri())
-    parser.add_argument("--register-as", default=None, help="register the ensemble's model")
     args = parser.parse_args(argv)
     store.check_server(args.tracking_uri)
     ensemble_sweep(args.tracking_uri, args.parent, args.register_as)

@@ -98,9 +98,18 @@ def log_run_model(model: object, info: dict, model_dir: Path, register_as: str |
     info = save_run_model(model, info, model_dir, ood)
     if fallback_dir is None:  # the fallback of an earlier attempt is not this model's
         shutil.rmtree(model_dir / FALLBACK_DIR, ignore_errors=True)
+    return publish_model(model_dir, info, None if records_lib.parent_run_tags() else register_as,
+                         tags, fallback_dir)
+
+
+def publish_model(model_dir: Path, info: dict, register_as: str | None,
+                  tags: dict[str, str] | None = None, fallback_dir: Path | None = None) -> str:
+    """Log a saved model folder as the active run's MLflow model (tag `model_uri`, beside
+    `tags`) - with `fallback_dir`, another saved folder, the cascade of the two - and register
+    it under `register_as` when given; returns the model URI."""
     model_uri = model_registry.log_model(model_dir, info, fallback_dir)
     records_lib.set_tags({"model_uri": model_uri, **(tags or {})})
-    if register_as and not records_lib.parent_run_tags():
+    if register_as:
         version = model_registry.register_model(model_uri, register_as)
         log.info(f"Registered models:/{register_as}/{version}")
     return model_uri

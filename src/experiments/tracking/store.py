@@ -4,6 +4,7 @@ processes at a time) and runs opened and always closed with the right status.
 
 from __future__ import annotations
 
+import argparse
 import fcntl
 import os
 import re
@@ -40,6 +41,17 @@ def artifact_root_of(tracking_uri: str) -> Path:
 def is_local_store(tracking_uri: str) -> bool:
     """True for stores this process writes itself (artifacts go to a local folder)."""
     return tracking_uri.startswith(LOCAL_SCHEMES) or "://" not in tracking_uri
+
+
+def model_command(description: str, registered: str) -> argparse.ArgumentParser:
+    """The parser of an entry point that logs a model into a tracking store: its own
+    arguments go beside --tracking-uri (this folder's mlruns/ by default) and --register-as
+    (register `registered` under that name)."""
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tracking-uri", default=default_store_uri())
+    parser.add_argument("--register-as", default=None, help=f"register {registered}")
+    return parser
 
 
 def check_server(tracking_uri: str, experiment_name: str | None = None,
