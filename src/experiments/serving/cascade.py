@@ -13,7 +13,7 @@ image against 0.776 / 0.801; nested, 3 seeds: benchmarks/README, session 18).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,6 +88,17 @@ class Cascade:
             out[i] = {**answer, **own, "ood_score": rows[i]["ood_score"],
                       "answered_by": FALLBACK}
         return out
+
+
+def load_artifacts(files: Mapping[str, str | Path]) -> Predictor | Cascade:
+    """A logged model from its pyfunc artifacts by name (`model`, `info`, `ood`, and a
+    cascade's `fallback_*`; `tracking.model_registry.model_artifacts`): a cascade when it has
+    a fallback."""
+    first = Predictor.load(files["model"], files["info"], files.get("ood"))
+    if "fallback_model" not in files:
+        return first
+    return Cascade(first, Predictor.load(files["fallback_model"], files["fallback_info"],
+                                         files.get("fallback_ood")))
 
 
 def load_folder(model_dir: Path) -> Predictor | Cascade:

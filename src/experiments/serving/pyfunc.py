@@ -35,8 +35,7 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc.model import PythonModel
 from PIL import Image
 
-from experiments.serving.cascade import Cascade
-from experiments.serving.inference import Predictor
+from experiments.serving.cascade import load_artifacts
 from experiments.serving.limits import ServingLimits
 
 INPUT_COLUMNS = ("image", "path")
@@ -67,13 +66,7 @@ class ImageClassifier(PythonModel):
     out."""
 
     def load_context(self, context: Any) -> None:
-        artifacts = context.artifacts
-        self.predictor: Predictor | Cascade = Predictor.load(
-            artifacts["model"], artifacts["info"], artifacts.get("ood"))
-        if "fallback_model" in artifacts:  # a cascade (experiments.cascade)
-            self.predictor = Cascade(self.predictor, Predictor.load(
-                artifacts["fallback_model"], artifacts["fallback_info"],
-                artifacts.get("fallback_ood")))
+        self.predictor = load_artifacts(context.artifacts)  # one model, or a cascade
         self.limits = ServingLimits.resolve(getattr(context, "model_config", None))
 
     def predict(self, context: Any, model_input: pd.DataFrame,

@@ -19,7 +19,7 @@ from mlflow.types.schema import ColSpec, Schema
 
 from experiments.models import external
 from experiments.serving import limits
-from experiments.serving.cascade import Cascade
+from experiments.serving.cascade import Cascade, load_artifacts
 from experiments.serving.inference import MODEL_FILE, MODEL_INFO, Predictor
 from experiments.serving.ood import OOD_FILE
 
@@ -97,13 +97,7 @@ def load_logged(client: MlflowClient, model_uri: str, folder: Path) -> Predictor
     """A logged model (`model_uri`, a run's `model_uri` tag) downloaded from `client`'s store
     into `folder` and loaded with its info: a cascade when it was logged as one (cv.cascade,
     `experiments.cascade`)."""
-    local = download_logged(client, model_uri, folder)
-    files = logged_files(local)
-    first = Predictor.load(files["model"], files["info"], files.get("ood"))
-    if "fallback_model" not in files:
-        return first
-    return Cascade(first, Predictor.load(files["fallback_model"], files["fallback_info"],
-                                         files.get("fallback_ood")))
+    return load_artifacts(logged_files(download_logged(client, model_uri, folder)))
 
 
 def logged_files(local: Path) -> dict[str, Path]:

@@ -88,15 +88,23 @@ def image_features(settings: Config, classifier: keras.Model, precision: str,
                    views: int) -> np.ndarray:
     """(n, views, C) frozen-backbone features of one set of images (cached like every run's:
     a cross-validation's refit reuses what its folds computed)."""
-    backbone = settings.backbone
-    size = settings.data.patch_size or int(classifier.input_shape[1])
-    key = features.model_key(backbone.name, backbone.weights, settings.trainer.seed, size,
-                             precision, stain_target, settings.data.resize,
-                             backbone.pooling,
-                             backbone.feature_layer, backbone.global_pool)
-    cache = features.FeatureCache(key, Path(settings.paths.cache_dir) / "features")
+    cache = feature_cache(settings, classifier, precision, stain_target,
+                          settings.backbone.global_pool)
     compute = functools.partial(features.compute_features, features.feature_model(classifier))
     return cache.get(split.files, split.images, views, compute)
+
+
+def feature_cache(settings: Config, model: keras.Model, precision: str,
+                  stain_target: Sequence[float] | None, global_pool: str
+                  ) -> features.FeatureCache:
+    """The cache of a frozen backbone's features pooled by `global_pool`, keyed by everything
+    that changes them (`features.model_key`), under <paths.cache_dir>/features."""
+    backbone = settings.backbone
+    size = settings.data.patch_size or int(model.input_shape[1])
+    key = features.model_key(backbone.name, backbone.weights, settings.trainer.seed, size,
+                             precision, stain_target, settings.data.resize, backbone.pooling,
+                             backbone.feature_layer, global_pool)
+    return features.FeatureCache(key, Path(settings.paths.cache_dir) / "features")
 
 
 # model_key's global_pool of the out-of-distribution features' cache (their own file)
@@ -117,12 +125,7 @@ def ood_features(settings: Config, served: keras.Model, precision: str,
     extractor = feature_extractor(served)
     if extractor is None:
         return None
-    backbone = settings.backbone
-    size = settings.data.patch_size or int(served.input_shape[1])
-    key = features.model_key(backbone.name, backbone.weights, settings.trainer.seed, size,
-                             precision, stain_target, settings.data.resize, backbone.pooling,
-                             backbone.feature_layer, OOD_POOL)
-    cache = features.FeatureCache(key, Path(settings.paths.cache_dir) / "features")
+    cache = feature_cache(settings, served, precision, stain_target, OOD_POOL)
     compute = functools.partial(features.compute_features, extractor)
     return cache.get(split.files, split.images, 1, compute)[:, 0]
 
