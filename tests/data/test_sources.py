@@ -46,6 +46,11 @@ def test_a_second_source_is_trained_on_with_patients_kept_together(tmp_path, mak
         {r["group"] for r in rows if r["split"] == "test" and r["source"] == "bh"})
     assert "test_source_main_n_patients" not in metrics or metrics[
         "test_source_main_n_patients"] == metrics["test_source_main_n_images"]
+    patients = read_csv(client, finished.info.run_id, "test_patients.csv", tmp_path / "dl_p")
+    bh = [r for r in patients if r["patient"].startswith("bh:")]
+    assert len(bh) == metrics["test_source_bh_n_patients"]
+    assert sum(r["correct"] == "1" for r in bh) / len(bh) == pytest.approx(
+        metrics["test_source_bh_patient_accuracy"])
 
 
 def test_leave_one_source_out_tests_each_source_on_a_model_that_never_saw_it(tmp_path,
@@ -149,6 +154,10 @@ def test_a_cascade_cross_validation_ships_the_home_model_first_with_its_own_esti
     scored = read_csv(client, parent.info.run_id, "external/lab/predictions.csv", tmp_path / "x")
     assert len(scored) == 24 and metrics["ext_lab_answered_by_first"] == pytest.approx(
         sum(r["answered_by"] == "first" for r in scored) / 24)
+    patients = read_csv(client, parent.info.run_id, "test_patients.csv", tmp_path / "pp")
+    bh = [r for r in patients if r["patient"].startswith("bh:")]  # the cascade's answers
+    assert len(bh) == 12 and sum(r["correct"] == "1" for r in bh) / 12 == pytest.approx(
+        metrics["test_source_bh_patient_accuracy"])
     rows = read_csv(client, runs["home refit"].info.run_id, "splits.csv", tmp_path / "refit")
     assert {r["source"] for r in rows} == {"main"} and len(rows) == 40
     assert parent.data.tags["model_kind"] == "cv_cascade"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import logging
 
 import numpy as np
@@ -11,6 +12,7 @@ from experiments.config.schema import EvalConfig
 from experiments.evaluation import stats
 from experiments.evaluation.cohorts import cohort_metrics, patient_recognition_rate, per_patient
 from experiments.evaluation.metrics import Predictions
+from experiments.evaluation.tables import write_patients
 from experiments.run import warn_backwards
 
 
@@ -31,6 +33,29 @@ def test_patient_aggregation_matches_a_hand_computed_example():
     assert patient_recognition_rate(pred, 1, 0.5) == pytest.approx((2 / 3 + 1) / 2)
     # at threshold 0.7: A still 2 of 3 (0.9 is called malignant), B 1 of 2 (0.6 is not)
     assert patient_recognition_rate(pred, 1, 0.7) == pytest.approx((2 / 3 + 1 / 2) / 2)
+
+
+def test_the_patient_table_matches_a_hand_computed_example(tmp_path):
+    # as above: A (benign) 0.2, 0.4, 0.9 -> 0.5; B (malignant) 0.8, 0.6 -> 0.7
+    pred = Predictions(("a1", "a2", "a3", "b1", "b2"), np.array([0, 0, 0, 1, 1]),
+                       probs([0.2, 0.4, 0.9, 0.8, 0.6]), ("A", "A", "A", "B", "B"))
+    names = ["benign", "malignant"]
+    with write_patients([pred], names, 1, [0.7], tmp_path / "p.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    # at 0.7: A's mean 0.5 is benign (right; 2 of 3 images right), B's 0.7 malignant (right;
+    # 0.6 is not: 1 of 2)
+    assert [(r["patient"], r["label"], r["n_images"], r["decision"], r["correct"]) for r in rows
+            ] == [("A", "benign", "3", "benign", "1"), ("B", "malignant", "2", "malignant", "1")]
+    assert [float(r["p_malignant"]) for r in rows] == pytest.approx([0.5, 0.7])
+    assert [float(r["images_correct"]) for r in rows] == pytest.approx([2 / 3, 1 / 2])
+    # per-image thresholds (a cross-validation's folds) and a second repeat: A at 0.4 is
+    # called malignant (wrong); without a threshold, the most probable class
+    with write_patients([pred, pred], names, 1, [np.array([0.4] * 3 + [0.5] * 2), None],
+                        tmp_path / "q.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(r["repeat"], r["patient"], r["decision"], r["correct"]) for r in rows] == [
+        ("0", "A", "malignant", "0"), ("0", "B", "malignant", "1"),
+        ("1", "A", "benign", "1"), ("1", "B", "malignant", "1")]
 
 
 def test_a_patient_with_images_of_both_classes_counts_once_per_class():

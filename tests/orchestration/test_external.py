@@ -51,7 +51,13 @@ def test_cohorts_are_scored_by_the_final_model_and_change_nothing_else(tmp_path,
     assert not {"ext_benign_lab_roc_auc", "ext_benign_lab_sensitivity"} & set(metrics)
     files = artifact_files(client, run_id, "external")
     assert files == {"external/bh/predictions.csv", "external/bh/roc_curve.png",
-                     "external/benign_lab/predictions.csv"}
+                     "external/bh/patients.csv", "external/benign_lab/predictions.csv"}
+    patients = read_csv(client, run_id, "external/bh/patients.csv", tmp_path / "dl_p")
+    assert len(patients) == 4 and sum(int(r["n_images"]) for r in patients) == 8
+    assert np.mean([int(r["correct"]) for r in patients]) == pytest.approx(
+        metrics["ext_bh_patient_accuracy"])
+    assert np.mean([float(r["images_correct"]) for r in patients]) == pytest.approx(
+        metrics["ext_bh_patient_recognition_rate"])
     assert {"ext_bh_accuracy", "ext_bh_roc_auc", "ext_benign_lab_accuracy"} <= set(
         table_metrics([scored]))
 

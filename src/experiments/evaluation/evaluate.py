@@ -23,7 +23,7 @@ from experiments.evaluation import (
 from experiments.evaluation.cohorts import patient_metrics, per_source_metrics
 from experiments.evaluation.figures import plot_reliability
 from experiments.evaluation.metrics import Predictions, classification_metrics, interval_metrics
-from experiments.evaluation.tables import write_predictions
+from experiments.evaluation.tables import write_patients, write_predictions
 from experiments.serving.inference import apply_temperature  # noqa: E402
 from experiments.serving.views import predict_views  # noqa: E402
 
@@ -117,6 +117,9 @@ def evaluate_model(model: keras.Model, splits: Splits, positive: int, settings: 
                                final=test, threshold=threshold, positive=positive),
              write_predictions(val_raw, class_names, folder / "val_predictions.csv"),
              *calibration_files]
+    if test.groups is not None:
+        files.append(write_patients([test], class_names, positive, [threshold],
+                                    folder / "test_patients.csv"))
     if settings.gradcam_images:
         files += gradcam.save_overlays(model, splits.test.images, list(splits.test.files),
                                        plain.labels, plain.probabilities, class_names,

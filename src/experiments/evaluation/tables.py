@@ -7,6 +7,9 @@ import csv
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+
+from experiments.evaluation.cohorts import decisions
 from experiments.evaluation.metrics import Predictions
 from experiments.serving.inference import decide  # noqa: E402
 
@@ -44,3 +47,36 @@ def write_table(path: Path, header: Sequence[str], columns: Sequence[Sequence]) 
         writer.writerow(header)
         writer.writerows(zip(*columns, strict=True))
     return path
+
+
+def write_patients(parts: Sequence[Predictions], class_names: Sequence[str], positive: int,
+                   thresholds: Sequence[float | np.ndarray | None], path: Path) -> Path:
+    """One row per patient (and class, as the patient-level metrics count it), so a reader can
+    see which patients carry a patient-level error: its label, number of images, the mean
+    p(positive) of its images (the score the patient-level metrics rank), the decision of that
+    mean at the model's threshold (`thresholds`: one per part, a number or one per image, as
+    a cross-validation's fold thresholds; None: the most probable class), whether it is right,
+    and the share of its images decided right (the patient's BreakHis recognition rate).
+    Several parts (a cross-validation's repeats) add a `repeat` column."""
+    repeated = len(parts) > 1
+    header = [*(["repeat"] if repeated else []), "patient", "label", "n_images",
+              f"p_{class_names[positive]}", "decision", "correct", "images_correct"]
+    rows = []
+    for number, (pred, threshold) in enumerate(zip(parts, thresholds, strict=True)):
+        if pred.groups is None:
+            raise ValueError("write_patients needs each image's group. Received: groups=None")
+        groups = np.asarray(pred.groups)
+        cuts = None if threshold is None else np.broadcast_to(
+            np.asarray(threshold, dtype=float), (len(pred.labels),))
+        for group, label in sorted({(g, int(y)) for g, y in zip(groups, pred.labels,
+                                                                   strict=True)}):
+            index = np.flatnonzero((groups == group) & (pred.labels == label))
+            cut = None if cuts is None else float(cuts[index[0]])
+            mean = pred.probabilities[index].mean(axis=0, keepdims=True)
+            decided = int(decisions(mean, positive, cut)[0])
+            right = decisions(pred.probabilities[index], positive, cut) == label
+            rows.append([*([number] if repeated else []), group, class_names[label],
+                         len(index), f"{mean[0, positive]:.6f}", class_names[decided],
+                         int(decided == label), f"{right.mean():.6f}"])
+    return write_table(path, header, list(zip(*rows, strict=True)) if rows else
+                       [[] for _ in header])

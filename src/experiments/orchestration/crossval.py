@@ -39,6 +39,7 @@ from experiments.orchestration.oof import (
     pooled,
     pooled_metrics,
     repeats_of,
+    write_oof_patients,
     write_oof_predictions,
 )
 from experiments.tracking import records, run_records, store
@@ -218,6 +219,9 @@ def log_cross_validation(settings: Config, components: Components, loaded: loadi
                                    folder / "test_predictions.csv", cascade=bool(homes)),
              figures_lib.plot_confusion_matrix(first, class_names, folder / "confusion_matrix.png"),
              figures_lib.plot_roc_curve(first, class_names, positive, folder / "roc_curve.png")]
+    if first.groups is not None:
+        paths.append(write_oof_patients(folds, class_names, positive,
+                                        folder / "test_patients.csv"))
     for path in paths:
         records.log_artifact(path)
     return metrics

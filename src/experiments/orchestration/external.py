@@ -28,6 +28,7 @@ from experiments.evaluation.cohorts import (
     referral_metrics,
 )
 from experiments.evaluation.metrics import Predictions
+from experiments.evaluation.tables import write_patients
 from experiments.models.adapt import adapt_batchnorm
 from experiments.serving import export
 from experiments.serving.cascade import FALLBACK_DIR, FIRST, Cascade, load_folder
@@ -166,6 +167,9 @@ def score_cohort(predictor: Predictor | Cascade, cohort: CohortFiles, name: str,
         found.update(cohort_referral(predictor.ood, rows, cohort, class_names, prefix))
     out = folder / name
     paths = [write_cohort_table(cohort, rows, class_names, out / "predictions.csv")]
+    if pred.groups is not None and len(pred.labels):
+        paths.append(write_patients([pred], class_names, positive, [info.threshold],
+                                    out / "patients.csv"))
     roc = cohort_roc(pred, class_names, positive, name, out / "roc_curve.png")
     paths += [roc] if roc is not None else []
     for path in paths:

@@ -229,3 +229,20 @@ def write_oof_predictions(folds: Sequence[Fold], class_names: Sequence[str], pos
         header.append("answered_by")
         columns.append([FALLBACK if r else FIRST for r in referred_of(folds)])
     return tables.write_table(path, header, columns)
+
+
+def write_oof_patients(folds: Sequence[Fold], class_names: Sequence[str], positive: int,
+                       path: Path) -> Path:
+    """test_patients.csv of the parent: each patient's pooled out-of-fold final predictions,
+    decided at the threshold of the fold that held the patient out, one block per repeat."""
+    parts, thresholds = [], []
+    for repeat in repeats_of(folds):
+        parts.append(pooled(repeat, "test"))
+        if repeat[0].evaluation.threshold is None:
+            thresholds.append(None)
+            continue
+        files = [file for f in repeat for file in f.evaluation.test.files]
+        per_image = np.concatenate([np.full(len(f.evaluation.test.files), f.evaluation.threshold)
+                                    for f in repeat])
+        thresholds.append(per_image[np.argsort(files, kind="stable")])
+    return tables.write_patients(parts, class_names, positive, thresholds, path)
