@@ -180,9 +180,7 @@ def ensemble_sweep(tracking_uri: str, parent_id: str, register_as: str | None = 
             records.log_params({"members": len(members), "ensemble_of": parent_id})
             if not isinstance(outcome, str):
                 records.log_metrics(outcome)
-            records.log_metrics({"model_temperature": info["temperature"],
-                                 **({"model_threshold": info["threshold"]}
-                                     if info["threshold"] is not None else {})})
+            run_records.log_operating_point("model_", info["temperature"], info["threshold"])
             model_uri = run_records.publish_model(model_dir, info, register_as)
     print(f"Ensemble of {len(members)} models from {parent_id}: MLflow run {run_id}, model "
           f"{model_uri}")

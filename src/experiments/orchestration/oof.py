@@ -235,7 +235,8 @@ def write_oof_patients(folds: Sequence[Fold], class_names: Sequence[str], positi
                        path: Path) -> Path:
     """test_patients.csv of the parent: each patient's pooled out-of-fold final predictions,
     decided at the threshold of the fold that held the patient out, one block per repeat."""
-    parts, thresholds = [], []
+    parts: list[Predictions] = []
+    thresholds: list[float | np.ndarray | None] = []
     for repeat in repeats_of(folds):
         parts.append(pooled(repeat, "test"))
         if repeat[0].evaluation.threshold is None:

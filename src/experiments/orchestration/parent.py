@@ -78,22 +78,16 @@ def log_parent_model(settings: Config, loaded: loading.LoadedData, positive: int
     if home is not None:
         fallback = model_dir / FALLBACK_DIR
         run_records.save_run_model(model, info, fallback, ood)
-        log_operating_point("fallback_model_", temperature, threshold)
+        run_records.log_operating_point("fallback_model_", temperature, threshold)
         model, info, ood, (temperature, threshold) = home_model(settings, home, positive,
                                                                 describe)
         kind = {"kind": "cv_cascade"}
-    log_operating_point("model_", temperature, threshold)
+    run_records.log_operating_point("model_", temperature, threshold)
     run_records.log_run_model(model, info, model_dir, settings.mlflow.register_as,
                               {"model_kind": str(kind["kind"]),
                                "checkpoint_monitor": training.monitor,
                                "checkpoint_mode": "max" if training.higher_is_better else "min"},
                               ood, fallback)
-
-
-def log_operating_point(prefix: str, temperature: float, threshold: float | None) -> None:
-    """<prefix>temperature and <prefix>threshold (when there is one) of a logged model."""
-    records.log_metrics({f"{prefix}temperature": temperature,
-                         **({f"{prefix}threshold": threshold} if threshold is not None else {})})
 
 
 def home_model(settings: Config, home: Home, positive: int, describe: dict[str, Any]
