@@ -49,13 +49,13 @@ def test_the_patient_table_matches_a_hand_computed_example(tmp_path):
     assert [float(r["p_malignant"]) for r in rows] == pytest.approx([0.5, 0.7])
     assert [float(r["images_correct"]) for r in rows] == pytest.approx([2 / 3, 1 / 2])
     # per-image thresholds (a cross-validation's folds) and a second repeat: A at 0.4 is
-    # called malignant (wrong); without a threshold, the most probable class
+    # called malignant (wrong); without one at 0.5 as the patient-level metrics (A's 0.5 too)
     with write_patients([pred, pred], names, 1, [np.array([0.4] * 3 + [0.5] * 2), None],
                         tmp_path / "q.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert [(r["repeat"], r["patient"], r["decision"], r["correct"]) for r in rows] == [
         ("0", "A", "malignant", "0"), ("0", "B", "malignant", "1"),
-        ("1", "A", "benign", "1"), ("1", "B", "malignant", "1")]
+        ("1", "A", "malignant", "0"), ("1", "B", "malignant", "1")]
 
 
 def test_a_patient_with_images_of_both_classes_counts_once_per_class():

@@ -55,7 +55,8 @@ def write_patients(parts: Sequence[Predictions], class_names: Sequence[str], pos
     see which patients carry a patient-level error: its label, number of images, the mean
     p(positive) of its images (the score the patient-level metrics rank), the decision of that
     mean at the model's threshold (`thresholds`: one per part, a number or one per image, as
-    a cross-validation's fold thresholds; None: the most probable class), whether it is right,
+    a cross-validation's fold thresholds; None: 0.5 for two classes, as the patient-level
+    metrics decide, else the most probable class), whether it is right,
     and the share of its images decided right (the patient's BreakHis recognition rate).
     Several parts (a cross-validation's repeats) add a `repeat` column."""
     repeated = len(parts) > 1
@@ -66,6 +67,8 @@ def write_patients(parts: Sequence[Predictions], class_names: Sequence[str], pos
         if pred.groups is None:
             raise ValueError("write_patients needs each image's group. Received: groups=None")
         groups = np.asarray(pred.groups)
+        if threshold is None and len(class_names) == 2:
+            threshold = 0.5  # as the patient-level metrics decide without one
         cuts = None if threshold is None else np.broadcast_to(
             np.asarray(threshold, dtype=float), (len(pred.labels),))
         for group, label in sorted({(g, int(y)) for g, y in zip(groups, pred.labels,
