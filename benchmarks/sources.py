@@ -21,6 +21,8 @@ Probes: the preset's (standardised features, L2 logistic regression on every vie
 inner patient-grouped 5-fold CV of the log-loss, test views averaged); `+balanced`: the two
 sources weighted equally; `+per-source`: features standardised per source (each test image with
 its own source's statistics - an upper bound of what adapting to a new site could give);
+`+patients` (and the "patients weighted equally" recipe): each image of the second source
+weighted 1 / its patient's images, the source's total weight kept;
 `mean`: each view's features averaged over the scales (one model input, three passes).
 Splits: 5 folds stratified by label x source, a patient's images in one fold, `--repeats`
 seeds. Columns: pooled out-of-fold metrics of each source (mean over seeds, min-max), the
@@ -63,6 +65,7 @@ RECIPES = {  # name -> (training feature variants, test variant(s), probe option
     "plain": (("plain",), "plain", ""),
     "plain +balanced": (("plain",), "plain", "balanced"),
     "plain +per-source": (("plain",), "plain", "per-source"),
+    "plain +patients": (("plain",), "plain", "patients"),
     "plain+hed5": (("plain", "hed5"), "plain", ""),
     "hed5": (("hed5",), "plain", ""),
     "hed10": (("hed10",), "plain", ""),
@@ -97,6 +100,9 @@ _COVER = tuple(f"{v}-{side}" for v in _GEM_VIEWS for side in "lr")
 RECIPES["multiscale, upsampled x2, gem, covering crops"] = (
     tuple(f"{v}@pool4_relu~gem" for v in _COVER), tuple(f"{v}@pool4_relu~gem" for v in _COVER),
     "")
+RECIPES["multiscale, upsampled x2, gem, patients weighted equally"] = (
+    tuple(f"{v}@pool4_relu~gem" for v in _GEM_VIEWS),
+    tuple(f"{v}@pool4_relu~gem" for v in _GEM_VIEWS), "patients")
 RECIPES["multiscale, upsampled x2, gem, centre trained, covering crops tested"] = (
     tuple(f"{v}@pool4_relu~gem" for v in _GEM_VIEWS), tuple(f"{v}@pool4_relu~gem" for v in _COVER),
     "")
@@ -292,6 +298,9 @@ def out_of_fold(train_x: np.ndarray, test_x: np.ndarray, y: np.ndarray, source: 
         if option == "balanced":
             share = np.array([np.mean(source[train] == k) for k in (0, 1)])
             weight = np.repeat(0.5 / share[source[train]], views)
+        if option == "patients":  # each patient of a source the same weight, the source's
+            weight = patient_weights(groups[train])  # total unchanged
+            weight = np.repeat(weight * len(train) / weight.sum(), views)
         inner = [(view_rows(a, views), view_rows(b, views)) for a, b in folds.split(
             train, strata[train], groups[train])]
         search = LogisticRegressionCV(Cs=list(C_GRID), cv=inner, scoring="neg_log_loss",
@@ -302,6 +311,19 @@ def out_of_fold(train_x: np.ndarray, test_x: np.ndarray, y: np.ndarray, source: 
         p[test] = model.predict_proba((q.reshape(-1, width) - mean) / scale)[:, 1].reshape(
             len(test), -1).mean(1)
     return p
+
+
+def patient_weights(groups: np.ndarray) -> np.ndarray:
+    """Each image's weight 1 / (its patient's images), scaled so that every source keeps the
+    total weight of its images (a source's prefix before '/' or ':' names it; images of
+    a source without patients are their own group and keep weight 1)."""
+    counts = dict(zip(*np.unique(groups, return_counts=True), strict=True))
+    weight = np.array([1.0 / counts[g] for g in groups])
+    kinds = np.array([g.startswith("first/") for g in groups])
+    for kind in (True, False):
+        if (kinds == kind).any():
+            weight[kinds == kind] *= (kinds == kind).sum() / weight[kinds == kind].sum()
+    return weight
 
 
 def first_only(train_x: np.ndarray, test_x: np.ndarray, y: np.ndarray, source: np.ndarray,
