@@ -155,6 +155,7 @@ def test_a_cascade_cross_validation_ships_the_home_model_first_with_its_own_esti
     assert len(scored) == 24 and metrics["ext_lab_answered_by_first"] == pytest.approx(
         sum(r["answered_by"] == "first" for r in scored) / 24)
     patients = read_csv(client, parent.info.run_id, "test_patients.csv", tmp_path / "pp")
+    assert "test_patients.png" in {a.path for a in client.list_artifacts(parent.info.run_id)}
     bh = [r for r in patients if r["patient"].startswith("bh:")]  # the cascade's answers
     assert len(bh) == 12 and sum(r["correct"] == "1" for r in bh) / 12 == pytest.approx(
         metrics["test_source_bh_patient_accuracy"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import logging
 
 import numpy as np
@@ -56,6 +57,28 @@ def test_the_patient_table_matches_a_hand_computed_example(tmp_path):
     assert [(r["repeat"], r["patient"], r["decision"], r["correct"]) for r in rows] == [
         ("0", "A", "malignant", "0"), ("0", "B", "malignant", "1"),
         ("1", "A", "malignant", "0"), ("1", "B", "malignant", "1")]
+
+
+def test_the_patients_figure_draws_patients_of_several_images_only(tmp_path):
+    from PIL import Image
+
+    from experiments.evaluation.figures import plot_patients
+
+    names = ["benign", "malignant"]
+    pred = Predictions(("a1", "a2", "b1", "b2", "c1"), np.array([0, 0, 1, 1, 1]),
+                       probs([0.2, 0.4, 0.8, 0.6, 0.9]), ("A", "A", "B", "B", "C"))
+    two = plot_patients(pred, names, 1, 0.5, tmp_path / "p.png", "patients")
+    more = Predictions(pred.files * 2, np.tile(pred.labels, 2), np.tile(pred.probabilities, (2, 1)),
+                       ("A", "A", "B", "B", "C", "E", "E", "F", "F", "G"))
+    four = plot_patients(more, names, 1, 0.5, tmp_path / "p4.png", "patients")
+    with Image.open(two) as small, Image.open(four) as tall:  # a row per patient
+        assert small.format == tall.format == "PNG" and tall.size[1] > small.size[1]
+    # without groups, or with one patient of two images (C is one image: its own row of one)
+    assert plot_patients(dataclasses.replace(pred, groups=None), names, 1, 0.5,
+                         tmp_path / "q.png", "x") is None
+    assert plot_patients(dataclasses.replace(pred, groups=("A", "A", "B", "C", "D")), names,
+                         1, None, tmp_path / "r.png", "x") is None
+    assert not (tmp_path / "q.png").exists() and not (tmp_path / "r.png").exists()
 
 
 def test_a_patient_with_images_of_both_classes_counts_once_per_class():

@@ -51,7 +51,9 @@ def test_cohorts_are_scored_by_the_final_model_and_change_nothing_else(tmp_path,
     assert not {"ext_benign_lab_roc_auc", "ext_benign_lab_sensitivity"} & set(metrics)
     files = artifact_files(client, run_id, "external")
     assert files == {"external/bh/predictions.csv", "external/bh/roc_curve.png",
-                     "external/bh/patients.csv", "external/benign_lab/predictions.csv"}
+                     "external/bh/reliability_diagram.png", "external/bh/patients.csv",
+                     "external/bh/patients.png", "external/benign_lab/predictions.csv",
+                     "external/benign_lab/reliability_diagram.png"}
     patients = read_csv(client, run_id, "external/bh/patients.csv", tmp_path / "dl_p")
     assert len(patients) == 4 and sum(int(r["n_images"]) for r in patients) == 8
     assert np.mean([int(r["correct"]) for r in patients]) == pytest.approx(

@@ -26,6 +26,12 @@ def decisions(probabilities: np.ndarray, positive: int, threshold: float | None)
     return probabilities.argmax(axis=1)
 
 
+def decision_line(threshold: float | None, n_classes: int) -> float | None:
+    """Where p(positive) is cut: the model's threshold, else 0.5 for two classes (as the
+    patient-level metrics decide); None for more classes (the most probable class)."""
+    return 0.5 if threshold is None and n_classes == 2 else threshold
+
+
 def per_patient(pred: Predictions) -> Predictions:
     """One row per patient and class: the mean of its images' probabilities (the patient's
     label is its images' label; a patient with images of two classes gives a row per class).

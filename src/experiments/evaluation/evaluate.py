@@ -20,8 +20,8 @@ from experiments.evaluation import (
     gradcam,  # noqa: E402
     stats,  # noqa: E402
 )
-from experiments.evaluation.cohorts import patient_metrics, per_source_metrics
-from experiments.evaluation.figures import plot_reliability
+from experiments.evaluation.cohorts import decision_line, patient_metrics, per_source_metrics
+from experiments.evaluation.figures import plot_patients, plot_reliability
 from experiments.evaluation.metrics import Predictions, classification_metrics, interval_metrics
 from experiments.evaluation.tables import write_patients, write_predictions
 from experiments.serving.inference import apply_temperature  # noqa: E402
@@ -120,6 +120,10 @@ def evaluate_model(model: keras.Model, splits: Splits, positive: int, settings: 
     if test.groups is not None:
         files.append(write_patients([test], class_names, positive, [threshold],
                                     folder / "test_patients.csv"))
+        figure = plot_patients(test, class_names, positive,
+                               decision_line(threshold, len(class_names)),
+                               folder / "test_patients.png", "patients, test split")
+        files += [figure] if figure is not None else []
     if settings.gradcam_images:
         files += gradcam.save_overlays(model, splits.test.images, list(splits.test.files),
                                        plain.labels, plain.probabilities, class_names,

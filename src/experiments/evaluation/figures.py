@@ -1,5 +1,5 @@
 """Evaluation figures (matplotlib): training curves, confusion matrix, ROC curve, reliability
-diagram.
+diagram, patients.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from pathlib import Path
 
 import matplotlib
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np
 from sklearn import metrics as skm  # noqa: E402
 
 from experiments.evaluation import (
@@ -71,7 +72,8 @@ def write_report(pred: Predictions, class_names: Sequence[str], positive: int,
             plot_roc_curve(pred, class_names, positive, folder / "roc_curve.png")]
 
 
-def plot_reliability(curves: dict[str, stats.ReliabilityBins], path: Path) -> Path:
+def plot_reliability(curves: dict[str, stats.ReliabilityBins], path: Path,
+                     title: str = "test reliability diagram") -> Path:
     fig, ax = plt.subplots(figsize=(4.5, 4))
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="perfect calibration")
     for name, bins in curves.items():
@@ -79,6 +81,46 @@ def plot_reliability(curves: dict[str, stats.ReliabilityBins], path: Path) -> Pa
         ax.plot(bins.confidence[filled], bins.accuracy[filled], marker="o",
                 label=f"{name} (ECE {bins.ece:.3f})")
     ax.set(xlabel="confidence (top class)", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1.02),
-           title="test reliability diagram")
+           title=title)
     ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_patients(pred: Predictions, class_names: Sequence[str], positive: int,
+                  threshold: float | None, path: Path, title: str) -> Path | None:
+    """Each patient of two or more images on a row, ordered by the mean p(positive) of its
+    images: every image's probability as a dot and the mean as a bar, coloured by the
+    patient's label, with the decision threshold when there is one - which patients a
+    patient-level ROC-AUC turns on, and whether their images agree. None when fewer than two
+    patients have two images (a patient of one image is its image) or without groups."""
+    if pred.groups is None:
+        return None
+    groups = np.asarray(pred.groups)
+    keys = [(g, y) for g, y in sorted({(g, int(y)) for g, y in zip(groups, pred.labels,
+                                                                    strict=True)})
+            if np.sum((groups == g) & (pred.labels == y)) >= 2]
+    if len(keys) < 2:
+        return None
+    rows = [pred.probabilities[(groups == g) & (pred.labels == y), positive] for g, y in keys]
+    order = np.argsort([r.mean() for r in rows], kind="stable")
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig, ax = plt.subplots(figsize=(6.5, 1.8 + 0.28 * len(keys)))
+    for position, index in enumerate(order):
+        label = keys[index][1]
+        colour = colours[label % len(colours)]
+        ax.scatter(rows[index], np.full(len(rows[index]), position), s=10, alpha=0.5,
+                   color=colour)
+        ax.plot([rows[index].mean()] * 2, [position - 0.35, position + 0.35], color=colour,
+                linewidth=2.5)
+    if threshold is not None:
+        ax.axvline(threshold, color="grey", linestyle="--", label="threshold")
+    for label, name in enumerate(class_names):  # legend: one entry per class present
+        if any(keys[i][1] == label for i in range(len(keys))):
+            ax.plot([], [], color=colours[label % len(colours)], linewidth=2.5,
+                    label=f"{name} patient (bar: mean)")
+    ax.set_yticks(range(len(keys)), [keys[i][0] for i in order], fontsize=7)
+    ax.set(xlim=(-0.02, 1.02), xlabel=f"p({class_names[positive]}) of each image")
+    ax.set_title(title, pad=22)
+    ax.legend(fontsize=7, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=3,
+              frameon=False)  # above the axes: it never hides a patient
     return _save(fig, path)

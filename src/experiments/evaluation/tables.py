@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.evaluation.cohorts import decisions
+from experiments.evaluation.cohorts import decision_line, decisions
 from experiments.evaluation.metrics import Predictions
 from experiments.serving.inference import decide  # noqa: E402
 
@@ -67,8 +67,8 @@ def write_patients(parts: Sequence[Predictions], class_names: Sequence[str], pos
         if pred.groups is None:
             raise ValueError("write_patients needs each image's group. Received: groups=None")
         groups = np.asarray(pred.groups)
-        if threshold is None and len(class_names) == 2:
-            threshold = 0.5  # as the patient-level metrics decide without one
+        if threshold is None:
+            threshold = decision_line(None, len(class_names))
         cuts = None if threshold is None else np.broadcast_to(
             np.asarray(threshold, dtype=float), (len(pred.labels),))
         for group, label in sorted({(g, int(y)) for g, y in zip(groups, pred.labels,

@@ -36,6 +36,7 @@ from experiments.orchestration import cascading, parent, single
 from experiments.orchestration.external import evaluate_cohorts
 from experiments.orchestration.oof import (
     Fold,
+    plot_oof_patients,
     pooled,
     pooled_metrics,
     repeats_of,
@@ -222,6 +223,8 @@ def log_cross_validation(settings: Config, components: Components, loaded: loadi
     if first.groups is not None:
         paths.append(write_oof_patients(folds, class_names, positive,
                                         folder / "test_patients.csv"))
+        figure = plot_oof_patients(folds, class_names, positive, folder / "test_patients.png")
+        paths += [figure] if figure is not None else []
     for path in paths:
         records.log_artifact(path)
     return metrics

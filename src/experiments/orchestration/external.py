@@ -19,14 +19,16 @@ from experiments.config.schema import Config, EvalConfig
 from experiments.data.cohorts import CohortFiles
 from experiments.data.image_store import ImageArray
 from experiments.errors import DataError
-from experiments.evaluation import evaluate
+from experiments.evaluation import evaluate, stats
 from experiments.evaluation.cohorts import (
     cohort_metrics,
     cohort_roc,
+    decision_line,
     decisions,
     ood_auroc,
     referral_metrics,
 )
+from experiments.evaluation.figures import plot_patients, plot_reliability
 from experiments.evaluation.metrics import Predictions
 from experiments.evaluation.tables import write_patients
 from experiments.models.adapt import adapt_batchnorm
@@ -167,11 +169,11 @@ def score_cohort(predictor: Predictor | Cascade, cohort: CohortFiles, name: str,
         found.update(cohort_referral(predictor.ood, rows, cohort, class_names, prefix))
     out = folder / name
     paths = [write_cohort_table(cohort, rows, class_names, out / "predictions.csv")]
+    if len(pred.labels):
+        paths += cohort_figures(pred, class_names, positive, info.threshold, settings, name, out)
     if pred.groups is not None and len(pred.labels):
         paths.append(write_patients([pred], class_names, positive, [info.threshold],
                                     out / "patients.csv"))
-    roc = cohort_roc(pred, class_names, positive, name, out / "roc_curve.png")
-    paths += [roc] if roc is not None else []
     for path in paths:
         records.log_artifact(path, f"external/{name}")
     accuracy = found.get(f"{prefix}accuracy", float("nan"))
@@ -179,6 +181,21 @@ def score_cohort(predictor: Predictor | Cascade, cohort: CohortFiles, name: str,
     log.info(f"  {name}: accuracy {accuracy:.3f}, ROC-AUC {auc:.3f} "
              f"({int(found[f'{prefix}n_unreadable'])} unreadable)")
     return found
+
+
+def cohort_figures(pred: Predictions, class_names: list[str], positive: int,
+                   threshold: float | None, settings: EvalConfig, name: str, out: Path
+                   ) -> list[Path]:
+    """A cohort's ROC curve (two classes present), reliability diagram and, with patients,
+    each patient's images (`figures.plot_patients`)."""
+    bins = stats.reliability_bins(pred.labels, pred.probabilities, settings.calibration_bins)
+    found = [cohort_roc(pred, class_names, positive, name, out / "roc_curve.png"),
+             plot_reliability({name: bins}, out / "reliability_diagram.png",
+                              f"reliability, cohort {name!r}"),
+             plot_patients(pred, class_names, positive,
+                           decision_line(threshold, len(class_names)), out / "patients.png",
+                           f"patients, cohort {name!r}")]
+    return [path for path in found if path is not None]
 
 
 def fit_ood(settings: Config, model: keras.Model, images: ImageArray,

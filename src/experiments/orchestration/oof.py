@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 
 from experiments.config.schema import EvalConfig
+from experiments.evaluation import figures, stats, tables
 from experiments.evaluation import metrics as metrics_lib
-from experiments.evaluation import stats, tables
-from experiments.evaluation.cohorts import patient_metrics, per_source_metrics
+from experiments.evaluation.cohorts import decision_line, patient_metrics, per_source_metrics
 from experiments.evaluation.evaluate import Evaluation
 from experiments.evaluation.metrics import Predictions
 from experiments.serving.cascade import FALLBACK, FIRST
@@ -247,3 +247,15 @@ def write_oof_patients(folds: Sequence[Fold], class_names: Sequence[str], positi
                                     for f in repeat])
         thresholds.append(per_image[np.argsort(files, kind="stable")])
     return tables.write_patients(parts, class_names, positive, thresholds, path)
+
+
+def plot_oof_patients(folds: Sequence[Fold], class_names: Sequence[str], positive: int,
+                      path: Path) -> Path | None:
+    """test_patients.png of the parent: each patient's images in the first repeat's pooled
+    out-of-fold final predictions (`figures.plot_patients`), with the threshold when every
+    fold decided at the same one."""
+    repeat = repeats_of(folds)[0]
+    cuts = {f.evaluation.threshold for f in repeat}
+    threshold = decision_line(cuts.pop(), len(class_names)) if len(cuts) == 1 else None
+    return figures.plot_patients(pooled(repeat, "test"), class_names, positive, threshold,
+                                 path, "patients, out of fold")
