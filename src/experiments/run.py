@@ -237,6 +237,8 @@ def print_cohorts(metrics: dict[str, float]) -> None:
                 low = metrics.get(f"{key}_ci_low")
                 interval = "" if low is None else \
                     f" [{low:.3f}, {metrics[f'{key}_ci_high']:.3f}]"
+                if f"{key}_calibrated_95" in metrics:  # what chance alone gives this cohort
+                    interval = f" (a calibrated model: < {metrics[f'{key}_calibrated_95']:.3f})"
                 cells.append(f"{name} {metrics[key]:.3f}{interval}")
         print(f"  {cohort} ({int(metrics[f'ext_{cohort}_n_images'])} images): "
               + ", ".join(cells))

@@ -178,3 +178,30 @@ def test_gradcam_examples_cover_both_classes_and_mistakes():
     chosen = pick_examples(labels, predicted, 4)
     assert len(chosen) == 4 and {2, 5} <= set(chosen)  # both mistakes shown
     assert set(labels[chosen]) == {0, 1}
+
+
+def test_the_calibrated_ece_bound_holds_a_calibrated_model_and_not_a_confident_wrong_one():
+    rng = np.random.default_rng(3)
+    p = rng.beta(2, 2, size=150)  # 150 images, confidences across the range
+    probabilities = np.stack([1 - p, p], axis=1)
+    bound = stats.calibrated_ece_quantile(probabilities, 10, seed=0)
+    # the same as drawing labels and binning with reliability_bins, by brute force
+    drawn = [stats.reliability_bins((rng.random(150) < p).astype(int), probabilities).ece
+             for _ in range(2000)]
+    assert bound == pytest.approx(np.quantile(drawn, 0.95), abs=0.01)
+    assert 0.05 < bound < 0.15  # far from 0 on 150 images
+    # labels from the model's own probabilities stay under it about 95% of the time
+    under = np.mean([stats.reliability_bins((rng.random(150) < p).astype(int),
+                                            probabilities).ece <= bound for _ in range(400)])
+    assert 0.9 <= under <= 0.99
+    # a model sure of the wrong class is far over it
+    wrong = np.stack([np.full(150, 0.95), np.full(150, 0.05)], axis=1)
+    assert stats.reliability_bins(np.ones(150, int), wrong).ece > 0.9 > (
+        stats.calibrated_ece_quantile(wrong))
+    assert np.isnan(stats.calibrated_ece_quantile(np.empty((0, 2))))
+    # three classes: labels drawn from each row's distribution
+    three = rng.dirichlet([1, 1, 1], size=150)
+    drawn3 = [stats.reliability_bins(np.array([rng.choice(3, p=row) for row in three]),
+                                     three).ece for _ in range(300)]
+    assert stats.calibrated_ece_quantile(three, seed=1) == pytest.approx(
+        np.quantile(drawn3, 0.95), abs=0.02)

@@ -46,6 +46,7 @@ def test_cohorts_are_scored_by_the_final_model_and_change_nothing_else(tmp_path,
         assert metrics[f"{key}_ci_low"] <= metrics[key] <= metrics[f"{key}_ci_high"]
     assert metrics["ext_bh_n_images"] == 8 and metrics["ext_bh_n_patients"] == 4
     assert 0 <= metrics["ext_bh_ece"] <= 1 and 0 <= metrics["ext_bh_patient_recognition_rate"]
+    assert 0 < metrics["ext_bh_ece_calibrated_95"] < 1
     # one class: specificity, no AUC or sensitivity (undefined, not NaN)
     assert metrics["ext_benign_lab_n_images"] == 5 and "ext_benign_lab_specificity" in metrics
     assert not {"ext_benign_lab_roc_auc", "ext_benign_lab_sensitivity"} & set(metrics)
@@ -131,3 +132,14 @@ def all_runs_or_none(root: Path) -> list:
     client = client_for(root)
     experiment = client.get_experiment_by_name("ext")
     return [] if experiment is None else all_runs(client, "ext")
+
+
+def test_the_summary_reads_a_cohort_ece_against_what_a_calibrated_model_gives(capsys):
+    from experiments.run import print_cohorts
+
+    print_cohorts({"ext_bh_n_images": 192.0, "ext_bh_accuracy": 0.646,
+                   "ext_bh_accuracy_ci_low": 0.473, "ext_bh_accuracy_ci_high": 0.81,
+                   "ext_bh_ece": 0.187, "ext_bh_ece_calibrated_95": 0.074})
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert line == ("  bh (192 images): accuracy 0.646 [0.473, 0.810], "
+                    "ece 0.187 (a calibrated model: < 0.074)")

@@ -58,13 +58,17 @@ def patient_recognition_rate(pred: Predictions, positive: int,
 def cohort_metrics(pred: Predictions, positive: int, threshold: float | None,
                    settings: EvalConfig, prefix: str) -> dict[str, float]:
     """<prefix>accuracy, _roc_auc, _sensitivity, _specificity (at the model's threshold) with
-    _ci_low/_ci_high, _ece and _n_images; with groups also <prefix>patient_* (the mean
-    probability per patient) and <prefix>patient_recognition_rate. A metric a cohort lacks
+    _ci_low/_ci_high, _ece, _ece_calibrated_95 (the ECE a calibrated model stays under 95% of
+    the time on as many images: `stats.calibrated_ece_quantile`) and _n_images; with groups
+    also <prefix>patient_* (the mean probability per patient) and
+    <prefix>patient_recognition_rate. A metric a cohort lacks
     the class for (ROC-AUC of a one-class cohort) is left out, not logged as NaN."""
     cut = 0.5 if threshold is None else threshold
     out = {**interval_metrics(pred, positive, settings, prefix, cut),
            f"{prefix}ece": stats.reliability_bins(pred.labels, pred.probabilities,
                                                   settings.calibration_bins).ece,
+           f"{prefix}ece_calibrated_95": stats.calibrated_ece_quantile(
+               pred.probabilities, settings.calibration_bins, seed=settings.seed),
            f"{prefix}n_images": float(len(pred.labels))}
     return {**out, **patient_metrics(pred, positive, threshold, settings, prefix)}
 

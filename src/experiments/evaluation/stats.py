@@ -182,6 +182,30 @@ def reliability_bins(labels: np.ndarray, probabilities: np.ndarray,
                            np.bincount(bins, correct.astype(float), n_bins) / safe, count)
 
 
+def calibrated_ece_quantile(probabilities: np.ndarray, n_bins: int = 10,
+                            n_resamples: int = 1000, quantile: float = 0.95,
+                            seed: int = 0) -> float:
+    """The `quantile` of the ECE a perfectly calibrated model would show on these images:
+    labels drawn from the model's own probabilities, the same bins (consistency resampling,
+    Broecker & Smith 2007). On a few hundred images the ECE of a calibrated model is far from
+    0 (on the 192 BreakHis images with the multi-source preset's probabilities: median 0.045,
+    95% under 0.074), so an ECE under this value is no evidence of miscalibration; one over
+    it is."""
+    if not len(probabilities):
+        return float("nan")
+    rng = np.random.default_rng(seed)
+    confidence = probabilities.max(axis=1)
+    decided = probabilities.argmax(axis=1)
+    bins = np.minimum((confidence * n_bins).astype(int), n_bins - 1)
+    members = np.eye(n_bins)[bins]  # (n, bins)
+    cumulative = np.cumsum(probabilities, axis=1)
+    draws = rng.random((n_resamples, len(probabilities), 1))
+    labels = (draws > cumulative[None, :, :-1]).sum(axis=2)  # (R, n) from each row's p
+    correct = (labels == decided[None]).astype(float)
+    gap = np.abs(correct @ members - (confidence @ members)[None])  # (R, bins): sums
+    return float(np.quantile(gap.sum(axis=1) / len(probabilities), quantile))
+
+
 def negative_log_likelihood(labels: np.ndarray, probabilities: np.ndarray) -> float:
     picked = probabilities[np.arange(len(labels)), labels]
     return float(-np.mean(np.log(np.clip(picked, 1e-12, 1.0))))

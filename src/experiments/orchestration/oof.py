@@ -165,7 +165,8 @@ def source_metrics(folds: Sequence[Fold], positive: int, settings: EvalConfig
 
 def _of_ranking(name: str) -> bool:
     """Whether a cohort metric depends on the probabilities, not on the decisions."""
-    return "roc_auc" in name or name.endswith(("_ece", "_n_images", "_n_patients"))
+    return "roc_auc" in name or name.endswith(("_ece", "_ece_calibrated_95", "_n_images",
+                                               "_n_patients"))
 
 
 def pooled_metrics(folds: Sequence[Fold], positive: int, settings: EvalConfig
