@@ -27,7 +27,9 @@ says: a temperature and threshold per training source, each held-out image decid
 of the source most of its 5 nearest training images belong to (`nearest_source`); the first
 source's own pipeline (trained on it alone) for the images routed to it and the two-source
 model for the others; the same for the images the first source's own referral accepts
-(`accepted_by_first`: the project's, on the average-pooled features and the stain).
+(`accepted_by_first`: the project's, on the average-pooled features and the stain); and the
+second source's ECE as runs report it (`stats.reliability_bins`), what a perfectly calibrated
+model would stay under on as many images, and that ECE without its costliest patient.
 `--pooling gem`: the features pooled by the generalised mean (`backbone.global_pool=gem`)
 instead of the average.
 """
@@ -48,7 +50,13 @@ from sources import ece, extract, image_groups, source_arguments
 from threadpoolctl import threadpool_limits
 
 from experiments.data.decode import load_image
-from experiments.evaluation.stats import apply_temperature, choose_threshold, fit_operating_point
+from experiments.evaluation.stats import (
+    apply_temperature,
+    calibrated_ece_quantile,
+    choose_threshold,
+    fit_operating_point,
+    reliability_bins,
+)
 from experiments.serving.ood import fit_reference
 from experiments.training.probe import C_GRID, view_folds
 
@@ -191,6 +199,18 @@ def patient_scores(p: np.ndarray, y: np.ndarray, groups: np.ndarray, cut: np.nda
     return [float(np.mean((mean_p >= threshold) == label)), roc_auc_score(label, mean_p)]
 
 
+def project_ece(p: np.ndarray, y: np.ndarray, groups: np.ndarray) -> list[float]:
+    """The ECE as runs report it (`stats.reliability_bins`: 10 bins of the top-class
+    confidence over [0, 1], where `ece` above bins confidence - 0.5), the 95% bound a perfectly
+    calibrated model stays under on these images (`stats.calibrated_ece_quantile`), and the
+    runs' ECE without the one patient whose removal lowers it most."""
+    two = np.stack([1 - p, p], 1)
+    labels = y.astype(int)
+    without = [reliability_bins(labels[groups != g], two[groups != g]).ece
+               for g in np.unique(groups)]
+    return [reliability_bins(labels, two).ece, calibrated_ece_quantile(two), min(without)]
+
+
 def one_seed(job) -> dict[str, list[tuple[float, ...]]]:
     """Outer 5-fold: per design and threshold rule, the estimate and the shipped model's
     held-out metrics, the held-out predictions pooled over the outer folds."""
@@ -261,6 +281,7 @@ def one_seed(job) -> dict[str, list[tuple[float, ...]]]:
                 if len(np.unique(source)) > 1:  # the second source's patients, held out whole
                     s = source == 1
                     per_source += patient_scores(p[s], y[s], groups[s], threshold[s])
+                    per_source += project_ece(p[s], y[s], groups[s])
                 rows.setdefault(f"{design}, {label}", []).append(
                     (*np.mean(estimate, 0), *per_source, np.mean(temperatures)))
     return rows
@@ -299,7 +320,9 @@ def main(argv: list[str] | None = None) -> None:
                                       for seed in range(args.repeats)])
     header = ("design", "estimate acc", "estimate AUC",
               *(f"{n}: {m}" for n in names for m in ("acc", "AUC", "ECE", "log-loss")),
-              *(("second: patients acc", "patients AUC") if len(names) > 1 else ()),
+              *(("second: patients acc", "patients AUC", "second: runs' ECE",
+                 "a calibrated model's 95%", "runs' ECE without the costliest patient")
+                if len(names) > 1 else ()),
               "temperature")
     rows = []
     for name in results[0]:
