@@ -198,12 +198,16 @@ def calibrated_ece_quantile(probabilities: np.ndarray, n_bins: int = 10,
     decided = probabilities.argmax(axis=1)
     bins = np.minimum((confidence * n_bins).astype(int), n_bins - 1)
     members = np.eye(n_bins)[bins]  # (n, bins)
-    cumulative = np.cumsum(probabilities, axis=1)
-    draws = rng.random((n_resamples, len(probabilities), 1))
-    labels = (draws > cumulative[None, :, :-1]).sum(axis=2)  # (R, n) from each row's p
-    correct = (labels == decided[None]).astype(float)
-    gap = np.abs(correct @ members - (confidence @ members)[None])  # (R, bins): sums
-    return float(np.quantile(gap.sum(axis=1) / len(probabilities), quantile))
+    cumulative = np.cumsum(probabilities, axis=1)[None, :, :-1]
+    eces = []
+    chunk = max(1, 2_000_000 // len(probabilities))  # resamples drawn at a time: bounded memory
+    for start in range(0, n_resamples, chunk):  # the generator's stream, in order
+        draws = rng.random((min(chunk, n_resamples - start), len(probabilities), 1))
+        labels = (draws > cumulative).sum(axis=2)  # (r, n) from each row's p
+        correct = (labels == decided[None]).astype(float)
+        gap = np.abs(correct @ members - (confidence @ members)[None])  # (r, bins): sums
+        eces.append(gap.sum(axis=1) / len(probabilities))
+    return float(np.quantile(np.concatenate(eces), quantile))
 
 
 def negative_log_likelihood(labels: np.ndarray, probabilities: np.ndarray) -> float:
