@@ -36,12 +36,10 @@ def per_patient(pred: Predictions) -> Predictions:
     """One row per patient and class: the mean of its images' probabilities (the patient's
     label is its images' label; a patient with images of two classes gives a row per class).
     Rows are named by patient and ordered by name."""
-    if pred.groups is None:
-        raise ValueError("per_patient needs each image's group. Received: groups=None")
-    keys = sorted({(g, int(y)) for g, y in zip(pred.groups, pred.labels, strict=True)})
-    rows = [np.flatnonzero((np.asarray(pred.groups) == g) & (pred.labels == y)) for g, y in keys]
-    return Predictions(tuple(g for g, _ in keys), np.array([y for _, y in keys], dtype=int),
-                       np.stack([pred.probabilities[r].mean(axis=0) for r in rows]))
+    patients = pred.patients("per_patient")
+    return Predictions(tuple(g for g, _, _ in patients),
+                       np.array([y for _, y, _ in patients], dtype=int),
+                       np.stack([pred.probabilities[i].mean(axis=0) for _, _, i in patients]))
 
 
 def patient_recognition_rate(pred: Predictions, positive: int,

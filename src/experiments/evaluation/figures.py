@@ -95,13 +95,11 @@ def plot_patients(pred: Predictions, class_names: Sequence[str], positive: int,
     patients have two images (a patient of one image is its image) or without groups."""
     if pred.groups is None:
         return None
-    groups = np.asarray(pred.groups)
-    keys = [(g, y) for g, y in sorted({(g, int(y)) for g, y in zip(groups, pred.labels,
-                                                                    strict=True)})
-            if np.sum((groups == g) & (pred.labels == y)) >= 2]
-    if len(keys) < 2:
+    patients = [p for p in pred.patients("plot_patients") if len(p[2]) >= 2]
+    if len(patients) < 2:
         return None
-    rows = [pred.probabilities[(groups == g) & (pred.labels == y), positive] for g, y in keys]
+    keys = [(g, y) for g, y, _ in patients]
+    rows = [pred.probabilities[index, positive] for _, _, index in patients]
     order = np.argsort([r.mean() for r in rows], kind="stable")
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     fig, ax = plt.subplots(figsize=(6.5, 1.8 + 0.28 * len(keys)))

@@ -32,6 +32,17 @@ class Predictions:
         return Predictions(tuple(self.files[i] for i in index), self.labels[index],
                            self.probabilities[index], pick(self.groups), pick(self.sources))
 
+    def patients(self, caller: str) -> list[tuple[str, int, np.ndarray]]:
+        """(patient, label, its image indices) per patient and class, ordered by patient: the
+        unit every patient-level number counts (a patient with images of two classes is a
+        row per class). `caller` names who asked, in the error without groups."""
+        if self.groups is None:
+            raise ValueError(f"{caller} needs each image's group. Received: groups=None")
+        groups = np.asarray(self.groups)
+        return [(g, y, np.flatnonzero((groups == g) & (self.labels == y)))
+                for g, y in sorted({(g, int(y)) for g, y in zip(groups, self.labels,
+                                                                 strict=True)})]
+
 
 def positive_index(class_names: Sequence[str], positive_class: str | None) -> int:
     """Index of the class whose recall is the sensitivity; default: the last class by name."""

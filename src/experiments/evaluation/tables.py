@@ -64,16 +64,12 @@ def write_patients(parts: Sequence[Predictions], class_names: Sequence[str], pos
               f"p_{class_names[positive]}", "decision", "correct", "images_correct"]
     rows = []
     for number, (pred, threshold) in enumerate(zip(parts, thresholds, strict=True)):
-        if pred.groups is None:
-            raise ValueError("write_patients needs each image's group. Received: groups=None")
-        groups = np.asarray(pred.groups)
+        patients = pred.patients("write_patients")
         if threshold is None:
             threshold = decision_line(None, len(class_names))
         cuts = None if threshold is None else np.broadcast_to(
             np.asarray(threshold, dtype=float), (len(pred.labels),))
-        for group, label in sorted({(g, int(y)) for g, y in zip(groups, pred.labels,
-                                                                   strict=True)}):
-            index = np.flatnonzero((groups == group) & (pred.labels == label))
+        for group, label, index in patients:
             cut = None if cuts is None else float(cuts[index[0]])
             mean = pred.probabilities[index].mean(axis=0, keepdims=True)
             decided = int(decisions(mean, positive, cut)[0])

@@ -105,7 +105,8 @@ def log_run_model(model: object, info: dict, model_dir: Path, register_as: str |
 def log_operating_point(prefix: str, temperature: float, threshold: float | None) -> None:
     """<prefix>temperature and <prefix>threshold (when there is one) of a logged model."""
     records_lib.log_metrics({f"{prefix}temperature": temperature,
-                         **({f"{prefix}threshold": threshold} if threshold is not None else {})})
+                             **({f"{prefix}threshold": threshold} if threshold is not None
+                                else {})})
 
 
 def publish_model(model_dir: Path, info: dict, register_as: str | None,
