@@ -29,8 +29,11 @@ VIEWS = tuple(f"{v}@pool4_relu~gem" for v in ("plain", "zoom2up", "zoom05"))
 TEST_VIEWS = [v * 8 + k for v in range(len(VIEWS)) for k in range(2)]
 
 
-def probe(x: np.ndarray, y: np.ndarray, groups: np.ndarray, q: np.ndarray) -> np.ndarray:
-    """p(positive) of each image of `q` (n, views, C): the preset's probe trained on `x`."""
+def fit(x: np.ndarray, y: np.ndarray, groups: np.ndarray
+        ) -> tuple[np.ndarray, np.ndarray, LogisticRegression]:
+    """The preset's probe trained on `x` (n, views, C): the features' mean and scale, and the
+    L2 logistic regression on the standardised views, C by an inner 5-fold CV of the log-loss
+    grouped by `groups`."""
     views, width = x.shape[1], x.shape[2]
     flat = x.reshape(-1, width)
     mean, scale = flat.mean(0), flat.std(0) + 1e-3
@@ -40,9 +43,18 @@ def probe(x: np.ndarray, y: np.ndarray, groups: np.ndarray, q: np.ndarray) -> np
     search = LogisticRegressionCV(Cs=list(C_GRID), cv=inner, scoring="neg_log_loss",
                                   l1_ratios=(0.0,), use_legacy_attributes=False,
                                   max_iter=3000).fit(z, labels)
-    model = LogisticRegression(C=float(search.C_), max_iter=3000).fit(z, labels)
-    return model.predict_proba((q[:, TEST_VIEWS].reshape(-1, width) - mean) / scale)[
-        :, 1].reshape(len(q), -1).mean(1)
+    return mean, scale, LogisticRegression(C=float(search.C_), max_iter=3000).fit(z, labels)
+
+
+def averaged(model: LogisticRegression, z: np.ndarray) -> np.ndarray:
+    """p(positive) of each image of `z` (n, views, C; standardised): its views' mean."""
+    return model.predict_proba(z.reshape(-1, z.shape[-1]))[:, 1].reshape(len(z), -1).mean(1)
+
+
+def probe(x: np.ndarray, y: np.ndarray, groups: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """p(positive) of each image of `q` (n, views, C): the preset's probe trained on `x`."""
+    mean, scale, model = fit(x, y, groups)
+    return averaged(model, (q[:, TEST_VIEWS] - mean) / scale)
 
 
 def hardest(labels: np.ndarray, scores: np.ndarray) -> tuple[int, float]:

@@ -161,6 +161,9 @@ def at_scale(file: str, variant: str) -> np.ndarray:
     from experiments.data.decode import load_image
     from experiments.data.transforms import zoom_in
 
+    if variant.startswith("mag"):  # "mag<k>_<view>": the preset's view of the k/10-x image
+        power, _, view = variant[3:].partition("_")
+        return at_magnification(file, int(power) / 10, view)
     variant, _, side = variant.partition("-")
     if side:  # one of the two end squares (end_square) instead of the centre one
         if variant == "zoom05":
@@ -180,6 +183,25 @@ def at_scale(file: str, variant: str) -> np.ndarray:
         return np.pad(load_image(file, 112, resize="crop"), ((56, 56), (56, 56), (0, 0)),
                       mode="reflect")
     return load_image(file, 224, resize="crop")
+
+
+def at_magnification(file: str, factor: float, view: str) -> np.ndarray:
+    """The model's `view` (plain, zoom2up, zoom05: the preset's three scales, made as the
+    project makes them from its 224-px input) of the image at `factor` times the
+    magnification the model sees it at (its shorter side at 224 px): decoded with its shorter
+    side at 224 x factor and its centre 224 px kept - real pixels, no upsampling, for factor
+    up to the shorter side / 224 (BreakHis' 460 px: 2.05x). A laboratory imaging at another
+    magnification, simulated from the same patients' slides."""
+    from experiments.data.decode import load_image
+    from experiments.data.transforms import zoom_in, zoom_out
+
+    side = round(224 * factor)
+    top = (side - 224) // 2
+    pixels = load_image(file, side, resize="crop")[top:top + 224, top:top + 224]
+    if view == "plain":
+        return pixels
+    made = {"zoom2up": zoom_in, "zoom05": zoom_out}[view](tf.constant(pixels[None], tf.float32))
+    return np.asarray(made[0]).round().clip(0, 255).astype("uint8")
 
 
 def extract(variant: str, folders: dict[str, Path], weights: str, cache: Path
