@@ -66,9 +66,10 @@ class DataConfig:
     # Images that are not square: "crop" scales the shorter side to image_size and keeps the
     # centre square (cells keep their shape); "squash" scales each side (distorts them).
     resize: str = "crop"
-    # Micrometres per pixel of data.root's images (e.g. BreakHis 100X: 0.20). The model then
-    # records the scale of its input (input_mpp), and images of other scales (eval.external's
-    # and predict's/serving's `mpp`) are rescaled to it. null: unknown.
+    # Micrometres per pixel of data.root's images (e.g. BreakHis 100X: about 0.65, measured by
+    # its nuclei: benchmarks/nuclei.py). The model then records the scale of its input
+    # (input_mpp), and images of other scales (eval.external's and predict's/serving's `mpp`)
+    # are rescaled to it. null: unknown.
     mpp: float | None = None
     # Where decoded images live: memory, disk (decoded once into <paths.cache_dir>/images and
     # memory-mapped), none (decoded again when needed), or auto (memory up to 4 GB, else disk).
