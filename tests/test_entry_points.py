@@ -30,6 +30,7 @@ def command(module: str, *args: str, cwd: Path) -> subprocess.CompletedProcess[s
     ("cascade", ["--first", "0123456789abcdef0123456789abcdef", "--fallback", "x"]),
     ("adapt", ["model=/no/such/model.keras", "input=."]),
     ("predict", ["model=/no/such/model.keras", "input=.", "mpp=0"]),
+    ("scale", ["input=/no/such/folder", "reference=."]),
 ])
 def test_a_user_error_is_one_line_and_exit_code_2(module, args, tmp_path):
     store = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
@@ -39,7 +40,8 @@ def test_a_user_error_is_one_line_and_exit_code_2(module, args, tmp_path):
                         f"{store!r}); mlflow.create_experiment('e')"], check=True, timeout=120)
     extra = {"run": [f"paths.root={tmp_path}"], "predict": [f"tracking_uri={store}"],
              "compare": ["--tracking-uri", store], "ensemble": ["--tracking-uri", store],
-             "cascade": ["--tracking-uri", store], "adapt": [f"tracking_uri={store}"]}
+             "cascade": ["--tracking-uri", store], "adapt": [f"tracking_uri={store}"],
+             "scale": []}
     result = command(module, *args, *extra[module], cwd=tmp_path)
     assert result.returncode == 2, result.stderr[-3000:]
     lines = [line for line in result.stderr.splitlines() if line.strip()]
