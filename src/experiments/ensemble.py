@@ -115,6 +115,13 @@ def evaluate_on_shared_test(predictor: inference.Predictor, members: Sequence[Me
         return ("none: the members were tested on different images (fix data.split_seed to "
                 "share one split); evaluate the ensemble on held-out images with "
                 "experiments.predict")
+    rescaled = sorted({key for m in members for key, value in m.run.data.params.items()
+                       if key.startswith("data.sources.") and key.endswith(".mpp")
+                       and value != "None"})
+    if rescaled:
+        return ("none: the members' test images include a source rescaled to the training "
+                f"scale ({', '.join(rescaled)}), which decoding its files here does not "
+                "reproduce; each member's run has its own test metrics")
     files = sorted(shared.pop())
     if not all(Path(f).is_file() for f in files):
         return "none: the members' test images are not readable here"

@@ -1,14 +1,20 @@
 """data.sources: several labeled folders trained on together, splits grouped by patient and
-stratified by source, per-source test metrics, leave-one-source-out cross-validation."""
+stratified by source, per-source test metrics, leave-one-source-out cross-validation, and a
+source of another scale rescaled to data.root's (data.sources.<name>.mpp)."""
 
 from __future__ import annotations
 
 import collections
 
+import numpy as np
 import pytest
 from omegaconf import OmegaConf
+from PIL import Image
 
+from experiments.data.image_store import cache_key
 from experiments.errors import ConfigError, DataError
+from experiments.models.features import image_key
+from experiments.orchestration.single import load_run_data
 from experiments.run import run
 from tests.conftest import all_runs, client_for, compose_config, read_csv, write_image
 from tests.data.test_layouts import breakhis_tree
@@ -72,7 +78,12 @@ def test_leave_one_source_out_tests_each_source_on_a_model_that_never_saw_it(tmp
 
 @pytest.mark.parametrize(("overrides", "error", "message"), [
     (["+data.sources.main=/x"], ConfigError, "data.sources.main"),
-    (["+data.sources.b.root=/x", "+data.sources.b.mpp=0.5"], ConfigError, "data.sources.b.mpp"),
+    (["+data.sources.b.root=/x", "+data.sources.b.mpp=0.5"], ConfigError,
+     r"needs data.mpp.*data.sources.b.mpp=0.5"),
+    (["data.mpp=0.5", "+data.sources.b.root=/x", "+data.sources.b.mpp=0"], ConfigError,
+     "data.sources.b.mpp"),
+    (["data.mpp=0.5", "+data.sources.b.root=/x", "+data.sources.b.adapt=true"], ConfigError,
+     "data.sources.b.adapt"),
     (["cv.leave_source_out=true"], ConfigError, "data.sources"),
     (["cv.leave_source_out=true", "cv.folds=5", "+data.sources.b=/x"], ConfigError, "cv.folds"),
     (["cv.folds=3", "cv.refit=true", "cv.cascade=true", "eval.threshold=fixed"], ConfigError,
@@ -174,3 +185,82 @@ def test_a_cascade_cross_validation_ships_the_home_model_first_with_its_own_esti
     assert predictor.info.temperature == pytest.approx(metrics["model_temperature"])
     assert predictor.fallback.info.temperature == pytest.approx(
         metrics["fallback_model_temperature"])
+
+
+def smooth_image(seed: int, size: int = 64) -> Image.Image:
+    """Tissue-like low-frequency colour (random 8x8 colours, bicubic-enlarged): resizing it
+    changes little but its scale."""
+    rng = np.random.default_rng(seed)
+    small = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
+    return small.resize((size, size), Image.Resampling.BICUBIC)
+
+
+def two_scales(tmp_path, per_class: int = 3):
+    """data.root: 64-px images at 0.5 um/px; the lab: the same images at twice the
+    magnification (0.25 um/px, 128 px) inside 256-px fields of grey - a lab whose camera
+    sees a wider field at a finer scale."""
+    for label in ("benign", "malignant"):
+        for index in range(per_class):
+            image = smooth_image(index + 10 * (label == "malignant"))
+            (tmp_path / "home" / label).mkdir(parents=True, exist_ok=True)
+            image.save(tmp_path / "home" / label / f"{index}.png")
+            field = Image.new("RGB", (256, 256), (128, 128, 128))
+            field.paste(image.resize((128, 128), Image.Resampling.BICUBIC), (64, 64))
+            (tmp_path / "lab" / label).mkdir(parents=True, exist_ok=True)
+            field.save(tmp_path / "lab" / label / f"{index}.png")
+
+
+def decoded(tmp_path, make_config, *overrides):
+    """file name -> (home image, lab image) as a run decodes them at 32 px."""
+    settings = OmegaConf.to_object(make_config(
+        "data=folder", f"data.root={tmp_path / 'home'}", "data.mpp=0.5",
+        f"+data.sources.lab.root={tmp_path / 'lab'}", *overrides))
+    pool = load_run_data(settings).pool
+    images = np.asarray(pool.images, dtype=np.float64)
+    pairs: dict[str, dict[str, np.ndarray]] = {}
+    for index, (file, source) in enumerate(zip(pool.files, pool.sources, strict=True)):
+        pairs.setdefault(f"{file.split('/')[-2]}/{file.split('/')[-1]}", {})[source] = \
+            images[index]
+    return pool, {name: (both["main"], both["lab"]) for name, both in pairs.items()}
+
+
+@pytest.mark.parametrize("cache", ["memory", "disk", "none"])
+def test_a_source_of_another_scale_is_seen_at_data_roots_scale(tmp_path, make_config, cache):
+    two_scales(tmp_path)
+    pool, pairs = decoded(tmp_path, make_config, "+data.sources.lab.mpp=0.25",
+                          f"data.cache={cache}")
+    assert len(pairs) == 6
+    for home, lab in pairs.values():  # the lab's image cut to the home field and scale
+        assert np.abs(home - lab).mean() < 4
+    scales = dict(zip(pool.files, pool.scales or (), strict=True))  # input: 0.5 * 64 / 32
+    assert [scales[f] for f, s in zip(pool.files, pool.sources, strict=True)
+            if s == "lab"] == pytest.approx([0.25 / 1.0] * 6)
+    assert {scales[f] for f, s in zip(pool.files, pool.sources, strict=True)
+            if s == "main"} == {None}
+    _, unscaled = decoded(tmp_path, make_config, f"data.cache={cache}")  # without its mpp
+    assert all(np.abs(home - lab).mean() > 20 for home, lab in unscaled.values())
+
+
+@pytest.mark.slow  # a frozen run, about 35 s
+def test_a_rescaled_source_trains_on_cached_features_of_its_rescaled_images(tmp_path,
+                                                                             make_config):
+    two_scales(tmp_path, per_class=5)
+    config = make_config("data=folder", f"data.root={tmp_path / 'home'}", "data.mpp=0.5",
+                         f"+data.sources.lab.root={tmp_path / 'lab'}",
+                         "+data.sources.lab.mpp=0.25", "finetune=frozen",
+                         "augmentation=dihedral", "trainer.epochs=1", "eval.tta=none",
+                         "mlflow.experiment_name=scaled")
+    run(config)
+    (finished,) = all_runs(client_for(tmp_path), "scaled")
+    assert finished.data.metrics["features_computed"] == 20
+    assert "test_source_lab_accuracy" in finished.data.metrics
+    (stored,) = (tmp_path / ".cache" / "features").glob("*.npz")
+    keys = [str(k) for k in np.load(stored)["keys"]]
+    assert sum(k.endswith("|x0.25") for k in keys) == 10 and len(keys) == 20
+
+
+def test_a_rescaled_image_is_cached_apart_from_the_image_itself(tmp_path):
+    file = write_image(tmp_path / "a.png")
+    assert image_key(str(file), 0.125) != image_key(str(file))
+    assert cache_key([str(file)], 32, False, "crop", [0.125]) != cache_key(
+        [str(file)], 32, False, "crop") == cache_key([str(file)], 32, False, "crop", [None])

@@ -69,6 +69,9 @@ def test_cache_keys_change_with_whatever_changes_a_feature(tmp_path):
     assert cache.get([str(image)], pixels, 1, compute)[0, 0, 0] == 2
     cache.get([str(image)], pixels, 8, compute)  # other views: their own entries
     assert calls == [1, 1, 1]
+    cache.get([str(image)], pixels, 8, compute, [0.5])  # rescaled (a source's mpp): its own
+    assert calls == [1, 1, 1, 1]
+    assert features.image_key(str(image), None) == features.image_key(str(image))
 
 
 def test_fewer_views_are_read_from_a_cache_of_more(tmp_path):

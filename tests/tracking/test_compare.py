@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -176,3 +177,18 @@ def test_predict_writes_a_row_per_image_and_reports_bad_files(tmp_path, make_con
                       f"output={unlabeled}", f"tracking_uri=sqlite:///{tmp_path}/mlruns/mlflow.db"])
         lines = unlabeled.read_text().splitlines()
         assert len(lines) == 101 and all(line.endswith(",") for line in lines[1:])
+
+
+def test_an_ensemble_of_rescaled_sources_is_not_evaluated_on_unscaled_files():
+    """A member trained with data.sources.<name>.mpp saw that source's test images rescaled;
+    decoding the files as they are would score other pixels, so the ensemble says why not."""
+    def member(mpp: str) -> ensemble.Member:
+        run = SimpleNamespace(data=SimpleNamespace(params={"data.sources.lab.mpp": mpp}))
+        return ensemble.Member(run, None, None, ("/no/such/a.png",))  # type: ignore[arg-type]
+
+    reason = ensemble.evaluate_on_shared_test(None, [member("0.25"), member("0.25")], {},
+                                              None)  # type: ignore[arg-type]
+    assert reason.startswith("none:") and "data.sources.lab.mpp" in reason
+    unscaled = ensemble.evaluate_on_shared_test(None, [member("None")], {},
+                                                None)  # type: ignore[arg-type]
+    assert unscaled == "none: the members' test images are not readable here"

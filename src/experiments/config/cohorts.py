@@ -42,18 +42,19 @@ class ExternalCohort:
     # to the cohort's own images (AdaBN, no labels used), logged as cohort <name>_adabn.
     adapt: bool = False
     # Micrometres per pixel of this folder's images: rescaled to the model's input scale
-    # (needs data.mpp in training). null: decoded like the training images.
+    # (needs data.mpp, data.root's). null: decoded like data.root's images.
     mpp: float | None = None
 
 
 OPTIONS = ("root", "group_pattern", "include_pattern", "adapt", "mpp")
-SOURCE_OPTIONS = OPTIONS[:3]  # data.sources: training folders are decoded as data.root's
+SOURCE_OPTIONS = ("root", "group_pattern", "include_pattern", "mpp")  # data.sources
 
 
 def external_cohorts(external: Mapping[str, object],
                      where: str = "eval.external") -> tuple[ExternalCohort, ...]:
     """The folders of `where` (name -> folder, or name -> {root, group_pattern,
-    include_pattern}), in name order; a bad name, key or value is a ConfigError naming it."""
+    include_pattern, mpp, and for eval.external adapt}), in name order; a bad name, key or
+    value is a ConfigError naming it."""
     cohorts = []
     for name, value in sorted(external.items()):
         key = f"{where}.{name}"
@@ -84,7 +85,7 @@ def external_cohorts(external: Mapping[str, object],
                 except re.error as error:
                     require(False, f"`{key}.{option}` is not a valid regular expression "
                             f"({error}). Received: {key}.{option}={pattern!r}")
-        adapt = value.get("adapt", False)
+        adapt = value.get("adapt", False)  # data.sources have no such key (checked above)
         require(isinstance(adapt, bool), f"`{key}.adapt` must be true or false. Received: "
                 f"{key}.adapt={adapt!r}")
         mpp = value.get("mpp")

@@ -81,7 +81,8 @@ class DataConfig:
     # the image (e.g. image_size=256, patch_size=128). null: the network sees the whole image.
     patch_size: int | None = None
     # More labeled folders trained on beside data.root, each a source (data.root's images are
-    # source "main"): name -> folder, or name -> {root, group_pattern, include_pattern}.
+    # source "main"): name -> folder, or name -> {root, group_pattern, include_pattern, mpp}
+    # (mpp: its micrometres per pixel, rescaled to data.root's scale; needs data.mpp).
     # Splits and folds keep patients together and hold every source in proportion; test
     # metrics are also reported per source (test_source_<name>_*).
     sources: dict[str, Any] = field(default_factory=dict)
@@ -112,6 +113,11 @@ class DataConfig:
         check_choice("data.resize", self.resize, RESIZE_MODES)
         require(self.mpp is None or self.mpp > 0, "`data.mpp` must be positive or null. "
                 f"Received: data.mpp={self.mpp!r}")
+        scaled = [f"data.sources.{s.name}.mpp={s.mpp!r}" for s in self.source_folders
+                  if s.mpp is not None]
+        require(not scaled or self.mpp is not None, "A source's mpp rescales its images to "
+                "data.root's scale, which needs data.mpp (data.root's micrometres per pixel). "
+                f"Received: data.mpp=None, {', '.join(scaled)}")
         require(self.on_invalid in ("error", "skip"), "`data.on_invalid` must be 'error' or "
                 f"'skip'. Received: data.on_invalid={self.on_invalid!r}")
         if self.image_size is not None:

@@ -78,28 +78,31 @@ def scan_folder(root: str | Path, include_pattern: str | None = None, min_classe
 
 def load_images(files: Sequence[str], image_size: int, allow_upscale: bool = True,
                 cache: str = "memory", cache_folder: Path | None = None,
-                resize: str = "squash") -> tuple[np.ndarray | LazyImages, list[Invalid]]:
-    """Check every file (decoding it), keeping the decoded images as `cache` says (see
-    `experiments.image_store`: memory, disk, none; auto picks by size). Returns the images of
-    the readable files, in order, and every unreadable file with why."""
+                resize: str = "squash", scales: Sequence[float | None] | None = None
+                ) -> tuple[np.ndarray | LazyImages, list[Invalid]]:
+    """Check every file (decoding it, rescaled by its `scales` entry when given), keeping the
+    decoded images as `cache` says (see `experiments.image_store`: memory, disk, none; auto
+    picks by size). Returns the images of the readable files, in order, and every unreadable
+    file with why."""
     mode = image_store.choose_mode(cache, len(files), image_size)
     stored: np.ndarray | None
     if mode == "disk":
         if cache_folder is None:
             raise ConfigError("data.cache=disk needs a cache folder (paths.cache_dir)")
         stored, problems = image_store.disk_images(files, image_size, allow_upscale,
-                                                   cache_folder, resize)
+                                                   cache_folder, resize, scales)
     else:
         stored = (np.empty((len(files), image_size, image_size, 3), dtype=np.uint8)
                   if mode == "memory" else None)
         problems = image_store.decode_all(files, image_size, allow_upscale, stored,
-                                          resize=resize)
+                                          resize=resize, scales=scales)
     keep = [i for i in range(len(files)) if i not in problems]
     invalid = [Invalid(files[i], problems[i]) for i in sorted(problems)]
     if mode == "memory" and stored is not None:
         return stored[keep], invalid
     source = stored if mode == "disk" and stored is not None else list(files)
-    return LazyImages(source, image_size, np.asarray(keep, int), allow_upscale, resize), invalid
+    return LazyImages(source, image_size, np.asarray(keep, int), allow_upscale, resize,
+                      scales), invalid
 
 
 def read_folder(root: str | Path, image_size: int, on_invalid: str = "error",
@@ -125,13 +128,16 @@ def decode_checked(files: Sequence[str], labels: Sequence[int], class_names: Seq
                    where: str, image_size: int, on_invalid: str = "error",
                    allow_upscale: bool = True, report_dir: Path | None = None,
                    cache: str = "memory", cache_folder: Path | None = None,
-                   resize: str = "squash") -> tuple[Split, list[Invalid]]:
-    """Decode and check `files` (of the folder(s) `where`, for messages): on_invalid as in
-    `read_folder`; a class left without valid images is an error."""
+                   resize: str = "squash", scales: Sequence[float | None] | None = None
+                   ) -> tuple[Split, list[Invalid]]:
+    """Decode and check `files` (of the folder(s) `where`, for messages; each rescaled by its
+    `scales` entry when given): on_invalid as in `read_folder`; a class left without valid
+    images is an error."""
     if on_invalid not in ON_INVALID:
         raise ConfigError(f"data.on_invalid must be one of {ON_INVALID}. "
                           f"Received: data.on_invalid={on_invalid!r}")
-    images, invalid = load_images(files, image_size, allow_upscale, cache, cache_folder, resize)
+    images, invalid = load_images(files, image_size, allow_upscale, cache, cache_folder, resize,
+                                  scales)
     if invalid and on_invalid == "error":
         listing = None
         if report_dir is not None:
@@ -143,7 +149,8 @@ def decode_checked(files: Sequence[str], labels: Sequence[int], class_names: Seq
                         f"{summarize_invalid(invalid)}")
     bad = {item.file for item in invalid}
     kept = [i for i, file in enumerate(files) if file not in bad]
-    split = Split(tuple(files[i] for i in kept), tuple(labels[i] for i in kept), images)
+    split = Split(tuple(files[i] for i in kept), tuple(labels[i] for i in kept), images,
+                  scales=None if scales is None else tuple(scales[i] for i in kept))
     counts = split.class_counts(class_names)
     empty = [name for name, n in counts.items() if n == 0]
     if empty:

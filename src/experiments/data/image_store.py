@@ -33,11 +33,12 @@ class LazyImages:
 
     def __init__(self, source: np.ndarray | Sequence[str], size: int,
                  indices: np.ndarray | None = None, allow_upscale: bool = True,
-                 resize: str = "squash") -> None:
+                 resize: str = "squash", scales: Sequence[float | None] | None = None) -> None:
         self.source = source  # a memory-mapped array, or the files to decode
         self.size = size
         self.allow_upscale = allow_upscale
         self.resize = resize
+        self.scales = scales  # per file of `source`: rescaled by it (decode.load_image), or not
         self.indices = np.arange(len(source)) if indices is None else np.asarray(indices, int)
 
     def __len__(self) -> int:
@@ -51,7 +52,7 @@ class LazyImages:
 
     def subset(self, positions: Sequence[int] | np.ndarray) -> LazyImages:
         return LazyImages(self.source, self.size, self.indices[np.asarray(positions, int)],
-                          self.allow_upscale, self.resize)
+                          self.allow_upscale, self.resize, self.scales)
 
     def __getitem__(self, item) -> np.ndarray:
         chosen = self.indices[item]
@@ -69,7 +70,7 @@ class LazyImages:
         out = np.empty((len(rows), self.size, self.size, 3), np.uint8)
         for i, row in enumerate(rows):
             out[i] = load_image(self.source[row], self.size, self.allow_upscale,
-                                resize=self.resize)
+                                resize=self.resize, scale=scale_of(self.scales, row))
         return out
 
 
@@ -85,26 +86,36 @@ def choose_mode(mode: str, n_images: int, size: int) -> str:
     return "memory" if gigabytes <= AUTO_MEMORY_LIMIT_GB else "disk"
 
 
+def scale_of(scales: Sequence[float | None] | None, index: int) -> float | None:
+    """File `index`'s rescaling factor (its mpp over the model input's), None: none."""
+    return None if scales is None else scales[index]
+
+
 def cache_key(files: Sequence[str], size: int, allow_upscale: bool,
-              resize: str = "squash") -> str:
+              resize: str = "squash", scales: Sequence[float | None] | None = None) -> str:
     # squash: the key of caches written before crop existed
     fit = [size, allow_upscale] if resize == "squash" else [size, allow_upscale, resize]
     digest = hashlib.sha256(json.dumps(fit).encode())
-    for file in files:
+    for index, file in enumerate(files):
         stat = os.stat(file)
-        digest.update(f"{os.path.realpath(file)}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+        scale = scale_of(scales, index)  # unscaled files: the key they always had
+        digest.update(f"{os.path.realpath(file)}|{stat.st_size}|{stat.st_mtime_ns}"
+                      f"{'' if scale is None else f'|x{scale:.6g}'}\n".encode())
     return digest.hexdigest()[:24]
 
 
 def decode_all(files: Sequence[str], size: int, allow_upscale: bool, out: np.ndarray | None,
-               workers: int | None = None, resize: str = "squash") -> dict[int, str]:
+               workers: int | None = None, resize: str = "squash",
+               scales: Sequence[float | None] | None = None) -> dict[int, str]:
     """Decode every file (in threads: Pillow releases the GIL), into `out` when given, else
-    only to check it; returns {index: reason} for the files that cannot be used."""
+    only to check it, each rescaled by its `scales` entry when given; returns {index: reason}
+    for the files that cannot be used."""
     problems: dict[int, str] = {}
 
     def load(index: int) -> None:
         try:
-            image = load_image(files[index], size, allow_upscale, resize=resize)
+            image = load_image(files[index], size, allow_upscale, resize=resize,
+                               scale=scale_of(scales, index))
         except ValueError as error:
             problems[index] = str(error).removeprefix(f"{files[index]}: ")
             return
@@ -117,17 +128,18 @@ def decode_all(files: Sequence[str], size: int, allow_upscale: bool, out: np.nda
 
 
 def disk_images(files: Sequence[str], size: int, allow_upscale: bool, folder: Path,
-                resize: str = "squash") -> tuple[np.ndarray, dict[int, str]]:
+                resize: str = "squash", scales: Sequence[float | None] | None = None
+                ) -> tuple[np.ndarray, dict[int, str]]:
     """The memory-mapped decoded images of `files` and the unusable ones, decoding them into
     the cache first unless a finished cache of the same files is there."""
-    key = cache_key(files, size, allow_upscale, resize)
+    key = cache_key(files, size, allow_upscale, resize, scales)
     path, problems_path = folder / f"{key}.npy", folder / f"{key}.invalid.json"
     if not (path.is_file() and problems_path.is_file()):
         folder.mkdir(parents=True, exist_ok=True)
         staging = folder / f".{key}.{os.getpid()}.partial.npy"
         out = np.lib.format.open_memmap(staging, mode="w+", dtype=np.uint8,
                                         shape=(len(files), size, size, 3))
-        problems = decode_all(files, size, allow_upscale, out, resize=resize)
+        problems = decode_all(files, size, allow_upscale, out, resize=resize, scales=scales)
         out.flush()
         del out
         os.replace(staging, path)  # a reader never sees a half-written cache

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from experiments.config.schema import DataConfig, DemoDataConfig
 from experiments.data import folders
 from experiments.data import splits as splits_lib
 from experiments.data.cohorts import CohortFiles, scan_cohort
+from experiments.data.decode import input_mpp
 from experiments.data.demo import ensure_demo_dataset
 from experiments.errors import DataError
 
@@ -73,7 +75,8 @@ def read_sources(data_cfg: DataConfig, image_size: int, report_dir: Path, cache_
     """data.root and every data.sources folder as one pool, each image with its source; with
     any group pattern, every image gets a group named after its source (`breakhis:14-2523`;
     an image of a source without a pattern is its own group), so patients of different
-    sources never merge and splits keep each patient on one side."""
+    sources never merge and splits keep each patient on one side. A source with an mpp is
+    rescaled to data.root's scale (`source_scales`)."""
     class_names, files, labels = folders.scan_folder(data_cfg.root, data_cfg.include_pattern)
     main = ExternalCohort(MAIN_SOURCE, data_cfg.root, data_cfg.group_pattern)
     scanned = [CohortFiles(main, tuple(files), np.asarray(labels, dtype=int),
@@ -87,12 +90,14 @@ def read_sources(data_cfg: DataConfig, image_size: int, report_dir: Path, cache_
         for index, file in enumerate(part.files):
             source_of[file] = name
             group_of[file] = f"{name}:{file if part.groups is None else part.groups[index]}"
+    scale = source_scales(data_cfg, files, image_size)
     pool, skipped = folders.decode_checked(
         [f for part in scanned for f in part.files],
         [int(y) for part in scanned for y in part.labels], class_names,
         ", ".join(part.cohort.root for part in scanned), image_size, data_cfg.on_invalid,
         data_cfg.allow_upscale, report_dir, data_cfg.cache, cache_dir / "images",
-        data_cfg.resize)
+        data_cfg.resize, None if not scale else
+        [scale.get(part.cohort.name) for part in scanned for _ in part.files])
     grouped = any(part.groups is not None for part in scanned)
     counts = {part.cohort.name: sum(source_of[f] == part.cohort.name for f in pool.files)
               for part in scanned}
@@ -100,6 +105,22 @@ def read_sources(data_cfg: DataConfig, image_size: int, report_dir: Path, cache_
     return class_names, dataclasses.replace(
         pool, sources=tuple(source_of[f] for f in pool.files),
         groups=tuple(group_of[f] for f in pool.files) if grouped else None), skipped
+
+
+def source_scales(data_cfg: DataConfig, main_files: Sequence[str], image_size: int
+                  ) -> dict[str, float]:
+    """By how much each source with an mpp is resized so that its pixels span what the
+    model's input pixels do (`decode.load_image`'s scale): its mpp over the input's, which is
+    data.mpp at data.root's (median) image side resized to image_size - the input_mpp the
+    model records. Empty when no source has an mpp."""
+    scaled = [s for s in data_cfg.source_folders if s.mpp is not None]
+    model_mpp = input_mpp(data_cfg.mpp, main_files, image_size) if scaled else None
+    if model_mpp is None:
+        return {}
+    scales = {s.name: float(s.mpp) / model_mpp for s in scaled if s.mpp is not None}
+    log.info("Sources rescaled to data.root's scale (%.3g um/px at the model's input): %s",
+             model_mpp, ", ".join(f"{k} resized x{v:.3g}" for k, v in scales.items()))
+    return scales
 
 
 def split(data_cfg: DataConfig, loaded: LoadedData, trainer_seed: int) -> splits_lib.Splits:

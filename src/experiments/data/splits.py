@@ -32,6 +32,9 @@ class Split:
     images: np.ndarray | LazyImages = field(compare=False, repr=False)
     groups: tuple[str, ...] | None = None
     sources: tuple[str, ...] | None = None
+    # With a source's mpp (data.sources.<name>.mpp), each file's rescaling factor (its mpp
+    # over the model input's; None: not rescaled): part of what its features are cached by.
+    scales: tuple[float | None, ...] | None = None
 
     def __len__(self) -> int:
         return len(self.files)
@@ -44,10 +47,11 @@ class Split:
         index = np.asarray(indices, dtype=int)
         groups = None if self.groups is None else tuple(self.groups[i] for i in index)
         sources = None if self.sources is None else tuple(self.sources[i] for i in index)
+        scales = None if self.scales is None else tuple(self.scales[i] for i in index)
         images = (self.images.subset(index) if isinstance(self.images, LazyImages)
                   else self.images[index])
         return Split(tuple(self.files[i] for i in index), tuple(self.labels[i] for i in index),
-                     images, groups, sources)
+                     images, groups, sources, scales)
 
     def with_groups(self, pattern: str) -> Split:
         return dataclasses.replace(self, groups=group_ids(self.files, pattern))

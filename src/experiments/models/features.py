@@ -1,17 +1,18 @@
-"""Frozen-backbone features: computed once per image (and per dihedral view), cached in memory
-and on disk, and the head trained on them instead of on images.
+"""Frozen-backbone features: computed once per image (and per dihedral view), cached in memory and
+on disk, and the head trained on them instead of on images.
 
 With `finetune=frozen` the backbone never changes, so its pooled features of an image are the
 same in every epoch; only the head (Dropout -> BatchNorm -> Dense) learns. When the training
-augmentation is dihedral-only (or none), the 8 dihedral views are exact and few: the features of
-each view are computed once and an epoch costs a pass over a small matrix. The cache lives in
-memory (folds of a cross-validation, jobs of an in-process sweep) and on disk under
+augmentation is dihedral-only (or none), the 8 dihedral views are exact and few: the features
+of each view are computed once and an epoch costs a pass over a small matrix. The cache lives
+in memory (folds of a cross-validation, jobs of an in-process sweep) and on disk under
 `<paths.cache_dir>/features` (other processes, later runs), keyed by everything that changes a
 feature - backbone, its weights, input size, precision, stain normalisation - and, per image,
-its path, size and modification time. Augmentations that change pixels at random (HED jitter,
-crops, colour, the study's zoom and rotation) cannot be cached: those runs take the exact path
-and say so. The trained head sits in the same full model as on the exact path, so evaluation,
-TTA, predict, Grad-CAM and serving do not change.
+its path, size and modification time (and its rescaling, for a source with an mpp).
+Augmentations that change pixels at random (HED jitter, crops, colour, the study's zoom and
+rotation) cannot be cached: those runs take the exact path and say so. The trained head sits in
+the same full model as on the exact path, so evaluation, TTA, predict, Grad-CAM and serving do
+not change.
 """
 
 from __future__ import annotations
@@ -121,11 +122,14 @@ class FeatureCache:
                          for key in wanted if key in other)
 
     def get(self, files: Sequence[str], images: ImageArray, views: int,
-            compute: Callable[[np.ndarray, int], np.ndarray]) -> np.ndarray:
-        """(n, views, C) features of `images` (whose files are `files`), computing only the
-        images the cache does not hold, and saving them."""
+            compute: Callable[[np.ndarray, int], np.ndarray],
+            scales: Sequence[float | None] | None = None) -> np.ndarray:
+        """(n, views, C) features of `images` (whose files are `files`, each rescaled by its
+        `scales` entry when given), computing only the images the cache does not hold, and
+        saving them."""
         store = self._store(views)
-        keys = [image_key(f) for f in files]
+        keys = [image_key(f, None if scales is None else scales[i])
+                for i, f in enumerate(files)]
         self._borrow(store, keys, views)
         missing = [i for i, k in enumerate(keys) if k not in store]
         for key in keys:
@@ -139,10 +143,12 @@ class FeatureCache:
         return np.stack([store[k][0] for k in keys])
 
 
-def image_key(file: str) -> str:
-    """An image's identity in the cache: its path, size and modification time."""
+def image_key(file: str, scale: float | None = None) -> str:
+    """An image's identity in the cache: its path, size and modification time, and the factor
+    it was rescaled by (a source's mpp) when it was."""
     stat = os.stat(file)
-    return f"{os.path.realpath(file)}|{stat.st_size}|{stat.st_mtime_ns}"
+    key = f"{os.path.realpath(file)}|{stat.st_size}|{stat.st_mtime_ns}"
+    return key if scale is None else f"{key}|x{scale:.6g}"
 
 
 def model_key(backbone: str, weights: str | None, seed: int, image_size: int, precision: str,

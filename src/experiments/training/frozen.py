@@ -91,7 +91,7 @@ def image_features(settings: Config, classifier: keras.Model, precision: str,
     cache = feature_cache(settings, classifier, precision, stain_target,
                           settings.backbone.global_pool)
     compute = functools.partial(features.compute_features, features.feature_model(classifier))
-    return cache.get(split.files, split.images, views, compute)
+    return cache.get(split.files, split.images, views, compute, split.scales)
 
 
 def feature_cache(settings: Config, model: keras.Model, precision: str,
@@ -127,7 +127,7 @@ def ood_features(settings: Config, served: keras.Model, precision: str,
         return None
     cache = feature_cache(settings, served, precision, stain_target, OOD_POOL)
     compute = functools.partial(features.compute_features, extractor)
-    return cache.get(split.files, split.images, 1, compute)[:, 0]
+    return cache.get(split.files, split.images, 1, compute, split.scales)[:, 0]
 
 
 def referral_features(settings: Config, prepared: Prepared, served: keras.Model,
