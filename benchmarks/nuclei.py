@@ -30,7 +30,7 @@ import numpy as np
 from machine import cpu_line, print_table  # benchmarks/ (run from there)
 
 from experiments.data.folders import scan_folder
-from experiments.data.nuclei import nucleus_diameters, read_rgb, relative_scale
+from experiments.data.nuclei import MIN_NUCLEI, nucleus_diameters, read_rgb, relative_scale
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
         for index, name in enumerate(classes):
             sizes = [nucleus_diameters(read_rgb(Path(f)))
                      for f, label in zip(files, labels, strict=True) if label == index]
-            medians = np.array([np.median(s) for s in sizes if len(s) >= 5])
+            medians = np.array([np.median(s) for s in sizes if len(s) >= MIN_NUCLEI])
             pooled = np.concatenate(sizes)
             low, mid, high = np.percentile(medians, [25, 50, 75])
             rows.append((folder.name if folder.name != "train" else folder.parent.name, name,

@@ -11,9 +11,8 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
-from experiments.data.image_store import cache_key
+from experiments.data.image_store import cache_key, file_key
 from experiments.errors import ConfigError, DataError
-from experiments.models.features import image_key
 from experiments.orchestration.single import load_run_data
 from experiments.run import run
 from tests.conftest import all_runs, client_for, compose_config, read_csv, write_image
@@ -261,6 +260,6 @@ def test_a_rescaled_source_trains_on_cached_features_of_its_rescaled_images(tmp_
 
 def test_a_rescaled_image_is_cached_apart_from_the_image_itself(tmp_path):
     file = write_image(tmp_path / "a.png")
-    assert image_key(str(file), 0.125) != image_key(str(file))
+    assert file_key(str(file), 0.125) != file_key(str(file))
     assert cache_key([str(file)], 32, False, "crop", [0.125]) != cache_key(
         [str(file)], 32, False, "crop") == cache_key([str(file)], 32, False, "crop", [None])

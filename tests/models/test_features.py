@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 from sklearn.metrics import roc_auc_score
 
 from experiments.data import decode, pipeline
+from experiments.data.image_store import file_key
 from experiments.models import features
 from experiments.run import run
 from experiments.serving.inference import MODEL_FILE, load_model
@@ -71,7 +72,7 @@ def test_cache_keys_change_with_whatever_changes_a_feature(tmp_path):
     assert calls == [1, 1, 1]
     cache.get([str(image)], pixels, 8, compute, [0.5])  # rescaled (a source's mpp): its own
     assert calls == [1, 1, 1, 1]
-    assert features.image_key(str(image), None) == features.image_key(str(image))
+    assert file_key(str(image), None) == file_key(str(image))
 
 
 def test_fewer_views_are_read_from_a_cache_of_more(tmp_path):

@@ -96,7 +96,7 @@ class DataConfig:
         check_fraction("data.val_fraction", self.val_fraction, allow_zero=False)
         require(MAIN_SOURCE not in self.sources, f"`data.sources` names the other sources; "
                 f"data.root is {MAIN_SOURCE!r}. Received: data.sources.{MAIN_SOURCE}")
-        external_cohorts(self.sources, "data.sources")
+        sources = external_cohorts(self.sources, "data.sources")
         check_fraction("data.test_fraction", self.test_fraction, allow_zero=True)
         if self.test_root is None:
             require(self.test_fraction > 0,
@@ -113,8 +113,7 @@ class DataConfig:
         check_choice("data.resize", self.resize, RESIZE_MODES)
         require(self.mpp is None or self.mpp > 0, "`data.mpp` must be positive or null. "
                 f"Received: data.mpp={self.mpp!r}")
-        scaled = [f"data.sources.{s.name}.mpp={s.mpp!r}" for s in self.source_folders
-                  if s.mpp is not None]
+        scaled = [f"data.sources.{s.name}.mpp={s.mpp!r}" for s in sources if s.mpp is not None]
         require(not scaled or self.mpp is not None, "A source's mpp rescales its images to "
                 "data.root's scale, which needs data.mpp (data.root's micrometres per pixel). "
                 f"Received: data.mpp=None, {', '.join(scaled)}")

@@ -91,16 +91,22 @@ def scale_of(scales: Sequence[float | None] | None, index: int) -> float | None:
     return None if scales is None else scales[index]
 
 
+def file_key(file: str, scale: float | None = None) -> str:
+    """A decoded image's identity in a cache (this one's and the frozen features'): its
+    path, size and modification time, and the factor it was rescaled by (a source's mpp)
+    when it was - an unscaled file keeps the key it always had."""
+    stat = os.stat(file)
+    key = f"{os.path.realpath(file)}|{stat.st_size}|{stat.st_mtime_ns}"
+    return key if scale is None else f"{key}|x{scale:.6g}"
+
+
 def cache_key(files: Sequence[str], size: int, allow_upscale: bool,
               resize: str = "squash", scales: Sequence[float | None] | None = None) -> str:
     # squash: the key of caches written before crop existed
     fit = [size, allow_upscale] if resize == "squash" else [size, allow_upscale, resize]
     digest = hashlib.sha256(json.dumps(fit).encode())
     for index, file in enumerate(files):
-        stat = os.stat(file)
-        scale = scale_of(scales, index)  # unscaled files: the key they always had
-        digest.update(f"{os.path.realpath(file)}|{stat.st_size}|{stat.st_mtime_ns}"
-                      f"{'' if scale is None else f'|x{scale:.6g}'}\n".encode())
+        digest.update(f"{file_key(file, scale_of(scales, index))}\n".encode())
     return digest.hexdigest()[:24]
 
 

@@ -90,7 +90,7 @@ def read_sources(data_cfg: DataConfig, image_size: int, report_dir: Path, cache_
         for index, file in enumerate(part.files):
             source_of[file] = name
             group_of[file] = f"{name}:{file if part.groups is None else part.groups[index]}"
-    scale = source_scales(data_cfg, files, image_size)
+    scale = source_scales(data_cfg.mpp, [part.cohort for part in scanned], files, image_size)
     pool, skipped = folders.decode_checked(
         [f for part in scanned for f in part.files],
         [int(y) for part in scanned for y in part.labels], class_names,
@@ -107,17 +107,17 @@ def read_sources(data_cfg: DataConfig, image_size: int, report_dir: Path, cache_
         groups=tuple(group_of[f] for f in pool.files) if grouped else None), skipped
 
 
-def source_scales(data_cfg: DataConfig, main_files: Sequence[str], image_size: int
-                  ) -> dict[str, float]:
-    """By how much each source with an mpp is resized so that its pixels span what the
+def source_scales(data_mpp: float | None, sources: Sequence[ExternalCohort],
+                  main_files: Sequence[str], image_size: int) -> dict[str, float]:
+    """By how much each of `sources` with an mpp is resized so that its pixels span what the
     model's input pixels do (`decode.load_image`'s scale): its mpp over the input's, which is
-    data.mpp at data.root's (median) image side resized to image_size - the input_mpp the
-    model records. Empty when no source has an mpp."""
-    scaled = [s for s in data_cfg.source_folders if s.mpp is not None]
-    model_mpp = input_mpp(data_cfg.mpp, main_files, image_size) if scaled else None
+    data.mpp (`data_mpp`) at data.root's (median) image side resized to image_size - the
+    input_mpp the model records. Empty when no source has an mpp."""
+    mpps = {s.name: s.mpp for s in sources if s.mpp is not None}
+    model_mpp = input_mpp(data_mpp, main_files, image_size) if mpps else None
     if model_mpp is None:
         return {}
-    scales = {s.name: float(s.mpp) / model_mpp for s in scaled if s.mpp is not None}
+    scales = {name: mpp / model_mpp for name, mpp in mpps.items()}
     log.info("Sources rescaled to data.root's scale (%.3g um/px at the model's input): %s",
              model_mpp, ", ".join(f"{k} resized x{v:.3g}" for k, v in scales.items()))
     return scales

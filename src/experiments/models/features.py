@@ -31,7 +31,7 @@ import tensorflow as tf
 
 from experiments.config.choices import CACHED_VIEW_COUNTS, TTA_VIEWS
 from experiments.data.augment import NoAugmentation, TissueAugmentation
-from experiments.data.image_store import ImageArray
+from experiments.data.image_store import ImageArray, file_key, scale_of
 from experiments.data.pipeline import batch_seeds, one_hot
 from experiments.data.transforms import dihedral_views, tta_view
 from experiments.models import external
@@ -128,8 +128,7 @@ class FeatureCache:
         `scales` entry when given), computing only the images the cache does not hold, and
         saving them."""
         store = self._store(views)
-        keys = [image_key(f, None if scales is None else scales[i])
-                for i, f in enumerate(files)]
+        keys = [file_key(f, scale_of(scales, i)) for i, f in enumerate(files)]
         self._borrow(store, keys, views)
         missing = [i for i, k in enumerate(keys) if k not in store]
         for key in keys:
@@ -141,14 +140,6 @@ class FeatureCache:
             COUNTS["computed"] += len(missing)
             self._save(store, views)
         return np.stack([store[k][0] for k in keys])
-
-
-def image_key(file: str, scale: float | None = None) -> str:
-    """An image's identity in the cache: its path, size and modification time, and the factor
-    it was rescaled by (a source's mpp) when it was."""
-    stat = os.stat(file)
-    key = f"{os.path.realpath(file)}|{stat.st_size}|{stat.st_mtime_ns}"
-    return key if scale is None else f"{key}|x{scale:.6g}"
 
 
 def model_key(backbone: str, weights: str | None, seed: int, image_size: int, precision: str,
