@@ -4,9 +4,11 @@ Averages the probabilities of every finished child run's model (e.g. a seed swee
 disagree about as much as recipes do, and their mean is steadier than any one of them) into one
 MLflow model that `experiments.predict` and `mlflow models serve` use like any other. Its
 temperature and decision threshold are fitted on the members' pooled validation predictions
-(each member's own validation split), never on a test split. When every member was tested on
-the same images (a fixed `data.split_seed`, or `data.test_root`), the ensemble is evaluated on
-them too; otherwise the run says why it has no test metrics.
+(each member's own validation split; a cross-validation's pooled out-of-fold predictions), never
+on a test split. When every member was tested on the same images (a fixed `data.split_seed`, or
+`data.test_root`), the ensemble is evaluated on them too; members that are cross-validations are
+evaluated on the mean of their out-of-fold predictions (their models trained on every image);
+otherwise the run says why it has no test metrics.
 """
 
 from __future__ import annotations
@@ -38,7 +40,15 @@ class Member:
     run: Run
     predictor: inference.Predictor
     val: Predictions  # with TTA, no temperature
-    test_files: tuple[str, ...]
+    test: Predictions  # without TTA or temperature; a cross-validation's out of fold
+
+    @property
+    def test_files(self) -> tuple[str, ...]:
+        return self.test.files
+
+    @property
+    def cross_validation(self) -> bool:
+        return "cv_folds" in self.run.data.tags
 
 
 def read_predictions(path: Path, class_names: Sequence[str], prefix: str = "p_") -> Predictions:
@@ -56,11 +66,17 @@ def load_member(client: MlflowClient, run: Run, folder: Path) -> Member:
         raise UserError(f"Run {run.info.run_id} ({run.info.run_name}) logged a cascade of two "
                         "models; an ensemble averages single models' probabilities")
     names = predictor.info.class_names
+    logged = {item.path for item in client.list_artifacts(run.info.run_id)}
+    if "val_predictions.csv" not in logged:
+        raise UserError(f"Run {run.info.run_id} ({run.info.run_name}) logged no "
+                        "val_predictions.csv (the predictions its temperature and threshold "
+                        "were fitted on; cross-validations log them since 2026-12-02): "
+                        "run it again to ensemble it")
     val = read_predictions(Path(client.download_artifacts(
         run.info.run_id, "val_predictions.csv", str(folder))), names)
     test = read_predictions(Path(client.download_artifacts(
         run.info.run_id, "test_predictions.csv", str(folder))), names)
-    return Member(run, predictor, val, test.files)
+    return Member(run, predictor, val, test)
 
 
 def sweep_members(client: MlflowClient, parent_id: str) -> list[Run]:
@@ -109,7 +125,15 @@ def build(members: Sequence[Member], eval_params: dict[str, str]) -> tuple[objec
 def evaluate_on_shared_test(predictor: inference.Predictor, members: Sequence[Member],
                             labels_of: dict[str, int], settings: evaluate.EvalSettings
                             ) -> dict[str, float] | str:
-    """Test metrics of the ensemble when all members share one test split, else the reason."""
+    """Test metrics of the ensemble when all members share one test split (of
+    cross-validations: their out-of-fold predictions, `out_of_fold_metrics`), else the
+    reason."""
+    folds = {m.cross_validation for m in members}
+    if folds == {True}:
+        return out_of_fold_metrics(members, predictor.info, settings)
+    if len(folds) > 1:
+        return ("none: the members mix cross-validations, whose models trained on every image "
+                "they predicted, with single runs; ensemble each kind apart")
     shared = {tuple(sorted(m.test_files)) for m in members}
     if len(shared) != 1:
         return ("none: the members were tested on different images (fix data.split_seed to "
@@ -128,21 +152,61 @@ def evaluate_on_shared_test(predictor: inference.Predictor, members: Sequence[Me
     images = np.stack([decode.load_image(f, predictor.info.image_size,
                                          resize=predictor.info.resize) for f in files])
     labels = np.array([labels_of[f] for f in files])
-    info = predictor.info
-    positive = list(info.class_names).index(info.positive_class or info.class_names[-1])
 
     def predictions(tta: str) -> Predictions:
         return Predictions(tuple(files), labels,
                            views.predict_probabilities(predictor.model, images, 32, tta))
 
-    plain = predictions("none")
+    tta = predictor.info.tta
+    return scored_metrics(predictions("none"),
+                          None if tta == "none" else predictions(tta), predictor.info,
+                          settings)
+
+
+def out_of_fold_metrics(members: Sequence[Member], info: inference.ModelInfo,
+                        settings: evaluate.EvalSettings) -> dict[str, float] | str:
+    """An ensemble of cross-validations, measured as each of them is: on the mean of their
+    out-of-fold predictions, every image predicted by models that did not train on it (its
+    final models trained on every image, so predicting them again would score training
+    images). Its temperature and threshold come from the same predictions, as a
+    cross-validation's own do."""
+    plain = [per_file_mean(m.test) for m in members]
+    raw = [per_file_mean(m.val) for m in members]
+    if len({p.files for p in [*plain, *raw]}) != 1:
+        return ("none: the cross-validations predicted different images out of fold (other "
+                "data.root or sources)")
+    return scored_metrics(mean_of(plain), None if info.tta == "none" else mean_of(raw), info,
+                          settings)
+
+
+def per_file_mean(pred: Predictions) -> Predictions:
+    """One row per file, in file order: the mean of its rows (a cross-validation's repeats)."""
+    files, inverse = np.unique(np.asarray(pred.files), return_inverse=True)
+    sums = np.zeros((len(files), pred.probabilities.shape[1]))
+    np.add.at(sums, inverse, pred.probabilities)
+    labels = np.zeros(len(files), dtype=int)
+    labels[inverse] = pred.labels
+    return Predictions(tuple(files.tolist()), labels,
+                       sums / np.bincount(inverse, minlength=len(files))[:, None])
+
+
+def mean_of(parts: Sequence[Predictions]) -> Predictions:
+    """The members' mean probabilities of the same files."""
+    return Predictions(parts[0].files, parts[0].labels,
+                       np.mean([p.probabilities for p in parts], axis=0))
+
+
+def scored_metrics(plain: Predictions, tta: Predictions | None, info: inference.ModelInfo,
+                   settings: evaluate.EvalSettings) -> dict[str, float]:
+    """test_* of the plain predictions, test_tta_* with TTA, and test_op_* at the ensemble's
+    temperature and threshold, each with bootstrap intervals."""
+    positive = list(info.class_names).index(info.positive_class or info.class_names[-1])
     metrics = {**metrics_lib.classification_metrics(plain, positive, "test_"),
                **metrics_lib.interval_metrics(plain, positive, settings, "test_")}
-    raw = plain
-    if info.tta != "none":
-        raw = predictions(info.tta)
-        metrics.update({**metrics_lib.classification_metrics(raw, positive, "test_tta_"),
-                        **metrics_lib.interval_metrics(raw, positive, settings, "test_tta_")})
+    raw = plain if tta is None else tta
+    if tta is not None:
+        metrics.update({**metrics_lib.classification_metrics(tta, positive, "test_tta_"),
+                        **metrics_lib.interval_metrics(tta, positive, settings, "test_tta_")})
     final = Predictions(raw.files, raw.labels,
                         inference.apply_temperature(raw.probabilities, info.temperature))
     if info.threshold is not None:
@@ -166,13 +230,8 @@ def ensemble_sweep(tracking_uri: str, parent_id: str, register_as: str | None = 
         members = [load_member(client, run, Path(folder) / run.info.run_id) for run in runs]
         params = runs[0].data.params
         model, info = build(members, params)
-        names = info["class_names"]
-        labels_of: dict[str, int] = {}
-        for member in members:
-            test = read_predictions(Path(client.download_artifacts(
-                member.run.info.run_id, "test_predictions.csv", str(Path(folder) / "t"))),
-                names)
-            labels_of.update(zip(test.files, test.labels.tolist(), strict=True))
+        labels_of = {file: int(label) for member in members
+                     for file, label in zip(member.test.files, member.test.labels, strict=True)}
         model_dir = Path(folder) / "ensemble"
         inference.save_model(model, info, model_dir)
         predictor = inference.Predictor.load(model_dir / inference.MODEL_FILE)

@@ -119,6 +119,51 @@ def test_the_gallery_shows_the_grad_cam_of_the_fold_model_that_scored_the_image(
     assert int(row["fold"]) == fold  # the model that scored it, not another fold's
 
 
+def test_an_ensemble_of_the_backbones_is_measured_out_of_fold(study, tmp_path):
+    """The study's cross-validations ensembled (`experiments.ensemble`): their refit models
+    trained on every image, so the ensemble is measured on the mean of the members' logged
+    out-of-fold predictions - by hand here - never by predicting those images again; its
+    operating point comes from their pooled out-of-fold predictions (val_predictions.csv)."""
+    from sklearn.metrics import roc_auc_score
+
+    from experiments import ensemble
+
+    uri = f"sqlite:///{study}/mlruns/mlflow.db"
+    client = client_for(study)
+    parent, experiment_id = the_parent(client, "compare_backbones")
+    children = children_of(client, parent.info.run_id, experiment_id)
+    logged = client.get_run(ensemble.ensemble_sweep(uri, parent.info.run_id))
+    tables = []
+    for child in children:
+        assert "val_predictions.csv" in artifact_files(client, child.info.run_id)
+        path = client.download_artifacts(child.info.run_id, "test_predictions.csv",
+                                         str(tmp_path / child.info.run_id))
+        with open(path) as handle:
+            tables.append({r["file"]: r for r in csv.DictReader(handle)})
+    assert tables[0].keys() == tables[1].keys()
+    files = sorted(tables[0])
+    mean = np.mean([[float(t[f]["p_malignant"]) for f in files] for t in tables], axis=0)
+    truth = [tables[0][f]["label"] == "malignant" for f in files]
+    assert logged.data.metrics["test_roc_auc"] == pytest.approx(roc_auc_score(truth, mean))
+    assert logged.data.metrics["test_accuracy"] == pytest.approx(
+        np.mean((mean > 0.5) == truth))
+    assert "test_metrics" not in logged.data.tags  # measured, not declined
+
+
+def test_an_ensemble_does_not_mix_cross_validations_with_single_runs():
+    from types import SimpleNamespace
+
+    from experiments import ensemble
+
+    def member(tags: dict[str, str]) -> ensemble.Member:
+        run = SimpleNamespace(data=SimpleNamespace(tags=tags, params={}))
+        return ensemble.Member(run, None, None, None)  # type: ignore[arg-type]
+
+    reason = ensemble.evaluate_on_shared_test(None, [member({"cv_folds": "2"}), member({})],
+                                              {}, None)  # type: ignore[arg-type]
+    assert reason.startswith("none: the members mix cross-validations")
+
+
 def test_disagreements_are_the_images_decided_differently_widest_spread_first():
     from experiments.tracking.verdict import Scored
 
