@@ -16,7 +16,7 @@ from __future__ import annotations
 import csv
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +41,8 @@ class Member:
     predictor: inference.Predictor
     val: Predictions  # with TTA, no temperature
     test: Predictions  # without TTA or temperature; a cross-validation's out of fold
+    # file -> the factor the run rescaled it by (a source's mpp; model_registry.logged_scales)
+    scales: dict[str, float] | None = field(default_factory=dict)
 
     @property
     def test_files(self) -> tuple[str, ...]:
@@ -76,7 +78,8 @@ def load_member(client: MlflowClient, run: Run, folder: Path) -> Member:
         run.info.run_id, "val_predictions.csv", str(folder))), names)
     test = read_predictions(Path(client.download_artifacts(
         run.info.run_id, "test_predictions.csv", str(folder))), names)
-    return Member(run, predictor, val, test)
+    return Member(run, predictor, val, test,
+                  model_registry.logged_scales(client, run, folder / "splits"))
 
 
 def sweep_members(client: MlflowClient, parent_id: str) -> list[Run]:
@@ -134,23 +137,10 @@ def evaluate_on_shared_test(predictor: inference.Predictor, members: Sequence[Me
     if len(folds) > 1:
         return ("none: the members mix cross-validations, whose models trained on every image "
                 "they predicted, with single runs; ensemble each kind apart")
-    shared = {tuple(sorted(m.test_files)) for m in members}
-    if len(shared) != 1:
-        return ("none: the members were tested on different images (fix data.split_seed to "
-                "share one split); evaluate the ensemble on held-out images with "
-                "experiments.predict")
-    rescaled = sorted({key for m in members for key, value in m.run.data.params.items()
-                       if key.startswith("data.sources.") and key.endswith(".mpp")
-                       and value != "None"})
-    if rescaled:
-        return ("none: the members' test images include a source rescaled to the training "
-                f"scale ({', '.join(rescaled)}), which decoding its files here does not "
-                "reproduce; each member's run has its own test metrics")
-    files = sorted(shared.pop())
-    if not all(Path(f).is_file() for f in files):
-        return "none: the members' test images are not readable here"
-    images = np.stack([decode.load_image(f, predictor.info.image_size,
-                                         resize=predictor.info.resize) for f in files])
+    shared = shared_test_images(members, predictor.info)
+    if isinstance(shared, str):
+        return shared
+    files, images = shared
     labels = np.array([labels_of[f] for f in files])
 
     def predictions(tta: str) -> Predictions:
@@ -161,6 +151,34 @@ def evaluate_on_shared_test(predictor: inference.Predictor, members: Sequence[Me
     return scored_metrics(predictions("none"),
                           None if tta == "none" else predictions(tta), predictor.info,
                           settings)
+
+
+def shared_test_images(members: Sequence[Member], info: inference.ModelInfo
+                       ) -> tuple[list[str], np.ndarray] | str:
+    """The members' one test split, decoded as they decoded it (each file rescaled by the
+    factor their splits.csv gives, a source's mpp), or why it cannot be."""
+    shared = {tuple(sorted(m.test_files)) for m in members}
+    if len(shared) != 1:
+        return ("none: the members were tested on different images (fix data.split_seed to "
+                "share one split); evaluate the ensemble on held-out images with "
+                "experiments.predict")
+    files = list(shared.pop())
+    scales = [m.scales for m in members]
+    if any(s is None for s in scales):
+        rescaled = {key for m in members for key in model_registry.rescaled_sources(m.run)}
+        return ("none: the members rescaled a source to the training scale "
+                f"({', '.join(sorted(rescaled))}) and their splits.csv does not say by how "
+                "much (logged before its scale column); each member's run has its own test "
+                "metrics")
+    factors = {tuple(s.get(f) for f in files) for s in scales if s is not None}
+    if len(factors) != 1:
+        return "none: the members rescaled their test images differently"
+    if not all(Path(f).is_file() for f in files):
+        return "none: the members' test images are not readable here"
+    (factor,) = factors
+    return files, np.stack([decode.load_image(f, info.image_size, resize=info.resize,
+                                              scale=scale)
+                            for f, scale in zip(files, factor, strict=True)])
 
 
 def out_of_fold_metrics(members: Sequence[Member], info: inference.ModelInfo,

@@ -258,6 +258,38 @@ def test_a_rescaled_source_trains_on_cached_features_of_its_rescaled_images(tmp_
     assert sum(k.endswith("|x0.25") for k in keys) == 10 and len(keys) == 20
 
 
+def test_a_rescaled_sources_test_images_are_decoded_again_as_the_run_saw_them(tmp_path,
+                                                                             make_config):
+    """splits.csv records each image's rescaling factor, so what reads a run's images again -
+    an ensemble of a sweep, the comparison's Grad-CAM gallery - decodes a rescaled source as
+    the run did: its model then gives the probabilities the run logged, where the files as
+    they are give others."""
+    from experiments import ensemble
+    from experiments.data.decode import load_image
+    from experiments.serving import views
+    from experiments.tracking import model_registry
+
+    two_scales(tmp_path, per_class=5)
+    run(make_config("data=folder", f"data.root={tmp_path / 'home'}", "data.mpp=0.5",
+                    f"+data.sources.lab.root={tmp_path / 'lab'}", "+data.sources.lab.mpp=0.25",
+                    "trainer.epochs=1", "eval.tta=none", "mlflow.experiment_name=scaled"))
+    client = client_for(tmp_path)
+    (finished,) = all_runs(client, "scaled")
+    scales = model_registry.logged_scales(client, finished, tmp_path / "dl")
+    assert scales is not None and len(scales) == 10  # the lab's images, x0.25 each
+    assert all(f.startswith(str(tmp_path / "lab")) and s == pytest.approx(0.25)
+               for f, s in scales.items())
+    member = ensemble.load_member(client, finished, tmp_path / "member")
+    files, images = ensemble.shared_test_images([member], member.predictor.info)
+    assert any(f in scales for f in files)
+    logged = dict(zip(member.test.files, member.test.probabilities, strict=True))
+    again = views.predict_probabilities(member.predictor.model, images, 32, "none")
+    np.testing.assert_allclose(again, [logged[f] for f in files], atol=2e-6)  # 6 decimals
+    as_they_are = views.predict_probabilities(member.predictor.model, np.stack(
+        [load_image(f, 32, resize="crop") for f in files]), 32, "none")
+    assert np.abs(as_they_are - again).max() > 1e-4  # a model of one epoch: near 0.5
+
+
 def test_a_rescaled_image_is_cached_apart_from_the_image_itself(tmp_path):
     file = write_image(tmp_path / "a.png")
     assert file_key(str(file), 0.125) != file_key(str(file))

@@ -179,16 +179,25 @@ def test_predict_writes_a_row_per_image_and_reports_bad_files(tmp_path, make_con
         assert len(lines) == 101 and all(line.endswith(",") for line in lines[1:])
 
 
-def test_an_ensemble_of_rescaled_sources_is_not_evaluated_on_unscaled_files():
+def test_an_ensemble_of_rescaled_sources_needs_to_know_by_how_much():
     """A member trained with data.sources.<name>.mpp saw that source's test images rescaled;
-    decoding the files as they are would score other pixels, so the ensemble says why not."""
-    def member(mpp: str) -> ensemble.Member:
-        run = SimpleNamespace(data=SimpleNamespace(params={"data.sources.lab.mpp": mpp}))
-        return ensemble.Member(run, None, None, ("/no/such/a.png",))  # type: ignore[arg-type]
+    when its splits.csv does not say by how much (a run logged before the column), decoding
+    the files as they are would score other pixels, so the ensemble says why not."""
+    def member(mpp: str, scales: dict[str, float] | None) -> ensemble.Member:
+        run = SimpleNamespace(data=SimpleNamespace(params={"data.sources.lab.mpp": mpp},
+                                                   tags={}))
+        test = SimpleNamespace(files=("/no/such/a.png",))
+        return ensemble.Member(run, None, None, test, scales)  # type: ignore[arg-type]
 
-    reason = ensemble.evaluate_on_shared_test(None, [member("0.25"), member("0.25")], {},
+    model = SimpleNamespace(info=None)  # not decoded: each case ends before
+
+    reason = ensemble.evaluate_on_shared_test(model, [member("0.25", None)] * 2, {},
                                               None)  # type: ignore[arg-type]
     assert reason.startswith("none:") and "data.sources.lab.mpp" in reason
-    unscaled = ensemble.evaluate_on_shared_test(None, [member("None")], {},
+    apart = ensemble.evaluate_on_shared_test(
+        model, [member("0.25", {"/no/such/a.png": 0.5}), member("0.25", {})], {},
+        None)  # type: ignore[arg-type]
+    assert apart == "none: the members rescaled their test images differently"
+    unscaled = ensemble.evaluate_on_shared_test(model, [member("None", {})], {},
                                                 None)  # type: ignore[arg-type]
     assert unscaled == "none: the members' test images are not readable here"

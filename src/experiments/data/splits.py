@@ -228,15 +228,29 @@ def folds_sha256(folds: Sequence[tuple[int, int, Splits]]) -> str:
 
 
 def write_split_table(splits: Splits, path: Path) -> Path:
-    """file, split, label, group, source for every image: which image was used for what."""
+    """file, split, label, group, source and scale for every image: which image was used for
+    what, and by how much it was rescaled (a source's mpp; empty: not rescaled), which is what
+    decodes it again as the run did (`read_scales`)."""
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["file", "split", "label", "group", "source"])
+        writer.writerow(["file", "split", "label", "group", "source", "scale"])
         for name in ("train", "val", "test"):
             split = getattr(splits, name)
             groups = split.groups or ("",) * len(split)
             sources = split.sources or ("main",) * len(split)
-            for file, label, group, source in zip(split.files, split.labels, groups, sources,
-                                                  strict=True):
-                writer.writerow([file, name, splits.class_names[label], group, source])
+            scales = split.scales or (None,) * len(split)
+            for file, label, group, source, scale in zip(split.files, split.labels, groups,
+                                                         sources, scales, strict=True):
+                writer.writerow([file, name, splits.class_names[label], group, source,
+                                 "" if scale is None else str(float(scale))])
     return path
+
+
+def read_scales(path: Path) -> dict[str, float] | None:
+    """file -> its rescaling factor, from a logged splits.csv (`write_split_table`; files
+    decoded as they are left out); None for a table written before it had the column."""
+    with path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        if "scale" not in (reader.fieldnames or ()):
+            return None
+        return {row["file"]: float(row["scale"]) for row in reader if row["scale"]}

@@ -99,6 +99,11 @@ class _Models:
                 self.client, run.data.tags["model_uri"], self.folder / run_id)
         return self.loaded[run_id]
 
+    def scales(self, run: Run) -> dict[str, float] | None:
+        """file -> the factor `run` rescaled it by (`model_registry.logged_scales`)."""
+        return model_registry.logged_scales(self.client, run,
+                                            self.folder / run.info.run_id / "splits")
+
 
 def image_path(run: Run, file: str) -> Path:
     """Where a predictions row's image is: its path, or under the run's data.root."""
@@ -157,8 +162,18 @@ def _draw(models: _Models, pending: Sequence[_Pending]) -> dict[tuple[str, int],
     panels = {}
     for batch in by_model.values():
         predictor = models.get(batch[0].source)
+        scales = models.scales(batch[0].source)  # a rescaled source's images, as it saw them
+        if scales is None:
+            for item in batch:
+                panels[item.group.key, item.index] = _finished(
+                    item.group, item.index, None, "no Grad-CAM: the run rescaled a source "
+                    f"({', '.join(model_registry.rescaled_sources(item.source))}) and its "
+                    "splits.csv does not say by how much")
+            continue
         images = np.stack([load_image(item.path, predictor.info.image_size,
-                                      resize=predictor.info.resize) for item in batch])
+                                      resize=predictor.info.resize,
+                                      scale=scales.get(item.group.files[item.index]))
+                           for item in batch])
         why = "a cascade of two models" if isinstance(predictor, Cascade) else None
         if isinstance(predictor, Predictor):
             try:

@@ -13,10 +13,12 @@ from typing import Any
 import mlflow
 import mlflow.pyfunc
 import pandas as pd
+from mlflow.entities import Run
 from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types.schema import ColSpec, Schema
 
+from experiments.data.splits import read_scales
 from experiments.models import external
 from experiments.serving import limits
 from experiments.serving.cascade import Cascade, load_artifacts
@@ -124,3 +126,21 @@ def download_logged(client: MlflowClient, model_uri: str, folder: Path) -> Path:
     local = Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=str(folder),
                                                      tracking_uri=client.tracking_uri))
     return local / "artifacts"
+
+
+def rescaled_sources(run: Run) -> list[str]:
+    """The config keys of the training sources `run` rescaled (data.sources.<name>.mpp)."""
+    return sorted(key for key, value in run.data.params.items()
+                  if key.startswith("data.sources.") and key.endswith(".mpp") and value != "None")
+
+
+def logged_scales(client: MlflowClient, run: Run, folder: Path) -> dict[str, float] | None:
+    """file -> the factor `run` rescaled it by (its splits.csv; `decode.load_image`'s scale),
+    to decode its images again as it did: empty when it rescaled no source, None when it did
+    but logged no table that says by how much (runs before the column)."""
+    if not rescaled_sources(run):
+        return {}
+    if "splits.csv" not in {item.path for item in client.list_artifacts(run.info.run_id)}:
+        return None
+    return read_scales(Path(client.download_artifacts(run.info.run_id, "splits.csv",
+                                                      str(folder))))
