@@ -240,6 +240,22 @@ def test_a_source_of_another_scale_is_seen_at_data_roots_scale(tmp_path, make_co
     assert all(np.abs(home - lab).mean() > 20 for home, lab in unscaled.values())
 
 
+def test_an_unreadable_file_beside_a_rescaled_source_is_skipped_not_fatal(tmp_path,
+                                                                           make_config):
+    """The model input's scale is read from data.root's headers before decoding: a broken
+    file there is left to the decoding, which skips it by name (data.on_invalid=skip)."""
+    two_scales(tmp_path)
+    (tmp_path / "home" / "benign" / "broken.png").write_bytes(b"not an image")
+    settings = OmegaConf.to_object(make_config(
+        "data=folder", f"data.root={tmp_path / 'home'}", "data.mpp=0.5", "data.on_invalid=skip",
+        f"+data.sources.lab.root={tmp_path / 'lab'}", "+data.sources.lab.mpp=0.25"))
+    loaded = load_run_data(settings)
+    assert [invalid.file.split("/")[-1] for invalid in loaded.skipped] == ["broken.png"]
+    assert loaded.input_mpp == pytest.approx(0.5 * 64 / 32)
+    scales = [s for s in loaded.pool.scales or () if s is not None]
+    assert len(loaded.pool) == 12 and scales == pytest.approx([0.25] * 6)
+
+
 @pytest.mark.slow  # a frozen run, about 35 s
 def test_a_rescaled_source_trains_on_cached_features_of_its_rescaled_images(tmp_path,
                                                                              make_config):

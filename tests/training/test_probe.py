@@ -40,7 +40,8 @@ def prepared_probe(tmp_path, val_labels: np.ndarray, train_labels: np.ndarray) -
     test_labels = np.arange(10) % 2
     splits = Splits(("benign", "malignant"), split(train_labels, "train"),
                     split(val_labels, "val"), split(test_labels, "test"))
-    return Prepared(splits, 1, [], 32, "float32", classifier, [checkpoint], None, None, None)
+    return Prepared(splits, 1, [], 32, "float32", classifier, [checkpoint], None, None, None,
+                    None)
 
 
 def head_weights(model: keras.Model) -> list[np.ndarray]:

@@ -90,11 +90,16 @@ def rescaled(image: Image.Image, image_size: int, scale: float) -> np.ndarray:
 
 def input_mpp(mpp: float | None, files: Sequence[str], image_size: int) -> float | None:
     """The micrometres per pixel of the model's input: training images at `mpp` whose shorter
-    side (the median over `files`, from their headers) became image_size. None when unknown."""
-    if mpp is None or not files:
+    side (the median over `files`, from their headers) became image_size. None when unknown.
+    A file whose header does not read is left out of the median: the decoding that follows
+    reports it (or skips it, data.on_invalid=skip) by name."""
+    if mpp is None:
         return None
     sides = []
     for file in files:
-        with Image.open(file) as image:
-            sides.append(min(image.size))
-    return float(mpp * np.median(sides) / image_size)
+        try:
+            with Image.open(file) as image:
+                sides.append(min(image.size))
+        except (OSError, Image.DecompressionBombError):  # unreadable: decoding names it
+            continue
+    return float(mpp * np.median(sides) / image_size) if sides else None

@@ -34,6 +34,10 @@ class LoadedData:
     test: splits_lib.Split | None  # data.test_root
     skipped: list[folders.Invalid]
     image_size: int
+    # Micrometres per pixel of the model's input (data.mpp at data.root's median image side
+    # resized to image_size; None without data.mpp): what the model records and what a
+    # source's mpp is rescaled to - one value for the run, its folds and its refit.
+    input_mpp: float | None = None
 
 
 def load_data(data_cfg: DataConfig, image_size: int, report_dir: Path, cache_dir: Path
@@ -49,9 +53,11 @@ def load_data(data_cfg: DataConfig, image_size: int, report_dir: Path, cache_dir
                              cache=data_cfg.cache, cache_folder=cache_dir / "images",
                              resize=data_cfg.resize)
     if data_cfg.sources:
-        class_names, pool, skipped = read_sources(data_cfg, image_size, report_dir, cache_dir)
+        class_names, pool, skipped, model_mpp = read_sources(data_cfg, image_size, report_dir,
+                                                             cache_dir)
     else:
         class_names, pool, skipped = read(data_cfg.root)
+        model_mpp = input_mpp(data_cfg.mpp, pool.files, image_size)
     test = None
     if data_cfg.test_root is not None:
         test_classes, test, test_skipped = read(data_cfg.test_root)
@@ -67,16 +73,18 @@ def load_data(data_cfg: DataConfig, image_size: int, report_dir: Path, cache_dir
         if not data_cfg.sources:  # with sources, read_sources gives the groups
             pool = pool.with_groups(data_cfg.group_pattern)
         test = test.with_groups(data_cfg.group_pattern) if test is not None else None
-    return LoadedData(class_names, pool, test, skipped, image_size)
+    return LoadedData(class_names, pool, test, skipped, image_size, model_mpp)
 
 
 def read_sources(data_cfg: DataConfig, image_size: int, report_dir: Path, cache_dir: Path
-                 ) -> tuple[tuple[str, ...], splits_lib.Split, list[folders.Invalid]]:
+                 ) -> tuple[tuple[str, ...], splits_lib.Split, list[folders.Invalid],
+                            float | None]:
     """data.root and every data.sources folder as one pool, each image with its source; with
     any group pattern, every image gets a group named after its source (`breakhis:14-2523`;
     an image of a source without a pattern is its own group), so patients of different
     sources never merge and splits keep each patient on one side. A source with an mpp is
-    rescaled to data.root's scale (`source_scales`)."""
+    rescaled to data.root's scale (`source_scales`). Also returns the model input's mpp
+    (`LoadedData.input_mpp`)."""
     class_names, files, labels = folders.scan_folder(data_cfg.root, data_cfg.include_pattern)
     main = ExternalCohort(MAIN_SOURCE, data_cfg.root, data_cfg.group_pattern)
     scanned = [CohortFiles(main, tuple(files), np.asarray(labels, dtype=int),
@@ -90,7 +98,8 @@ def read_sources(data_cfg: DataConfig, image_size: int, report_dir: Path, cache_
         for index, file in enumerate(part.files):
             source_of[file] = name
             group_of[file] = f"{name}:{file if part.groups is None else part.groups[index]}"
-    scale = source_scales(data_cfg.mpp, [part.cohort for part in scanned], files, image_size)
+    model_mpp = input_mpp(data_cfg.mpp, files, image_size)
+    scale = source_scales(model_mpp, [part.cohort for part in scanned])
     pool, skipped = folders.decode_checked(
         [f for part in scanned for f in part.files],
         [int(y) for part in scanned for y in part.labels], class_names,
@@ -104,18 +113,16 @@ def read_sources(data_cfg: DataConfig, image_size: int, report_dir: Path, cache_
     log.info("Training sources: " + ", ".join(f"{k} {n} images" for k, n in counts.items()))
     return class_names, dataclasses.replace(
         pool, sources=tuple(source_of[f] for f in pool.files),
-        groups=tuple(group_of[f] for f in pool.files) if grouped else None), skipped
+        groups=tuple(group_of[f] for f in pool.files) if grouped else None), skipped, model_mpp
 
 
-def source_scales(data_mpp: float | None, sources: Sequence[ExternalCohort],
-                  main_files: Sequence[str], image_size: int) -> dict[str, float]:
+def source_scales(model_mpp: float | None, sources: Sequence[ExternalCohort]
+                  ) -> dict[str, float]:
     """By how much each of `sources` with an mpp is resized so that its pixels span what the
-    model's input pixels do (`decode.load_image`'s scale): its mpp over the input's, which is
-    data.mpp (`data_mpp`) at data.root's (median) image side resized to image_size - the
-    input_mpp the model records. Empty when no source has an mpp."""
+    model's input pixels do (`decode.load_image`'s scale): its mpp over the input's
+    (`model_mpp`, `LoadedData.input_mpp`). Empty when no source has an mpp."""
     mpps = {s.name: s.mpp for s in sources if s.mpp is not None}
-    model_mpp = input_mpp(data_mpp, main_files, image_size) if mpps else None
-    if model_mpp is None:
+    if model_mpp is None or not mpps:
         return {}
     scales = {name: mpp / model_mpp for name, mpp in mpps.items()}
     log.info("Sources rescaled to data.root's scale (%.3g um/px at the model's input): %s",

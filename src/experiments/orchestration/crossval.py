@@ -181,7 +181,8 @@ def run_fold(settings: Config, components: Components, loaded: loading.LoadedDat
     """One fold as a child run of the parent; a `variant` (cv.cascade's home model) is a
     second model of the same fold, named and tagged by it, its model not logged (its
     predictions are what the parent pools)."""
-    prepared = build(settings, components, splits, loaded.skipped, loaded.image_size)
+    prepared = build(settings, components, splits, loaded.skipped, loaded.image_size,
+                     loaded.input_mpp)
     fold_tags = {**single.run_tags(settings, prepared), "mlflow.parentRunId": parent_id,
                  "cv_parent": parent_id, "cv_fold": str(number), "cv_repeat": str(repeat),
                  **({"cv_model": variant} if variant else {})}

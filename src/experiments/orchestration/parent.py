@@ -16,7 +16,6 @@ import numpy as np
 from experiments.config.cohorts import MAIN_SOURCE
 from experiments.config.schema import Config
 from experiments.data import loading
-from experiments.data.decode import input_mpp
 from experiments.orchestration.external import fit_ood
 from experiments.orchestration.oof import Fold, operating_point
 from experiments.serving import export, inference
@@ -52,8 +51,7 @@ def log_parent_model(settings: Config, loaded: loading.LoadedData, positive: int
     models; with `home` (cv.cascade), the cascade of the home model and the refit model."""
     temperature, threshold = operating_point(folds, positive, settings.eval)
     describe = {"backbone": settings.backbone.name, "patch_size": settings.data.patch_size,
-                "resize": settings.data.resize, "input_mpp": input_mpp(
-                    settings.data.mpp, loaded.pool.files_of(MAIN_SOURCE), loaded.image_size),
+                "resize": settings.data.resize, "input_mpp": loaded.input_mpp,
                 "stain_normalization": settings.data.stain_normalization}
     reference = None
     if refit is not None:

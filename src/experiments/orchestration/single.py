@@ -17,13 +17,11 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from experiments.config.cohorts import MAIN_SOURCE
 from experiments.config.instantiate import Components
 from experiments.config.schema import Config
 from experiments.data import folders, patches, pipeline
 from experiments.data import splits as splits_lib
 from experiments.data.cohorts import scan_cohorts
-from experiments.data.decode import input_mpp
 from experiments.data.loading import LoadedData, load_data, split
 from experiments.evaluation import evaluate
 from experiments.evaluation import figures as figures_lib
@@ -76,7 +74,8 @@ def run_single(settings: Config, components: Components) -> JobResult:
         cohorts = scan_cohorts(settings.eval.cohorts, loaded.class_names)
         splits = split(settings.data, loaded, settings.trainer.seed)
         check_training_split(settings, splits.train)
-        prepared = build(settings, components, splits, loaded.skipped, loaded.image_size)
+        prepared = build(settings, components, splits, loaded.skipped, loaded.image_size,
+                         loaded.input_mpp)
 
     output_dir = Path(settings.paths.output_dir)
     ml = settings.mlflow
@@ -285,8 +284,7 @@ def evaluate_and_log(settings: Config, prepared: Prepared, result: TrainResult,
         splits.class_names, prepared.image_size, prepared.positive, settings.eval.tta,
         evaluation.metrics.get("temperature", 1.0), evaluation.threshold,
         backbone=settings.backbone.name, kind="single", patch_size=patch_size,
-        resize=settings.data.resize, input_mpp=input_mpp(
-            settings.data.mpp, splits.train.files_of(MAIN_SOURCE), prepared.image_size),
+        resize=settings.data.resize, input_mpp=prepared.input_mpp,
         stain_normalization=settings.data.stain_normalization)
     with timer("log_model"):
         log_run_model(served, info, output_dir / MODEL_DIR, settings.mlflow.register_as,

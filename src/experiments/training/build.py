@@ -46,10 +46,12 @@ class Prepared:
     augment: Any
     second_stage: finetune.SecondStage | None  # finetune.strategy=two_stage
     stain: stain.StainNormalization | None  # data.stain_normalization, fitted on train
+    input_mpp: float | None  # of the model's input (data.loading.LoadedData.input_mpp)
 
 
 def build(settings: Config, components: Components, splits: splits_lib.Splits,
-          skipped: list[folders.Invalid], image_size: int) -> Prepared:
+          skipped: list[folders.Invalid], image_size: int, input_mpp: float | None = None
+          ) -> Prepared:
     """Model, callbacks and augmentation for one training on `splits`, seeded; stain
     normalisation fitted on the training split and applied to every split's images."""
     trainer = settings.trainer
@@ -63,7 +65,7 @@ def build(settings: Config, components: Components, splits: splits_lib.Splits,
         second_stage = compile_for_strategy(settings, components, model,
                                             len(splits.class_names), len(splits.train))
     return Prepared(splits, positive, skipped, image_size, precision, model, callbacks,
-                    components.augmentation(trainer.seed), second_stage, stain_layer)
+                    components.augmentation(trainer.seed), second_stage, stain_layer, input_mpp)
 
 
 def ood_reference_coverage(settings: Config) -> float | None:
