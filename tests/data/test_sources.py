@@ -277,9 +277,10 @@ def test_a_rescaled_source_trains_on_cached_features_of_its_rescaled_images(tmp_
 def test_a_rescaled_sources_test_images_are_decoded_again_as_the_run_saw_them(tmp_path,
                                                                              make_config):
     """splits.csv records each image's rescaling factor, so what reads a run's images again -
-    an ensemble of a sweep, the comparison's Grad-CAM gallery - decodes a rescaled source as
-    the run did: its model then gives the probabilities the run logged, where the files as
-    they are give others."""
+    an ensemble of a sweep, the comparison's Grad-CAM gallery (a fold's model, or the refit's
+    through its cross-validation's parent) - decodes a rescaled source as the run did: its
+    model then gives the probabilities the run logged, where the files as they are give
+    others."""
     from experiments import ensemble
     from experiments.data.decode import load_image
     from experiments.serving import views
@@ -288,16 +289,21 @@ def test_a_rescaled_sources_test_images_are_decoded_again_as_the_run_saw_them(tm
     two_scales(tmp_path, per_class=5)
     run(make_config("data=folder", f"data.root={tmp_path / 'home'}", "data.mpp=0.5",
                     f"+data.sources.lab.root={tmp_path / 'lab'}", "+data.sources.lab.mpp=0.25",
-                    "trainer.epochs=1", "eval.tta=none", "mlflow.experiment_name=scaled"))
+                    "trainer.epochs=1", "eval.tta=none", "cv.folds=2", "cv.refit=true",
+                    "eval.ood_coverage=null",
+                    "mlflow.experiment_name=scaled"))
     client = client_for(tmp_path)
-    (finished,) = all_runs(client, "scaled")
-    scales = model_registry.logged_scales(client, finished, tmp_path / "dl")
-    assert scales is not None and len(scales) == 10  # the lab's images, x0.25 each
-    assert all(f.startswith(str(tmp_path / "lab")) and s == pytest.approx(0.25)
-               for f, s in scales.items())
-    member = ensemble.load_member(client, finished, tmp_path / "member")
+    runs = all_runs(client, "scaled")
+    (parent,) = [r for r in runs if "cv_folds" in r.data.tags]
+    fold = next(r for r in runs if "cv_fold" in r.data.tags)
+    for logged_by in (parent, fold):
+        scales = model_registry.logged_scales(client, logged_by, tmp_path / "dl")
+        assert scales is not None and len(scales) == 10  # the lab's images, each x0.25
+        assert all(f.startswith(str(tmp_path / "lab")) and s == pytest.approx(0.25)
+                   for f, s in scales.items())
+    member = ensemble.load_member(client, fold, tmp_path / "member")
     files, images = ensemble.shared_test_images([member], member.predictor.info)
-    assert any(f in scales for f in files)
+    assert any(f in (member.scales or {}) for f in files)
     logged = dict(zip(member.test.files, member.test.probabilities, strict=True))
     again = views.predict_probabilities(member.predictor.model, images, 32, "none")
     np.testing.assert_allclose(again, [logged[f] for f in files], atol=2e-6)  # 6 decimals

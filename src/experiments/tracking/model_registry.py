@@ -137,10 +137,23 @@ def rescaled_sources(run: Run) -> list[str]:
 def logged_scales(client: MlflowClient, run: Run, folder: Path) -> dict[str, float] | None:
     """file -> the factor `run` rescaled it by (its splits.csv; `decode.load_image`'s scale),
     to decode its images again as it did: empty when it rescaled no source, None when it did
-    but logged no table that says by how much (runs before the column)."""
+    but logged no table that says by how much (runs before the column). A cross-validation's
+    parent has its refits' tables (every image)."""
     if not rescaled_sources(run):
         return {}
-    if "splits.csv" not in {item.path for item in client.list_artifacts(run.info.run_id)}:
-        return None
-    return read_scales(Path(client.download_artifacts(run.info.run_id, "splits.csv",
-                                                      str(folder))))
+    tables = [run]
+    if "cv_folds" in run.data.tags:
+        tables = client.search_runs([run.info.experiment_id],
+                                    f"tags.cv_parent = '{run.info.run_id}' and "
+                                    "tags.cv_refit = 'true'")
+    scales: dict[str, float] = {}
+    for table in tables:
+        run_id = table.info.run_id
+        if "splits.csv" not in {item.path for item in client.list_artifacts(run_id)}:
+            return None
+        read = read_scales(Path(client.download_artifacts(run_id, "splits.csv",
+                                                          str(folder / run_id))))
+        if read is None:
+            return None
+        scales.update(read)
+    return scales if tables else None
