@@ -16,9 +16,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-# its module fixture runs once: every test here on one xdist worker (--dist loadgroup)
-pytestmark = pytest.mark.xdist_group("old_model")
-
 FIXTURE = Path(__file__).parents[1] / "fixtures" / "model_logged_before_rooms.tar.gz"
 
 FRESH_PYTHON = textwrap.dedent("""

@@ -32,9 +32,6 @@ from tests.conftest import (
     write_image,
 )
 
-# its module fixtures run once: every test here on one xdist worker (--dist loadgroup)
-pytestmark = pytest.mark.xdist_group("serving")
-
 
 def predict_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "experiments.predict", *args], cwd=cwd,

@@ -26,9 +26,6 @@ from tests.conftest import (
     the_parent,
 )
 
-# its module fixtures run once: every test here on one xdist worker (--dist loadgroup)
-pytestmark = pytest.mark.xdist_group("study")
-
 STUDY = ["experiment=compare_backbones", *SMALL, "backbone=simplecnn,mobilenetv3large",
          "backbone.weights=null", "data.image_size=48", "cv.folds=2", "cv.repeats=1",
          "eval.bootstrap_resamples=200"]
