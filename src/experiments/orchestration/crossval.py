@@ -37,10 +37,10 @@ from experiments.orchestration import cascading, parent, single
 from experiments.orchestration.external import evaluate_cohorts
 from experiments.orchestration.oof import (
     Fold,
-    concat_predictions,
     plot_oof_patients,
     pooled,
     pooled_metrics,
+    raw_out_of_fold,
     repeats_of,
     write_oof_patients,
     write_oof_predictions,
@@ -224,9 +224,8 @@ def log_cross_validation(settings: Config, components: Components, loaded: loadi
              figures_lib.plot_confusion_matrix(first, class_names, folder / "confusion_matrix.png"),
              figures_lib.plot_roc_curve(first, class_names, positive, folder / "roc_curve.png")]
     if not homes:  # what its operating point is fitted on: what an ensemble of sweeps pools
-        paths.append(tables.write_predictions(
-            concat_predictions([f.evaluation.test_raw for f in folds]), class_names,
-            folder / "val_predictions.csv"))
+        paths.append(tables.write_predictions(raw_out_of_fold(folds), class_names,
+                                              folder / "val_predictions.csv"))
     if first.groups is not None:
         paths.append(write_oof_patients(folds, class_names, positive,
                                         folder / "test_patients.csv"))

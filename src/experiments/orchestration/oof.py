@@ -89,12 +89,18 @@ def operating_point(folds: Sequence[Fold], positive: int, settings: EvalConfig,
     out-of-fold predictions (every training image, each from a model that did not train on
     it); with `source`, of that source's images only (cv.cascade's home model: the images it
     answers)."""
-    pooled_raw = concat_predictions([f.evaluation.test_raw for f in folds])
+    pooled_raw = raw_out_of_fold(folds)
     if source is not None:
         pooled_raw = pooled_raw.subset(np.flatnonzero(np.asarray(pooled_raw.sources) == source))
     return stats.fit_operating_point(pooled_raw.labels, pooled_raw.probabilities, positive,
                                      settings.threshold, settings.fixed_threshold,
                                      settings.target_sensitivity, settings.temperature_scaling)
+
+
+def raw_out_of_fold(folds: Sequence[Fold]) -> Predictions:
+    """Every fold's test predictions with TTA, before temperature, pooled: what a
+    cross-validation's operating point is fitted on (and its val_predictions.csv)."""
+    return concat_predictions([f.evaluation.test_raw for f in folds])
 
 
 def repeats_of(folds: Sequence[Fold]) -> list[list[Fold]]:

@@ -50,7 +50,7 @@ class Prepared:
 
 
 def build(settings: Config, components: Components, splits: splits_lib.Splits,
-          skipped: list[folders.Invalid], image_size: int, input_mpp: float | None = None
+          skipped: list[folders.Invalid], image_size: int, input_mpp: float | None
           ) -> Prepared:
     """Model, callbacks and augmentation for one training on `splits`, seeded; stain
     normalisation fitted on the training split and applied to every split's images."""
