@@ -64,7 +64,8 @@ def prepare(cfg: DictConfig) -> Prepared:
     settings = OmegaConf.to_object(cfg)
     loaded = single.load_run_data(settings)
     splits = loading.split(settings.data, loaded, settings.trainer.seed)
-    return build(settings, components(cfg), splits, loaded.skipped, loaded.image_size)
+    return build(settings, components(cfg), splits, loaded.skipped, loaded.image_size,
+                 loaded.input_mpp)
 
 
 @pytest.fixture

@@ -210,7 +210,8 @@ def test_the_feature_cache_holds_what_the_served_model_computes(make_config, sta
     settings = OmegaConf.to_object(cfg)
     loaded = single.load_run_data(settings)
     raw = loading.split(settings.data, loaded, settings.trainer.seed)
-    prepared = build(settings, components(cfg), raw, loaded.skipped, loaded.image_size)
+    prepared = build(settings, components(cfg), raw, loaded.skipped, loaded.image_size,
+                     loaded.input_mpp)
     assert (prepared.stain is None) == (stain is None)
     cached = split_features(settings, prepared, 8)
     served = export.deliverable(prepared.model, prepared.image_size, None, prepared.stain)
