@@ -22,7 +22,7 @@ def command(module: str, *args: str, cwd: Path) -> subprocess.CompletedProcess[s
 @pytest.mark.parametrize("module, args", [
     ("run", ["data.root=/no/such/folder"]),
     ("run", ["data=demo", "backbone.name=no_such_backbone"]),
-    ("run", []),  # data.root is required
+    # ("run", []) - data.root unset - is e2e/test_reliability.py's, which checks what it says
     ("predict", ["model=/no/such/model.keras", "input=."]),
     ("compare", ["--experiment", "no-such-experiment"]),
     ("compare", ["--experiment", "e", "--filter", "this is not a filter"]),
