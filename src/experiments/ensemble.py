@@ -13,7 +13,7 @@ otherwise the run says why it has no test metrics.
 
 from __future__ import annotations
 
-import csv
+import dataclasses
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,7 +29,9 @@ from experiments.data import decode
 from experiments.errors import DataError, UserError, report_user_errors
 from experiments.evaluation import evaluate, stats
 from experiments.evaluation import metrics as metrics_lib
+from experiments.evaluation.cohorts import patient_metrics, per_source_metrics
 from experiments.evaluation.metrics import Predictions
+from experiments.evaluation.tables import read_predictions
 from experiments.serving import export, inference, views
 from experiments.serving.cascade import Cascade
 from experiments.tracking import model_registry, records, run_records, store
@@ -51,15 +53,6 @@ class Member:
     @property
     def cross_validation(self) -> bool:
         return "cv_folds" in self.run.data.tags
-
-
-def read_predictions(path: Path, class_names: Sequence[str], prefix: str = "p_") -> Predictions:
-    """A run's predictions table (test_predictions.csv, val_predictions.csv)."""
-    with path.open(newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    return Predictions(tuple(r["file"] for r in rows),
-                       np.array([list(class_names).index(r["label"]) for r in rows], int),
-                       np.array([[float(r[f"{prefix}{c}"]) for c in class_names] for r in rows]))
 
 
 def load_member(client: MlflowClient, run: Run, folder: Path) -> Member:
@@ -126,8 +119,7 @@ def build(members: Sequence[Member], eval_params: dict[str, str]) -> tuple[objec
 
 
 def evaluate_on_shared_test(predictor: inference.Predictor, members: Sequence[Member],
-                            labels_of: dict[str, int], settings: evaluate.EvalSettings
-                            ) -> dict[str, float] | str:
+                            settings: evaluate.EvalSettings) -> dict[str, float] | str:
     """Test metrics of the ensemble when all members share one test split (of
     cross-validations: their out-of-fold predictions, `out_of_fold_metrics`), else the
     reason."""
@@ -141,11 +133,11 @@ def evaluate_on_shared_test(predictor: inference.Predictor, members: Sequence[Me
     if isinstance(shared, str):
         return shared
     files, images = shared
-    labels = np.array([labels_of[f] for f in files])
+    truth = per_file_mean(members[0].test)  # labels, groups and sources, in `files`' order
 
     def predictions(tta: str) -> Predictions:
-        return Predictions(tuple(files), labels,
-                           views.predict_probabilities(predictor.model, images, 32, tta))
+        return dataclasses.replace(truth, probabilities=views.predict_probabilities(
+            predictor.model, images, 32, tta))
 
     tta = predictor.info.tta
     return scored_metrics(predictions("none"),
@@ -198,26 +190,28 @@ def out_of_fold_metrics(members: Sequence[Member], info: inference.ModelInfo,
 
 
 def per_file_mean(pred: Predictions) -> Predictions:
-    """One row per file, in file order: the mean of its rows (a cross-validation's repeats)."""
-    files, inverse = np.unique(np.asarray(pred.files), return_inverse=True)
+    """One row per file, in file order: the mean of its rows (a cross-validation's repeats),
+    with its label, group and source."""
+    files, first, inverse = np.unique(np.asarray(pred.files), return_index=True,
+                                      return_inverse=True)
     sums = np.zeros((len(files), pred.probabilities.shape[1]))
     np.add.at(sums, inverse, pred.probabilities)
-    labels = np.zeros(len(files), dtype=int)
-    labels[inverse] = pred.labels
-    return Predictions(tuple(files.tolist()), labels,
-                       sums / np.bincount(inverse, minlength=len(files))[:, None])
+    return dataclasses.replace(pred.subset(first),
+                               probabilities=sums / np.bincount(inverse)[:, None])
 
 
 def mean_of(parts: Sequence[Predictions]) -> Predictions:
     """The members' mean probabilities of the same files."""
-    return Predictions(parts[0].files, parts[0].labels,
-                       np.mean([p.probabilities for p in parts], axis=0))
+    return dataclasses.replace(parts[0], probabilities=np.mean([p.probabilities for p in parts],
+                                                               axis=0))
 
 
 def scored_metrics(plain: Predictions, tta: Predictions | None, info: inference.ModelInfo,
                    settings: evaluate.EvalSettings) -> dict[str, float]:
     """test_* of the plain predictions, test_tta_* with TTA, and test_op_* at the ensemble's
-    temperature and threshold, each with bootstrap intervals."""
+    temperature and threshold, each with bootstrap intervals (over patients when the members'
+    tables name them); at that operating point also test_patient_* and test_source_<name>_*,
+    as the members' runs report them."""
     positive = list(info.class_names).index(info.positive_class or info.class_names[-1])
     metrics = {**metrics_lib.classification_metrics(plain, positive, "test_"),
                **metrics_lib.interval_metrics(plain, positive, settings, "test_")}
@@ -225,12 +219,13 @@ def scored_metrics(plain: Predictions, tta: Predictions | None, info: inference.
     if tta is not None:
         metrics.update({**metrics_lib.classification_metrics(tta, positive, "test_tta_"),
                         **metrics_lib.interval_metrics(tta, positive, settings, "test_tta_")})
-    final = Predictions(raw.files, raw.labels,
-                        inference.apply_temperature(raw.probabilities, info.temperature))
+    final = dataclasses.replace(raw, probabilities=inference.apply_temperature(
+        raw.probabilities, info.temperature))
     if info.threshold is not None:
         metrics.update(metrics_lib.interval_metrics(final, positive, settings, "test_op_",
                                                     info.threshold))
-    return metrics
+    return {**metrics, **per_source_metrics(final, positive, info.threshold, settings),
+            **patient_metrics(final, positive, info.threshold, settings, "test_")}
 
 
 def eval_settings(params: dict[str, str]) -> evaluate.EvalSettings:
@@ -248,12 +243,10 @@ def ensemble_sweep(tracking_uri: str, parent_id: str, register_as: str | None = 
         members = [load_member(client, run, Path(folder) / run.info.run_id) for run in runs]
         params = runs[0].data.params
         model, info = build(members, params)
-        labels_of = {file: int(label) for member in members
-                     for file, label in zip(member.test.files, member.test.labels, strict=True)}
         model_dir = Path(folder) / "ensemble"
         inference.save_model(model, info, model_dir)
         predictor = inference.Predictor.load(model_dir / inference.MODEL_FILE)
-        outcome = evaluate_on_shared_test(predictor, members, labels_of, eval_settings(params))
+        outcome = evaluate_on_shared_test(predictor, members, eval_settings(params))
         experiment_id = runs[0].info.experiment_id
         tags = {"ensemble_of": parent_id, "model_kind": "sweep_ensemble",
                 "members": ",".join(m.run.info.run_id for m in members)}
@@ -271,7 +264,8 @@ def ensemble_sweep(tracking_uri: str, parent_id: str, register_as: str | None = 
     if isinstance(outcome, str):
         print(f"Test metrics: {outcome}")
     else:
-        for name in ("test_accuracy", "test_roc_auc", "test_op_accuracy"):
+        for name in ("test_accuracy", "test_roc_auc", "test_op_accuracy",
+                     "test_patient_accuracy", "test_patient_roc_auc"):
             if name in outcome:
                 print(f"  {name:<16} {outcome[name]:.4f}  [{outcome[f'{name}_ci_low']:.3f}, "
                       f"{outcome[f'{name}_ci_high']:.3f}]")

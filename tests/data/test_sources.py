@@ -5,6 +5,7 @@ source of another scale rescaled to data.root's (data.sources.<name>.mpp)."""
 from __future__ import annotations
 
 import collections
+import dataclasses
 
 import numpy as np
 import pytest
@@ -73,6 +74,37 @@ def test_leave_one_source_out_tests_each_source_on_a_model_that_never_saw_it(tmp
     assert {"test_source_bh_roc_auc", "test_source_main_roc_auc",
             "test_source_bh_patient_accuracy", "test_patient_accuracy"} <= set(
         parent.data.metrics)
+    splits = read_csv(client, folds["bh"].info.run_id, "splits.csv", tmp_path / "bh")
+    check_an_ensemble_counts_the_members_patients_and_sources(client, parent, splits, tmp_path)
+
+
+def check_an_ensemble_counts_the_members_patients_and_sources(client, parent, splits, tmp_path):
+    """The out-of-fold tables name each image's patient and source, so an ensemble of such
+    cross-validations (here the parent twice) reports per source and per patient as they do,
+    its intervals resampling patients: 12 BreakHis patients, 40 images of data.root, each
+    its own group."""
+    from sklearn.metrics import roc_auc_score
+
+    from experiments import ensemble
+    from experiments.evaluation.cohorts import per_patient
+    from experiments.serving.inference import apply_temperature
+
+    member = ensemble.load_member(client, parent, tmp_path / "member")
+    by_file = {r["file"]: r for r in splits}
+    for table in (member.test, member.val):
+        assert table.groups == tuple(by_file[f]["group"] for f in table.files)
+        assert table.sources == tuple(by_file[f]["source"] for f in table.files)
+    info = member.predictor.info
+    metrics = ensemble.out_of_fold_metrics([member, member], info,
+                                           ensemble.eval_settings(parent.data.params))
+    assert metrics["test_source_bh_n_patients"] == 12 and metrics["test_n_patients"] == 52
+    assert metrics["test_source_main_n_images"] == 40
+    bh = ensemble.per_file_mean(member.val)
+    bh = bh.subset(np.flatnonzero(np.asarray(bh.sources) == "bh"))
+    patients = per_patient(dataclasses.replace(bh, probabilities=apply_temperature(
+        bh.probabilities, info.temperature)))
+    assert metrics["test_source_bh_patient_roc_auc"] == pytest.approx(
+        roc_auc_score(patients.labels, patients.probabilities[:, 1]))
 
 
 @pytest.mark.parametrize(("overrides", "error", "message"), [

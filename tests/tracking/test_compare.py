@@ -191,13 +191,13 @@ def test_an_ensemble_of_rescaled_sources_needs_to_know_by_how_much():
 
     model = SimpleNamespace(info=None)  # not decoded: each case ends before
 
-    reason = ensemble.evaluate_on_shared_test(model, [member("0.25", None)] * 2, {},
+    reason = ensemble.evaluate_on_shared_test(model, [member("0.25", None)] * 2,
                                               None)  # type: ignore[arg-type]
     assert reason.startswith("none:") and "data.sources.lab.mpp" in reason
     apart = ensemble.evaluate_on_shared_test(
-        model, [member("0.25", {"/no/such/a.png": 0.5}), member("0.25", {})], {},
+        model, [member("0.25", {"/no/such/a.png": 0.5}), member("0.25", {})],
         None)  # type: ignore[arg-type]
     assert apart == "none: the members rescaled their test images differently"
-    unscaled = ensemble.evaluate_on_shared_test(model, [member("None", {})], {},
+    unscaled = ensemble.evaluate_on_shared_test(model, [member("None", {})],
                                                 None)  # type: ignore[arg-type]
     assert unscaled == "none: the members' test images are not readable here"

@@ -164,7 +164,7 @@ def test_an_ensemble_does_not_mix_cross_validations_with_single_runs():
         return ensemble.Member(run, None, None, None)  # type: ignore[arg-type]
 
     reason = ensemble.evaluate_on_shared_test(None, [member({"cv_folds": "2"}), member({})],
-                                              {}, None)  # type: ignore[arg-type]
+                                              None)  # type: ignore[arg-type]
     assert reason.startswith("none: the members mix cross-validations")
 
 

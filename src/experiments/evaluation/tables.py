@@ -18,7 +18,8 @@ def write_predictions(pred: Predictions, class_names: Sequence[str], path: Path,
                       final: Predictions | None = None, threshold: float | None = None,
                       positive: int = 1) -> Path:
     """One row per test image: file, label, predicted, p_<class> for every class; with `final`
-    (after TTA/temperature) also final_p_<class> and, given a threshold, the decision at it."""
+    (after TTA/temperature) also final_p_<class> and, given a threshold, the decision at it;
+    each image's group and source when known (`identity_columns`)."""
     header = ["file", "label", "predicted", *[f"p_{c}" for c in class_names]]
     columns = [[class_names[label] for label in pred.labels], predicted_names(pred, class_names),
                *probability_columns(pred)]
@@ -29,7 +30,34 @@ def write_predictions(pred: Predictions, class_names: Sequence[str], path: Path,
             header.append("decision_at_threshold")
             columns.append([class_names[i] for i in
                             decide(final.probabilities, positive, threshold)])
-    return write_table(path, header, [pred.files, *columns])
+    names, identities = identity_columns(pred)
+    return write_table(path, [*header, *names], [pred.files, *columns, *identities])
+
+
+def identity_columns(pred: Predictions) -> tuple[list[str], list[tuple[str, ...]]]:
+    """The `group` (patient) and `source` columns of the images whose predictions know them:
+    what lets a reader of the table (`read_predictions`, an ensemble of runs) count patients
+    and sources as the run did."""
+    known = [(name, values) for name, values in (("group", pred.groups),
+                                                 ("source", pred.sources))
+             if values is not None]
+    return [name for name, _ in known], [values for _, values in known]
+
+
+def read_predictions(path: Path, class_names: Sequence[str], prefix: str = "p_") -> Predictions:
+    """A predictions table (`write_predictions`, a cross-validation's out-of-fold table): the
+    `prefix` probabilities, with groups and sources when the table has them."""
+    with path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        fields = set(reader.fieldnames or ())
+        rows = list(reader)
+
+    def column(name: str) -> tuple[str, ...] | None:
+        return tuple(r[name] for r in rows) if name in fields else None
+    return Predictions(tuple(r["file"] for r in rows),
+                       np.array([list(class_names).index(r["label"]) for r in rows], int),
+                       np.array([[float(r[f"{prefix}{c}"]) for c in class_names] for r in rows]),
+                       column("group"), column("source"))
 
 
 def predicted_names(pred: Predictions, class_names: Sequence[str]) -> list[str]:

@@ -216,7 +216,8 @@ def pooled_metrics(folds: Sequence[Fold], positive: int, settings: EvalConfig
 def write_oof_predictions(folds: Sequence[Fold], class_names: Sequence[str], positive: int,
                           path: Path, cascade: bool = False) -> Path:
     """test_predictions.csv of the parent: every image once per repeat, with its fold; of a
-    cascade's folds (cv.cascade) also which model answered it (`answered_by`)."""
+    cascade's folds (cv.cascade) also which model answered it (`answered_by`); its group and
+    source when known."""
     rows = [(f, i) for f in folds for i in range(len(f.evaluation.plain.files))]
     plain = concat_predictions([f.evaluation.plain for f in folds])
     final = concat_predictions([f.evaluation.test for f in folds])
@@ -235,7 +236,8 @@ def write_oof_predictions(folds: Sequence[Fold], class_names: Sequence[str], pos
     if cascade:
         header.append("answered_by")
         columns.append([FALLBACK if r else FIRST for r in referred_of(folds)])
-    return tables.write_table(path, header, columns)
+    names, identities = tables.identity_columns(plain)
+    return tables.write_table(path, [*header, *names], [*columns, *identities])
 
 
 def write_oof_patients(folds: Sequence[Fold], class_names: Sequence[str], positive: int,
