@@ -267,7 +267,7 @@ def ensemble_sweep(tracking_uri: str, parent_id: str, register_as: str | None = 
         for name in ("test_accuracy", "test_roc_auc", "test_op_accuracy",
                      "test_patient_accuracy", "test_patient_roc_auc"):
             if name in outcome:
-                print(f"  {name:<20} {outcome[name]:.4f}  [{outcome[f'{name}_ci_low']:.3f}, "
+                print(f"  {name:<21} {outcome[name]:.4f}  [{outcome[f'{name}_ci_low']:.3f}, "
                       f"{outcome[f'{name}_ci_high']:.3f}]")
     return run_id
 
