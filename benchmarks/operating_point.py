@@ -13,7 +13,11 @@ logistic regression on all 24 views, C by an inner 5-fold CV of the log-loss):
 - refit-like: C chosen as the refit chooses it, by an inner 5-fold CV on all of the fold's
   training images - the fold models are trained the way the shipped model is;
 - refit-like on the 80%: the same on the 80% of the first design, the 20% left for the fold's
-  own operating point (`finetune=linear_probe` since session 14).
+  own operating point (`finetune=linear_probe` since session 14);
+- refit-like, temperature at its own C: folds as refit-like, but the temperature and
+  thresholds come from the refit's own inner cross-validation at the C it chose (held-out
+  predictions of models as sharp as the shipped one), not from the fold probes' pooled ones,
+  whose C differ (session 24).
 Thresholds (Youden's J on the calibrated out-of-fold predictions): of all of them (`pooled`,
 as runs choose it), of the first source's alone, or 0.5 (`eval.threshold=fixed`).
 Columns: the pooled out-of-fold estimate (accuracy at its own threshold, ROC-AUC) and the
@@ -62,7 +66,8 @@ from experiments.training.probe import C_GRID, view_folds
 
 SCALES = ("plain", "zoom05", "zoom2up")  # views 0-7, 8-15, 16-23 as the project caches them
 TEST_VIEWS = (0, 1, 8, 9, 16, 17)  # eval.tta=rot90_multiscale
-DESIGNS = ("split", "refit-like", "refit-like on the 80%")
+OWN_C = "refit-like, temperature at its own C"
+DESIGNS = ("split", "refit-like", "refit-like on the 80%", OWN_C)
 
 
 def standardised(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -123,8 +128,25 @@ def fit_refit_like_on_train(x: np.ndarray, y: np.ndarray, strata: np.ndarray,
     return fit_refit_like(x[train], y[train], strata[train], groups[train], seed)
 
 
+def inner_out_of_fold(x: np.ndarray, y: np.ndarray, strata: np.ndarray, groups: np.ndarray,
+                      seed: int, c: float) -> np.ndarray:
+    """p(malignant) of each image from the refit's own inner cross-validation (the folds its
+    C was chosen on) at its chosen C `c`: held-out predictions of models as sharp as it is."""
+    views = x.shape[1]
+    mean, scale = standardised(x)
+    z = (x.reshape(-1, x.shape[-1]) - mean) / scale
+    labels = np.repeat(y, views)
+    out = np.zeros(len(y))
+    for train, held in view_folds(strata, views, 5, seed, list(groups)):
+        model = LogisticRegression(C=c, max_iter=5000, random_state=seed).fit(z[train],
+                                                                             labels[train])
+        images = np.unique(held // views)
+        out[images] = predict(model, x[images], mean, scale)
+    return out
+
+
 FITS = {"split": fit_split, "refit-like": fit_refit_like,
-        "refit-like on the 80%": fit_refit_like_on_train}
+        "refit-like on the 80%": fit_refit_like_on_train, OWN_C: fit_refit_like}
 
 
 def shipped(x, y, strata, groups, source, design: str, seed: int):
@@ -136,12 +158,15 @@ def shipped(x, y, strata, groups, source, design: str, seed: int):
         model, mean, scale = FITS[design](x[train], y[train], strata[train], groups[train],
                                           seed)
         oof[test] = predict(model, x[test], mean, scale)
-    temperature, _ = fit_operating_point(y, np.stack([1 - oof, oof], 1), 1, "fixed", 0.5,
-                                         0.95, True)
-    calibrated = apply_temperature(np.stack([1 - oof, oof], 1), temperature)[:, 1]
+    refit = fit_refit_like(x, y, strata, groups, seed)
+    # OWN_C: the operating point from the refit's inner out-of-fold predictions at its C
+    points = inner_out_of_fold(x, y, strata, groups, seed, float(refit[0].C)) \
+        if design == OWN_C else oof
+    temperature, _ = fit_operating_point(y, np.stack([1 - points, points], 1), 1, "fixed",
+                                         0.5, 0.95, True)
+    calibrated = apply_temperature(np.stack([1 - points, points], 1), temperature)[:, 1]
     thresholds = {rule: choose(calibrated, y, source) for rule, choose in THRESHOLDS.items()}
-    return (oof, temperature, thresholds, fit_refit_like(x, y, strata, groups, seed),
-            per_source_points(oof, y, source))
+    return oof, temperature, thresholds, refit, per_source_points(points, y, source)
 
 
 def per_source_points(oof: np.ndarray, y: np.ndarray, source: np.ndarray
