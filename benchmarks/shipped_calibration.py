@@ -20,9 +20,8 @@ from pathlib import Path
 import numpy as np
 from machine import cpu_line, print_table  # benchmarks/ (run from there)
 from mlflow.tracking import MlflowClient
-from source_temperature import nested_temperature
 
-from experiments.evaluation.stats import reliability_bins
+from experiments.evaluation.stats import nested_temperature, reliability_bins
 from experiments.evaluation.tables import read_predictions
 
 
@@ -57,7 +56,7 @@ def main() -> None:
             if raw.sources is None:
                 raise SystemExit(f"Run {run.info.run_id}'s tables have no source column")
             folds = np.array([fold_of[f] for f in raw.files])
-            scaled, temperatures = nested_temperature(raw.probabilities, raw.labels, folds)
+            scaled, temperatures = nested_temperature(raw.labels, raw.probabilities, folds)
             for source in sorted(set(raw.sources)):
                 part = np.asarray(raw.sources) == source
                 rows.append([run.data.params.get("trainer.seed", "?"), source,

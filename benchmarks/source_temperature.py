@@ -20,8 +20,7 @@ import numpy as np
 from machine import cpu_line, print_table  # benchmarks/ (run from there)
 from mlflow.tracking import MlflowClient
 
-from experiments.evaluation.stats import fit_temperature, reliability_bins
-from experiments.serving.inference import apply_temperature
+from experiments.evaluation.stats import nested_temperature, reliability_bins
 
 
 def second_source(path: Path, marker: str, positive: str) -> tuple[np.ndarray, ...]:
@@ -33,18 +32,6 @@ def second_source(path: Path, marker: str, positive: str) -> tuple[np.ndarray, .
     p = np.array([float(r[f"final_p_{positive}"]) for r in rows])
     labels = np.array([r["label"] == positive for r in rows], dtype=int)
     return np.stack([1 - p, p], axis=1), labels, np.array([int(r["fold"]) for r in rows])
-
-
-def nested_temperature(probabilities: np.ndarray, labels: np.ndarray, folds: np.ndarray
-                       ) -> tuple[np.ndarray, list[float]]:
-    """Each fold's predictions scaled by the temperature fitted on the other folds'."""
-    scaled, temperatures = probabilities.copy(), []
-    for fold in np.unique(folds):
-        held = folds == fold
-        temperature = fit_temperature(labels[~held], probabilities[~held])
-        scaled[held] = apply_temperature(probabilities[held], temperature)
-        temperatures.append(temperature)
-    return scaled, temperatures
 
 
 def main() -> None:
@@ -67,7 +54,7 @@ def main() -> None:
             path = Path(client.download_artifacts(run.info.run_id, "test_predictions.csv",
                                                   str(Path(folder) / run.info.run_id)))
             probabilities, labels, folds = second_source(path, args.source_path, args.positive)
-            scaled, temperatures = nested_temperature(probabilities, labels, folds)
+            scaled, temperatures = nested_temperature(labels, probabilities, folds)
             params = run.data.params
             rows.append([params.get("data.sources.second.group_pattern", "?"),
                          params.get("trainer.seed", "?"),

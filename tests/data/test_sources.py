@@ -192,7 +192,8 @@ def test_a_cascade_cross_validation_ships_the_home_model_first_with_its_own_esti
         sum(a == "first" for a in answered_by.values()) / len(answered_by))
     assert {"fallback_test_accuracy", "fallback_test_source_bh_accuracy",
             "fallback_model_temperature", "ext_lab_answered_by_first",
-            "ext_lab_adabn_accuracy"} <= set(metrics)  # AdaBN: the fallback, adapted
+            "ext_lab_adabn_accuracy", "fallback_test_source_bh_shipped_ece"} <= set(metrics)
+    assert "test_shipped_ece" not in metrics  # a cascade ships two temperatures, not one
     scored = read_csv(client, parent.info.run_id, "external/lab/predictions.csv", tmp_path / "x")
     assert len(scored) == 24 and metrics["ext_lab_answered_by_first"] == pytest.approx(
         sum(r["answered_by"] == "first" for r in scored) / 24)

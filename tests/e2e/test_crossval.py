@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
+from experiments.evaluation import stats
+from experiments.evaluation.tables import read_predictions
 from experiments.run import run
 from experiments.tracking.comparison import find_runs, write_report
 from tests.conftest import all_runs, artifact_files, client_for, read_csv, write_image
@@ -58,6 +63,15 @@ def test_cross_validation_pools_out_of_fold_predictions(tmp_path, make_config):
                                                tmp_path / fold.info.run_id)
                    if r["split"] != "test"}
         assert not trained & fold_tests
+    # the shipped temperature's calibration, nested: from the parent's own tables
+    raw = read_predictions(Path(client.download_artifacts(
+        parent.info.run_id, "val_predictions.csv", str(tmp_path / "raw"))), ("benign",
+                                                                           "malignant"))
+    fold_of = {r["file"]: int(r["fold"]) for r in oof}
+    scaled = stats.nested_temperature(raw.labels, raw.probabilities,
+                                      np.array([fold_of[f] for f in raw.files]))[0]
+    assert metrics["test_shipped_ece"] == pytest.approx(
+        stats.reliability_bins(raw.labels, scaled, cfg.eval.calibration_bins).ece, abs=1e-6)
     assert {"confusion_matrix.png", "roc_curve.png"} <= artifact_files(client,
                                                                        parent.info.run_id)
     # Comparisons count the cross-validation once, not once per fold as well.

@@ -236,6 +236,20 @@ def fit_temperature(labels: np.ndarray, probabilities: np.ndarray) -> float:
     return float(np.exp(result.x))
 
 
+def nested_temperature(labels: np.ndarray, probabilities: np.ndarray, folds: np.ndarray
+                       ) -> tuple[np.ndarray, list[float]]:
+    """Each fold's probabilities scaled by the temperature fitted on the other folds' (in
+    the order of `np.unique(folds)`): how one temperature fitted on pooled held-out
+    predictions calibrates images it was not fitted on."""
+    scaled, temperatures = probabilities.copy(), []
+    for fold in np.unique(folds):
+        held = folds == fold
+        temperature = fit_temperature(labels[~held], probabilities[~held])
+        scaled[held] = apply_temperature(probabilities[held], temperature)
+        temperatures.append(temperature)
+    return scaled, temperatures
+
+
 def fit_operating_point(labels: np.ndarray, probabilities: np.ndarray, positive: int,
                         method: str, fixed: float, target_sensitivity: float,
                         temperature_scaling: bool) -> tuple[float, float | None]:

@@ -92,7 +92,8 @@ def cascade_metrics(cascade: Sequence[Fold], fallback: Sequence[Fold], positive:
     validation's), the share of images the home model answered (test_answered_by_first,
     overall and per source), and the all-source model's own pooled metrics as fallback_test_*
     (what a cascade gains over it)."""
-    metrics = pooled_metrics(cascade, positive, settings)
+    # its two models have a temperature each: not the one test_shipped_ece describes
+    metrics = pooled_metrics(cascade, positive, settings, one_temperature=False)
     accepted = ~referred_of(cascade)
     sources = np.asarray([s for f in cascade for s in f.evaluation.test.sources or ()])
     metrics["test_answered_by_first"] = float(accepted.mean())

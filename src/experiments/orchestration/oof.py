@@ -169,17 +169,42 @@ def source_metrics(folds: Sequence[Fold], positive: int, settings: EvalConfig
             if all(name in m for m in per_repeat)}
 
 
+def shipped_calibration(folds: Sequence[Fold], settings: EvalConfig) -> dict[str, float]:
+    """test_shipped_ece (test_source_<name>_shipped_ece per source): the calibration error of
+    the one temperature the parent ships (fitted on the pooled raw out-of-fold predictions),
+    nested - each fold's raw predictions scaled by what the other folds' give - mean over
+    repeats. test_ece takes each fold at its own validation temperature, so it describes the
+    fold models: on the multi-source recipe it read 0.05-0.06 on BreakHis where the shipped
+    temperature gives 0.13-0.16 (benchmarks/README.md, session 24)."""
+    per_repeat = []
+    for repeat in repeats_of(folds):
+        raw = raw_out_of_fold(repeat)
+        fold_of = np.concatenate([np.full(len(f.evaluation.test_raw.labels), f.number)
+                                  for f in repeat])
+        scaled = stats.nested_temperature(raw.labels, raw.probabilities, fold_of)[0] \
+            if settings.temperature_scaling else raw.probabilities
+        parts = {"test_": np.ones(len(fold_of), bool)}
+        if raw.sources is not None:
+            parts.update({f"test_source_{name}_": np.asarray(raw.sources) == name
+                          for name in sorted(set(raw.sources))})
+        per_repeat.append({f"{prefix}shipped_ece": stats.reliability_bins(
+            raw.labels[part], scaled[part], settings.calibration_bins).ece
+            for prefix, part in parts.items()})
+    return {name: float(np.mean([m[name] for m in per_repeat])) for name in per_repeat[0]}
+
+
 def _of_ranking(name: str) -> bool:
     """Whether a cohort metric depends on the probabilities, not on the decisions."""
     return "roc_auc" in name or name.endswith(("_ece", "_ece_calibrated_95", "_n_images",
                                                "_n_patients"))
 
 
-def pooled_metrics(folds: Sequence[Fold], positive: int, settings: EvalConfig
-                   ) -> dict[str, float]:
+def pooled_metrics(folds: Sequence[Fold], positive: int, settings: EvalConfig,
+                   one_temperature: bool = True) -> dict[str, float]:
     """The parent run's metrics: test_* and test_tta_* of the pooled out-of-fold predictions
     with bootstrap intervals, test_op_* at each fold's own threshold, and the spread over
-    folds (cv_<name>_mean/_std) and over repeats (cv_repeat_<name>_std)."""
+    folds (cv_<name>_mean/_std) and over repeats (cv_repeat_<name>_std); with
+    `one_temperature` (a model with one operating point), `shipped_calibration`."""
     labels, plain = stacked(folds, "plain")
     groups = pooled(repeats_of(folds)[0]).groups  # each image's patient, when known
     metrics = _metrics(labels, plain, positive, settings, "test_", groups)
@@ -193,6 +218,8 @@ def pooled_metrics(folds: Sequence[Fold], positive: int, settings: EvalConfig
         metrics.update({k: v for k, v in op.items() if "roc_auc" not in k})
     if folds[0].evaluation.test.sources is not None or folds[0].evaluation.test.groups:
         metrics.update(source_metrics(folds, positive, settings))
+    if one_temperature and len(repeats_of(folds)[0]) > 1:
+        metrics.update(shipped_calibration(folds, settings))
     for name in SPREAD_METRICS:
         values = [f.evaluation.metrics.get(name, float("nan")) if name != "best_epoch"
                   else f.best_epoch for f in folds]
