@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train_test_split
+from sklearn.model_selection import StratifiedKFold, train_test_split
 
 from experiments.data.decode import load_image  # noqa: F401  (data.load_image, for callers)
+from experiments.data.group_folds import group_kfold
 from experiments.data.image_store import LazyImages
 from experiments.errors import ConfigError, DataError
 
@@ -105,7 +106,7 @@ class Splits:
 
 def _split_off(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
     """Stratified, seeded split: (rest, part) where part holds `fraction` of the images; with
-    groups, whole groups go to one side (one fold of a StratifiedGroupKFold, so `fraction` is
+    groups, whole groups go to one side (one fold of `group_kfold`, so `fraction` is
     approximate)."""
     indices = np.arange(len(split))
     try:
@@ -137,13 +138,13 @@ def make_splits(class_names: tuple[str, ...], pool: Split, test: Split | None,
 def stratified_kfold(split: Split, n_splits: int,
                      seed: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(rest, part) index pairs of a seeded, shuffled stratified K-fold; whole groups stay
-    together when the split has groups."""
+    together when the split has groups (`group_kfold`: scikit-learn's StratifiedGroupKFold
+    hardly moves patients between seeds)."""
     indices = np.arange(len(split))
     if split.groups is None:
         return StratifiedKFold(n_splits, shuffle=True, random_state=seed).split(
             indices, split.strata())
-    return StratifiedGroupKFold(n_splits, shuffle=True, random_state=seed).split(
-        indices, split.strata(), split.groups)
+    return iter(group_kfold(split.strata(), split.groups, n_splits, seed))
 
 
 def make_folds(class_names: tuple[str, ...], pool: Split, folds: int, val_fraction: float,
