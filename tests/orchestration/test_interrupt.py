@@ -94,3 +94,49 @@ def test_a_stop_lost_in_a_finaliser_is_raised_after_the_next_batch(forget_signal
         model.fit(x, y, batch_size=2, epochs=2, verbose=0,
                   callbacks=[interrupt.StopWhenSignalled()])
     assert stopped.value.code == 128 + signal.SIGTERM
+
+
+class SignalAt(keras.callbacks.Callback):
+    """Delivers SIGTERM's handler from inside Keras' fit, as if the signal arrived there, and
+    counts the batches that finished."""
+
+    def __init__(self, hook: str) -> None:
+        super().__init__()
+        self.hook, self.batches_done = hook, 0
+        setattr(self, hook, self.deliver)
+
+    def deliver(self, *args, **kwargs) -> None:
+        interrupt._on_signal(signal.SIGTERM, sys._getframe())
+        self.delivered = True  # the handler raised nothing here
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        self.batches_done += 1
+
+
+def small_fit(*callbacks: keras.callbacks.Callback) -> None:
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile("sgd", "mse")
+    model.fit(np.zeros((8, 2)), np.zeros((8, 1)), batch_size=2, epochs=2, verbose=0,
+              callbacks=list(callbacks))
+
+
+def test_a_signal_during_a_fit_stops_it_after_the_batch_not_inside_keras(forget_signals):
+    """Raised at an arbitrary bytecode inside Keras' loop, SystemExit crashed the process in
+    native code now and then (free(): invalid next size); the handler now leaves the raising
+    to StopWhenSignalled at the end of the batch in progress."""
+    arrives = SignalAt("on_train_batch_begin")
+    with pytest.raises(SystemExit) as stopped:
+        small_fit(arrives, interrupt.StopWhenSignalled())
+    assert arrives.delivered and arrives.batches_done == 1  # the first batch ended, no more
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert not interrupt._pending
+
+
+def test_a_signal_as_a_fit_ends_stops_the_caller_when_the_fit_returns(forget_signals):
+    arrives = SignalAt("on_train_end")  # after the last batch: nothing in fit raises it
+    reached = []
+    with pytest.raises(SystemExit):
+        small_fit(interrupt.StopWhenSignalled(), arrives)
+        reached.append("the line after fit")
+    assert arrives.delivered and arrives.batches_done == 8 and reached == []
+    assert sys.gettrace() is None and not interrupt._pending

@@ -12,6 +12,13 @@ soon as control is back in that frame.
 Raised inside a finaliser (a `__del__` or weakref callback that TensorFlow runs between
 steps), the exception is printed and ignored by Python, and training would go on for good:
 `StopWhenSignalled`, among every training's callbacks, raises it again after the next batch.
+
+While a `model.fit` with `StopWhenSignalled` runs, the handler raises nothing: the callback
+stops the training after the batch (or validation batch) in progress, or, if the fit ends
+first, the exception waits for the frame that called `fit`. Raised at an arbitrary
+bytecode inside Keras' training loop, the SystemExit crashed the process in native code in 1 of
+4 SIGTERMs on the AMX Xeon (`free(): invalid next size (fast)`), leaving the run RUNNING
+(2026-12-03).
 """
 
 from __future__ import annotations
@@ -29,6 +36,9 @@ PROTECTED = ("mlflow", "sqlalchemy", "sqlite3")
 
 _pending: dict[str, Any] = {}  # the signal that waits, and the trace function it displaced
 _received: list[int] = []  # every signal handled: the process is stopping
+# Whether a fit with StopWhenSignalled has started in this process (not the callback itself:
+# it holds its model, which a multirun's next job must be able to free).
+_watched: dict[str, bool] = {"fit": False}
 
 
 def stop_on_signals() -> None:
@@ -54,9 +64,22 @@ def protected_callers_frame(frame: FrameType | None) -> FrameType | None:
     return None if outermost is None else outermost.f_back
 
 
+def fit_callers_frame(frame: FrameType | None) -> FrameType | None:
+    """The frame that called Keras' `fit`, when the stack is in it; None when it is not."""
+    while frame is not None:
+        if frame.f_code.co_name == "fit" and str(frame.f_globals.get("__name__", "")
+                                                 ).startswith("keras."):
+            return frame.f_back
+        frame = frame.f_back
+    return None
+
+
 def _on_signal(signum: int, frame: FrameType | None) -> None:
     _received.append(signum)
-    caller = protected_callers_frame(frame)
+    # In a fit StopWhenSignalled watches, it raises after the batch in progress; if the fit
+    # ends first, the exception waits for the frame that called it, like a store call's.
+    caller = (fit_callers_frame(frame) if _watched["fit"] else None) or \
+        protected_callers_frame(frame)
     if caller is None:
         _stop(signum)
     if "signum" in _pending:  # already waiting
@@ -75,7 +98,8 @@ def _raise_pending(frame: FrameType, event: str, arg: object) -> None:
     return): stop now."""
     frame.f_trace = None
     sys.settrace(_pending.get("previous"))
-    _stop(_pending.get("signum", signal.SIGTERM))
+    if "signum" in _pending:  # else StopWhenSignalled raised it already
+        _stop(_pending["signum"])
 
 
 def _stop(signum: int) -> NoReturn:
@@ -86,9 +110,21 @@ def _stop(signum: int) -> NoReturn:
 
 
 class StopWhenSignalled(keras.callbacks.Callback):
-    """Stops training after the batch during which a SIGTERM or Ctrl-C arrived, if its
-    exception has not already (it was lost in a finaliser, or waits on a store call)."""
+    """Stops training after the batch (training or validation) during which a SIGTERM or
+    Ctrl-C arrived: the handler defers to it while the fit runs; also a signal whose exception
+    was lost in a finaliser before the fit."""
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        _watched["fit"] = True
+        self._stop_if_signalled()
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        self._stop_if_signalled()
+
+    def on_test_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        self._stop_if_signalled()
+
+    @staticmethod
+    def _stop_if_signalled() -> None:
         if _received:
             _stop(_received[-1])
