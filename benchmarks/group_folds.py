@@ -46,11 +46,7 @@ def sources(first: Path, second: Path, pattern: str) -> tuple[np.ndarray, np.nda
 
 def with_orders(candidates: int) -> Callable[..., Folds]:
     def split(strata: np.ndarray, groups: np.ndarray, seed: int) -> Folds:
-        before, group_folds.CANDIDATES = group_folds.CANDIDATES, candidates
-        try:
-            return group_folds.group_kfold(strata, groups, 5, seed)
-        finally:
-            group_folds.CANDIDATES = before
+        return group_folds.group_kfold(strata, groups, 5, seed, candidates)
     return split
 
 
@@ -73,7 +69,7 @@ def row(name: str, split: Callable[..., Folds], strata: np.ndarray, groups: np.n
             for pair in itertools.combinations(members, 2):
                 together[pair] += 1
         table = np.array([[np.sum(strata[test] == k) for k in kinds] for _, test in folds])
-        spreads.append(float(np.mean(np.std(table / table.sum(axis=0), axis=0))))
+        spreads.append(float(group_folds.unevenness(table, table.sum(axis=0))))
     shares = np.array(list(together.values())) / seeds
     return [name, f"{len(partitions)} of {seeds}", f"{shares.max():.2f}",
             f"{int(np.sum(shares == 0))} of {len(shares)}", f"{np.mean(spreads):.4f}"]

@@ -23,11 +23,12 @@ import numpy as np
 CANDIDATES = 5
 
 
-def group_kfold(strata: Sequence | np.ndarray, groups: Sequence, n_splits: int, seed: int
-                ) -> list[tuple[np.ndarray, np.ndarray]]:
+def group_kfold(strata: Sequence | np.ndarray, groups: Sequence, n_splits: int, seed: int,
+                candidates: int = CANDIDATES) -> list[tuple[np.ndarray, np.ndarray]]:
     """(rest, fold) image indices of each of `n_splits` folds; every group in exactly one
     fold, each fold holding the strata (e.g. class x source) in proportion as far as whole
-    groups allow. Raises ValueError when there are fewer groups than folds."""
+    groups allow; the most even of `candidates` random group orders. Raises ValueError when
+    there are fewer groups than folds."""
     names, group_of = np.unique(np.asarray(groups), return_inverse=True)
     if n_splits > len(names):
         raise ValueError(f"Cannot have number of splits n_splits={n_splits} greater than the "
@@ -36,8 +37,8 @@ def group_kfold(strata: Sequence | np.ndarray, groups: Sequence, n_splits: int, 
     counts = np.zeros((len(names), len(kinds)))
     np.add.at(counts, (group_of, stratum_of), 1)
     rng = np.random.default_rng(seed)
-    candidates = [assign(counts, n_splits, rng) for _ in range(CANDIDATES)]
-    best = min(candidates, key=lambda fold_of: unevenness(per_fold(counts, fold_of, n_splits),
+    tried = [assign(counts, n_splits, rng) for _ in range(candidates)]
+    best = min(tried, key=lambda fold_of: unevenness(per_fold(counts, fold_of, n_splits),
                                                           counts.sum(axis=0)))
     image_fold = best[group_of]
     index = np.arange(len(group_of))
