@@ -25,9 +25,13 @@ its own source's statistics - an upper bound of what adapting to a new site coul
 weighted 1 / its patient's images, the source's total weight kept;
 `mean`: each view's features averaged over the scales (one model input, three passes).
 Splits: 5 folds stratified by label x source, a patient's images in one fold, `--repeats`
-seeds. Columns: pooled out-of-fold metrics of each source (mean over seeds, min-max), the
-second source per image and per patient (mean probability of a patient's images), and its ECE;
-then the probe trained on the first source alone, scored on every image of the second.
+seeds, each its own partition of the patients (`experiments.data.group_folds`, as runs split;
+until session 25 scikit-learn's StratifiedGroupKFold, whose seeds gave one partition of
+BreakHis' patients); the probe's inner search for C splits as the project's does.
+Columns: pooled out-of-fold metrics of each source (mean over seeds, min-max), the second
+source per image and per patient (mean probability of a patient's images), and its ECE (no
+temperature); then the probe trained on the first source alone, scored on every image of the
+second. With several recipes, a second table sets each against the first seed by seed.
 Colour variants: gray (luminance only) and haematoxylin (the H stain alone by colour
 deconvolution), trained and tested alike - stain colour removed rather than matched. Scale
 variants (magnification differs between laboratories): zoom2 (the centre at twice the
@@ -57,6 +61,7 @@ from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
 from sklearn.model_selection import StratifiedGroupKFold
 from threadpoolctl import threadpool_limits
 
+from experiments.data.group_folds import group_kfold
 from experiments.models.pooling import GeneralizedMeanPooling2D
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -89,7 +94,7 @@ RECIPES["multiscale, upsampled x2, + hed10 training views"] = (
     ("plain", "zoom2up", "zoom05", "hed10"), ("plain", "zoom2up", "zoom05"), "")
 for _layers in ("pool3_relu", "pool3_relu+pool4_relu", "pool4_relu+relu",
                 "pool4_relu~mean+pool4_relu~std", "pool4_relu~mean+pool4_relu~max",
-                "pool4_relu~gem", "pool4_relu~std", "pool4_relu~max",
+                "pool4_relu~gem", "pool4_relu~mean", "pool4_relu~std", "pool4_relu~max",
                 "pool4_relu~gem+pool4_relu~std", "pool4_relu~gem2", "pool4_relu~gem4"):
     _views = tuple(f"{v}@{_layers}" for v in ("plain", "zoom2up", "zoom05"))
     RECIPES[f"multiscale, upsampled x2, {_layers}"] = (_views, _views, "")
@@ -103,6 +108,9 @@ RECIPES["multiscale, upsampled x2, gem, covering crops"] = (
 RECIPES["multiscale, upsampled x2, gem, patients weighted equally"] = (
     tuple(f"{v}@pool4_relu~gem" for v in _GEM_VIEWS),
     tuple(f"{v}@pool4_relu~gem" for v in _GEM_VIEWS), "patients")
+RECIPES["multiscale, upsampled x2, gem, per-source"] = (
+    tuple(f"{v}@pool4_relu~gem" for v in _GEM_VIEWS),
+    tuple(f"{v}@pool4_relu~gem" for v in _GEM_VIEWS), "per-source")
 RECIPES["multiscale, upsampled x2, gem, centre trained, covering crops tested"] = (
     tuple(f"{v}@pool4_relu~gem" for v in _GEM_VIEWS), tuple(f"{v}@pool4_relu~gem" for v in _COVER),
     "")
@@ -304,8 +312,8 @@ def out_of_fold(train_x: np.ndarray, test_x: np.ndarray, y: np.ndarray, source: 
     p = np.zeros(len(y))
     strata = y * 2 + source
     views, width = train_x.shape[1], train_x.shape[2]
-    folds = StratifiedGroupKFold(5, shuffle=True, random_state=seed)
-    for train, test in folds.split(y, strata, groups):
+    inner_folds = StratifiedGroupKFold(5, shuffle=True, random_state=seed)
+    for train, test in group_kfold(strata, groups, 5, seed):
         x, q = train_x[train].astype(np.float64), test_x[test].astype(np.float64)
         if option == "per-source":
             for k in (0, 1):
@@ -323,7 +331,7 @@ def out_of_fold(train_x: np.ndarray, test_x: np.ndarray, y: np.ndarray, source: 
         if option == "patients":  # each patient of a source the same weight, the source's
             weight = patient_weights(groups[train])  # total unchanged
             weight = np.repeat(weight * len(train) / weight.sum(), views)
-        inner = [(view_rows(a, views), view_rows(b, views)) for a, b in folds.split(
+        inner = [(view_rows(a, views), view_rows(b, views)) for a, b in inner_folds.split(
             train, strata[train], groups[train])]
         search = LogisticRegressionCV(Cs=list(C_GRID), cv=inner, scoring="neg_log_loss",
                                       l1_ratios=(0.0,), use_legacy_attributes=False,
@@ -409,7 +417,7 @@ def main(argv: list[str] | None = None) -> None:
     header = ("recipe", "first acc", "first AUC", "second acc", "second AUC", "second ECE",
               "patients acc", "patients AUC", "first-only: second acc", "AUC",
               "patients acc", "patients AUC", "s")
-    rows = []
+    rows, measured = [], {}
     for recipe in args.recipes:
         start = time.perf_counter()
         train_variants, test_variants, option = RECIPES[recipe]
@@ -441,12 +449,32 @@ def main(argv: list[str] | None = None) -> None:
                          ece(p[second], y[second]),
                          *by_patient(p[second], y[second], groups[second]),
                          *solo))
-        values = np.array(runs)
+        values = measured[recipe] = np.array(runs)
         rows.append((recipe, *(f"{m:.3f} ({lo:.2f}-{hi:.2f})" for m, lo, hi in zip(
             values.mean(0), values.min(0), values.max(0), strict=True)),
             f"{time.perf_counter() - start:.0f}"))
         print_row(rows[-1])
     print_table(header, rows)
+    if len(measured) > 1:
+        print_paired(measured)
+
+
+def print_paired(measured: dict[str, np.ndarray]) -> None:
+    """Each recipe against the first, seed by seed (the same partition of the patients): the
+    mean difference and on how many seeds it is ahead / level / behind - what three
+    partitions of 16 patients can and cannot tell apart."""
+    columns = {"first acc": 0, "second AUC": 3, "second ECE": 4, "patients acc": 5,
+               "patients AUC": 6}
+    names = list(measured)
+    base = measured[names[0]]
+    rows = []
+    for name in names[1:]:
+        diff = measured[name] - base
+        rows.append((name, *(f"{diff[:, k].mean():+.3f} ({(diff[:, k] > 1e-9).sum()}/"
+                             f"{(abs(diff[:, k]) <= 1e-9).sum()}/{(diff[:, k] < -1e-9).sum()})"
+                             for k in columns.values())))
+    print(f"\nAgainst {names[0]!r}, paired by seed: mean difference (ahead/level/behind)")
+    print_table(("recipe", *columns), rows)
 
 
 if __name__ == "__main__":
