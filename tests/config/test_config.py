@@ -119,9 +119,11 @@ def test_transfer_multisource_is_transfer_cpu_with_a_second_source_and_a_cascade
         "data.sources.second.group_pattern='(P\\d+)'"]))
     assert [(s.name, s.root, s.group_pattern) for s in both.data.source_folders] == [
         ("second", "/y", r"(P\d+)")]
-    for part in ("backbone", "finetune", "eval", "augmentation"):
+    for part in ("backbone", "finetune", "augmentation"):
         assert getattr(both, part) == getattr(single, part), part
-    assert both.cv == dataclasses.replace(single.cv, cascade=True)  # its model: a cascade
+    # its model: a cascade, whose home model alone fits a temperature
+    assert both.cv == dataclasses.replace(single.cv, cascade=True, home_temperature=True)
+    assert both.eval == dataclasses.replace(single.eval, temperature_scaling=False)
     assert both.mlflow.experiment_name == "transfer_multisource"
 
 

@@ -157,7 +157,8 @@ def test_a_cascade_cross_validation_ships_the_home_model_first_with_its_own_esti
     cohort = f"+eval.external.lab.root={tmp_path / 'bh'}"
     run(with_breakhis(tmp_path, make_config, "cv.folds=2", "cv.refit=true", "cv.cascade=true",
                       "eval.threshold=fixed", cohort, "+eval.external.lab.include_pattern=/200X/",
-                      "+eval.external.lab.adapt=true"))
+                      "+eval.external.lab.adapt=true", "eval.temperature_scaling=false",
+                      "cv.home_temperature=true"))  # the preset's temperatures
     assert "answered by the home model (the rest by the all-source model): bh " in (
         capsys.readouterr().out)
     client = client_for(tmp_path)
@@ -172,6 +173,10 @@ def test_a_cascade_cross_validation_ships_the_home_model_first_with_its_own_esti
     for number in ("1", "2"):
         home, alone = runs[f"fold {number} home"], runs[f"fold {number}"]
         assert home.data.tags["cv_model"] == "home"
+        # the home model fits a temperature, the all-source model none
+        assert (home.data.params["eval.temperature_scaling"],
+                alone.data.params["eval.temperature_scaling"]) == ("True", "False")
+        assert "temperature" in home.data.metrics and "temperature" not in alone.data.metrics
         rows = read_csv(client, home.info.run_id, "splits.csv", tmp_path / number)
         assert {r["source"] for r in rows if r["split"] != "test"} == {"main"}
         assert {r["source"] for r in rows if r["split"] == "test"} == {"main", "bh"}
@@ -215,8 +220,8 @@ def test_a_cascade_cross_validation_ships_the_home_model_first_with_its_own_esti
     answered = predictor.score(some)
     assert all(row["answered_by"] in ("first", "fallback") for row in answered)
     assert predictor.info.temperature == pytest.approx(metrics["model_temperature"])
-    assert predictor.fallback.info.temperature == pytest.approx(
-        metrics["fallback_model_temperature"])
+    assert predictor.fallback.info.temperature == metrics["fallback_model_temperature"] == 1.0
+    assert runs["home refit"].data.params["eval.temperature_scaling"] == "True"
 
 
 def smooth_image(seed: int, size: int = 64) -> Image.Image:

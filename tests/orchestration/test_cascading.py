@@ -79,3 +79,30 @@ def test_a_model_folder_with_a_fallback_is_a_cascade(tmp_path):
     saved_model(tmp_path / "model" / "fallback", seed=1, reference=False)
     loaded = load_folder(tmp_path / "model")
     assert isinstance(loaded, Cascade) and loaded.info == loaded.first.info
+
+
+@pytest.mark.parametrize(("home_temperature", "fitted"), [(True, True), (None, False),
+                                                          (False, False)])
+def test_the_home_model_fits_its_temperature_per_cv_home_temperature(tmp_path, home_temperature,
+                                                                    fitted):
+    """experiment=transfer_multisource: no temperature for the all-source model
+    (eval.temperature_scaling=false), one for the home model (cv.home_temperature=true),
+    fitted on its folds' out-of-fold predictions of the home images and recorded as the home
+    runs' param; null follows eval.temperature_scaling."""
+    from experiments.config.instantiate import components
+    from experiments.run import validated
+    from tests.conftest import compose_config
+
+    chosen = "null" if home_temperature is None else str(home_temperature).lower()
+    cfg = compose_config(tmp_path, ["experiment=transfer_multisource", "data.root=/x",
+                                    "data.sources.second.root=/y",
+                                    f"cv.home_temperature={chosen}"])
+    settings, parts = validated(cfg), components(cfg)
+    assert not settings.eval.temperature_scaling
+    home, home_parts = cascading.home_settings(settings, parts)
+    assert home.eval.temperature_scaling is fitted
+    assert home_parts.params["eval.temperature_scaling"] is fitted
+    assert dataclasses.replace(home, eval=settings.eval) == settings  # nothing else changes
+    near_miss = fold(np.array([0.1, 0.9, 0.1, 0.45, 0.99, 0.01]))  # sure and right: sharpen
+    temperature, _ = operating_point([near_miss], 1, home.eval, source="main")
+    assert (temperature < 0.9) is fitted and (temperature == 1.0) is not fitted

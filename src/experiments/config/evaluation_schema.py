@@ -99,6 +99,13 @@ class CVConfig:
     # Every fold trains the home model too (child runs `fold k home`): the parent's test_*
     # metrics are the cascade's out of fold, fallback_test_* the all-source model's alone.
     cascade: bool = False
+    # cv.cascade's home model: fit its temperature on its folds' out-of-fold predictions of the
+    # home images (true) or not (false); null: as eval.temperature_scaling, which the
+    # all-source model follows (no effect without cv.cascade). The home images are one
+    # source, and the temperature fitted on them held out as well (experiment=
+    # transfer_multisource: true, with eval.temperature_scaling=false - benchmarks/README,
+    # session 26).
+    home_temperature: bool | None = None
 
     @property
     def enabled(self) -> bool:

@@ -21,7 +21,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from experiments.config.cohorts import MAIN_SOURCE
-from experiments.config.schema import EvalConfig
+from experiments.config.instantiate import Components
+from experiments.config.schema import Config, EvalConfig
 from experiments.data import loading
 from experiments.data import splits as splits_lib
 from experiments.evaluation.evaluate import Evaluation
@@ -29,6 +30,18 @@ from experiments.evaluation.metrics import Predictions, classification_metrics
 from experiments.orchestration.oof import Fold, pooled_metrics, referred_of
 
 HOME = "home"  # the home model's fold runs and refit: `<run> fold k home`, `<run> home refit`
+
+def home_settings(settings: Config, components: Components) -> tuple[Config, Components]:
+    """The settings (and recorded params) of the home model's runs and operating point: its
+    temperature per cv.home_temperature (null: eval.temperature_scaling, as the all-source
+    model's)."""
+    chosen = settings.cv.home_temperature
+    if chosen is None:
+        return settings, components
+    evaluation = dataclasses.replace(settings.eval, temperature_scaling=chosen)
+    return (dataclasses.replace(settings, eval=evaluation), dataclasses.replace(
+        components, params={**components.params, "eval.temperature_scaling": chosen}))
+
 
 def of_home(split: splits_lib.Split) -> splits_lib.Split:
     """The images of `split` from data.root (the home source)."""

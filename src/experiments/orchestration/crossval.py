@@ -121,7 +121,8 @@ def run_cross_validation(settings: Config, components: Components) -> CVResult:
             folds.append(run_fold(*seeded[repeat], loaded, splits, repeat, number,
                                   experiment_id, parent_id, run_name))
             if cv.cascade:
-                homes.append(run_fold(*seeded[repeat], loaded, cascading.home_splits(splits),
+                homes.append(run_fold(*cascading.home_settings(*seeded[repeat]), loaded,
+                                      cascading.home_splits(splits),
                                       repeat, number, experiment_id, parent_id, run_name,
                                       cascading.HOME))
         refit = home = None
@@ -130,10 +131,11 @@ def run_cross_validation(settings: Config, components: Components) -> CVResult:
                                 run_name, output_dir / "refit")
         if cv.cascade:
             home_loaded = cascading.home_data(loaded)
-            own = train_refit(settings, components, home_loaded, homes, experiment_id,
+            own_settings, own_components = cascading.home_settings(settings, components)
+            own = train_refit(own_settings, own_components, home_loaded, homes, experiment_id,
                               parent_id, f"{run_name} {cascading.HOME}",
                               output_dir / f"refit_{cascading.HOME}")
-            home = parent.Home(own, homes, home_loaded)
+            home = parent.Home(own, homes, home_loaded, own_settings.eval)
         with store.open_run(None, None, {}, parent_id):
             metrics = log_cross_validation(settings, components, loaded, positive, folds,
                                            output_dir, homes)

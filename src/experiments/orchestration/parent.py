@@ -14,7 +14,7 @@ import keras
 import numpy as np
 
 from experiments.config.cohorts import MAIN_SOURCE
-from experiments.config.schema import Config
+from experiments.config.schema import Config, EvalConfig
 from experiments.data import loading
 from experiments.orchestration.external import fit_ood
 from experiments.orchestration.oof import Fold, operating_point
@@ -42,6 +42,7 @@ class Home:
     refit: Refit
     folds: list[Fold]
     loaded: loading.LoadedData
+    evaluation: EvalConfig  # its own temperature switch (cv.home_temperature)
 
 
 def log_parent_model(settings: Config, loaded: loading.LoadedData, positive: int,
@@ -93,8 +94,8 @@ def home_model(settings: Config, home: Home, positive: int, describe: dict[str, 
                           tuple[float, float | None]]:
     """cv.cascade's first model, its info, its out-of-distribution reference (of the home
     images: what it accepts) and its temperature and threshold (from its folds' predictions
-    of the home images)."""
-    temperature, threshold = operating_point(home.folds, positive, settings.eval, MAIN_SOURCE)
+    of the home images; fitted or not per cv.home_temperature)."""
+    temperature, threshold = operating_point(home.folds, positive, home.evaluation, MAIN_SOURCE)
     loaded = home.loaded
     info = export.model_info(loaded.class_names, loaded.image_size, positive, settings.eval.tta,
                              temperature, threshold, **describe, kind="cv_cascade",
