@@ -101,10 +101,11 @@ class CVConfig:
     cascade: bool = False
     # cv.cascade's home model: fit its temperature on its folds' out-of-fold predictions of the
     # home images (true) or not (false); null: as eval.temperature_scaling, which the
-    # all-source model follows (no effect without cv.cascade). The home images are one
-    # source, and the temperature fitted on them held out as well (experiment=
-    # transfer_multisource: true, with eval.temperature_scaling=false - benchmarks/README,
-    # session 26).
+    # all-source model follows (no effect without cv.cascade). Fitted on one source's held-out
+    # predictions a temperature calibrates that source's new images; fitted on two sources'
+    # pooled ones it left the all-source model worse calibrated on unseen BreakHis patients in
+    # 8 of 8 seeds (experiment=transfer_multisource: true, with eval.temperature_scaling=false
+    # - benchmarks/README, session 26).
     home_temperature: bool | None = None
 
     @property

@@ -31,6 +31,7 @@ from experiments.orchestration.oof import Fold, pooled_metrics, referred_of
 
 HOME = "home"  # the home model's fold runs and refit: `<run> fold k home`, `<run> home refit`
 
+
 def home_settings(settings: Config, components: Components) -> tuple[Config, Components]:
     """The settings (and recorded params) of the home model's runs and operating point: its
     temperature per cv.home_temperature (null: eval.temperature_scaling, as the all-source
