@@ -26,10 +26,11 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from machine import cpu_line, print_table  # benchmarks/ (run from there)
+from machine import cpu_line, paired, print_table, spread  # benchmarks/ (run from there)
 from mlflow.tracking import MlflowClient
 
 from experiments.evaluation.stats import nested_temperature, reliability_bins
+from experiments.serving.inference import apply_temperature
 
 METRICS = ("test_source_second_accuracy", "test_source_second_roc_auc",
            "test_source_second_patient_accuracy", "test_source_second_patient_roc_auc",
@@ -59,27 +60,19 @@ def home_eces(client: MlflowClient, parent_id: str, folder: Path) -> tuple[float
                               f"tags.cv_parent = '{parent_id}' and tags.cv_model = 'home'")
     labels, raw, scaled, fold_of = [], [], [], []
     for run in runs:
-        temperature = run.data.metrics.get("temperature", 1.0)
         path = client.download_artifacts(run.info.run_id, "test_predictions.csv",
                                          str(folder / run.info.run_id))
         with open(path, newline="") as handle:
-            for row in csv.DictReader(handle):
-                if row["source"] != "main":
-                    continue
-                final = np.clip([float(row["final_p_benign"]),
-                                 float(row["final_p_malignant"])], 1e-7, 1.0)
-                undone = final ** temperature
-                labels.append(int(row["label"] == "malignant"))
-                raw.append(undone / undone.sum())
-                scaled.append(final / final.sum())
-                fold_of.append(int(run.data.tags["cv_fold"]))
-    y, p = np.array(labels), np.array(raw)
+            rows = [r for r in csv.DictReader(handle) if r["source"] == "main"]
+        final = np.clip([[float(r["final_p_benign"]), float(r["final_p_malignant"])]
+                         for r in rows], 1e-7, 1.0)
+        scaled.append(final / final.sum(axis=1, keepdims=True))
+        raw.append(apply_temperature(final, 1 / run.data.metrics.get("temperature", 1.0)))
+        labels += [int(r["label"] == "malignant") for r in rows]
+        fold_of += [int(run.data.tags["cv_fold"])] * len(rows)
+    y, p = np.array(labels), np.concatenate(raw)
     nested, _ = nested_temperature(y, p, np.array(fold_of))
-    return tuple(reliability_bins(y, q).ece for q in (np.array(scaled), nested, p))
-
-
-def spread(values: np.ndarray) -> str:
-    return f"{values.mean():.3f} ({values.min():.2f}-{values.max():.2f})"
+    return tuple(reliability_bins(y, q).ece for q in (np.concatenate(scaled), nested, p))
 
 
 def main() -> None:
@@ -95,15 +88,11 @@ def main() -> None:
     print(f"seeds {seeds}")
     rows = []
     for name in METRICS:
-        if not all(name in s[1].data.metrics for s in (*map(before.get, seeds),
-                                                        *map(after.get, seeds))):
+        if not all(name in runs[s][1].data.metrics for runs in (before, after) for s in seeds):
             continue
-        a = np.array([before[s][1].data.metrics[name] for s in seeds])
-        b = np.array([after[s][1].data.metrics[name] for s in seeds])
-        diff = b - a
-        rows.append((name, spread(a), spread(b), f"{diff.mean():+.3f} ("
-                     f"{(diff > 1e-9).sum()}/{(abs(diff) <= 1e-9).sum()}/"
-                     f"{(diff < -1e-9).sum()})"))
+        a, b = (np.array([runs[s][1].data.metrics[name] for s in seeds])
+                for runs in (before, after))
+        rows.append((name, spread(a), spread(b), paired(b - a)))
     print_table(("metric", "before", "after", "after - before (ahead/level/behind)"), rows)
     rows = []
     with tempfile.TemporaryDirectory() as folder:

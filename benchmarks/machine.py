@@ -7,6 +7,8 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+
 FLAGS = ("avx512_bf16", "amx_bf16", "amx_tile", "avx512f", "avx2")
 
 
@@ -31,3 +33,15 @@ def print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
     """The rows again as a markdown table, for benchmarks/README.md."""
     print("\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     print("\n".join("| " + " | ".join(row) + " |" for row in rows))
+
+
+def spread(values: np.ndarray) -> str:
+    """Repeats of one measurement as "mean (min-max)"."""
+    return f"{values.mean():.3f} ({values.min():.2f}-{values.max():.2f})"
+
+
+def paired(diff: np.ndarray) -> str:
+    """Seed-by-seed differences (b - a on the same partition) as "mean (ahead/level/behind)":
+    how many repeats b wins, ties and loses."""
+    return (f"{diff.mean():+.3f} ({(diff > 1e-9).sum()}/{(abs(diff) <= 1e-9).sum()}/"
+            f"{(diff < -1e-9).sum()})")

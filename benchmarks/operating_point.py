@@ -45,7 +45,7 @@ import time
 from multiprocessing import Pool
 
 import numpy as np
-from machine import cpu_line, print_row, print_table  # benchmarks/ (run from there)
+from machine import cpu_line, print_row, print_table, spread  # benchmarks/ (run from there)
 from probe_recipes import by_group
 from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
 from sklearn.metrics import log_loss, roc_auc_score
@@ -352,8 +352,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for name in results[0]:
         values = np.array([row for result in results for row in result[name]])
-        rows.append((name, *(f"{m:.3f} ({lo:.2f}-{hi:.2f})" for m, lo, hi in zip(
-            values.mean(0), values.min(0), values.max(0), strict=True))))
+        rows.append((name, *(spread(column) for column in values.T)))
         print_row(rows[-1])
     print_table(header, rows)
     print(f"{time.perf_counter() - start:.0f} s")

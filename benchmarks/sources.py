@@ -55,7 +55,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import tensorflow as tf
-from machine import cpu_line, print_row, print_table  # benchmarks/ (run from there)
+from machine import cpu_line, paired, print_row, print_table, spread  # benchmarks/ (run from there)
 from probe_recipes import by_group, scores
 from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
 from sklearn.model_selection import StratifiedGroupKFold
@@ -450,9 +450,8 @@ def main(argv: list[str] | None = None) -> None:
                          *by_patient(p[second], y[second], groups[second]),
                          *solo))
         values = measured[recipe] = np.array(runs)
-        rows.append((recipe, *(f"{m:.3f} ({lo:.2f}-{hi:.2f})" for m, lo, hi in zip(
-            values.mean(0), values.min(0), values.max(0), strict=True)),
-            f"{time.perf_counter() - start:.0f}"))
+        rows.append((recipe, *(spread(column) for column in values.T),
+                     f"{time.perf_counter() - start:.0f}"))
         print_row(rows[-1])
     print_table(header, rows)
     if len(measured) > 1:
@@ -470,9 +469,7 @@ def print_paired(measured: dict[str, np.ndarray]) -> None:
     rows = []
     for name in names[1:]:
         diff = measured[name] - base
-        rows.append((name, *(f"{diff[:, k].mean():+.3f} ({(diff[:, k] > 1e-9).sum()}/"
-                             f"{(abs(diff[:, k]) <= 1e-9).sum()}/{(diff[:, k] < -1e-9).sum()})"
-                             for k in columns.values())))
+        rows.append((name, *(paired(diff[:, k]) for k in columns.values())))
     print(f"\nAgainst {names[0]!r}, paired by seed: mean difference (ahead/level/behind)")
     print_table(("recipe", *columns), rows)
 
