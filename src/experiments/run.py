@@ -137,7 +137,7 @@ def thread_budget(configured: int | None) -> int:
         return max(1, cores // parallel)
     if "RayLauncher" in target:
         return int(OmegaConf.select(launcher, "ray.remote.num_cpus", default=1) or 1)
-    if "Submitit" in target:
+    if "submitit" in target.lower():  # hydra_submitit_launcher's LocalLauncher, SlurmLauncher
         return int(OmegaConf.select(launcher, "cpus_per_task", default=None) or 1)
     return cores  # the basic launcher runs one job at a time
 

@@ -47,7 +47,8 @@ def launcher_config(tmp_path, *overrides: str):
     (["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"], lambda cores: max(1, cores // 2)),
     (["hydra/launcher=joblib", "hydra.launcher.n_jobs=-1"], lambda cores: 1),
     (["hydra/launcher=ray", "+hydra.launcher.ray.remote.num_cpus=3"], lambda cores: 3),
-    (["hydra/launcher=submitit_local", "hydra.launcher.cpus_per_task=2"], lambda cores: 2),
+    # a count that is no machine's core count here, so a launcher not recognised shows
+    (["hydra/launcher=submitit_local", "hydra.launcher.cpus_per_task=3"], lambda cores: 3),
     (["hydra/launcher=basic"], lambda cores: cores),
 ])
 def test_parallel_jobs_share_the_cores(tmp_path, overrides, expected):
