@@ -30,6 +30,23 @@ from experiments.orchestration import single
 from experiments.run import run as _registers_resolvers  # noqa: F401  (${direction:...})
 from experiments.training.build import Prepared, build
 
+
+def _pin_xdist_worker() -> None:
+    """Give each pytest-xdist worker its own share of the CPUs (`pytest -n 2` on two cores: one
+    each). Left alone, every worker's TensorFlow - and every `python -m experiments.run` it
+    starts - sizes its thread pools to all the cores, and two workers' pools fight over them;
+    `os.sched_getaffinity` is what TensorFlow and `run.thread_budget` count, and children
+    inherit it."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")  # "gw0", "gw1", ...
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    cpus = sorted(os.sched_getaffinity(0))
+    if not worker.startswith("gw") or count < 2 or len(cpus) < count:
+        return
+    os.sched_setaffinity(0, cpus[int(worker[2:]) % count::count])
+
+
+_pin_xdist_worker()  # at import, before any test: TensorFlow sizes its pools at its first op
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_TRAIN = REPO_ROOT.parent / "shared" / "data" / "biopsy-seed" / "train"
 

@@ -42,6 +42,7 @@ def tracking_server(tmp_path_factory):
         yield uri
 
 
+@pytest.mark.slow  # ~45-60 s beside another test: a server, a 2-job sweep, its ensemble
 def test_sweep_against_a_tracking_server(tmp_path, tracking_server):
     """A 2-job multirun (default launcher, one process) logged over HTTP: one parent with the
     report, one child run per job tagged with the sweep, one model registered; then the
@@ -92,7 +93,7 @@ def test_sweep_against_a_tracking_server(tmp_path, tracking_server):
         np.mean([m.model.predict(images, verbose=0) for m in members], axis=0), atol=1e-6)
 
 
-@pytest.mark.slow  # the default run keeps the in-process sweep against a real server
+@pytest.mark.slow  # the default run keeps the in-process sweeps of tests/e2e and test_study
 def test_sweep_with_a_launcher_in_other_processes_and_compare(tmp_path):
     """joblib runs the jobs in worker processes: the parent id travels in the environment."""
     result = run_cli(["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *SMALL,
