@@ -37,6 +37,8 @@ def _pin_xdist_worker() -> None:
     starts - sizes its thread pools to all the cores, and two workers' pools fight over them;
     `os.sched_getaffinity` is what TensorFlow and `run.thread_budget` count, and children
     inherit it."""
+    if not hasattr(os, "sched_setaffinity"):  # macOS, Windows: the OS places the threads
+        return
     worker = os.environ.get("PYTEST_XDIST_WORKER", "")  # "gw0", "gw1", ...
     count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
     cpus = sorted(os.sched_getaffinity(0))

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -31,7 +30,7 @@ from experiments.orchestration import single as single_lib
 from experiments.tracking import records
 from experiments.tracking import store as store_lib
 from experiments.training import distribute
-from experiments.training.runtime import set_threads
+from experiments.training.runtime import set_threads, usable_cores
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +125,7 @@ def thread_budget(configured: int | None) -> int:
     n_jobs, Ray's num_cpus per task, submitit's cpus_per_task)."""
     if configured is not None:
         return configured
-    cores = len(os.sched_getaffinity(0))
+    cores = usable_cores()
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return cores
     launcher = HydraConfig.get().launcher

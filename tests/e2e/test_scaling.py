@@ -17,6 +17,7 @@ from omegaconf import open_dict
 
 from experiments.config.schema import CONFIG_MODULE
 from experiments.run import thread_budget
+from experiments.training.runtime import usable_cores
 from tests.conftest import (
     SMALL,
     artifact_files,
@@ -54,7 +55,7 @@ def launcher_config(tmp_path, *overrides: str):
 def test_parallel_jobs_share_the_cores(tmp_path, overrides, expected):
     HydraConfig.instance().set_config(launcher_config(tmp_path, *overrides))
     try:
-        assert thread_budget(None) == expected(len(os.sched_getaffinity(0)))
+        assert thread_budget(None) == expected(usable_cores())
         assert thread_budget(5) == 5  # trainer.threads wins
     finally:
         HydraConfig.instance().cfg = None
@@ -93,7 +94,7 @@ def test_ray_launcher_sweep_in_a_loopback_only_network(tmp_path):
     assert parent.info.status == "FINISHED"
     assert sorted(c.data.params["trainer.seed"] for c in children) == ["1", "2"]
     assert all(c.info.status == "FINISHED" for c in children)
-    cores = len(os.sched_getaffinity(0))
+    cores = usable_cores()
     assert {c.data.tags["threads"] for c in children} == {"1" if cores > 1 else str(cores)}
     assert {"trials/trials.csv", "comparison/comparison.md"} <= artifact_files(
         client, parent.info.run_id)

@@ -2,19 +2,36 @@
 
 from __future__ import annotations
 
+import os
+
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from experiments.models.classifier import build_classifier, compile_classifier
-from experiments.training.runtime import BF16_CPU_FLAGS, cpu_flags, resolve_precision, set_precision
+from experiments.training.runtime import (
+    BF16_CPU_FLAGS,
+    cpu_flags,
+    resolve_precision,
+    set_precision,
+    usable_cores,
+)
 
 
 @pytest.fixture(autouse=True)
 def _float32_afterwards():
     yield
     set_precision("float32")
+
+
+def test_usable_cores_are_the_affinity_where_there_is_one_else_every_core(monkeypatch):
+    """Linux counts what taskset, a container or SLURM allows; macOS and Windows, which have
+    no sched_getaffinity, every core (a run's thread budget must not crash there)."""
+    if hasattr(os, "sched_getaffinity"):
+        assert usable_cores() == len(os.sched_getaffinity(0))
+        monkeypatch.delattr(os, "sched_getaffinity")
+    assert usable_cores() == (os.cpu_count() or 1)
 
 
 def test_explicit_precision_is_kept_and_auto_follows_the_hardware():

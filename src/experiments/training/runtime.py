@@ -4,6 +4,7 @@ native bf16 instructions).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import keras
@@ -35,6 +36,15 @@ def resolve_precision(precision: str) -> str:
             return "mixed_bfloat16"
         return "mixed_float16" if capability >= (7, 0) else "float32"
     return "mixed_bfloat16" if BF16_CPU_FLAGS & cpu_flags() else "float32"
+
+
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity where the OS keeps one (Linux: what
+    taskset, a container or a SLURM allocation allows), else every core (macOS and Windows
+    have no `os.sched_getaffinity`)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def set_threads(threads: int) -> int:
