@@ -103,6 +103,7 @@ def test_ray_launcher_sweep_in_a_loopback_only_network(tmp_path):
 @pytest.mark.slow
 def test_submitit_local_sweep(tmp_path):
     result = run_cli(["-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=20",
+                      "hydra.launcher.cpus_per_task=1",
                       *TINY, "trainer.seed=1,2", f"paths.root={tmp_path}",
                       "mlflow.experiment_name=submitit"], tmp_path, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -110,6 +111,8 @@ def test_submitit_local_sweep(tmp_path):
     assert parent.info.status == "FINISHED"
     assert sorted(c.data.params["trainer.seed"] for c in children) == ["1", "2"]
     assert all(c.info.status == "FINISHED" for c in children)
+    # each job sizes TensorFlow to its cpus_per_task, not to the machine
+    assert [c.data.tags["threads"] for c in children] == ["1", "1"]
 
 
 @pytest.mark.slow
