@@ -460,7 +460,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def print_paired(measured: dict[str, np.ndarray]) -> None:
     """Each recipe against the first, seed by seed (the same partition of the patients): the
-    mean difference and on how many seeds it is ahead / level / behind - what three
+    mean difference and on how many seeds it is ahead / level / behind - what `--repeats`
     partitions of 16 patients can and cannot tell apart."""
     columns = {"first acc": 0, "second AUC": 3, "second ECE": 4, "patients acc": 5,
                "patients AUC": 6}
