@@ -35,7 +35,7 @@ def _pin_xdist_worker() -> None:
     """Give each pytest-xdist worker its own share of the CPUs (`pytest -n 2` on two cores: one
     each). Left alone, every worker's TensorFlow - and every `python -m experiments.run` it
     starts - sizes its thread pools to all the cores, and two workers' pools fight over them;
-    `os.sched_getaffinity` is what TensorFlow and `run.thread_budget` count, and children
+    `os.sched_getaffinity` is what TensorFlow and `launch.thread_budget` count, and children
     inherit it."""
     if not hasattr(os, "sched_setaffinity"):  # macOS, Windows: the OS places the threads
         return

@@ -19,6 +19,24 @@ def command(module: str, *args: str, cwd: Path) -> subprocess.CompletedProcess[s
                           capture_output=True, text=True, timeout=300)
 
 
+# Prints, at exit, which of the heavy libraries the command loaded.
+LOADED_PROBE = ("import atexit, sys; atexit.register(lambda: print('LOADED', *[m for m in "
+                "('tensorflow', 'keras', 'mlflow') if m in sys.modules], file=sys.stderr))")
+
+
+def command_loading(module: str, *args: str, cwd: Path) -> tuple[subprocess.CompletedProcess[str],
+                                                                   list[str]]:
+    """`python -m experiments.<module> ARGS`, and the heavy libraries it loaded."""
+    code = (f"{LOADED_PROBE}; import runpy, sys; sys.argv = ['{module}', *{list(args)!r}]; "
+            f"runpy.run_module('experiments.{module}', run_name='__main__', alter_sys=True)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True,
+                            text=True, timeout=300)
+    loaded = [line.split()[1:] for line in result.stderr.splitlines()
+              if line.startswith("LOADED")]
+    assert loaded, result.stderr[-3000:]
+    return result, loaded[-1]
+
+
 @pytest.mark.parametrize("module, args", [
     ("run", ["data.root=/no/such/folder"]),
     ("run", ["data=demo", "backbone.name=no_such_backbone"]),
@@ -49,12 +67,32 @@ def test_a_user_error_is_one_line_and_exit_code_2(module, args, tmp_path):
 
 
 def test_first_screen_has_no_tensorflow_log_lines(tmp_path):
-    """The quickstart's whole output (a shrunk run): no line of TensorFlow's native logging."""
-    result = command("run", "experiment=quickstart", "trainer.epochs=1", "data.image_size=32",
-                     "data.images_per_class=10", "eval.gradcam_images=0",
-                     "eval.bootstrap_resamples=100", f"paths.root={tmp_path}", cwd=tmp_path)
+    """The quickstart's whole output (a shrunk run): no line of TensorFlow's native logging,
+    though TensorFlow is first imported after the config has composed (by whichever module
+    needs it first), not when the package is."""
+    result, loaded = command_loading(
+        "run", "experiment=quickstart", "trainer.epochs=1", "data.image_size=32",
+        "data.images_per_class=10", "eval.gradcam_images=0", "eval.bootstrap_resamples=100",
+        f"paths.root={tmp_path}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert loaded == ["tensorflow", "keras", "mlflow"]
     screen = result.stdout + result.stderr
     assert not [line for line in screen.splitlines()
                 if any(mark in line for mark in NATIVE_LOG_MARKS)], screen[-3000:]
     assert "Run " in result.stdout and "test_accuracy" in result.stdout
+
+
+@pytest.mark.parametrize("args, code, says", [
+    (["--help"], 0, "== Configuration groups =="),
+    (["experiment=transfer_multisource", "--cfg", "job"], 0, "cascade: true"),
+    (["data.roott=/x"], 1, "Could not override 'data.roott'"),
+    ([], 2, "`data.root` must be set"),
+])
+def test_the_run_command_answers_without_loading_tensorflow(args, code, says, tmp_path):
+    """Hydra's help and composed config, an override that names no key and a required key
+    left unset answer in about a second: TensorFlow, Keras and MLflow (5-6 s to import) load
+    only once the config has composed and validated (benchmarks/startup.py)."""
+    result, loaded = command_loading("run", f"paths.root={tmp_path}", *args, cwd=tmp_path)
+    assert result.returncode == code, result.stderr[-3000:]
+    assert says in result.stdout + result.stderr
+    assert loaded == [], loaded

@@ -107,7 +107,7 @@ def test_transfer_cpu_preset_cuts_densenet121_and_the_readme_cuts_exist(tmp_path
 
 
 def test_transfer_multisource_is_transfer_cpu_with_a_second_source_and_a_cascade(tmp_path):
-    from experiments.run import validated
+    from experiments.config.validation import validated
 
     single = OmegaConf.to_object(compose_config(tmp_path, ["experiment=transfer_cpu",
                                                            "data.root=/x"]))

@@ -16,7 +16,7 @@ from hydra.types import RunMode
 from omegaconf import open_dict
 
 from experiments.config.schema import CONFIG_MODULE
-from experiments.run import thread_budget
+from experiments.orchestration.launch import thread_budget
 from experiments.training.runtime import usable_cores
 from tests.conftest import (
     SMALL,

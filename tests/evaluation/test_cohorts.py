@@ -14,7 +14,7 @@ from experiments.evaluation import stats
 from experiments.evaluation.cohorts import cohort_metrics, patient_recognition_rate, per_patient
 from experiments.evaluation.metrics import Predictions
 from experiments.evaluation.tables import write_patients
-from experiments.run import warn_backwards
+from experiments.tracking.summary import warn_backwards
 
 
 def probs(p_positive: list[float]) -> np.ndarray:

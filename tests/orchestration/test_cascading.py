@@ -90,7 +90,7 @@ def test_the_home_model_fits_its_temperature_per_cv_home_temperature(tmp_path, h
     fitted on its folds' out-of-fold predictions of the home images and recorded as the home
     runs' param; null follows eval.temperature_scaling."""
     from experiments.config.instantiate import components
-    from experiments.run import validated
+    from experiments.config.validation import validated
     from tests.conftest import compose_config
 
     chosen = "null" if home_temperature is None else str(home_temperature).lower()

@@ -135,7 +135,7 @@ def all_runs_or_none(root: Path) -> list:
 
 
 def test_the_summary_reads_a_cohort_ece_against_what_a_calibrated_model_gives(capsys):
-    from experiments.run import print_cohorts
+    from experiments.tracking.summary import print_cohorts
 
     print_cohorts({"ext_bh_n_images": 192.0, "ext_bh_accuracy": 0.646,
                    "ext_bh_accuracy_ci_low": 0.473, "ext_bh_accuracy_ci_high": 0.81,

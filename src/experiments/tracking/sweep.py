@@ -1,4 +1,4 @@
-"""Hydra Callback: a multirun is one MLflow parent run, its jobs are children.
+"""A multirun is one MLflow parent run, its jobs are children (`sweep_callback.MlflowSweep`).
 
 The parent run id reaches the jobs through the environment (EXPERIMENTS_PARENT_RUN_ID), so
 it works with the default launcher (jobs in this process) and with launchers that start jobs
@@ -20,7 +20,6 @@ from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.experimental.callback import Callback
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
@@ -81,7 +80,10 @@ def check_optuna_storage(config: DictConfig) -> None:
                           "storage (an in-memory study)")
 
 
-class MlflowSweep(Callback):
+class SweepParent:
+    """The multirun's parent run, from the sweep's start to its report (`sweep_callback`'s
+    Hydra callback drives it)."""
+
     def __init__(self) -> None:
         self.client: MlflowClient | None = None
         self.parent_id: str | None = None
