@@ -96,3 +96,11 @@ def test_the_run_command_answers_without_loading_tensorflow(args, code, says, tm
     assert result.returncode == code, result.stderr[-3000:]
     assert says in result.stdout + result.stderr
     assert loaded == [], loaded
+
+
+@pytest.mark.parametrize("module", ["predict", "adapt", "scale"])
+def test_help_of_the_key_value_commands(module, tmp_path):
+    """`--help` prints the usage and succeeds (it was refused as an unknown argument)."""
+    result = command(module, "--help", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"python -m experiments.{module}" in result.stdout

@@ -145,10 +145,16 @@ def _cell(value: object) -> str:
     return str(value)
 
 
+HELP_ARGS = ("-h", "--help")
+
+
 def key_values(argv: Sequence[str], options: dict[str, str], usage: str | None,
                required: Sequence[str] = ("model", "input")) -> dict[str, str]:
     """key=value arguments, as Hydra-style overrides, over `options`' defaults; an unknown
-    key or a missing required one is refused with the `usage`."""
+    key or a missing required one is refused with the `usage`; `--help` (or `-h`) prints it."""
+    if any(arg in HELP_ARGS for arg in argv):
+        print(usage)
+        raise SystemExit(0)
     values = dict(options)
     for arg in argv:
         key, sep, value = arg.partition("=")
