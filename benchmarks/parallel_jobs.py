@@ -38,9 +38,11 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=8)
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).parent))
-    from overhead import cpu_line
+    from machine import cpu_line
 
-    cores = len(os.sched_getaffinity(0))
+    from experiments.training.runtime import usable_cores  # what thread_budget divides
+
+    cores = usable_cores()
     job = ["backbone=simplecnn", "backbone.weights=null", "augmentation=dihedral",
            f"data.root={args.data.resolve()}", "data.image_size=96",
            f"trainer.epochs={args.epochs}", "trainer.verbose=0", "eval.gradcam_images=0"]
