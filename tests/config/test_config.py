@@ -125,6 +125,8 @@ def test_transfer_multisource_is_transfer_cpu_with_a_second_source_and_a_cascade
     assert both.cv == dataclasses.replace(single.cv, cascade=True, home_temperature=True)
     assert both.eval == dataclasses.replace(single.eval, temperature_scaling=False)
     assert both.mlflow.experiment_name == "transfer_multisource"
+    # nothing of it is chosen on a fold's validation split: its probes train on more images
+    assert (single.data.val_fraction, both.data.val_fraction) == (0.2, 0.05)
 
 
 def test_histology_cpu_preset_selects_on_validation_loss_without_imagenet(tmp_path):
