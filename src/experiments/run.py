@@ -8,9 +8,9 @@ fails before the MLflow run opens and before the first epoch; such errors print 
 exit with code 2.
 
 TensorFlow, Keras and MLflow are loaded once a config has composed and validated
-(`orchestration.launch`), not when this module is: Hydra's `--help`, `--cfg`, `--info` and
-shell completion, an override that names no key and a required key left unset answer in about
-a second instead of six (benchmarks/startup.py).
+(`orchestration.launch`), not when this module is: Hydra's `--help`, `--cfg` and `--info`, an
+override that names no key and a required key left unset answer in about a second instead of
+six (benchmarks/startup.py).
 """
 
 from __future__ import annotations
