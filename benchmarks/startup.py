@@ -56,9 +56,7 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    rows = {**{name: command for name, command in COMMANDS.items()},
-            **{name: ["-c", code] for name, code in
-               ((name, f"import {modules}") for name, modules in IMPORTS.items())}}
+    rows = {**COMMANDS, **{name: ["-c", f"import {modules}"] for name, modules in IMPORTS.items()}}
     best: dict[str, tuple[float, int, str]] = {}
     with tempfile.TemporaryDirectory() as folder:
         for _ in range(args.repeats):

@@ -1,5 +1,6 @@
-"""The composed config as typed settings: the schema's checks run here, once, before anything
-heavy is loaded, and a required key left unset is reported with how to set it."""
+"""The composed config as typed settings: the schema's checks run here, and a required key
+left unset is reported with how to set it. `experiments.run` calls it before anything heavy is
+loaded, and `orchestration.launch` again on the config a resume or a worker's role leaves."""
 
 from __future__ import annotations
 
