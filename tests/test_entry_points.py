@@ -87,11 +87,15 @@ def test_first_screen_has_no_tensorflow_log_lines(tmp_path):
     (["experiment=transfer_multisource", "--cfg", "job"], 0, "cascade: true"),
     (["data.roott=/x"], 1, "Could not override 'data.roott'"),
     ([], 2, "`data.root` must be set"),
+    (["data.root=/no/such/folder"], 2, "Data folder does not exist: /no/such/folder (set "
+                                       "data.root)"),
+    (["data=demo", "backbone.weights=/no/such.h5"], 2, "backbone.weights file not found"),
 ])
 def test_the_run_command_answers_without_loading_tensorflow(args, code, says, tmp_path):
-    """Hydra's help and composed config, an override that names no key and a required key
-    left unset answer in about a second: TensorFlow, Keras and MLflow (5-6 s to import) load
-    only once the config has composed and validated (benchmarks/startup.py)."""
+    """Hydra's help and composed config, an override that names no key, a required key left
+    unset and a folder or weights file that is not there answer in about a second:
+    TensorFlow, Keras and MLflow (5-6 s to import) load only once the config has composed,
+    validated and named only locations that exist (benchmarks/startup.py)."""
     result, loaded = command_loading("run", f"paths.root={tmp_path}", *args, cwd=tmp_path)
     assert result.returncode == code, result.stderr[-3000:]
     assert says in result.stdout + result.stderr

@@ -10,7 +10,7 @@ exit with code 2.
 TensorFlow, Keras and MLflow are loaded once a config has composed and validated
 (`orchestration.launch`), not when this module is: Hydra's `--help`, `--cfg` and `--info`, an
 override that names no key and a required key left unset answer in about a second instead of
-six (benchmarks/startup.py).
+six (benchmarks/startup.py); so do a data folder or weights file that does not exist.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from experiments.config.schema import CONFIG_MODULE, register_configs
-from experiments.config.validation import validated
+from experiments.config.validation import check_locations, validated
 from experiments.errors import ConfigError, UserError, exit_with
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ def run(cfg: DictConfig, overrides: Sequence[str] = (), stop_on_signals: bool = 
     for sweepers. `stop_on_signals`: SIGTERM and Ctrl-C end the MLflow run KILLED (the
     command line's; a caller in Python keeps its own handlers)."""
     if cfg.resume is None:  # a resumed run's config is the stored one, checked once restored
-        validated(cfg)
+        check_locations(validated(cfg))
     # Here, not at the top: everything before this line answers without loading TensorFlow.
     from experiments.orchestration import interrupt, launch
 

@@ -368,3 +368,32 @@ def test_external_cohorts_as_folders_or_with_options(tmp_path):
     cohorts = OmegaConf.to_object(cfg).eval.cohorts
     assert [(c.name, c.root, c.group_pattern) for c in cohorts] == [
         ("bh", "/data/bh", "SOB_[BM]_([^-]+-\\d+-[^-]+)-"), ("lab_b", "/data/b", None)]
+
+
+@pytest.mark.parametrize(("missing", "overrides", "says"), [
+    ("root", [], "Data folder does not exist: {missing} (set data.root)"),
+    ("test", ["data.test_root={missing}"], "Data folder does not exist: {missing} (set "
+     "data.test_root)"),
+    ("lab2", ["+data.sources.lab2={missing}"], "Data folder does not exist: {missing} (set "
+     "data.sources.lab2.root)"),
+    ("bh", ["+eval.external.bh.root={missing}"], "Data folder does not exist: {missing} (set "
+     "eval.external.bh.root)"),
+    ("w.h5", ["backbone.weights={missing}"], "backbone.weights file not found: {missing}"),
+])
+def test_a_folder_or_weights_file_that_is_not_there_names_its_key(tmp_path, image_folder,
+                                                                   missing, overrides, says):
+    """Checked before the training stack loads (`experiments.run`): each named location, with
+    the key that set it; with every one present the check passes, the demo set's folder
+    (generated on first use) and `imagenet` included."""
+    from experiments.config.validation import check_locations, validated
+
+    missing_path = tmp_path / "not-there" / missing
+    root = missing_path if missing == "root" else image_folder
+    present = compose_config(tmp_path, [f"data.root={image_folder}"])
+    check_locations(validated(present))
+    cfg = compose_config(tmp_path, [f"data.root={root}",
+                                    *(o.format(missing=missing_path) for o in overrides)])
+    with pytest.raises(FileNotFoundError) as raised:
+        check_locations(validated(cfg))
+    assert str(raised.value) == says.format(missing=missing_path)
+    check_locations(validated(compose_config(tmp_path, ["data=demo"])))

@@ -88,6 +88,23 @@ def test_missing_root_and_single_class_are_clear(tmp_path):
         folders_lib.scan_folder(tmp_path / "one")
 
 
+def test_a_test_root_that_is_not_there_or_holds_one_class_names_its_key(image_folder, tmp_path,
+                                                                       make_config):
+    """The run's loader says data.test_root, not data.root (a resumed run, or a folder removed
+    after `experiments.run` checked it, meets this check, not the early one)."""
+    from omegaconf import OmegaConf
+
+    from experiments.orchestration.single import load_run_data
+
+    write_image(tmp_path / "one" / "benign" / "a.jpg")
+    for test_root, says in ((tmp_path / "gone", "does not exist: .*gone .set data.test_root."),
+                            (tmp_path / "one", "one .data.test_root. must hold one subfolder")):
+        settings = OmegaConf.to_object(make_config(
+            "data=folder", f"data.root={image_folder}", f"data.test_root={test_root}"))
+        with pytest.raises((FileNotFoundError, ValueError), match=says):
+            load_run_data(settings)
+
+
 def test_hidden_files_and_other_extensions_are_ignored(image_folder):
     (image_folder / "benign" / ".DS_Store").write_bytes(b"\0\1")
     (image_folder / "benign" / "._benign_0.jpg").write_bytes(b"\0\1")

@@ -7,8 +7,13 @@ from __future__ import annotations
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from experiments.config.schema import Config
+from experiments.config.locations import require_folder, require_weights_file
+from experiments.config.schema import Config, DemoDataConfig
 from experiments.errors import ConfigError
+
+# Backbones whose `weights` is their own location (backbone.preset / backbone.path), checked
+# by their loaders with messages of their own.
+SELF_LOCATED_BACKBONES = ("keras_hub", "keras_file")
 
 # How to set the keys a preset leaves required (???), said when one is missing.
 REQUIRED_HINTS = {
@@ -32,3 +37,27 @@ def validated(cfg: DictConfig) -> Config:
     if not isinstance(settings, Config):
         raise TypeError(f"The composed config is not a Config. Received: {type(settings)!r}")
     return settings
+
+
+def named_folders(settings: Config) -> list[tuple[str, str]]:
+    """(config key, folder) of every labeled folder the run reads: data.root (unless it is
+    the demo set, generated on first use), data.test_root, each data.sources and
+    eval.external folder."""
+    data = settings.data
+    folders = [] if isinstance(data, DemoDataConfig) else [("data.root", data.root)]
+    if data.test_root is not None:
+        folders.append(("data.test_root", data.test_root))
+    folders += [(f"data.sources.{s.name}.root", s.root) for s in data.source_folders]
+    folders += [(f"eval.external.{c.name}.root", c.root) for c in settings.eval.cohorts]
+    return folders
+
+
+def check_locations(settings: Config) -> None:
+    """Every folder and weights file the settings name exists (MissingFileError naming the
+    key otherwise): asked before the training stack loads, so a mistyped path costs half a
+    second, not six."""
+    for key, folder in named_folders(settings):
+        require_folder(folder, key)
+    backbone = settings.backbone
+    if backbone.name not in SELF_LOCATED_BACKBONES and backbone.weights not in (None, "imagenet"):
+        require_weights_file(backbone.weights)

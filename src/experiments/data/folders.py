@@ -13,11 +13,12 @@ from pathlib import Path
 import numpy as np
 
 from experiments.config.choices import ON_INVALID
+from experiments.config.locations import require_folder
 from experiments.data import image_store
 from experiments.data.decode import load_image  # noqa: F401  (data.load_image, for callers)
 from experiments.data.image_store import LazyImages
 from experiments.data.splits import Split
-from experiments.errors import ConfigError, DataError, MissingFileError
+from experiments.errors import ConfigError, DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
 
@@ -37,26 +38,27 @@ def _is_hidden(path: Path) -> bool:
 
 
 def scan_folder(root: str | Path, include_pattern: str | None = None, min_classes: int = 2,
-                key: str = "data") -> tuple[tuple[str, ...], list[str], list[int]]:
+                key: str = "data", root_key: str | None = None
+                ) -> tuple[tuple[str, ...], list[str], list[int]]:
     """Class names (sorted subfolder names), files and labels of an image folder.
 
     The class is the first folder level; images may sit any number of levels below it (e.g.
     BreakHis' `malignant/SOB/ductal_carcinoma/<patient>/200X/<image>.png`). Files are listed by
     extension; hidden files (`.DS_Store`, `._x`) are ignored silently; with `include_pattern`,
     only files whose path relative to `root` matches it (a regex, searched) are kept. Errors
-    name the config keys under `key` (`data`, or an external cohort's `eval.external.<name>`).
+    name the config keys under `key` (`data`, or an external cohort's `eval.external.<name>`);
+    the folder itself is `root_key` (default `<key>.root`; data.test_root's is its own).
     """
-    root = Path(root)
+    root_key = root_key or f"{key}.root"
     try:
         include = None if include_pattern is None else re.compile(include_pattern)
     except re.error as error:
         raise ConfigError(f"`{key}.include_pattern` is not a valid regular expression ({error})."
                           f" Received: {key}.include_pattern={include_pattern!r}") from error
-    if not root.is_dir():
-        raise MissingFileError(f"Data folder does not exist: {root} (set {key}.root)")
+    root = require_folder(root, root_key)
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not _is_hidden(p))
     if len(class_dirs) < min_classes:
-        raise DataError(f"{root} ({key}.root) must hold one subfolder per class, at least "
+        raise DataError(f"{root} ({root_key}) must hold one subfolder per class, at least "
                         f"{min_classes}; found {[p.name for p in class_dirs]}")
     files: list[str] = []
     labels: list[int] = []
@@ -108,16 +110,17 @@ def load_images(files: Sequence[str], image_size: int, allow_upscale: bool = Tru
 def read_folder(root: str | Path, image_size: int, on_invalid: str = "error",
                 allow_upscale: bool = True, report_dir: Path | None = None,
                 include_pattern: str | None = None, cache: str = "memory",
-                cache_folder: Path | None = None, resize: str = "squash"
-                ) -> tuple[tuple[str, ...], Split, list[Invalid]]:
+                cache_folder: Path | None = None, resize: str = "squash",
+                root_key: str = "data.root") -> tuple[tuple[str, ...], Split, list[Invalid]]:
     """Scan and decode a class folder; every file is checked before any training starts.
+    Errors about the folder name `root_key`, the config key that set it.
 
     on_invalid="error" raises one error that summarises the bad files (how many per reason, a
     few of each) and, with `report_dir`, writes every one with its reason to
     `<report_dir>/invalid_files.csv`; "skip" leaves them out and returns them. A class left
     without valid images is an error either way.
     """
-    class_names, files, labels = scan_folder(root, include_pattern)
+    class_names, files, labels = scan_folder(root, include_pattern, root_key=root_key)
     split, invalid = decode_checked(files, labels, class_names, str(root), image_size,
                                     on_invalid, allow_upscale, report_dir, cache, cache_folder,
                                     resize)

@@ -60,7 +60,7 @@ def load_data(data_cfg: DataConfig, image_size: int, report_dir: Path, cache_dir
         model_mpp = input_mpp(data_cfg.mpp, pool.files, image_size)
     test = None
     if data_cfg.test_root is not None:
-        test_classes, test, test_skipped = read(data_cfg.test_root)
+        test_classes, test, test_skipped = read(data_cfg.test_root, root_key="data.test_root")
         if test_classes != class_names:
             raise DataError(f"data.test_root classes {list(test_classes)} differ from "
                             f"data.root classes {list(class_names)}")

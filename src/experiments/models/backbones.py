@@ -18,7 +18,8 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from experiments.errors import ConfigError, MissingFileError, WeightsError
+from experiments.config.locations import require_weights_file
+from experiments.errors import ConfigError, WeightsError
 from experiments.models import external, weights_registry
 
 
@@ -188,10 +189,7 @@ def _resolve_weights(name: str, weights: str | None) -> str | None:
                               f"import FILE --backbone {name}). Received: "
                               f"backbone.weights={weights!r}")
         return weights
-    path = Path(weights).expanduser()
-    if not path.is_file():
-        raise MissingFileError(f"backbone.weights file not found: {path}")
-    return str(path)
+    return str(require_weights_file(weights))
 
 
 def build_backbone(name: str, weights: str | None, image_size: int) -> keras.Model:
