@@ -133,6 +133,22 @@ def test_a_failing_job_in_a_sweep_is_reported_when_it_fails(tmp_path):
     assert (failed.info.status, finished.info.status) == ("FAILED", "FINISHED")
 
 
+@pytest.mark.slow  # ~30 s: three small runs
+def test_the_same_seed_gives_the_same_metrics_and_another_seed_does_not(make_config, tmp_path):
+    """A run is reproducible on one machine: initial weights, splits, batch order and random
+    augmentation all follow trainer.seed (timings aside, every logged value is equal)."""
+    def logged(seed: int, name: str) -> dict[str, float]:
+        run(make_config("mlflow.experiment_name=seeds", f"mlflow.run_name={name}",
+                        "augmentation=histology", f"trainer.seed={seed}"))
+        (found,) = [r for r in all_runs(client_for(tmp_path), "seeds")
+                    if r.info.run_name == name]
+        return {k: v for k, v in found.data.metrics.items() if "seconds" not in k}
+
+    first, again, other = logged(7, "first"), logged(7, "again"), logged(8, "other")
+    assert first == again
+    assert other != first and other.keys() == first.keys()
+
+
 @pytest.mark.slow  # ~30 s: the whole quickstart
 def test_quickstart_learns_the_demo(tmp_path):
     """The README's first command: well above chance on the synthetic demo."""
