@@ -68,6 +68,36 @@ def test_formats_and_modes_load_as_rgb(tmp_path, mode, ext):
         np.testing.assert_array_equal(image[..., 0], image[..., 2])
 
 
+@pytest.mark.parametrize("ext", ["tif", "png"])
+def test_16_bit_images_keep_their_high_byte_not_a_white_clip(tmp_path, ext):
+    """Pillow's convert("RGB") clips 16-bit pixels at 255 (a 16-bit grayscale image came out
+    white); they read as their high byte, as Pillow reads 16-bit RGB TIFFs."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    pixels, low = (rng.integers(0, 256, (40, 40), dtype=np.uint16) for _ in range(2))
+    Image.fromarray(pixels * 256 + low).save(tmp_path / f"deep.{ext}")  # high byte: pixels
+    Image.fromarray(pixels.astype(np.uint8)).save(tmp_path / "eight.png")
+    deep = decode_lib.load_image(str(tmp_path / f"deep.{ext}"), 32)
+    np.testing.assert_array_equal(deep, decode_lib.load_image(str(tmp_path / "eight.png"), 32))
+    assert 100 < deep.mean() < 155
+
+
+def test_32_bit_integer_and_float_images_are_refused_by_name(tmp_path):
+    from PIL import Image
+
+    good = write_image(tmp_path / "good.jpg")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 2**20, (40, 40), dtype=np.int32)).save(tmp_path / "i.tif")
+    Image.fromarray(rng.random((40, 40), dtype=np.float32)).save(tmp_path / "f.tif")
+    files = [str(good), str(tmp_path / "i.tif"), str(tmp_path / "f.tif")]
+    images, invalid = folders_lib.load_images(files, 32)
+    assert images.shape == (1, 32, 32, 3)
+    assert [bad.file for bad in invalid] == files[1:]
+    assert invalid[0].reason.startswith("32-bit integer pixels (mode I) have no defined")
+    assert invalid[1].reason.startswith("32-bit floating-point pixels (mode F) have no defined")
+
+
 def test_unreadable_images_are_all_named(tmp_path):
     good = write_image(tmp_path / "good.jpg")
     text = tmp_path / "notes.jpg"

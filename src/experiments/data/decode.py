@@ -20,16 +20,16 @@ ImageSource = str | Path | bytes | BinaryIO
 def load_image(source: ImageSource, image_size: int, allow_upscale: bool = True,
                name: str | None = None, max_pixels: int | None = None,
                resize: str = "squash", scale: float | None = None) -> np.ndarray:
-    """Decode an image file, its bytes or a file object to RGB uint8 (grayscale, palette and
-    RGBA converted) of (image_size, image_size): `resize="crop"` scales the shorter side to
-    image_size and keeps the centre square (nuclei keep their shape), "squash" scales each
-    side to image_size (a non-square image is distorted). With `scale` (the image's
-    micrometres per pixel over the model's input's), the image is first rescaled to the
-    model's pixel size and its centre image_size square kept: the model sees the same tissue
-    area at the same magnification as in training (an image too small for that square is
-    scaled up to fill it). Raises ValueError naming the file
-    (`name`, else the path) and the reason; with `max_pixels`, before decoding an image with
-    more pixels (its header is read, not its pixels)."""
+    """Decode an image file, its bytes or a file object to RGB uint8 (grayscale, palette,
+    RGBA, CMYK and 16-bit images converted: `as_rgb`) of (image_size, image_size):
+    `resize="crop"` scales the shorter side to image_size and keeps the centre square (nuclei
+    keep their shape), "squash" scales each side to image_size (a non-square image is
+    distorted). With `scale` (the image's micrometres per pixel over the model's input's),
+    the image is first rescaled to the model's pixel size and its centre image_size square
+    kept: the model sees the same tissue area at the same magnification as in training (an
+    image too small for that square is scaled up to fill it). Raises ValueError naming the
+    file (`name`, else the path) and the reason; with `max_pixels`, before decoding an image
+    with more pixels (its header is read, not its pixels)."""
     if resize not in RESIZE_MODES:
         raise ValueError(f"`data.resize` must be one of {RESIZE_MODES}. Received: {resize!r}")
     label = name or (str(source) if isinstance(source, (str, Path)) else "image")
@@ -47,8 +47,8 @@ def load_image(source: ImageSource, image_size: int, allow_upscale: bool = True,
             if scale is None:  # fast JPEG downscale while decoding
                 image.draft("RGB", (image_size, image_size))
             if scale is not None:
-                return rescaled(image.convert("RGB"), image_size, scale)
-            rgb = image.convert("RGB")
+                return rescaled(as_rgb(image), image_size, scale)
+            rgb = as_rgb(image)
             if resize == "crop" and rgb.size[0] != rgb.size[1]:
                 rgb = centre_square(rgb)
             if rgb.size != (image_size, image_size):
@@ -63,6 +63,21 @@ def load_image(source: ImageSource, image_size: int, allow_upscale: bool = True,
         raise ValueError(f"{label}: cannot read image ({error})") from error
     except ValueError as error:
         raise ValueError(f"{label}: {error}") from error
+
+
+def as_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB. Pillow's own conversion clips pixels of more than 8 bits at 255, which turns
+    a 16-bit grayscale image white: those keep their high byte instead, as Pillow reads 16-bit
+    RGB TIFFs. 32-bit integer or float pixels (modes I, F) have no range to map from and are
+    refused (ValueError)."""
+    if image.mode.startswith("I;16"):
+        high_byte = np.asarray(image, dtype=np.uint16) >> 8
+        return Image.fromarray(high_byte.astype(np.uint8), mode="L").convert("RGB")
+    if image.mode in ("I", "F"):
+        kind = "integer" if image.mode == "I" else "floating-point"
+        raise ValueError(f"32-bit {kind} pixels (mode {image.mode}) have no defined intensity "
+                         "range; save the image with 8 or 16 bits per channel")
+    return image.convert("RGB")
 
 
 def centre_square(image: Image.Image) -> Image.Image:
