@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from experiments import ensemble, predict
 from experiments.run import run
-from experiments.tracking.sweep import group_by_keys, swept_keys
+from experiments.tracking.sweep import group_by_keys, sweep_overrides, swept_keys
 from tests.conftest import (
     SHARED_TRAIN,
     SMALL,
@@ -135,6 +135,29 @@ def test_group_by_keys_follow_the_sweep():
     assert swept == ["backbone", "trainer.seed", "augmentation"]
     params = {"backbone.name": "a", "choice.augmentation": "none", "trainer.seed": "1"}
     assert group_by_keys(swept, params) == ["backbone.name", "choice.augmentation"]
+
+
+def test_a_presets_own_sweep_counts_as_swept():
+    """`experiment=compare_backbones` sweeps backbones in hydra.sweeper.params: its report
+    grouped them as one ("all runs", no verdict) while only the command line counted. The
+    command line still wins over the preset for the same key, as in Hydra's sweepers."""
+    from hydra import compose, initialize_config_module
+    from omegaconf import open_dict
+
+    from experiments.config.schema import CONFIG_MODULE, register_configs
+
+    register_configs()
+    with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=compare_backbones", "data.root=/x"],
+                      return_hydra_config=True)
+    found = sweep_overrides(cfg)
+    assert found[-1] == "backbone=densenet201,resnet50"
+    assert swept_keys(found) == ["backbone"]
+    with open_dict(cfg):  # as `... backbone=simplecnn,resnet50 trainer.seed=1,2` leaves it
+        cfg.hydra.overrides.task.extend(["backbone=simplecnn,resnet50", "trainer.seed=1,2"])
+    found = sweep_overrides(cfg)
+    assert [o for o in found if o.startswith("backbone=")] == ["backbone=simplecnn,resnet50"]
+    assert swept_keys(found) == ["backbone", "trainer.seed"]
 
 
 def test_predict_writes_a_row_per_image_and_reports_bad_files(tmp_path, make_config):

@@ -26,16 +26,35 @@ from tests.conftest import (
     the_parent,
 )
 
-STUDY = ["experiment=compare_backbones", *SMALL, "backbone=simplecnn,mobilenetv3large",
+STUDY = [*(o for o in SMALL if not o.startswith("backbone=")),  # the preset picks them
          "backbone.weights=null", "data.image_size=48", "cv.folds=2", "cv.repeats=1",
          "eval.bootstrap_resamples=200"]
+# The preset with two small backbones in its own sweep, as `experiment=compare_backbones`
+# sweeps its two (hydra.sweeper.params, not the command line).
+SMALL_STUDY = """# @package _global_
+defaults:
+  - compare_backbones
+hydra:
+  sweeper:
+    params:
+      backbone: simplecnn,mobilenetv3large
+"""
+
+
+def study_command(tmp_path: Path, *overrides: str) -> list[str]:
+    """The one command of a study, its preset the small one (written under tmp_path)."""
+    (tmp_path / "conf" / "experiment").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "conf" / "experiment" / "small_study.yaml").write_text(SMALL_STUDY)
+    return ["--config-dir", str(tmp_path / "conf"), "experiment=small_study", *STUDY,
+            *overrides, f"paths.root={tmp_path}"]
 
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
-    """The one-command study, run once for this module's tests."""
+    """The one-command study, run once for this module's tests: the backbones come from the
+    preset's sweep, so the report must group by them all the same."""
     tmp_path = tmp_path_factory.mktemp("study")
-    result = run_cli([*STUDY, f"paths.root={tmp_path}"], tmp_path)
+    result = run_cli(study_command(tmp_path), tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     return tmp_path
 
@@ -88,8 +107,8 @@ def test_compare_backbones_ends_with_the_verdict_and_a_report_naming_every_backb
 def with_fold_models(tmp_path_factory):
     """One backbone's cross-validation of the study, its fold models logged."""
     tmp_path = tmp_path_factory.mktemp("fold_models")
-    result = run_cli([*STUDY, "backbone=simplecnn", "cv.fold_models=true",
-                      f"paths.root={tmp_path}"], tmp_path)
+    result = run_cli(study_command(tmp_path, "backbone=simplecnn", "cv.fold_models=true"),
+                     tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     return tmp_path
 

@@ -33,6 +33,17 @@ log = logging.getLogger(__name__)
 SEED_KEYS = ("trainer.seed",)  # swept, but pooled into mean +- std rather than grouped
 
 
+def sweep_overrides(config: DictConfig) -> list[str]:
+    """What the sweep varies, as overrides: the command line's, then `hydra.sweeper.params`
+    that the command line does not set (a preset's own sweep, e.g. experiment=compare_backbones'
+    backbones, or an Optuna search space) - both sweepers read the params this way."""
+    task = list(config.hydra.overrides.task)
+    on_command_line = {o.key_or_group for o in OverridesParser.create().parse_overrides(task)}
+    params = OmegaConf.select(config, "hydra.sweeper.params", default=None) or {}
+    return [*task, *(f"{key}={value}" for key, value in params.items()
+                     if key not in on_command_line and isinstance(value, str))]
+
+
 def swept_keys(overrides: list[str]) -> list[str]:
     """Keys that take several values in this sweep (`backbone=a,b` -> `backbone`)."""
     parsed = OverridesParser.create().parse_overrides(overrides)
@@ -98,7 +109,7 @@ class SweepParent:
         sweep_dir = Path(str(config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)  # e.g. for an Optuna study's SQLite file
         check_optuna_storage(config)
-        overrides = list(config.hydra.overrides.task)
+        overrides = sweep_overrides(config)
         self.client = MlflowClient(ml.tracking_uri)
         parent = self.client.create_run(
             experiment_id, run_name=f"sweep {sweep_dir.parent.name}/{sweep_dir.name}",
@@ -119,16 +130,16 @@ class SweepParent:
             for name in ("multirun.yaml", "optimization_results.yaml"):  # the latter: Optuna's
                 if (sweep_dir / name).is_file():
                     client.log_artifact(parent_id, str(sweep_dir / name))
+            overrides = sweep_overrides(config)
             self._log_trials(client, parent_id, ml.experiment_name, sweep_dir,
-                             swept_keys(list(config.hydra.overrides.task)),
+                             swept_keys(overrides),
                              list(OmegaConf.select(config, "hydra.sweeper.params",
                                                    default={}) or {}))
             runs = comparison_lib.find_runs(client, ml.experiment_name, parent_id)
             if runs:
-                group_by = group_by_keys(swept_keys(list(config.hydra.overrides.task)),
-                                         runs[0].data.params)
+                group_by = group_by_keys(swept_keys(overrides), runs[0].data.params)
                 title = (f"Sweep {sweep_dir.parent.name}/{sweep_dir.name}: "
-                         + " ".join(config.hydra.overrides.task))
+                         + " ".join(overrides))
                 text, verdict_metrics = comparison_lib.write_report(
                     client, runs, group_by, sweep_dir / "comparison", title)
                 client.log_artifacts(parent_id, str(sweep_dir / "comparison"),
