@@ -11,6 +11,7 @@ same images are compared image by image (DeLong, McNemar, paired bootstrap).
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -48,10 +49,13 @@ def default_group_by(client: MlflowClient, parent: str | None, runs: Sequence[Ru
                      ) -> list[str]:
     """What a sweep's own report grouped by (the keys its overrides swept, seeds pooled), so
     `--parent` gives the same report; backbone.name for anything else."""
-    overrides = client.get_run(parent).data.tags.get("sweep_overrides") if parent else None
-    if overrides is None or not runs:
-        return ["backbone.name"]
-    return group_by_keys(swept_keys(overrides.split(" ")), runs[0].data.params)
+    tags = client.get_run(parent).data.tags if parent and runs else {}
+    if "sweep_group_by" in tags:
+        return group_by_keys(json.loads(tags["sweep_group_by"]), runs[0].data.params)
+    if "sweep_overrides" in tags:  # a sweep logged before 2026-12-03: its command line's keys
+        return group_by_keys(swept_keys(tags["sweep_overrides"].split(" ")),
+                             runs[0].data.params)
+    return ["backbone.name"]
 
 
 @report_user_errors

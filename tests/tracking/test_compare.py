@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from experiments import ensemble, predict
 from experiments.run import run
-from experiments.tracking.sweep import group_by_keys, sweep_overrides, swept_keys
+from experiments.tracking.sweep import group_by_keys, grouped_keys, sweep_overrides, swept_keys
 from tests.conftest import (
     SHARED_TRAIN,
     SMALL,
@@ -158,6 +158,22 @@ def test_a_presets_own_sweep_counts_as_swept():
     found = sweep_overrides(cfg)
     assert [o for o in found if o.startswith("backbone=")] == ["backbone=simplecnn,resnet50"]
     assert swept_keys(found) == ["backbone", "trainer.seed"]
+    assert grouped_keys(cfg) == ["backbone", "trainer.seed"]  # group_by_keys pools seeds
+
+
+def test_a_search_pools_its_trials_a_grid_groups_its_values():
+    """An Optuna search's trials each try other values: its report is one row (trials.csv
+    lists them), not a verdict between every two trials on the test images."""
+    from hydra import compose, initialize_config_module
+
+    from experiments.config.schema import CONFIG_MODULE, register_configs
+
+    register_configs()
+    with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
+        search = compose("config", overrides=["hparams_search=transfer", "data.root=/x"],
+                         return_hydra_config=True)
+    assert "optimizer.learning_rate" in swept_keys(sweep_overrides(search))
+    assert grouped_keys(search) == []
 
 
 def test_predict_writes_a_row_per_image_and_reports_bad_files(tmp_path, make_config):

@@ -31,6 +31,7 @@ from experiments.tracking import model_registry, records, store
 log = logging.getLogger(__name__)
 
 SEED_KEYS = ("trainer.seed",)  # swept, but pooled into mean +- std rather than grouped
+BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"  # a grid
 
 
 def sweep_overrides(config: DictConfig) -> list[str]:
@@ -42,6 +43,15 @@ def sweep_overrides(config: DictConfig) -> list[str]:
     params = OmegaConf.select(config, "hydra.sweeper.params", default=None) or {}
     return [*task, *(f"{key}={value}" for key, value in params.items()
                      if key not in on_command_line and isinstance(value, str))]
+
+
+def grouped_keys(config: DictConfig) -> list[str]:
+    """The swept keys a sweep's report groups its runs by: a grid's (Hydra's basic sweeper),
+    seeds left to `group_by_keys`; none for a search (Optuna), whose every trial tries other
+    values - its trials pool into one row, and trials.csv lists them one by one (a verdict
+    between trials on the test images would invite choosing on them)."""
+    target = OmegaConf.select(config, "hydra.sweeper._target_", default=BASIC_SWEEPER)
+    return swept_keys(sweep_overrides(config)) if target == BASIC_SWEEPER else []
 
 
 def swept_keys(overrides: list[str]) -> list[str]:
@@ -114,7 +124,8 @@ class SweepParent:
         parent = self.client.create_run(
             experiment_id, run_name=f"sweep {sweep_dir.parent.name}/{sweep_dir.name}",
             tags={"sweep": str(sweep_dir), "sweep_overrides": " ".join(overrides),
-                  "sweep_parent": "true"})
+                  # what experiments.compare --parent groups by, as this report does
+                  "sweep_group_by": json.dumps(grouped_keys(config)), "sweep_parent": "true"})
         self.parent_id = parent.info.run_id
         os.environ[records.PARENT_RUN_ENV] = self.parent_id
         atexit.register(self._end_if_open, "FAILED")
@@ -137,7 +148,7 @@ class SweepParent:
                                                    default={}) or {}))
             runs = comparison_lib.find_runs(client, ml.experiment_name, parent_id)
             if runs:
-                group_by = group_by_keys(swept_keys(overrides), runs[0].data.params)
+                group_by = group_by_keys(grouped_keys(config), runs[0].data.params)
                 title = (f"Sweep {sweep_dir.parent.name}/{sweep_dir.name}: "
                          + " ".join(overrides))
                 text, verdict_metrics = comparison_lib.write_report(
