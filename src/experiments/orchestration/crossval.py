@@ -139,8 +139,8 @@ def run_cross_validation(settings: Config, components: Components) -> CVResult:
         with store.open_run(None, None, {}, parent_id):
             metrics = log_cross_validation(settings, components, loaded, positive, folds,
                                            output_dir, homes)
-            parent.log_parent_model(settings, loaded, positive, folds, output_dir, refit,
-                                    home)
+            metrics.update(parent.log_parent_model(settings, loaded, positive, folds,
+                                                   output_dir, refit, home))
             metrics.update(evaluate_cohorts(cohorts, output_dir / run_records.MODEL_DIR,
                                             settings.eval, settings.trainer.batch_size,
                                             output_dir / "external", parent_id))

@@ -47,9 +47,11 @@ class Home:
 
 def log_parent_model(settings: Config, loaded: loading.LoadedData, positive: int,
                      folds: list[Fold], output_dir: Path, refit: Refit | None,
-                     home: Home | None = None) -> None:
+                     home: Home | None = None) -> dict[str, float]:
     """The parent's model: the refit model when there is one, else the ensemble of the fold
-    models; with `home` (cv.cascade), the cascade of the home model and the refit model."""
+    models; with `home` (cv.cascade), the cascade of the home model and the refit model.
+    Returns its operating point as logged (model_temperature, ...: the run's summary reads
+    them)."""
     temperature, threshold = operating_point(folds, positive, settings.eval)
     describe = {"backbone": settings.backbone.name, "patch_size": settings.data.patch_size,
                 "resize": settings.data.resize, "input_mpp": loaded.input_mpp,
@@ -72,21 +74,23 @@ def log_parent_model(settings: Config, loaded: loading.LoadedData, positive: int
                                                                     for f in folds]))})
     # the model's training images
     ood = fit_ood(settings, model, loaded.pool.images, reference)
+    logged: dict[str, float] = {}
     model_dir = output_dir / run_records.MODEL_DIR
     fallback = None
     if home is not None:
         fallback = model_dir / FALLBACK_DIR
         run_records.save_run_model(model, info, fallback, ood)
-        run_records.log_operating_point("fallback_model_", temperature, threshold)
+        logged = run_records.log_operating_point("fallback_model_", temperature, threshold)
         model, info, ood, (temperature, threshold) = home_model(settings, home, positive,
                                                                 describe)
         kind = {"kind": "cv_cascade"}
-    run_records.log_operating_point("model_", temperature, threshold)
+    logged = {**logged, **run_records.log_operating_point("model_", temperature, threshold)}
     run_records.log_run_model(model, info, model_dir, settings.mlflow.register_as,
                               {"model_kind": str(kind["kind"]),
                                "checkpoint_monitor": training.monitor,
                                "checkpoint_mode": "max" if training.higher_is_better else "min"},
                               ood, fallback)
+    return logged
 
 
 def home_model(settings: Config, home: Home, positive: int, describe: dict[str, Any]

@@ -102,11 +102,14 @@ def log_run_model(model: object, info: dict, model_dir: Path, register_as: str |
                          tags, fallback_dir)
 
 
-def log_operating_point(prefix: str, temperature: float, threshold: float | None) -> None:
-    """<prefix>temperature and <prefix>threshold (when there is one) of a logged model."""
-    records_lib.log_metrics({f"{prefix}temperature": temperature,
-                             **({f"{prefix}threshold": threshold} if threshold is not None
-                                else {})})
+def log_operating_point(prefix: str, temperature: float, threshold: float | None
+                        ) -> dict[str, float]:
+    """<prefix>temperature and <prefix>threshold (when there is one) of a logged model;
+    returns them as logged."""
+    metrics = {f"{prefix}temperature": temperature,
+               **({f"{prefix}threshold": threshold} if threshold is not None else {})}
+    records_lib.log_metrics(metrics)
+    return metrics
 
 
 def publish_model(model_dir: Path, info: dict, register_as: str | None,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 
+from experiments.evaluation.stats import TEMPERATURE_BOUNDS
 from experiments.tracking import records
 from experiments.tracking import store as store_lib
 
@@ -36,10 +37,47 @@ def print_summary(run_id: str, metrics: dict[str, float], best_epoch: int | None
             print(f"    {prefix}{name:<14} {value:.4f}{interval}")
     if "val_threshold" in metrics:
         print(f"  threshold on p(positive), chosen on validation: {metrics['val_threshold']:.4f}")
+    print_patients(metrics)
     print_answered(metrics)
     print_cohorts(metrics)
+    warn_chance(metrics)
     flag_backwards(run_id, metrics, tracking_uri)
     print(f"Open the MLflow UI: {store_lib.ui_command(tracking_uri)}")
+
+
+def with_interval(metrics: dict[str, float], key: str) -> str:
+    """`value [low, high]`, or the value alone when the run logged no interval for it."""
+    low = metrics.get(f"{key}_ci_low")
+    interval = "" if low is None else f" [{low:.3f}, {metrics[f'{key}_ci_high']:.3f}]"
+    return f"{metrics[key]:.3f}{interval}"
+
+
+def print_patients(metrics: dict[str, float]) -> None:
+    """With a group pattern: the test metrics per patient (the mean probability of each
+    patient's images), whose intervals resample patients - the numbers to trust when a few
+    patients bring most of the images."""
+    if "test_patient_accuracy" not in metrics:
+        return
+    cells = [f"{name} {with_interval(metrics, f'test_patient_{name}')}"
+             for name in ("accuracy", "roc_auc") if f"test_patient_{name}" in metrics]
+    print(f"  per patient ({int(metrics['test_n_patients'])}): {', '.join(cells)}")
+
+
+def warn_chance(metrics: dict[str, float]) -> None:
+    """Say so when the test ROC-AUC cannot be told from chance (its interval holds 0.5), and
+    when the model's temperature ran to its upper bound: held-out predictions so uninformative
+    that calibration flattens every answer towards the classes' shares."""
+    for key in ("test_roc_auc", "test_patient_roc_auc"):
+        if metrics.get(f"{key}_ci_low", 1.0) <= 0.5 <= metrics.get(f"{key}_ci_high", 0.0):
+            log.warning(f"Warning: {key} {with_interval(metrics, key)} cannot be told from "
+                        "chance (the interval holds 0.5): more images or patients, or another "
+                        "recipe, before trusting this model's answers.")
+    for key in ("temperature", "model_temperature", "fallback_model_temperature"):
+        if metrics.get(key, 0.0) >= 0.99 * TEMPERATURE_BOUNDS[1]:
+            log.warning(f"Warning: {key} {metrics[key]:.1f} is at its upper bound: the "
+                        "held-out predictions it was fitted on carried almost no information, "
+                        "so the model's probabilities are flattened towards the classes' "
+                        "shares.")
 
 
 def warn_backwards(metrics: dict[str, float]) -> list[str]:
@@ -90,12 +128,10 @@ def print_cohorts(metrics: dict[str, float]) -> None:
         for name in ("accuracy", "roc_auc", "patient_accuracy", "ece", "referred",
                      "accepted_accuracy", "ood_auroc"):
             key = f"ext_{cohort}_{name}"
-            if key in metrics:
-                low = metrics.get(f"{key}_ci_low")
-                interval = "" if low is None else \
-                    f" [{low:.3f}, {metrics[f'{key}_ci_high']:.3f}]"
-                if f"{key}_calibrated_95" in metrics:  # what chance alone gives this cohort
-                    interval = f" (a calibrated model: < {metrics[f'{key}_calibrated_95']:.3f})"
-                cells.append(f"{name} {metrics[key]:.3f}{interval}")
+            if f"{key}_calibrated_95" in metrics:  # what chance alone gives this cohort
+                cells.append(f"{name} {metrics[key]:.3f} (a calibrated model: < "
+                             f"{metrics[f'{key}_calibrated_95']:.3f})")
+            elif key in metrics:
+                cells.append(f"{name} {with_interval(metrics, key)}")
         print(f"  {cohort} ({int(metrics[f'ext_{cohort}_n_images'])} images): "
               + ", ".join(cells))
